@@ -1,0 +1,140 @@
+"""`rankscope VERB ...`: one plain function per verb. Errors a user can cause print one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from rankscope.errors import RankscopeError
+
+VERBS: dict[str, tuple[str, Callable, Callable]] = {}
+
+
+def verb(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None]):
+    """Register `fn(args)` as the sub-command `name`; `add_args(parser)` declares its arguments.
+    Modules that add verbs (analysis, studies, reports, export) call this on import."""
+
+    def wrap(fn):
+        VERBS[name] = (help, fn, add_args)
+        return fn
+
+    return wrap
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config, e.g. configs/micro.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-3")
+
+
+# --------------------------------------------------------------------------- verbs
+def cmd_prepare(args) -> None:
+    from rankscope.config import load_config
+    from rankscope.data.corpus import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    corpus = prepare(cfg.data, force=args.force)
+    m = corpus.manifest
+    print(f"corpus: {corpus.root}")
+    print(f"tokenizer: {m['tokenizer']['spec']} ({m['tokenizer']['vocab_size']} tokens, hash {m['tokenizer']['hash']})")
+    for split, c in m["splits"].items():
+        doms = ", ".join(f"{d} {v['tokens']:,}" for d, v in c["domains"].items())
+        print(f"  {split:5s} {c['documents']:6d} docs {c['tokens']:>11,} tokens  ({doms})")
+    print("sources: " + "; ".join(f"{k}: {v['licence']}" for k, v in m["sources"].items()))
+
+
+def cmd_train(args) -> None:
+    from rankscope.config import load_config
+    from rankscope.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.output or f"runs/{Path(args.config).stem}")
+    summary = train(cfg, out)
+    print(f"\nfinished {summary['steps']} steps ({summary['tokens']:,} tokens): train loss {summary['final_train_loss']:.4f}, "
+          f"val loss {summary['final_val_loss']:.4f}, {summary['tokens_per_s'] or 0:,.0f} tokens/s ({summary['precision']})")
+    print(f"run directory: {out}  (metrics.jsonl, summary.json, checkpoints/)")
+
+
+def cmd_eval(args) -> None:
+    from rankscope.evaluate import run_eval
+
+    result = run_eval(args.path, blimp_dir=args.blimp, batch_size=args.batch_size, max_docs=args.max_docs, blimp_max_pairs=args.blimp_max_pairs)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+
+
+def cmd_info(args) -> None:
+    from rankscope.config import PRESETS, ModelConfig, describe_fields
+    from rankscope.model import Decoder
+
+    if args.fields:
+        for name, tp, default, help in describe_fields():
+            print(f"{name:34s} {tp:28s} {default!r:28s} {help}")
+        return
+    print(f"{'preset':12s} {'d_model':>7s} {'layers':>6s} {'heads':>5s} {'kv':>3s} {'ffn':>5s} {'vocab':>6s} {'params':>12s}")
+    import torch
+
+    for name, shape in PRESETS.items():
+        with torch.device("meta"):
+            n = Decoder(ModelConfig(**shape)).num_params()
+        print(f"{name:12s} {shape['d_model']:7d} {shape['n_layers']:6d} {shape['n_heads']:5d} {shape['n_kv_heads']:3d} {shape['ffn_dim']:5d} {shape['vocab_size']:6d} {n:12,d}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankscope", description="Pretrain small decoders with full-rank and low-rank methods; measure what they learn.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("prepare", help="gather the corpus, train the tokenizer, write token shards")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    p.set_defaults(fn=cmd_prepare)
+    p = sub.add_parser("train", help="train (or resume) a run")
+    _config_args(p)
+    p.add_argument("-o", "--output", help="run directory (default runs/<config name>)")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP")
+    p.add_argument("path", help="run directory or checkpoints/step_N folder")
+    p.add_argument("--blimp", help="folder of BLiMP jsonl files (e.g. ../shared/data/blimp)")
+    p.add_argument("--blimp-max-pairs", type=int, default=0, help="pairs per BLiMP file (0: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-docs", type=int, default=0, help="documents per domain (0: all)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("info", help="list model presets and their parameter counts")
+    p.add_argument("--fields", action="store_true", help="list every config field with its type, default and help")
+    p.set_defaults(fn=cmd_info)
+    for name, (help, fn, add_args) in VERBS.items():
+        p = sub.add_parser(name, help=help)
+        add_args(p)
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _load_extra_verbs()
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except RankscopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _load_extra_verbs() -> None:
+    """Modules that add verbs (analyze, sweep, report, export) register them on import."""
+    for mod in ("rankscope.analysis.cli", "rankscope.study", "rankscope.report", "rankscope.export"):
+        try:
+            __import__(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

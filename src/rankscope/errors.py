@@ -1,0 +1,21 @@
+"""Errors a user can cause. The CLI prints them as one line and exits with code 2."""
+
+
+class RankscopeError(Exception):
+    """Base class: the message names the problem and the fix."""
+
+
+class ConfigError(RankscopeError):
+    """A config file, field or override is wrong."""
+
+
+class DataError(RankscopeError):
+    """Input data is missing, empty, unreadable or too short."""
+
+
+class CheckpointError(RankscopeError):
+    """A checkpoint is missing, truncated or does not match the run."""
+
+
+class TrainingError(RankscopeError):
+    """Training cannot go on (for example a non-finite loss)."""

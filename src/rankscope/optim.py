@@ -1,0 +1,41 @@
+"""Optimiser parameter groups (asserted to cover every trainable parameter exactly once) and AdamW."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from rankscope.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] | None = None) -> list[dict]:
+    """Decay 2-D weights (linears, embeddings); never norms. `exclude` holds ids of parameters
+    another group owns (e.g. LoRA factors with their own settings)."""
+    exclude = exclude or set()
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen or id(p) in exclude:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def check_coverage(model: nn.Module, groups: list[dict]) -> None:
+    """Every trainable parameter in exactly one group (nanochat's habit): silent omissions are bugs."""
+    in_groups = [id(p) for g in groups for p in g["params"]]
+    assert len(in_groups) == len(set(in_groups)), "a parameter is in two optimiser groups"
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    missing = trainable - set(in_groups)
+    assert not missing, f"{len(missing)} trainable parameters are in no optimiser group"
+    assert set(in_groups) <= trainable, "an optimiser group holds a frozen parameter"
+
+
+def build_adamw(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    fused = device.type == "cuda"  # fused kernels on GPU; foreach (the default) on CPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))

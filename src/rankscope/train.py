@@ -1,0 +1,333 @@
+"""The training loop. Set-up lives in small `build_*` steps; `train_step` reads like pseudocode.
+
+A run directory holds:
+  config.yaml         the resolved config (plain data; `rankscope train RUN/config.yaml` re-runs it)
+  env.json            torch/python/device facts and the git commit
+  metrics.jsonl       one JSON object per logged step (train rows, eval rows, method events)
+  checkpoints/        step_NNNNNN folders (see rankscope.checkpoint)
+  summary.json        final facts: losses, tokens/s, peak memory, method report
+Re-running `train` on an existing run directory resumes from its newest valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+
+from rankscope import checkpoint as ckpt
+from rankscope.config import RunConfig, config_from_dict
+from rankscope.data.corpus import Corpus, prepare
+from rankscope.data.stream import BatchStream
+from rankscope.errors import ConfigError, DataError, TrainingError
+from rankscope.methods import build_method
+from rankscope.methods.base import Method
+from rankscope.model import Decoder
+from rankscope.runtime import autocast, describe, pick_device, pick_precision
+
+
+class Callback(Protocol):
+    """Hooks other parts (evaluation, analysis) attach to the loop; each returns rows to log."""
+
+    def on_step_end(self, trainer: "Trainer", step: int) -> dict[str, Any] | None: ...
+
+    def on_train_end(self, trainer: "Trainer") -> dict[str, Any] | None: ...
+
+    # optional: on_method_event(trainer, event, step, model) -> dict | None, for events a method
+    # emits mid-step (e.g. ReLoRA's 'before_merge' / 'after_merge'); rows are logged with the step
+
+
+CALLBACK_FACTORIES: list[Callable[[RunConfig], Callback | None]] = []
+
+
+def register_callback(factory: Callable[[RunConfig], Callback | None]):
+    """Register a factory that builds a callback from the config (or None when it is off)."""
+    CALLBACK_FACTORIES.append(factory)
+    return factory
+
+
+def log_spaced_steps(max_steps: int, n: int) -> set[int]:
+    """n steps spaced evenly in log-space between 1 and max_steps (dense early in training)."""
+    if n <= 0:
+        return set()
+    return {int(round(x)) for x in np.geomspace(1, max_steps, n)}
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@dataclass
+class Trainer:
+    cfg: RunConfig
+    run_dir: Path
+    log: Callable[[str], None] = print
+    device: torch.device = field(init=False)
+    precision: str = field(init=False)
+
+    # ------------------------------------------------------------------ set-up
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.build_run_dir()
+        if self.cfg.train.threads:
+            torch.set_num_threads(self.cfg.train.threads)
+        self.device = pick_device(self.cfg.train.device)
+        self.precision = pick_precision(self.device, self.cfg.train.precision)
+        self.corpus = self.build_data()
+        self.model, self.method = self.build_model()
+        self.optimizer = self.method.build_optimizer(self.model, self.device)
+        self.callbacks = [cb for f in CALLBACK_FACTORIES if (cb := f(self.cfg)) is not None]
+        for cb in self.callbacks:
+            if hasattr(cb, "on_method_event"):
+                self.method.listeners.append(lambda ev, st, m, cb=cb: cb.on_method_event(self, ev, st, m))
+        self.step = 0
+        self.last_grads: dict[str, torch.Tensor] | None = None
+        t = self.cfg.train
+        self.keep_forever = set(self.cfg.checkpoint.keep_steps) | log_spaced_steps(t.max_steps, self.cfg.checkpoint.log_spaced)
+
+    def build_run_dir(self) -> None:
+        cfg_path = self.run_dir / "config.yaml"
+        resolved = self.cfg.to_dict()
+        if cfg_path.exists():
+            previous = yaml.safe_load(cfg_path.read_text())
+            if _without_budget(previous) != _without_budget(resolved):
+                raise ConfigError(f"{self.run_dir} holds a run with a different config; choose a new -o directory (or delete that one)")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    def build_data(self) -> Corpus:
+        corpus = prepare(self.cfg.data, log=self.log)
+        vocab = corpus.manifest["tokenizer"]["vocab_size"]
+        if vocab > self.cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer has {vocab} tokens but model.vocab_size={self.cfg.model.vocab_size}; raise model.vocab_size to >= {vocab}")
+        t = self.cfg.train
+        self.train_stream = BatchStream(corpus.tokens("train"), t.seq_len, t.batch_size, t.grad_accum, t.seed, *self.rank_world())
+        self.val_stream = BatchStream(corpus.tokens("val"), t.seq_len, t.batch_size, 1, t.seed + 10_007)
+        return corpus
+
+    def rank_world(self) -> tuple[int, int]:
+        return 0, 1
+
+    def build_model(self) -> tuple[nn.Module, Method]:
+        torch.manual_seed(self.cfg.train.seed)
+        model = Decoder(self.cfg.model)
+        method = build_method(self.cfg)
+        method.prepare_model(model)
+        model.to(self.device)
+        return model, method
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer)
+        extra = {"rng.torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            extra["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        files = {"model": self.model.state_dict(), "optimizer": opt_tensors, "extra": extra}
+        if self.cfg.checkpoint.save_grads and self.last_grads:
+            files["grads"] = self.last_grads
+        meta = {"optimizer": opt_meta, "method": self.method.state_dict(), "method_name": self.method.name,
+                "tokens": self.tokens_seen(self.step), "tokenizer_hash": self.corpus.manifest["tokenizer"]["hash"],
+                "corpus": str(self.corpus.root.resolve()), "config": self.cfg.to_dict()}
+        root = self.run_dir / "checkpoints"
+        ckpt.save_checkpoint(root, self.step, files, meta)
+        ckpt.prune_checkpoints(root, self.cfg.checkpoint.keep_last, self.keep_forever)
+
+    def resume(self) -> None:
+        found = ckpt.latest_valid(self.run_dir / "checkpoints", log=self.log)
+        if found is None:
+            return
+        self.model.load_state_dict(found.load("model", str(self.device)))
+        ckpt.optimizer_from_tensors(self.optimizer, found.load("optimizer", str(self.device)), found.meta["optimizer"])
+        extra = found.load("extra")
+        torch.set_rng_state(extra["rng.torch"])
+        if "rng.cuda" in extra and self.device.type == "cuda":
+            torch.cuda.set_rng_state(extra["rng.cuda"], self.device)
+        self.method.load_state_dict(found.meta["method"])
+        self.step = found.step
+        self.truncate_metrics(found.step)
+        self.log(f"[train] resumed from {found.path} (step {found.step})")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop rows logged after the checkpoint we resume from, so the log has no duplicates."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and _row_step(ln) <= step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ the loop
+    def tokens_seen(self, step: int) -> int:
+        t = self.cfg.train
+        return step * t.batch_size * t.grad_accum * t.seq_len * self.rank_world()[1]
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """One optimiser step on the batches of `step`; returns (mean loss, grad norm)."""
+        t = self.cfg.train
+        lr = t.lr * self.method.lr_multiplier(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.model.train()
+        total = 0.0
+        for micro in range(t.grad_accum):
+            x, y = self.train_stream.get(step, micro)
+            with autocast(self.device, self.precision):
+                loss = self.model(x.to(self.device), y.to(self.device)) / t.grad_accum
+            loss.backward()
+            total += loss.item()
+        if not math.isfinite(total):
+            raise TrainingError(f"non-finite loss ({total}) at step {step + 1}; first non-finite gradient: {self.first_bad_grad()}. Lower train.lr or use train.precision=fp32; the last good checkpoint is kept")
+        norm = self.clip_grads()
+        if not math.isfinite(norm):
+            raise TrainingError(f"non-finite gradient norm at step {step + 1} in {self.first_bad_grad()}; lower train.lr or set train.grad_clip; the last good checkpoint is kept")
+        if self.cfg.checkpoint.save_grads and self.will_checkpoint(step + 1):
+            self.last_grads = {n: p.grad.detach().float().clone() for n, p in self.model.named_parameters() if p.grad is not None and p.dim() == 2}
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, norm
+
+    def clip_grads(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.train.grad_clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+
+    def first_bad_grad(self) -> str:
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return name
+        return "none (the loss itself overflowed)"
+
+    def will_checkpoint(self, done: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return done == self.cfg.train.max_steps or (every and done % every == 0) or done in self.keep_forever
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        self.model.eval()
+        losses = []
+        for i in range(self.cfg.train.eval_batches):
+            x, y = self.val_stream.get(i)
+            with autocast(self.device, self.precision):
+                losses.append(self.model(x.to(self.device), y.to(self.device)).item())
+        return float(np.mean(losses))
+
+    def run(self) -> dict[str, Any]:
+        t = self.cfg.train
+        self.resume()
+        if self.step >= t.max_steps:
+            self.log(f"[train] {self.run_dir} is already finished ({self.step} steps)")
+            return self.finish(0.0)
+        bar = self.progress_bar()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0, tok0, elapsed = time.perf_counter(), self.tokens_seen(self.step), 0.0
+        while self.step < t.max_steps:
+            loss, norm = self.train_step(self.step)
+            self.step += 1
+            events = self.method.after_step(self.step, self.model, self.optimizer) or {}
+            elapsed = time.perf_counter() - t0
+            tps = (self.tokens_seen(self.step) - tok0) / max(elapsed, 1e-9)
+            row: dict[str, Any] = {}
+            if self.step % t.log_every == 0 or self.step == t.max_steps or events:
+                row = {"step": self.step, "tokens": self.tokens_seen(self.step), "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm, "tokens_per_s": tps, **events}
+            if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
+                row.update({"step": self.step, "tokens": self.tokens_seen(self.step), "val_loss": self.validation_loss()})
+            for cb in self.callbacks:
+                extra = cb.on_step_end(self, self.step)
+                if extra:
+                    row.update({"step": self.step, "tokens": self.tokens_seen(self.step), **extra})
+            if row:
+                self.log_row(row)
+            if self.will_checkpoint(self.step):
+                self.save()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+        if bar is not None:
+            bar.close()
+        return self.finish(elapsed)
+
+    def progress_bar(self):
+        if not self.cfg.train.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.train.max_steps, initial=self.step, desc=f"train {self.method.name}", unit="step", dynamic_ncols=True)
+
+    def finish(self, elapsed: float) -> dict[str, Any]:
+        rows = [json.loads(ln) for ln in (self.run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()] if (self.run_dir / "metrics.jsonl").exists() else []
+        train_rows = [r for r in rows if "train_loss" in r]
+        val_rows = [r for r in rows if "val_loss" in r]
+        summary: dict[str, Any] = {
+            "run_dir": str(self.run_dir), "steps": self.step, "tokens": self.tokens_seen(self.step),
+            "final_train_loss": train_rows[-1]["train_loss"] if train_rows else None,
+            "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
+            "tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,
+            "peak_memory_bytes": peak_memory(self.device),
+            "precision": self.precision, "parameters": self.model.num_params(),
+            **self.method.report(self.model, self.optimizer),
+        }
+        for cb in self.callbacks:
+            extra = getattr(cb, "on_train_end", lambda tr: None)(self)
+            if extra:
+                summary.update(extra)
+        prev = self.run_dir / "summary.json"
+        if elapsed == 0.0 and prev.exists():  # already finished: keep the measured figures
+            summary = {**json.loads(prev.read_text()), **{k: v for k, v in summary.items() if v is not None and k not in ("tokens_per_s", "peak_memory_bytes")}}
+        prev.write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 1 << 62
+
+
+def _without_budget(cfg: dict) -> dict:
+    """Fields that may change on resume (longer training, logging, progress bar) are ignored."""
+    out = json.loads(json.dumps(cfg))
+    for key in ("max_steps", "progress", "log_every", "eval_every", "threads", "device"):
+        out.get("train", {}).pop(key, None)
+    out.pop("checkpoint", None)
+    out.pop("eval", None)
+    out.pop("analysis", None)
+    return out
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    except ImportError:
+        return 0
+
+
+def train(cfg: RunConfig, run_dir: str | Path, log=print) -> dict[str, Any]:
+    return Trainer(cfg, Path(run_dir), log).run()
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise DataError(f"{run_dir} is not a run directory (no config.yaml)")
+    return config_from_dict(yaml.safe_load(path.read_text()))
