@@ -152,11 +152,12 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def prune_checkpoints(root: Path, keep_last: int, keep_steps: set[int]) -> None:
-    """Delete rolling checkpoints beyond the last `keep_last`, never those in `keep_steps`."""
+    """Keep the newest `keep_last` checkpoints and those in `keep_steps`; delete the rest."""
     ckpts = list_checkpoints(root)
-    rolling = [(s, p) for s, p in ckpts if s not in keep_steps]
-    for s, p in rolling[:-keep_last] if keep_last else rolling:
-        shutil.rmtree(p, ignore_errors=True)
+    newest = {s for s, _ in ckpts[-keep_last:]} if keep_last else set()
+    for s, p in ckpts:
+        if s not in newest and s not in keep_steps:
+            shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(".tmp_step_*"):  # leftovers of a write that was killed
         shutil.rmtree(p, ignore_errors=True)
 

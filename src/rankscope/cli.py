@@ -60,10 +60,19 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from rankscope.evaluate import run_eval
 
-    result = run_eval(args.path, blimp_dir=args.blimp, batch_size=args.batch_size, max_docs=args.max_docs, blimp_max_pairs=args.blimp_max_pairs)
+    result = run_eval(args.path, blimp_dir=args.blimp, batch_size=args.batch_size, max_docs=args.max_docs, blimp_max_pairs=args.blimp_max_pairs,
+                      split=args.split, files=args.files, hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
+                      text_field=args.text_field, hf_max_docs=args.hf_max_docs, skip_bad_rows=args.skip_bad_rows, device=args.device)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
+
+
+def cmd_pairs(args) -> None:
+    from rankscope.evaluate.pairs import write_pairs
+
+    counts = write_pairs(args.output, args.n, args.seed)
+    print(f"wrote {sum(counts.values()):,} generated minimal pairs (a substitute, not BLiMP) in {len(counts)} files to {args.output}")
 
 
 def cmd_info(args) -> None:
@@ -96,12 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP")
     p.add_argument("path", help="run directory or checkpoints/step_N folder")
-    p.add_argument("--blimp", help="folder of BLiMP jsonl files (e.g. ../shared/data/blimp)")
+    p.add_argument("--blimp", help="folder of BLiMP jsonl files (e.g. ../shared/data/blimp), or 'builtin' for generated substitute pairs")
     p.add_argument("--blimp-max-pairs", type=int, default=0, help="pairs per BLiMP file (0: all)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed BLiMP rows instead of stopping")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-docs", type=int, default=0, help="documents per domain (0: all)")
+    p.add_argument("--split", choices=["val", "test"], default="val", help="held-out split of the run's corpus")
+    p.add_argument("--files", nargs="+", help="extra eval set: local .txt/.jsonl/.parquet files or globs (domain=path names a domain)")
+    p.add_argument("--hf-dataset", help="extra eval set: a Hugging Face dataset name or local path")
+    p.add_argument("--hf-config", help="its config name")
+    p.add_argument("--hf-split", default="train", help="its split")
+    p.add_argument("--hf-max-docs", type=int, default=1000, help="documents read from it")
+    p.add_argument("--text-field", default="text", help="text column of jsonl/parquet files and HF datasets")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("pairs", help="write generated minimal pairs in BLiMP's jsonl format (a substitute where BLiMP is absent)")
+    p.add_argument("-o", "--output", required=True, help="folder for the <UID>.jsonl files")
+    p.add_argument("-n", type=int, default=200, help="pairs per paradigm")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_pairs)
     p = sub.add_parser("info", help="list model presets and their parameter counts")
     p.add_argument("--fields", action="store_true", help="list every config field with its type, default and help")
     p.set_defaults(fn=cmd_info)
@@ -114,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _load_extra_verbs()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may follow options too: `rankscope train CFG -o DIR train.lr=1e-3`
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         args.fn(args)
     except RankscopeError as e:

@@ -147,25 +147,46 @@ class MethodConfig:
     optimizer_reset: Literal["zero", "random_prune", "magnitude_prune"] = F("random_prune", "ReLoRA: how LoRA optimiser state is reset")
     prune_fraction: float = F(0.999, "ReLoRA: fraction of optimiser moments pruned (random_prune, magnitude_prune)")
     warm_start_steps: int = F(0, "ReLoRA: full-rank steps before switching to adapters")
+    save_cycle_updates: bool = F(False, "ReLoRA: save each cycle's merged update dW to RUN/relora_updates/")
 
     def validate(self) -> None:
         _check(self.rank > 0 and self.alpha > 0, "method.rank and method.alpha must be positive")
         _check(0 <= self.dropout < 1 and 0 <= self.prune_fraction <= 1, "method.dropout in [0, 1), method.prune_fraction in [0, 1]")
         _check(self.reset_every > 0 and self.restart_warmup_steps >= 0 and self.warm_start_steps >= 0, "method.reset_every > 0, restart_warmup_steps >= 0, warm_start_steps >= 0")
         _check(self.optimizer_reset_every >= 0, "method.optimizer_reset_every must be >= 0")
+        _check(self.name != "relora" or self.restart_warmup_steps <= (self.optimizer_reset_every or self.reset_every), "method.restart_warmup_steps must not exceed the optimiser-reset period (method.optimizer_reset_every or method.reset_every)")
 
 
 @dataclass
 class EvalConfig:
-    blimp_dir: str | None = F(None, "folder of BLiMP-format jsonl files scored during and after training")
+    blimp_dir: str | None = F(None, "folder of BLiMP-format jsonl files scored during and after training ('builtin': generated substitute pairs)")
     blimp_every: int = F(0, "steps between BLiMP evaluations during training (0: only at the end)")
     blimp_max_pairs: int = F(0, "pairs per BLiMP file (0: all)")
+    blimp_skip_bad_rows: bool = F(False, "skip malformed BLiMP rows (logged) instead of stopping")
     batch_size: int = F(32, "sequences per evaluation batch")
+    per_domain: bool = F(True, "score per-domain loss, perplexity and bits-per-byte on held-out documents during and after training")
+    every: int = F(0, "steps between per-domain evaluations during training (0: only at the end)")
+    split: Literal["val", "test"] = F("val", "held-out split the per-domain evaluation scores")
+    max_docs: int = F(32, "documents per domain in the in-training evaluation (0: all)")
+
+    def validate(self) -> None:
+        _check(self.batch_size > 0, "eval.batch_size must be positive")
+        for name in ("blimp_every", "blimp_max_pairs", "every", "max_docs"):
+            _check(getattr(self, name) >= 0, f"eval.{name} must be >= 0")
 
 
 @dataclass
 class AnalysisConfig:
     every: int = F(0, "steps between in-loop rank metrics into metrics.jsonl (0: off)")
+    components: list[str] = F(["wv", "wo", "ov", "w2"], "in-loop: components measured (wq wk wv wo ov w1 w2 w3); the paper's are V, O, OV and the SwiGLU down projection")
+    per_layer: bool = F(False, "in-loop: also log each layer's value (rank/per/wv/L3), not only the mean over layers")
+    dtype: Literal["float64", "float32"] = F("float64", "dtype of the singular value decompositions")
+
+    def validate(self) -> None:
+        _check(self.every >= 0, "analysis.every must be >= 0")
+        valid = ("wq", "wk", "wv", "wo", "ov", "w1", "w2", "w3")
+        bad = [c for c in self.components if c not in valid]
+        _check(not bad, f"analysis.components: unknown {bad}; valid components: {', '.join(valid)}")
 
 
 @dataclass
@@ -216,6 +237,20 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _coerce_float(value: Any, tp: Any) -> Any:
+    """YAML 1.1 reads `3e-4` (no dot) as a string and `1` as an int; a float field takes both."""
+    if tp is not float and not (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -241,8 +276,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, path)
             continue
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        value = _coerce_float(value, tp)
         if not _type_ok(value, tp):
             raise ConfigError(f"config key {path!r} must be {_type_name(tp)}, got {value!r}")
         kwargs[key] = value

@@ -55,6 +55,17 @@ def register_callback(factory: Callable[[RunConfig], Callback | None]):
     return factory
 
 
+# modules that register callbacks on import (imported when a Trainer is built, to avoid a cycle)
+CALLBACK_MODULES = ["rankscope.evaluate.callback", "rankscope.analysis.callback"]
+
+
+def load_callback_modules() -> None:
+    import importlib
+
+    for mod in CALLBACK_MODULES:
+        importlib.import_module(mod)
+
+
 def log_spaced_steps(max_steps: int, n: int) -> set[int]:
     """n steps spaced evenly in log-space between 1 and max_steps (dense early in training)."""
     if n <= 0:
@@ -87,7 +98,9 @@ class Trainer:
         self.precision = pick_precision(self.device, self.cfg.train.precision)
         self.corpus = self.build_data()
         self.model, self.method = self.build_model()
+        self.method.run_dir = self.run_dir
         self.optimizer = self.method.build_optimizer(self.model, self.device)
+        load_callback_modules()
         self.callbacks = [cb for f in CALLBACK_FACTORIES if (cb := f(self.cfg)) is not None]
         for cb in self.callbacks:
             if hasattr(cb, "on_method_event"):
@@ -106,6 +119,8 @@ class Trainer:
                 raise ConfigError(f"{self.run_dir} holds a run with a different config; choose a new -o directory (or delete that one)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        env = {**describe(pick_device(self.cfg.train.device)), "git_commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (self.run_dir / "env.json").write_text(json.dumps(env, indent=1))
 
     def build_data(self) -> Corpus:
         corpus = prepare(self.cfg.data, log=self.log)
@@ -148,6 +163,7 @@ class Trainer:
         found = ckpt.latest_valid(self.run_dir / "checkpoints", log=self.log)
         if found is None:
             return
+        self.method.maybe_switch(found.step, self)  # restructure first if the checkpoint is past a switch
         self.model.load_state_dict(found.load("model", str(self.device)))
         ckpt.optimizer_from_tensors(self.optimizer, found.load("optimizer", str(self.device)), found.meta["optimizer"])
         extra = found.load("extra")
@@ -240,6 +256,7 @@ class Trainer:
             loss, norm = self.train_step(self.step)
             self.step += 1
             events = self.method.after_step(self.step, self.model, self.optimizer) or {}
+            self.method.maybe_switch(self.step, self)  # may replace self.optimizer
             elapsed = time.perf_counter() - t0
             tps = (self.tokens_seen(self.step) - tok0) / max(elapsed, 1e-9)
             row: dict[str, Any] = {}

@@ -1,23 +1,93 @@
-"""Evaluation of a trained run or checkpoint."""
+"""Evaluation of a trained run or checkpoint: per-domain loss / perplexity / bits-per-byte on the
+held-out split and on user-named eval sets (rankscope.evaluate.perplexity), and BLiMP minimal
+pairs (rankscope.evaluate.blimp; generated substitutes in rankscope.evaluate.pairs).
+In-training evaluation is rankscope.evaluate.callback."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from rankscope.data.stream import BatchStream
-from rankscope.loading import load_trained
+from rankscope.errors import CheckpointError, DataError
+from rankscope.evaluate.blimp import evaluate_blimp, load_pairs
+from rankscope.evaluate.perplexity import DocSet, corpus_docset, domain_perplexity, tokenize_documents
+
+SCORING = "each document alone, EOS-prefixed, in non-overlapping windows of train.seq_len tokens"
+
+
+def check_tokenizer(loaded) -> Any:
+    """The run's tokenizer, checked against the checkpoint and the model."""
+    tok = loaded.corpus.tokenizer
+    want = loaded.checkpoint.meta.get("tokenizer_hash")
+    if want is not None and tok.hash != want:
+        raise CheckpointError(f"tokenizer {loaded.corpus.root}/tokenizer.json (hash {tok.hash}) is not the one checkpoint {loaded.checkpoint.path} was trained with ({want})")
+    if tok.vocab_size > loaded.cfg.model.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens but the checkpoint's model only {loaded.cfg.model.vocab_size}; it was trained with another tokenizer")
+    return tok
+
+
+def eval_sets(tok, files: list[str] | None, hf_dataset: str | None, hf_config: str | None, hf_split: str, text_field: str, hf_max_docs: int) -> dict[str, DocSet]:
+    from rankscope.data.sources import read_files, read_hf_dataset
+
+    out = {}
+    if files:
+        docs = list(read_files(files, text_field))
+        if not docs:
+            raise DataError(f"the eval files {', '.join(files)} hold no documents")
+        out["files"] = tokenize_documents(docs, tok)
+    if hf_dataset:
+        out[f"hf:{hf_dataset}"] = tokenize_documents(read_hf_dataset(hf_dataset, hf_config, hf_split, text_field, hf_max_docs), tok)
+    return out
 
 
 @torch.no_grad()
-def run_eval(path: str | Path, blimp_dir: str | None = None, batch_size: int = 16, max_docs: int = 0, blimp_max_pairs: int = 0) -> dict:
-    """Validation loss on the run's fixed validation batches."""
-    loaded = load_trained(path)
-    t = loaded.cfg.train
-    stream = BatchStream(loaded.corpus.tokens("val"), t.seq_len, t.batch_size, 1, t.seed + 10_007)
-    losses = [loaded.model(*stream.get(i)).item() for i in range(t.eval_batches)]
-    result = {"checkpoint": str(loaded.checkpoint.path), "step": loaded.step, "val_loss": float(np.mean(losses))}
-    print(f"{loaded.checkpoint.path}: step {loaded.step}, val loss {result['val_loss']:.4f}, perplexity {np.exp(result['val_loss']):.2f}")
+def run_eval(path: str | Path, blimp_dir: str | None = None, batch_size: int = 16, max_docs: int = 0, blimp_max_pairs: int = 0,
+             split: str = "val", files: list[str] | None = None, hf_dataset: str | None = None, hf_config: str | None = None,
+             hf_split: str = "train", text_field: str = "text", hf_max_docs: int = 1000, skip_bad_rows: bool = False,
+             device: str = "cpu", log=print) -> dict:
+    """Evaluate a run directory (its newest checkpoint) or a checkpoint folder; prints a table and
+    returns {"checkpoint", "step", "perplexity": {set: {domains, macro, all}}, "blimp"?, "metrics"}."""
+    from rankscope.evaluate.callback import flat_blimp, flat_perplexity
+    from rankscope.loading import load_trained
+    from rankscope.runtime import pick_device
+
+    loaded = load_trained(path, str(pick_device(device)))
+    tok = check_tokenizer(loaded)
+    seq_len = loaded.cfg.train.seq_len
+    sets = {split: corpus_docset(loaded.corpus, split)}
+    if len(sets[split].rows) == 0:
+        raise DataError(f"the corpus has no {split!r} documents (data.{split}_fraction is 0?); use --split val")
+    sets.update(eval_sets(tok, files, hf_dataset, hf_config, hf_split, text_field, hf_max_docs))
+    result: dict[str, Any] = {"checkpoint": str(loaded.checkpoint.path), "step": loaded.step, "tokens": loaded.checkpoint.meta.get("tokens"),
+                              "scoring": SCORING, "seq_len": seq_len, "perplexity": {}, "metrics": {}}
+    for name, docset in sets.items():
+        r = domain_perplexity(loaded.model, docset, seq_len, batch_size, max_docs)
+        result["perplexity"][name] = r
+        result["metrics"].update(flat_perplexity(r, name))
+    result["val_loss"] = result["perplexity"][split]["all"]["loss"]  # pooled over every held-out token
+    if blimp_dir:
+        pairs = load_pairs(blimp_dir, blimp_max_pairs, skip_bad_rows, log=log)
+        result["blimp"] = {"source": str(blimp_dir), **evaluate_blimp(loaded.model, tok, pairs, batch_size)}
+        result["metrics"].update(flat_blimp(result["blimp"]))
+    log(format_table(result))
     return result
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table: one line per domain per eval set, then BLiMP phenomena."""
+    lines = [f"{result['checkpoint']}  step {result['step']}  ({result['scoring']})",
+             f"{'set':10s} {'domain':24s} {'docs':>6s} {'tokens':>10s} {'bytes':>11s} {'loss':>8s} {'ppl':>10s} {'bpb':>7s}"]
+    for name, r in result["perplexity"].items():
+        for dom, d in r["domains"].items():
+            lines.append(f"{name[:10]:10s} {dom[:24]:24s} {d['docs']:6d} {d['tokens']:10,d} {d['bytes']:11,d} {d['loss']:8.4f} {d['ppl']:10.2f} {d['bpb']:7.4f}")
+        m = r["macro"]
+        lines.append(f"{name[:10]:10s} {'macro average':24s} {'':6s} {r['all']['tokens']:10,d} {r['all']['bytes']:11,d} {m['loss']:8.4f} {m['ppl']:10.2f} {m['bpb']:7.4f}")
+    if "blimp" in result:
+        b = result["blimp"]
+        o = b["overall"]
+        lines.append(f"BLiMP ({b['source']}): {o['accuracy']:.4f} mean over {o['uids']} paradigms, {o['pairs']:,} pairs ({o['ties']} ties, counted wrong)")
+        for ph, r in b["phenomena"].items():
+            lines.append(f"  {ph:28s} {r['accuracy']:.4f}  ({r['uids']} paradigms, {r['pairs']:,} pairs)")
+    return "\n".join(lines)

@@ -21,6 +21,8 @@ class Method:
         # listeners(event, step, model) -> dict | None; the trainer attaches callbacks here so that
         # e.g. the analysis can measure weights just before and just after a ReLoRA merge
         self.listeners: list = []
+        # the run directory, set by the Trainer (methods that write files, e.g. ReLoRA's per-cycle updates)
+        self.run_dir = None
 
     def emit(self, event: str, step: int, model: nn.Module) -> dict[str, Any]:
         """Tell listeners about a method event ('before_merge', 'after_merge', ...); merge their rows."""
@@ -36,6 +38,11 @@ class Method:
         groups = param_groups(model, self.cfg.train.weight_decay)
         check_coverage(model, groups)
         return build_adamw(groups, self.cfg.train, device)
+
+    def maybe_switch(self, step: int, trainer) -> bool:
+        """Called after each completed step and before loading a checkpoint of `step`: a method may
+        restructure the model and replace `trainer.optimizer` (ReLoRA's full-rank warm start)."""
+        return False
 
     def lr_multiplier(self, step: int) -> float:
         t = self.cfg.train

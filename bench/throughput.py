@@ -1,0 +1,299 @@
+"""Training throughput of rankscope's Decoder vs the machine's matmul peak and vs Hugging Face Llama.
+
+Run: `.venv/bin/python bench/throughput.py [--quick] [--no-compile] [--presets micro mini pico-tiny]`
+
+In one run it measures, on this CPU:
+  (a) the matmul peak, fp32 and bf16: square n x n matmuls (n in 1024, 2048, 4096), best of 5;
+  (b) full-rank training tokens/s of `rankscope.model.Decoder` (forward + backward + AdamW step +
+      zero_grad, AdamW built exactly as `rankscope.optim.build_adamw` does) in fp32 and bf16
+      autocast, and MFU = model FLOPs/s / measured peak of the same precision;
+  (c) `transformers.LlamaForCausalLM` (attn_implementation="sdpa") + `torch.optim.AdamW` at the
+      same shape, batch and precision, timed the same way and interleaved with ours, round by
+      round, so load from other processes hits both alike; reported as the ratio ours / HF;
+  (d) peak memory: each (model, precision) is re-run for 3 steps in a fresh subprocess and we
+      report VmHWM (peak resident set, /proc/self/status) minus the RSS right after `import
+      torch`: weights + grads + AdamW moments + activations + allocator slack. tracemalloc does
+      not see torch's allocations, so it cannot be used.
+and, for one preset, whether `torch.compile` (inductor, CPU) of our Decoder helps (steady state,
+compile time excluded).
+
+Model FLOPs per token = 6 * N + 12 * L * d * T (Kaplan et al. 2020 / PaLM appendix B), where N
+counts every matmul weight (attention, MLP and the lm_head; norms too, which are negligible) but
+not the embedding table (a lookup, no FLOPs), L is layers, d = n_heads * head_dim, T the sequence
+length. The attention term counts the full T x T score matrix, as the standard formula does.
+Timings are best-of-N over rounds of a few steps: the machine is shared, the best is the least
+disturbed. A Markdown table is printed at the end for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from rankscope.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
+from rankscope.model import Decoder  # noqa: E402
+from rankscope.optim import build_adamw, param_groups  # noqa: E402
+from rankscope.runtime import autocast  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@dataclass
+class Shape:
+    preset: str
+    batch: int
+    seq: int
+
+
+# batch x seq chosen so one step takes well under a second for the CPU presets; pico-tiny uses
+# seq 256 (not the paper's 2048) to keep the run short
+SHAPES = [Shape("micro", 32, 128), Shape("mini", 16, 256), Shape("pico-tiny", 8, 256)]
+
+
+# --------------------------------------------------------------------------- (a) matmul peak
+def matmul_peak(dtype: torch.dtype, sizes=(1024, 2048, 4096), repeats: int = 5) -> tuple[float, int]:
+    """Best FLOP/s of an n x n @ n x n matmul over sizes and repeats; returns (flops_per_s, n)."""
+    best, best_n = 0.0, 0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up: thread pool, packing buffers
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            rate = 2 * n**3 / (time.perf_counter() - t0)
+            if rate > best:
+                best, best_n = rate, n
+    return best, best_n
+
+
+# --------------------------------------------------------------------------- models
+def model_config(preset: str, seq: int) -> ModelConfig:
+    return ModelConfig(**{**PRESETS[preset], "max_seq_len": max(seq, PRESETS[preset]["max_seq_len"])})
+
+
+def flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    with torch.device("meta"):
+        n = Decoder(cfg).num_params()
+    n_matmul = n - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)  # embedding lookup: no FLOPs
+    return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq
+
+
+def build_ours(cfg: ModelConfig, compile: bool = False):
+    torch.manual_seed(0)
+    model = Decoder(cfg)
+    tcfg = TrainConfig()
+    opt = build_adamw(param_groups(model, tcfg.weight_decay), tcfg, CPU)
+    fwd = torch.compile(model) if compile else model
+
+    def loss_fn(x, y):
+        return fwd(x, y)
+
+    return model, opt, loss_fn
+
+
+def build_hf(cfg: ModelConfig):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                       head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+                       rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(hcfg)
+    tcfg = TrainConfig()
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps, weight_decay=tcfg.weight_decay)
+
+    def loss_fn(x, y):
+        logits = model(input_ids=x, use_cache=False).logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))  # the same loss as ours
+
+    return model, opt, loss_fn
+
+
+def make_step(model: nn.Module, opt, loss_fn, precision: str):
+    def step(x, y):
+        with autocast(CPU, precision):
+            loss = loss_fn(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.train()
+    return step
+
+
+def batch(cfg: ModelConfig, shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, cfg.vocab_size, (shape.batch, shape.seq + 1), generator=g)
+    return toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
+
+
+def time_steps(step, x, y, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step(x, y)
+    return (time.perf_counter() - t0) / n
+
+
+def interleaved(steps: dict[str, object], x, y, rounds: int, per_round: int, warmup: int = 2) -> dict[str, float]:
+    """Best seconds/step of each entry, measured round-robin so shared-machine load hits all alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step(x, y)
+    best = {k: float("inf") for k in steps}
+    for _ in range(rounds):
+        for k, step in steps.items():
+            best[k] = min(best[k], time_steps(step, x, y, per_round))
+    return best
+
+
+# --------------------------------------------------------------------------- (d) memory probe
+def rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_probe(impl: str, preset: str, batch_size: int, seq: int, precision: str) -> None:
+    """Child process: peak RSS above the after-import baseline over 3 training steps; prints JSON."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    if impl == "hf":
+        import transformers  # noqa: F401  (imported before the baseline, like torch)
+    base = rss_bytes("VmRSS")
+    cfg = model_config(preset, seq)
+    model, opt, loss_fn = build_hf(cfg) if impl == "hf" else build_ours(cfg)
+    step = make_step(model, opt, loss_fn, precision)
+    x, y = batch(cfg, Shape(preset, batch_size, seq))
+    for _ in range(3):
+        step(x, y)
+    print(json.dumps({"peak_delta": rss_bytes("VmHWM") - base}))
+
+
+def peak_memory(impl: str, shape: Shape, precision: str) -> int | None:
+    cmd = [sys.executable, __file__, "--memory-probe", impl, shape.preset, str(shape.batch), str(shape.seq), precision]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_THREADS": str(torch.get_num_threads())})
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak_delta"]
+    except (IndexError, json.JSONDecodeError, KeyError):
+        print(f"  memory probe failed: {out.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+
+
+# --------------------------------------------------------------------------- main
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="*", default=[s.preset for s in SHAPES], help="subset of micro, mini, pico-tiny")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds (best is kept)")
+    ap.add_argument("--per-round", type=int, default=3, help="steps per timing round")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile trial")
+    ap.add_argument("--compile-preset", default="mini", help="preset for the torch.compile trial")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--memory-probe", nargs=5, metavar=("IMPL", "PRESET", "BATCH", "SEQ", "PRECISION"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_probe:
+        impl, preset, b, s, prec = args.memory_probe
+        memory_probe(impl, preset, int(b), int(s), prec)
+        return
+
+    import transformers
+
+    t_start = time.perf_counter()
+    threads = torch.get_num_threads()
+    print(f"# rankscope throughput bench: {cpu_model()}, {threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
+    peak = {}
+    for prec, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rate, n = matmul_peak(dtype)
+        peak[prec] = rate
+        print(f"matmul peak {prec}: {rate / 1e9:,.0f} GFLOP/s (n={n})")
+    best_prec = max(peak, key=peak.get)
+
+    rows = []
+    for shape in [s for s in SHAPES if s.preset in args.presets]:
+        cfg = model_config(shape.preset, shape.seq)
+        x, y = batch(cfg, shape)
+        fpt = flops_per_token(cfg, shape.seq)
+        tokens = shape.batch * shape.seq
+        for prec in ("fp32", "bf16"):
+            ours, hf = build_ours(cfg), build_hf(cfg)
+            steps = {"ours": make_step(*ours, prec), "hf": make_step(*hf, prec)}
+            best = interleaved(steps, x, y, args.rounds, args.per_round)
+            del ours, hf, steps
+            gc.collect()
+            mem = {impl: (None if args.no_memory else peak_memory(impl, shape, prec)) for impl in ("ours", "hf")}
+            row = {"preset": shape.preset, "batch": shape.batch, "seq": shape.seq, "precision": prec,
+                   "ours_tok_s": tokens / best["ours"], "hf_tok_s": tokens / best["hf"],
+                   "ours_mfu": fpt * tokens / best["ours"] / peak[prec], "hf_mfu": fpt * tokens / best["hf"] / peak[prec],
+                   "ours_of_best_peak": fpt * tokens / best["ours"] / peak[best_prec],
+                   "ours_mem": mem["ours"], "hf_mem": mem["hf"]}
+            row["ratio"] = row["ours_tok_s"] / row["hf_tok_s"]
+            rows.append(row)
+            print(f"{shape.preset:9s} {prec}: ours {row['ours_tok_s']:9,.0f} tok/s (MFU {row['ours_mfu']:.1%}), "
+                  f"HF {row['hf_tok_s']:9,.0f} tok/s (MFU {row['hf_mfu']:.1%}), ours/HF {row['ratio']:.2f}x, "
+                  f"peak mem ours {_mib(row['ours_mem'])} HF {_mib(row['hf_mem'])}", flush=True)
+
+    compile_line = None
+    if not args.no_compile and args.compile_preset in args.presets:
+        shape = next(s for s in SHAPES if s.preset == args.compile_preset)
+        cfg = model_config(shape.preset, shape.seq)
+        x, y = batch(cfg, shape)
+        prec = "fp32"
+        eager, compiled = build_ours(cfg), build_ours(cfg, compile=True)
+        t0 = time.perf_counter()
+        cstep = make_step(*compiled, prec)
+        cstep(x, y)
+        cstep(x, y)
+        compile_s = time.perf_counter() - t0
+        best = interleaved({"eager": make_step(*eager, prec), "compiled": cstep}, x, y, args.rounds, args.per_round, warmup=1)
+        tokens = shape.batch * shape.seq
+        compile_line = (f"torch.compile ({shape.preset}, {prec}, batch {shape.batch} x seq {shape.seq}): eager {tokens / best['eager']:,.0f} tok/s, "
+                        f"compiled {tokens / best['compiled']:,.0f} tok/s ({best['eager'] / best['compiled']:.2f}x), first two steps incl. compile {compile_s:.0f} s")
+        print(compile_line)
+
+    print_table(rows, peak, threads, compile_line)
+    print(f"\n(bench took {time.perf_counter() - t_start:.0f} s)")
+
+
+def _mib(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def print_table(rows: list[dict], peak: dict[str, float], threads: int, compile_line: str | None) -> None:
+    best_prec = max(peak, key=peak.get)
+    print(f"\n### Training throughput ({datetime.date.today().isoformat()}, {cpu_model()}, {threads} threads, torch {torch.__version__})\n")
+    print(f"Matmul peak: fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s. "
+          f"MFU = (6N + 12LdT) x tokens/s / peak of the same precision; 'of best peak' divides by the {best_prec} peak. "
+          "Step = forward + backward + AdamW step, best of interleaved rounds. Peak memory = peak RSS above the after-import baseline.\n")
+    print("| preset | batch x seq | precision | rankscope tok/s | HF Llama tok/s | ours / HF | MFU ours | MFU HF | ours of best peak | peak mem ours | peak mem HF |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['preset']} | {r['batch']} x {r['seq']} | {r['precision']} | {r['ours_tok_s']:,.0f} | {r['hf_tok_s']:,.0f} | {r['ratio']:.2f}x | "
+              f"{r['ours_mfu']:.1%} | {r['hf_mfu']:.1%} | {r['ours_of_best_peak']:.1%} | {_mib(r['ours_mem'])} | {_mib(r['hf_mem'])} |")
+    if compile_line:
+        print(f"\n{compile_line}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Learning-dynamics analysis: rank metrics of weights, gradients and updates across checkpoints.
+
+API (for reports and notebooks):
+  analyze_run(run_dir, kinds=..., metrics=..., dtype=..., steps=...) -> RunAnalysis
+      .rows     dict of columns run, method, step, layer, component, head, kind, metric, value
+      .spectra  dict of columns run, method, step, layer, component, head, kind, index, value
+      .arrow() / .pandas()  the same as pyarrow Tables / pandas DataFrames
+  analyze_runs(run_dirs, out_dir) -> {name: path}: rank_metrics.parquet, spectra.parquet, plots
+  compare_subspaces(run_a, run_b, step, kind="cumulative_update", r=16) -> principal-angle rows
+  matrix_metrics(mats, names) -> {metric: (B,) tensor}; principal_angles(X, Y, r)
+  METRICS / register_metric: the metric registry (see rankscope.analysis.metrics for the formulas)
+Layer is -1 and head is -1 where they do not apply (embeddings; non-OV components).
+Modules: metrics (formulas), components (what is measured), spectra (batched SVD), run (checkpoints,
+cache, tables), plots, callback (in-loop metrics), cli (`rankscope analyze`).
+"""
+
+from rankscope.analysis.metrics import METRICS, matrix_metrics, principal_angles, register_metric
+from rankscope.analysis.run import AnalysisOptions, RunAnalysis, analyze_run, analyze_runs, compare_subspaces
+
+__all__ = ["METRICS", "AnalysisOptions", "RunAnalysis", "analyze_run", "analyze_runs", "compare_subspaces", "matrix_metrics", "principal_angles", "register_metric"]

@@ -1,0 +1,212 @@
+"""What the rank metrics are computed on, read from checkpoint tensors (state-dict keys only).
+
+Components per layer i (module `blocks.i.attn.*` / `blocks.i.mlp.*`): attention wq, wk, wv, wo;
+SwiGLU w1 (gate), w3 (up), w2 (down); the per-head OV circuit (Elhage et al. 2021)
+  OV_h = W_O[:, h*hd:(h+1)*hd] @ W_V[g*hd:(g+1)*hd, :],  g = h // (n_heads / n_kv_heads)  (GQA),
+a d_model x d_model matrix of rank <= head_dim, kept as its two factors; optionally embed, lm_head.
+
+Kinds of matrix (the `kind` column):
+  weight             the effective weight: W, or for a LoRA-wrapped linear W0 + (alpha/r) B A
+  lora_update        (alpha/r) B A of a LoRA-wrapped linear (kept factored: rank <= r)
+  grad               the gradient stored in grads.safetensors (checkpoint.save_grads)
+  update             W_t - W_prev between consecutive checkpoints
+  cumulative_update  W_t - W_0 (the re-created initialisation, else the first checkpoint)
+  cycle_update       a ReLoRA cycle's merged dW from RUN/relora_updates/
+OV circuits are computed for weights only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+
+from rankscope.analysis.metrics import AnalysisError
+
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+EMBEDDINGS = ("embed", "lm_head")
+_MODULE = re.compile(r"^blocks\.(\d+)\.(?:attn|mlp)\.(\w+)$")
+
+
+@dataclass
+class Item:
+    """One matrix to analyse: dense `mat` (m, n) or the factors `A` (m, r) @ `B` (r, n)."""
+
+    layer: int  # -1 for embeddings
+    component: str  # wq ... w3, ov, embed, lm_head
+    head: int  # OV head index, else -1
+    kind: str
+    mat: torch.Tensor | None = None
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.mat is not None:
+            return tuple(self.mat.shape)
+        return self.factors[0].shape[0], self.factors[1].shape[1]
+
+    @property
+    def key(self) -> tuple[int, str, int, str]:
+        return self.layer, self.component, self.head, self.kind
+
+
+def parse_module(name: str) -> tuple[int, str] | None:
+    """`blocks.3.attn.wv` -> (3, 'wv'); `embed`/`lm_head` -> (-1, name); anything else None."""
+    if name in EMBEDDINGS:
+        return -1, name
+    m = _MODULE.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def wanted(name: str, include_embeddings: bool) -> bool:
+    parsed = parse_module(name)
+    if parsed is None:
+        return False
+    return parsed[1] in TARGETS or (include_embeddings and parsed[1] in EMBEDDINGS)
+
+
+def _module_of(key: str) -> tuple[str, str] | None:
+    """state-dict key -> (module name, role) with role weight, base, lora_A, lora_B."""
+    for suffix, role in ((".base.weight", "base"), (".lora_A", "lora_A"), (".lora_B", "lora_B"), (".weight", "weight")):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+# --------------------------------------------------------------------------- reading
+def read_tensors(path: Path, include_embeddings: bool = False, aliases: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The 2-D tensors of target modules in one safetensors file, read lazily (only those keys)."""
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as fh:
+        keys = set(fh.keys())
+        for key in keys:
+            mod = _module_of(key)
+            if mod and wanted(mod[0], include_embeddings):
+                out[key] = fh.get_tensor(key)
+        for alias, target in (aliases or {}).items():  # tied embeddings are stored once
+            mod = _module_of(alias)
+            if mod and wanted(mod[0], include_embeddings) and target in keys:
+                out[alias] = out[target] if target in out else fh.get_tensor(target)
+    return out
+
+
+def lora_scaling(config: Mapping[str, Any] | None) -> float | None:
+    """alpha / rank from a run config dict (checkpoint meta['config']), None when absent."""
+    method = (config or {}).get("method") or {}
+    if "alpha" in method and "rank" in method:
+        return float(method["alpha"]) / float(method["rank"])
+    return None
+
+
+def effective_weights(state: Mapping[str, torch.Tensor], scaling: float | None) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """module -> effective weight (fp32), and module -> LoRA update factors ((alpha/r) B, A).
+
+    A LoRA-wrapped linear (keys X.base.weight, X.lora_A (r x in), X.lora_B (out x r)) has the
+    effective weight W0 + (alpha/r) B A, the same delta the method merges (peft's get_delta_weight)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        mod = _module_of(key)
+        if mod is not None and t.dim() == 2:
+            parts.setdefault(mod[0], {})[mod[1]] = t.float()
+    weights, lora = {}, {}
+    for name, p in parts.items():
+        if "base" in p and "lora_A" in p and "lora_B" in p:
+            if scaling is None:
+                raise AnalysisError(f"{name} has LoRA adapters but the checkpoint config has no method.alpha/method.rank")
+            B_scaled, A = p["lora_B"] * scaling, p["lora_A"]
+            lora[name] = (B_scaled, A)
+            weights[name] = p["base"] + B_scaled @ A
+        elif "weight" in p:
+            weights[name] = p["weight"]
+        elif "base" in p:
+            weights[name] = p["base"]
+    return weights, lora
+
+
+# --------------------------------------------------------------------------- items
+def head_layout(config: Mapping[str, Any] | None, weights: Mapping[str, torch.Tensor]) -> tuple[int, int, int] | None:
+    """(n_heads, n_kv_heads, head_dim) from the run config's model section; None when unknown."""
+    model = (config or {}).get("model") or {}
+    if not {"n_heads", "n_kv_heads", "d_model"} <= model.keys():
+        return None
+    return int(model["n_heads"]), int(model["n_kv_heads"]), int(model["d_model"]) // int(model["n_heads"])
+
+
+def ov_factors(wo: torch.Tensor, wv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per query head h: (W_O[:, h cols] (d, hd), W_V[g rows] (hd, d)), g = h // (n_heads / n_kv_heads)."""
+    group = n_heads // n_kv_heads
+    if wo.shape[1] != n_heads * head_dim or wv.shape[0] != n_kv_heads * head_dim:
+        raise AnalysisError(f"OV circuit: wo {tuple(wo.shape)} / wv {tuple(wv.shape)} do not fit {n_heads} heads, {n_kv_heads} KV heads of dim {head_dim}")
+    out = []
+    for h in range(n_heads):
+        g = h // group
+        out.append((wo[:, h * head_dim:(h + 1) * head_dim], wv[g * head_dim:(g + 1) * head_dim, :]))
+    return out
+
+
+def _named(name: str) -> tuple[int, str]:
+    parsed = parse_module(name)
+    assert parsed is not None, name
+    return parsed
+
+
+def weight_items(weights: Mapping[str, torch.Tensor], layout: tuple[int, int, int] | None, with_ov: bool = True) -> list[Item]:
+    items = [Item(*_named(n), -1, "weight", mat=w) for n, w in sorted(weights.items())]
+    if with_ov and layout is not None:
+        layers = sorted({it.layer for it in items if it.component in ("wo", "wv")})
+        for i in layers:
+            wo, wv = weights.get(f"blocks.{i}.attn.wo"), weights.get(f"blocks.{i}.attn.wv")
+            if wo is None or wv is None:
+                continue
+            for h, (A, B) in enumerate(ov_factors(wo, wv, *layout)):
+                items.append(Item(i, "ov", h, "weight", factors=(A, B)))
+    return items
+
+
+def lora_items(lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[Item]:
+    return [Item(*_named(n), -1, "lora_update", factors=f) for n, f in sorted(lora.items())]
+
+
+def delta_items(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor], kind: str) -> list[Item]:
+    """new - old for every module in both, of the same shape."""
+    return [Item(*_named(n), -1, kind, mat=new[n] - old[n]) for n in sorted(new) if n in old and old[n].shape == new[n].shape]
+
+
+def grad_items(grads: Mapping[str, torch.Tensor], include_embeddings: bool = False) -> list[Item]:
+    """Gradients of the plain (or frozen-base) weights; LoRA factor gradients are not a dW and are skipped."""
+    items = []
+    for key, g in sorted(grads.items()):
+        mod = _module_of(key)
+        if mod and mod[1] in ("weight", "base") and g.dim() == 2 and wanted(mod[0], include_embeddings):
+            items.append(Item(*_named(mod[0]), -1, "grad", mat=g.float()))
+    return items
+
+
+def dense_items(tensors: Mapping[str, torch.Tensor], kind: str, include_embeddings: bool = False) -> list[Item]:
+    """Module-name keyed matrices (ReLoRA cycle updates) as items of `kind`."""
+    return [Item(*_named(n), -1, kind, mat=t.float()) for n, t in sorted(tensors.items()) if t.dim() == 2 and wanted(n, include_embeddings)]
+
+
+def init_weights(config: Mapping[str, Any], include_embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """The run's initial weights, re-created exactly as the trainer does (seed, then Decoder)."""
+    from rankscope.config import config_from_dict
+    from rankscope.model import Decoder
+
+    cfg = config_from_dict(dict(config))
+    torch.manual_seed(cfg.train.seed)
+    with torch.no_grad():
+        model = Decoder(cfg.model)
+    out = {}
+    for key, t in model.state_dict().items():
+        mod = _module_of(key)
+        if mod and mod[1] == "weight" and t.dim() == 2 and wanted(mod[0], include_embeddings):
+            out[mod[0]] = t.float()
+    return out
+
+
+def modules_of(items: Iterable[Item]) -> set[tuple[int, str]]:
+    return {(it.layer, it.component) for it in items}

@@ -1,0 +1,458 @@
+"""Analyse every checkpoint of a run into one tidy table, cached per checkpoint.
+
+    from rankscope.analysis import analyze_run
+    res = analyze_run("runs/relora")           # RunAnalysis
+    res.rows      # dict of columns: run, method, step, layer, component, head, kind, metric, value
+    res.spectra   # dict of columns: run, method, step, layer, component, head, kind, index, value
+    res.arrow()   # (rows, spectra) as pyarrow Tables; res.pandas() as pandas DataFrames
+
+Checkpoints are read lazily (safetensors `safe_open`, only target matrices) on a thread pool while
+the previous one is decomposed. Each checkpoint's rows and spectra are cached in
+RUN/analysis/cache/step_NNNNNN.{rows,spectra}.parquet under a key hashing the checkpoint's file
+hashes (meta.json), the previous checkpoint's (for `update`), the run config (for the re-created
+initialisation) and the analysis options; re-running computes only what is new or changed.
+ReLoRA cycle updates (RUN/relora_updates/cycle_C_step_S.safetensors) are cached the same way and
+also get `angle_to_prev_mean` / `angle_to_prev_min` rows: principal angles in degrees between the
+top-r left singular subspaces of consecutive cycles' updates (r = `angles_rank`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from rankscope.analysis import components as C
+from rankscope.analysis.metrics import AnalysisError, principal_angles, resolve_metrics
+from rankscope.analysis.spectra import Result, analyze_items
+from rankscope.checkpoint import list_checkpoints
+
+KINDS = ("weight", "lora_update", "grad", "update", "cumulative_update", "cycle_update")
+ROW_COLUMNS = ("run", "method", "step", "layer", "component", "head", "kind", "metric", "value")
+SPECTRA_COLUMNS = ("run", "method", "step", "layer", "component", "head", "kind", "index", "value")
+CACHE_VERSION = 1
+_CYCLE = re.compile(r"^cycle_(\d+)_step_(\d+)\.safetensors$")
+
+Table = dict[str, list]
+
+
+@dataclass
+class AnalysisOptions:
+    kinds: tuple[str, ...] = KINDS
+    metrics: list[str] | None = None  # None: every registered metric
+    dtype: str = "float64"  # SVD dtype: float64 or float32
+    device: str = "cpu"
+    include_embeddings: bool = False
+    cumulative_from: str = "init"  # "init": re-created initial weights; "first": the first checkpoint
+    angles_rank: int = 16
+    workers: int = 2  # checkpoint-reading threads
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"v": CACHE_VERSION, "kinds": sorted(self.kinds), "metrics": self.metrics, "dtype": self.dtype,
+                "emb": self.include_embeddings, "cum": self.cumulative_from, "r": self.angles_rank}
+
+    def validate(self) -> None:
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad:
+            raise AnalysisError(f"unknown kind(s) {', '.join(bad)}; valid kinds: {', '.join(KINDS)}")
+        if self.dtype not in ("float64", "float32"):
+            raise AnalysisError(f"dtype must be float64 or float32, got {self.dtype!r}")
+        if self.cumulative_from not in ("init", "first"):
+            raise AnalysisError("cumulative_from must be 'init' or 'first'")
+        resolve_metrics(self.metrics)
+
+
+@dataclass
+class RunAnalysis:
+    rows: Table
+    spectra: Table
+    computed: list[int] = field(default_factory=list)  # checkpoint steps decomposed in this call
+    cached: list[int] = field(default_factory=list)  # checkpoint steps read from the cache
+    cycles_computed: list[int] = field(default_factory=list)  # ReLoRA cycle-update steps, likewise
+    cycles_cached: list[int] = field(default_factory=list)
+
+    def arrow(self):
+        import pyarrow as pa
+
+        return pa.table(self.rows), pa.table(self.spectra)
+
+    def pandas(self):
+        rows, spectra = self.arrow()
+        return rows.to_pandas(), spectra.to_pandas()
+
+
+# --------------------------------------------------------------------------- tables
+def empty(columns: Iterable[str]) -> Table:
+    return {c: [] for c in columns}
+
+
+def extend(table: Table, other: Table) -> None:
+    for c in table:
+        table[c].extend(other[c])
+
+
+def save_table(table: Table, path: Path) -> Path:
+    """Parquet via pyarrow (CSV with the same stem where pyarrow is missing); atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow is a dependency
+        import csv
+
+        path = path.with_suffix(".csv")
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(table)
+            w.writerows(zip(*table.values()))
+        tmp.replace(path)
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.table(table), tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_table(path: Path) -> Table:
+    if path.suffix == ".csv":  # pragma: no cover
+        import csv
+
+        with open(path) as fh:
+            rows = list(csv.reader(fh))
+        cols = {c: [r[i] for r in rows[1:]] for i, c in enumerate(rows[0])}
+        for c in cols:
+            if c in ("step", "layer", "head", "index"):
+                cols[c] = [int(v) for v in cols[c]]
+            elif c == "value":
+                cols[c] = [float(v) for v in cols[c]]
+        return cols
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pydict()
+
+
+def results_to_tables(results: list[Result], step: int) -> tuple[Table, Table]:
+    """Rows and spectra of one checkpoint, without the run / method columns (added on assembly)."""
+    rows = empty(ROW_COLUMNS[2:])
+    spectra = empty(SPECTRA_COLUMNS[2:])
+    for r in results:
+        it = r.item
+        for metric, value in r.values.items():
+            for c, v in zip(ROW_COLUMNS[2:], (step, it.layer, it.component, it.head, it.kind, metric, value)):
+                rows[c].append(v)
+        if r.s is not None:
+            k = len(r.s)
+            for c, v in zip(SPECTRA_COLUMNS[2:7], (step, it.layer, it.component, it.head, it.kind)):
+                spectra[c].extend([v] * k)
+            spectra["index"].extend(range(k))
+            spectra["value"].extend(r.s.tolist())
+    return rows, spectra
+
+
+def _with_run(table: Table, run: str, method: str) -> Table:
+    n = len(next(iter(table.values()))) if table else 0
+    return {"run": [run] * n, "method": [method] * n, **table}
+
+
+# --------------------------------------------------------------------------- cache
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class Cache:
+    """RUN/analysis/cache/<name>.{rows,spectra}.parquet + <name>.key (written last)."""
+
+    def __init__(self, root: Path, enabled: bool = True):
+        self.root, self.enabled = root, enabled
+
+    def get(self, name: str, key: str) -> tuple[Table, Table] | None:
+        kf = self.root / f"{name}.key"
+        if not self.enabled or not kf.is_file() or kf.read_text().strip() != key:
+            return None
+        try:
+            return tuple(load_table(self._path(name, part)) for part in ("rows", "spectra"))  # type: ignore[return-value]
+        except (OSError, ValueError):
+            return None
+
+    def put(self, name: str, key: str, rows: Table, spectra: Table) -> None:
+        if not self.enabled:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / f"{name}.key").unlink(missing_ok=True)
+        save_table(rows, self.root / f"{name}.rows.parquet")
+        save_table(spectra, self.root / f"{name}.spectra.parquet")
+        (self.root / f"{name}.key").write_text(key)
+
+    def _path(self, name: str, part: str) -> Path:
+        p = self.root / f"{name}.{part}.parquet"
+        return p if p.exists() or not p.with_suffix(".csv").exists() else p.with_suffix(".csv")
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass
+class CheckpointState:
+    step: int
+    weights: dict[str, torch.Tensor]
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    grads: dict[str, torch.Tensor]
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_state(path: Path, meta: dict[str, Any], include_embeddings: bool = False, with_grads: bool = True) -> CheckpointState:
+    """Effective weights, LoRA factors and gradients of one checkpoint folder (lazy reads)."""
+    aliases = meta.get("aliases", {})
+    model = C.read_tensors(path / "model.safetensors", include_embeddings, aliases.get("model"))
+    weights, lora = C.effective_weights(model, C.lora_scaling(meta.get("config")))
+    grads = {}
+    if with_grads and (path / "grads.safetensors").is_file():
+        grads = C.read_tensors(path / "grads.safetensors", include_embeddings, aliases.get("grads"))
+    return CheckpointState(int(meta["step"]), weights, lora, grads)
+
+
+def prefetch(fn: Callable[[Any], Any], args: Iterable[Any], ahead: int) -> Iterator[Any]:
+    """fn(a) for each a, in order, with up to `ahead` calls running in threads ahead of the consumer."""
+    ahead = max(1, ahead)
+    with ThreadPoolExecutor(ahead) as pool:
+        it = iter(args)
+        pending = deque(pool.submit(fn, a) for a in islice(it, ahead))
+        while pending:
+            fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
+            yield fut.result()
+
+
+def checkpoint_items(state: CheckpointState, prev: dict[str, torch.Tensor] | None, base: dict[str, torch.Tensor] | None,
+                     layout, kinds: Iterable[str], include_embeddings: bool = False) -> list[C.Item]:
+    kinds = set(kinds)
+    items: list[C.Item] = []
+    if "weight" in kinds:
+        items += C.weight_items(state.weights, layout)
+    if "lora_update" in kinds:
+        items += C.lora_items(state.lora)
+    if "grad" in kinds:
+        items += C.grad_items(state.grads, include_embeddings)
+    if "update" in kinds and prev is not None:
+        items += C.delta_items(state.weights, prev, "update")
+    if "cumulative_update" in kinds and base is not None:
+        items += C.delta_items(state.weights, base, "cumulative_update")
+    return items
+
+
+# --------------------------------------------------------------------------- the run
+def run_method(run_dir: Path, metas: list[dict[str, Any]]) -> str:
+    for meta in metas:
+        name = meta.get("method_name") or ((meta.get("config") or {}).get("method") or {}).get("name")
+        if name:
+            return str(name)
+    return "unknown"
+
+
+def analyze_run(run_dir: str | Path, options: AnalysisOptions | None = None, steps: Iterable[int] | None = None,
+                cache: bool = True, log: Callable[[str], None] | None = None, **kw: Any) -> RunAnalysis:
+    """Rows and spectra of every checkpoint (and ReLoRA cycle update) of one run.
+
+    `options` (or its fields as keywords: kinds, metrics, dtype, device, include_embeddings,
+    cumulative_from, angles_rank, workers) picks what is computed; `steps` limits the checkpoints."""
+    opts = options or AnalysisOptions(**kw)
+    opts.validate()
+    run_dir = Path(run_dir)
+    found = [(s, p, read_meta(p)) for s, p in list_checkpoints(run_dir / "checkpoints")]
+    found = [(s, p, m) for s, p, m in found if m is not None]
+    cycles = _cycle_files(run_dir) if "cycle_update" in opts.kinds else []
+    if not found and not cycles:
+        raise AnalysisError(f"{run_dir} has no checkpoints (checkpoints/step_N/meta.json) to analyse; train it first")
+    wanted_steps = set(steps) if steps is not None else None
+    run, method = run_dir.name, run_method(run_dir, [m for _, _, m in found])
+    config = next((m.get("config") for _, _, m in found if m.get("config")), None)
+    store = Cache(run_dir / "analysis" / "cache", cache)
+    fp = opts.fingerprint()
+    use_init = opts.cumulative_from == "init" and config is not None
+    base_id = _hash(config) if use_init else (found[0][2].get("files") if found else None)
+
+    # 1. keys: a checkpoint's rows depend on itself, its predecessor (update) and the base (cumulative)
+    plan = []
+    for i, (step, path, meta) in enumerate(found):
+        prev_files = found[i - 1][2].get("files") if i else ("init" if use_init else None)
+        key = _hash({"opts": fp, "files": meta.get("files"), "step": step, "prev": prev_files, "base": base_id})
+        if (wanted_steps is None or step in wanted_steps) and set(opts.kinds) - {"cycle_update"}:
+            plan.append((i, step, path, meta, key, store.get(f"step_{step:06d}", key)))
+    todo = [p for p in plan if p[5] is None]
+    rows, spectra = empty(ROW_COLUMNS[2:]), empty(SPECTRA_COLUMNS[2:])
+    result = RunAnalysis(rows, spectra, [p[1] for p in todo], [p[1] for p in plan if p[5] is not None])
+    for p in plan:
+        if p[5] is not None:
+            extend(rows, p[5][0])
+            extend(spectra, p[5][1])
+
+    # 2. decompose what is new; read checkpoint i-1 too where checkpoint i needs its weights
+    if todo:
+        layout = C.head_layout(config, {})
+        need = sorted({p[0] for p in todo} | ({p[0] - 1 for p in todo if p[0] > 0} if "update" in opts.kinds else set()))
+        base = _base_weights(opts, config, found, use_init)
+        todo_idx = {p[0]: p for p in todo}
+        states: dict[int, CheckpointState] = {}
+        load = lambda i: load_state(found[i][1], found[i][2], opts.include_embeddings, "grad" in opts.kinds)  # noqa: E731
+        for i, state in zip(need, prefetch(load, need, opts.workers)):
+            states[i] = state
+            states.pop(i - 2, None)
+            if i not in todo_idx:
+                continue
+            _, step, _, _, key, _ = todo_idx[i]
+            prev = states[i - 1].weights if i - 1 in states else (base if use_init and i == 0 else None)
+            items = checkpoint_items(state, prev, base, layout, opts.kinds, opts.include_embeddings)
+            r, s = results_to_tables(analyze_items(items, opts.metrics, opts.dtype, opts.device), step)
+            store.put(f"step_{step:06d}", key, r, s)
+            extend(rows, r)
+            extend(spectra, s)
+            if log:
+                log(f"[analyze] {run} step {step}: {len(items)} matrices")
+
+    # 3. ReLoRA cycle updates, each with the angles to the previous cycle's update
+    prev_key, prev_t = None, None
+    for cycle, step, path in cycles:
+        if wanted_steps is not None and step not in wanted_steps:
+            prev_key, prev_t = None, None
+            continue
+        st = path.stat()
+        key = _hash({"opts": fp, "file": path.name, "size": st.st_size, "mtime": st.st_mtime_ns, "prev": prev_key})
+        hit = store.get(path.stem, key)
+        if hit is None:
+            tensors = load_file(str(path))
+            r, s = results_to_tables(analyze_items(C.dense_items(tensors, "cycle_update", opts.include_embeddings), opts.metrics, opts.dtype, opts.device), step)
+            prev_t = prev_t if prev_t is not None else _previous_cycle(cycles, cycle)
+            if prev_t is not None:
+                extend(r, angle_rows(tensors, prev_t, step, opts.angles_rank, opts.dtype))
+            store.put(path.stem, key, r, s)
+            result.cycles_computed.append(step)
+            prev_t = tensors
+        else:
+            r, s = hit
+            result.cycles_cached.append(step)
+            prev_t = None  # re-read lazily only if the next cycle must be computed
+        extend(rows, r)
+        extend(spectra, s)
+        prev_key = key
+    result.rows, result.spectra = _with_run(rows, run, method), _with_run(spectra, run, method)
+    return result
+
+
+def _cycle_files(run_dir: Path) -> list[tuple[int, int, Path]]:
+    folder = run_dir / "relora_updates"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), int(m.group(2)), p) for p in folder.iterdir() if (m := _CYCLE.match(p.name))]
+    return sorted(found)
+
+
+def _previous_cycle(cycles: list[tuple[int, int, Path]], cycle: int) -> dict[str, torch.Tensor] | None:
+    earlier = [p for c, _, p in cycles if c < cycle]
+    return load_file(str(earlier[-1])) if earlier else None
+
+
+def _base_weights(opts: AnalysisOptions, config, found, use_init: bool) -> dict[str, torch.Tensor] | None:
+    if "cumulative_update" not in opts.kinds and "update" not in opts.kinds:
+        return None
+    if use_init:
+        try:
+            return C.init_weights(config, opts.include_embeddings)
+        except Exception as e:  # a config this version cannot rebuild: fall back to the first checkpoint
+            raise AnalysisError(f"cannot re-create the initial weights from the run config ({e}); use cumulative_from='first'") from None
+    if not found or "cumulative_update" not in opts.kinds:
+        return None
+    return load_state(found[0][1], found[0][2], opts.include_embeddings, with_grads=False).weights
+
+
+def angle_rows(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], step: int, r: int, dtype: str = "float64") -> Table:
+    """Principal angles (degrees) between the top-r left singular subspaces of matching matrices."""
+    rows = empty(ROW_COLUMNS[2:])
+    names = [n for n in sorted(new) if n in old and new[n].shape == old[n].shape and C.parse_module(n) and new[n].dim() == 2]
+    by_shape: dict[tuple, list[str]] = {}
+    for n in names:
+        by_shape.setdefault(tuple(new[n].shape), []).append(n)
+    dt = torch.float64 if dtype == "float64" else torch.float32
+    for group in by_shape.values():
+        ang = principal_angles(torch.stack([new[n].float() for n in group]), torch.stack([old[n].float() for n in group]), r, "left", dt)
+        deg = torch.rad2deg(ang).to(torch.float64).numpy()
+        for n, a in zip(group, deg):
+            layer, comp = C.parse_module(n)
+            for metric, v in (("angle_to_prev_mean", float(a.mean())), ("angle_to_prev_min", float(a.min()))):
+                for c, val in zip(ROW_COLUMNS[2:], (step, layer, comp, -1, "cycle_update", metric, v)):
+                    rows[c].append(val)
+    return rows
+
+
+def compare_subspaces(run_a: str | Path, run_b: str | Path, step: int, kind: str = "cumulative_update", r: int = 16, side: str = "left") -> Table:
+    """Principal angles (degrees, mean and min over the top r) between the same matrix of two runs at
+    one step, e.g. a ReLoRA run's cumulative update vs a full-rank run's (kind weight or
+    cumulative_update). Rows have run = 'A vs B'."""
+    if kind not in ("weight", "cumulative_update"):
+        raise AnalysisError("compare_subspaces supports kind 'weight' or 'cumulative_update'")
+    mats = []
+    for run in (Path(run_a), Path(run_b)):
+        path = run / "checkpoints" / f"step_{step:06d}"
+        meta = read_meta(path)
+        if meta is None:
+            raise AnalysisError(f"{run} has no checkpoint at step {step}")
+        w = load_state(path, meta, with_grads=False).weights
+        if kind == "cumulative_update":
+            init = C.init_weights(meta["config"])
+            w = {n: w[n] - init[n] for n in w if n in init}
+        mats.append(w)
+    names = [n for n in sorted(mats[0]) if n in mats[1] and mats[0][n].shape == mats[1][n].shape]
+    out = empty(ROW_COLUMNS)
+    for n in names:
+        ang = torch.rad2deg(principal_angles(mats[0][n], mats[1][n], r, side))[0].numpy()
+        layer, comp = C.parse_module(n)
+        for metric, v in ((f"angle_{side}_mean", float(ang.mean())), (f"angle_{side}_min", float(ang.min()))):
+            for c, val in zip(ROW_COLUMNS, (f"{Path(run_a).name} vs {Path(run_b).name}", "compare", step, layer, comp, -1, kind, metric, v)):
+                out[c].append(val)
+    return out
+
+
+def analyze_runs(run_dirs: Iterable[str | Path], out_dir: str | Path | None = None, plots: bool = True,
+                 spectra_steps: list[int] | None = None, cache: bool = True, log: Callable[[str], None] | None = print, **kw: Any) -> dict[str, Path]:
+    """`rankscope analyze`: analyse runs, write rank_metrics.parquet, spectra.parquet and plots to out_dir."""
+    run_dirs = [Path(p) for p in run_dirs]
+    out = Path(out_dir) if out_dir else (run_dirs[0] / "analysis" if len(run_dirs) == 1 else Path("analysis"))
+    rows, spectra = empty(ROW_COLUMNS), empty(SPECTRA_COLUMNS)
+    for rd in run_dirs:
+        res = analyze_run(rd, cache=cache, log=log, **kw)
+        if log:
+            log(f"[analyze] {rd}: {len(res.computed)} new, {len(res.cached)} cached")
+        extend(rows, res.rows)
+        extend(spectra, select_steps(res.spectra, spectra_steps))
+    written = {"rows": save_table(rows, out / "rank_metrics.parquet"), "spectra": save_table(spectra, out / "spectra.parquet")}
+    if plots:
+        from rankscope.analysis.plots import plot_all
+
+        written.update(plot_all(rows, spectra, out, spectra_steps))
+    return written
+
+
+def select_steps(spectra: Table, steps: list[int] | None) -> Table:
+    """Spectra at the given steps (all when None); a step absent from the run picks the nearest."""
+    if not steps or not spectra["step"]:
+        return spectra
+    have = np.array(sorted(set(spectra["step"])))
+    keep = {int(have[np.abs(have - s).argmin()]) for s in steps}
+    mask = [s in keep for s in spectra["step"]]
+    return {c: [v for v, k in zip(col, mask) if k] for c, col in spectra.items()}

@@ -1,0 +1,177 @@
+"""LoRA: a frozen linear plus a trainable low-rank update, and the `lora` method (no restarts).
+
+`LoRALinear(base)` returns `base(x) + (alpha / r) * B(A(dropout(x)))` with A random (kaiming-uniform,
+as peft) and B zero, so a wrapped model equals the base model at step 0 and B gets a gradient at
+step 1 (A from step 2, once B is non-zero). `delta_weight()` is the only place
+dW = (alpha / r) * B @ A is computed, always in fp32; `merge()` adds exactly that dW to the fp32
+master weight and refuses non-finite results (peft's `safe_merge`).
+
+State-dict keys of a wrapped layer: `<name>.base.weight`, `<name>.lora_A`, `<name>.lora_B` — the
+analysis and the Hugging Face export rely on these names and on `delta_weight` / `effective_weight`.
+
+ReLoRA (Lialin et al. 2023) trains embeddings, norms and the LM head full-rank; only the targeted
+linears get adapters. An optional full-rank warm start trains everything for `warm_start_steps`
+before the adapters are attached (the trainer calls `maybe_switch` after every step).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rankscope.errors import RankscopeError
+from rankscope.methods import register_method
+from rankscope.methods.base import Method
+from rankscope.optim import build_adamw, check_coverage, optimizer_state_bytes, param_groups
+
+
+class MergeError(RankscopeError):
+    """A LoRA merge would write non-finite values into the base weight."""
+
+
+def seeded_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from integers (seed, purpose, cycle, index): identical on every
+    process and device, so re-drawn adapters and pruning masks agree across distributed ranks."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1))
+    return g
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, generator: torch.Generator | None = None):
+        super().__init__()
+        if rank > min(base.in_features, base.out_features):
+            raise RankscopeError(f"method.rank={rank} exceeds min(in, out)={min(base.in_features, base.out_features)} of a {base.out_features}x{base.in_features} linear")
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(False)
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=torch.float32))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_adapter(generator)
+
+    @torch.no_grad()
+    def reset_adapter(self, generator: torch.Generator | None = None) -> None:
+        """A <- kaiming-uniform(a=sqrt(5)) as peft (bound 1/sqrt(in)), B <- 0: the delta restarts at 0
+        while A is random, so the next cycle learns from its first step. Drawn on the CPU so a
+        given generator gives the same A on every device."""
+        a = torch.empty(self.lora_A.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A.copy_(a)
+        self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # master weights are fp32; under bf16 autocast F.linear casts the factors itself
+        return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """dW = (alpha / r) * B @ A, (out, in), in fp32 — the only place it is computed."""
+        # autocast off: inside a bf16 autocast region the matmul would silently run in bf16
+        with torch.autocast(self.lora_A.device.type, enabled=False):
+            return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    def effective_weight(self) -> torch.Tensor:
+        """The dense weight this layer applies: W + dW, fp32."""
+        return self.base.weight.detach().float() + self.delta_weight()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + dW in fp32 on the master weight (ReLoRA §3). Does not touch A or B."""
+        merged = self.effective_weight()
+        if not torch.isfinite(merged).all():
+            raise MergeError("LoRA merge produced non-finite weights; lower train.lr or check the adapter (the last good checkpoint is kept)")
+        self.base.weight.copy_(merged.to(self.base.weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling}"
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear by module name (e.g. `blocks.0.attn.wq`), in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_generator(seed: int, cycle: int, index: int) -> torch.Generator:
+    """Generator of layer `index`'s A in `cycle` (0: at wrap; k: after the k-th merge)."""
+    return seeded_generator(seed, 1, cycle, index)
+
+
+def wrap_linears(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, seed: int) -> dict[str, LoRALinear]:
+    """Replace each nn.Linear whose attribute name is in `targets` by a LoRALinear wrapping it."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets and not isinstance(m, LoRALinear)]
+    if not found:
+        raise RankscopeError(f"method.targets={targets} matches no linear layer; valid names: wq, wk, wv, wo, w1, w2, w3")
+    for index, (name, lin) in enumerate(found):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, LoRALinear(lin, rank, alpha, dropout, adapter_generator(seed, 0, index)))
+    return lora_modules(model)
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+
+
+@register_method("lora")
+class LoRAMethod(Method):
+    """LoRA on the targeted linears; embeddings, norms and the LM head trained full-rank."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.switched = False  # adapters attached (immediately unless warm_start_steps > 0)
+
+    # ------------------------------------------------------------------ model and optimiser
+    def prepare_model(self, model: nn.Module) -> None:
+        if self.cfg.method.warm_start_steps == 0:
+            self.attach(model)
+
+    def attach(self, model: nn.Module) -> None:
+        m = self.cfg.method
+        wrap_linears(model, m.targets, m.rank, m.alpha, m.dropout, self.cfg.train.seed)
+        self.switched = True
+
+    def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+        lora = lora_parameters(model)
+        groups = param_groups(model, self.cfg.train.weight_decay, exclude={id(p) for p in lora})
+        if lora:
+            # ReLoRA decays the adapter factors like any 2-D weight; a separate group makes the
+            # LoRA state easy to find for resets and reports
+            groups.append({"params": lora, "weight_decay": self.cfg.train.weight_decay, "name": "lora"})
+        check_coverage(model, groups)
+        return build_adamw(groups, self.cfg.train, device)
+
+    def maybe_switch(self, step: int, trainer) -> bool:
+        """After `warm_start_steps` full-rank steps, attach adapters and rebuild the optimiser;
+        parameters that stay trainable (embeddings, norms, head) keep their AdamW state."""
+        if self.switched or step < self.cfg.method.warm_start_steps:
+            return False
+        old = trainer.optimizer
+        self.attach(trainer.model)
+        trainer.optimizer = self.build_optimizer(trainer.model, trainer.device)
+        for group in trainer.optimizer.param_groups:
+            for p in group["params"]:
+                if p in old.state:
+                    trainer.optimizer.state[p] = old.state[p]
+        return True
+
+    # ------------------------------------------------------------------ bookkeeping
+    def state_dict(self) -> dict[str, Any]:
+        return {"switched": self.switched}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.switched = bool(state.get("switched", self.switched))
+
+    def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        lora_ids = {id(p) for p in lora_parameters(model)}
+        lora_state = sum(t.numel() * t.element_size() for p, s in optimizer.state.items() if id(p) in lora_ids for t in s.values() if torch.is_tensor(t))
+        return {"method": self.name, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "lora_params": sum(p.numel() for p in lora_parameters(model)), "adapted_layers": len(lora_modules(model)),
+                "optimizer_state_bytes": optimizer_state_bytes(optimizer), "lora_optimizer_state_bytes": lora_state}

@@ -1,0 +1,178 @@
+"""ReLoRA (Lialin et al. 2023; as studied by Weiss et al. 2025): LoRA with periodic
+merge-and-restart, optimiser-state resets and a jagged learning-rate schedule.
+
+Every `reset_every` steps (counted from the moment adapters are attached):
+  1. merge:   W <- W + (alpha / r) B A, in fp32 on the master weight (`LoRALinear.merge`)
+  2. restart: A re-drawn from a generator seeded by (seed, cycle, layer index) — identical on every
+              distributed rank — and B zeroed, so the model's function is unchanged by the restart
+Every `optimizer_reset_every` steps (default: the same period), the AdamW state of the LoRA factors
+only is reset (full-rank embeddings, norms and head keep theirs), by `method.optimizer_reset`:
+  zero             moments zeroed AND the step counter reset to 0: the next update is a fresh Adam step
+  random_prune     keep exactly round((1 - prune_fraction) * n) randomly chosen entries of each
+                   parameter's moments (one mask shared by exp_avg and exp_avg_sq, so an entry either
+                   keeps its whole history or restarts), deterministic generator; the step counter is
+                   KEPT, as in ReLoRA's code and the paper: the survivors are still valid running
+                   averages, and resetting the step would blow them up by the bias correction
+                   (1/(1-beta1) for m, 1/sqrt(1-beta2) for v)
+  magnitude_prune  keep the exact top-k entries by |value| of each moment tensor separately
+                   (torch.topk on the flattened tensor: no size limit, unlike kthvalue/quantile);
+                   step counter kept, as for random_prune
+After each optimiser reset the learning rate re-warms linearly over `restart_warmup_steps`
+(ReLoRA §3, `schedules.jagged_cosine`).
+
+With `save_cycle_updates`, each cycle's merged update dW (fp32; keys = module names such as
+`blocks.0.attn.wq`) is written to RUN/relora_updates/cycle_0001_step_002000.safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from rankscope.methods import register_method
+from rankscope.methods.lora import LoRAMethod, adapter_generator, lora_modules, lora_parameters, seeded_generator
+from rankscope.schedules import jagged_cosine
+
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def keep_count(n: int, keep_fraction: float) -> int:
+    return max(0, min(n, round(keep_fraction * n)))
+
+
+@torch.no_grad()
+def keep_random_(tensors: list[torch.Tensor], keep_fraction: float, generator: torch.Generator) -> int:
+    """Zero all but exactly round(keep_fraction * n) entries, chosen at random by `generator` (CPU)
+    and shared by all `tensors` (same shape). Returns the number kept."""
+    n = tensors[0].numel()
+    k = keep_count(n, keep_fraction)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=generator)[:k]] = True
+    for t in tensors:
+        t.mul_(mask.to(t.device).view_as(t))
+    return k
+
+
+@torch.no_grad()
+def keep_top_magnitude_(t: torch.Tensor, keep_fraction: float) -> int:
+    """Zero all but the exactly k = round(keep_fraction * n) entries of largest |value|. Uses
+    torch.topk on the flattened tensor (works for any size; kthvalue/quantile cap at 2**24)."""
+    n = t.numel()
+    k = keep_count(n, keep_fraction)
+    if k == n:
+        return k
+    flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
+    if k == 0:
+        t.zero_()
+        return 0
+    if k <= n - k:  # select the smaller side: topk cost grows with k
+        mask = torch.zeros(n, dtype=torch.bool, device=t.device)
+        mask[torch.topk(flat.abs(), k, sorted=False).indices] = True
+    else:
+        mask = torch.ones(n, dtype=torch.bool, device=t.device)
+        mask[torch.topk(flat.abs(), n - k, largest=False, sorted=False).indices] = False
+    t.mul_(mask.view_as(t))
+    return k
+
+
+@torch.no_grad()
+def reset_state_(state: dict[str, Any], mode: str, prune_fraction: float, generator: torch.Generator) -> tuple[int, int]:
+    """Reset one parameter's AdamW state in place; returns (entries kept, entries) over its moments."""
+    moments = [state[k] for k in MOMENTS if torch.is_tensor(state.get(k))]
+    total = sum(m.numel() for m in moments)
+    if mode == "zero":
+        for m in moments:
+            m.zero_()
+        if torch.is_tensor(state.get("step")):
+            state["step"].zero_()
+        elif "step" in state:
+            state["step"] = 0
+        return 0, total
+    if mode == "random_prune":
+        return keep_random_(moments, 1.0 - prune_fraction, generator) * len(moments), total
+    if mode == "magnitude_prune":
+        return sum(keep_top_magnitude_(m, 1.0 - prune_fraction) for m in moments), total
+    raise ValueError(f"unknown optimizer_reset mode {mode!r}")
+
+
+@register_method("relora")
+class ReLoRAMethod(LoRAMethod):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.merges = 0  # merge-and-restarts done (the cycle number of the adapters now training)
+        self.optimizer_resets = 0
+
+    @property
+    def optimizer_period(self) -> int:
+        m = self.cfg.method
+        return m.optimizer_reset_every or m.reset_every
+
+    def lr_multiplier(self, step: int) -> float:
+        t, m = self.cfg.train, self.cfg.method
+        return jagged_cosine(step, t.max_steps, t.warmup_steps, t.min_lr_ratio, self.optimizer_period, m.restart_warmup_steps, m.warm_start_steps)
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        since = step - self.cfg.method.warm_start_steps  # completed adapter steps
+        if not self.switched or since <= 0:
+            return {}
+        rows: dict[str, Any] = {}
+        if since % self.cfg.method.reset_every == 0:
+            rows.update(self.merge_and_restart(step, model))
+        if since % self.optimizer_period == 0:
+            rows.update(self.reset_optimizer(model, optimizer))
+        return rows
+
+    # ------------------------------------------------------------------ ReLoRA §3
+    @torch.no_grad()
+    def merge_and_restart(self, step: int, model: nn.Module) -> dict[str, Any]:
+        rows = self.emit("before_merge", step, model)
+        cycle = self.merges + 1
+        modules = lora_modules(model)
+        if self.cfg.method.save_cycle_updates:
+            self.save_update(cycle, step, {name: m.delta_weight() for name, m in modules.items()})
+        for index, m in enumerate(modules.values()):
+            m.merge()
+            m.reset_adapter(adapter_generator(self.cfg.train.seed, cycle, index))
+        self.merges = cycle
+        rows.update(self.emit("after_merge", step, model))
+        rows["relora_merge"] = cycle
+        return rows
+
+    def reset_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        m = self.cfg.method
+        self.optimizer_resets += 1
+        kept = total = 0
+        for index, p in enumerate(lora_parameters(model)):
+            if optimizer.state.get(p):
+                g = seeded_generator(self.cfg.train.seed, 2, self.optimizer_resets, index)
+                k, n = reset_state_(optimizer.state[p], m.optimizer_reset, m.prune_fraction, g)
+                kept, total = kept + k, total + n
+        return {"relora_optimizer_reset": self.optimizer_resets, "relora_state_kept": kept / max(total, 1)}
+
+    def save_update(self, cycle: int, step: int, deltas: dict[str, torch.Tensor]) -> None:
+        if self.run_dir is None:
+            return
+        folder = Path(self.run_dir) / "relora_updates"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"cycle_{cycle:04d}_step_{step:06d}.safetensors"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        meta = {"cycle": str(cycle), "step": str(step), "rank": str(self.cfg.method.rank), "scaling": str(self.cfg.method.alpha / self.cfg.method.rank)}
+        save_file({k: v.contiguous().cpu() for k, v in deltas.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # atomic: a resumed run rewrites the same bytes
+
+    # ------------------------------------------------------------------ bookkeeping
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "merges": self.merges, "optimizer_resets": self.optimizer_resets}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.merges = int(state.get("merges", 0))
+        self.optimizer_resets = int(state.get("optimizer_resets", 0))
+
+    def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {**super().report(model, optimizer), "relora_merges": self.merges, "relora_optimizer_resets": self.optimizer_resets}

@@ -1,0 +1,165 @@
+"""LoRALinear against peft at tiny sizes; wrapping a Decoder; the `lora` method's optimiser groups."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from rankscope.methods import build_method
+from rankscope.methods.lora import LoRALinear, MergeError, adapter_generator, lora_modules, lora_parameters, wrap_linears
+from rankscope.model import Decoder
+from rankscope.errors import RankscopeError
+from helpers import tiny_config
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matmuls on a shared 2-core machine: one thread is ~10x faster than two contending ones
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+def make_layer(rank=4, alpha=8.0, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(12, 10, bias=False)
+    return LoRALinear(base, rank, alpha, dropout, adapter_generator(seed, 0, 0))
+
+
+def test_init_a_random_b_zero_output_equals_base():
+    layer = make_layer()
+    assert layer.scaling == 2.0
+    assert layer.lora_A.shape == (4, 12) and layer.lora_B.shape == (10, 4)
+    assert layer.lora_A.abs().min() > 0 and layer.lora_A.abs().max() <= 12 ** -0.5  # kaiming-uniform bound 1/sqrt(in)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    x = torch.randn(3, 12)
+    assert torch.equal(layer(x), layer.base(x))
+    assert not layer.base.weight.requires_grad and layer.lora_A.requires_grad and layer.lora_B.requires_grad
+
+
+def test_reset_adapter_is_deterministic():
+    a, b = make_layer(), make_layer(seed=1)
+    a.reset_adapter(adapter_generator(7, 3, 5))
+    b.reset_adapter(adapter_generator(7, 3, 5))
+    assert torch.equal(a.lora_A, b.lora_A)
+    b.reset_adapter(adapter_generator(7, 4, 5))
+    assert not torch.equal(a.lora_A, b.lora_A)
+
+
+def test_forward_and_delta_formula():
+    layer = make_layer()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 12)
+    ref = x @ (layer.base.weight + 2.0 * layer.lora_B @ layer.lora_A).T
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.delta_weight(), 2.0 * layer.lora_B.detach() @ layer.lora_A.detach())
+    torch.testing.assert_close(layer.effective_weight(), layer.base.weight.detach() + layer.delta_weight())
+
+
+def test_delta_is_fp32_under_bf16_autocast():
+    layer = make_layer()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    ref = (2.0 * layer.lora_B.double() @ layer.lora_A.double()).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = layer.delta_weight()
+        layer.merge()
+    assert d.dtype == torch.float32
+    torch.testing.assert_close(d, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_merge_matches_peft():
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLinear
+
+    layer = make_layer(rank=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    peft_base = copy.deepcopy(layer.base)
+    peft_layer = PeftLinear(peft_base, "default", config=LoraConfig(r=4, lora_alpha=8), r=4, lora_alpha=8)
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+        peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(layer(x), peft_layer(x), atol=1e-6, rtol=0)  # same unmerged function
+    peft_layer.merge(safe_merge=True)
+    layer.merge()
+    torch.testing.assert_close(layer.base.weight, peft_layer.base_layer.weight, atol=1e-6, rtol=0)
+
+
+def test_merge_refuses_non_finite():
+    layer = make_layer()
+    before = layer.base.weight.clone()
+    with torch.no_grad():
+        layer.lora_B[0, 0] = float("inf")
+    with pytest.raises(MergeError):
+        layer.merge()
+    assert torch.equal(layer.base.weight, before)
+    assert issubclass(MergeError, RankscopeError)
+
+
+def test_gradients_reach_b_at_step_1_and_a_at_step_2():
+    layer = make_layer(dropout=0.1)
+    opt = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-2)
+    x, y = torch.randn(8, 12), torch.randn(8, 10)
+    nn.functional.mse_loss(layer(x), y).backward()
+    assert layer.base.weight.grad is None
+    assert layer.lora_B.grad.abs().sum() > 0  # dL/dB = s * g (A x)^T != 0 since A is random
+    assert layer.lora_A.grad.abs().sum() == 0  # dL/dA = s * B^T g = 0 while B = 0: by design
+    opt.step()
+    opt.zero_grad()
+    nn.functional.mse_loss(layer(x), y).backward()
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_rank_too_large_is_a_user_error():
+    with pytest.raises(RankscopeError, match="method.rank"):
+        LoRALinear(nn.Linear(4, 3, bias=False), 8, 16.0)
+
+
+def test_wrap_decoder_names_and_function(data_dir):
+    cfg = tiny_config(data_dir, "method.name=lora")
+    torch.manual_seed(0)
+    model = Decoder(cfg.model).eval()
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    before = model(idx)
+    mods = wrap_linears(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 4, 8.0, 0.1, seed=0)
+    assert len(mods) == 7 * cfg.model.n_layers and list(mods)[0] == "blocks.0.attn.wq"
+    assert mods == lora_modules(model)
+    keys = model.state_dict().keys()
+    assert {"blocks.0.attn.wq.base.weight", "blocks.0.attn.wq.lora_A", "blocks.0.attn.wq.lora_B", "blocks.3.mlp.w2.lora_B"} <= set(keys)
+    torch.testing.assert_close(model(idx), before, atol=1e-6, rtol=0)
+    # full-rank: embeddings, norms, LM head; frozen: the wrapped base weights
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "embed.weight" in trainable and "lm_head.weight" in trainable and "norm.weight" in trainable and "blocks.0.attn_norm.weight" in trainable
+    assert not any(n.endswith("base.weight") for n in trainable)
+    # different layers get different A (seeded by layer index)
+    assert not torch.equal(mods["blocks.0.attn.wq"].lora_A, mods["blocks.1.attn.wq"].lora_A)
+
+
+def test_targets_subset_and_unknown(data_dir):
+    cfg = tiny_config(data_dir)
+    model = Decoder(cfg.model)
+    mods = wrap_linears(model, ["wq", "wv"], 4, 8.0, 0.0, seed=0)
+    assert sorted({n.rsplit(".", 1)[1] for n in mods}) == ["wq", "wv"]
+    assert model.blocks[0].mlp.w1.weight.requires_grad  # untargeted linears stay full-rank
+    with pytest.raises(RankscopeError, match="targets"):
+        wrap_linears(Decoder(cfg.model), ["nope"], 4, 8.0, 0.0, seed=0)
+
+
+def test_lora_method_optimizer_groups(data_dir):
+    cfg = tiny_config(data_dir, "method.name=lora", "method.rank=4")
+    method = build_method(cfg)
+    model = Decoder(cfg.model)
+    method.prepare_model(model)
+    opt = method.build_optimizer(model, torch.device("cpu"))
+    names = [g["name"] for g in opt.param_groups]
+    assert names == ["decay", "no_decay", "lora"]
+    lora_ids = {id(p) for p in lora_parameters(model)}
+    assert {id(p) for p in opt.param_groups[2]["params"]} == lora_ids
+    rep = method.report(model, opt)
+    assert rep["lora_params"] == sum(4 * (m.base.in_features + m.base.out_features) for m in lora_modules(model).values())
+    assert rep["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
