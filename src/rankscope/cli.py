@@ -46,12 +46,21 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
+    import os
+
     from rankscope.config import load_config
     from rankscope.train import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # validate before launching anything
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from rankscope.distributed import launch
+
+        argv = ["train", args.config, *args.overrides, *(["-o", args.output] if args.output else [])]
+        raise SystemExit(launch(argv, args.nproc))
     out = Path(args.output or f"runs/{Path(args.config).stem}")
     summary = train(cfg, out)
+    if summary.get("run_dir") is None:  # not rank 0
+        return
     print(f"\nfinished {summary['steps']} steps ({summary['tokens']:,} tokens): train loss {summary['final_train_loss']:.4f}, "
           f"val loss {summary['final_val_loss']:.4f}, {summary['tokens_per_s'] or 0:,.0f} tokens/s ({summary['precision']})")
     print(f"run directory: {out}  (metrics.jsonl, summary.json, checkpoints/)")
@@ -102,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a run")
     _config_args(p)
     p.add_argument("-o", "--output", help="run directory (default runs/<config name>)")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun for you)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP")
     p.add_argument("path", help="run directory or checkpoints/step_N folder")

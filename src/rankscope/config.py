@@ -112,6 +112,9 @@ class TrainConfig:
     eval_every: int = F(100, "steps between validation; 0 only at the end")
     eval_batches: int = F(8, "validation batches per evaluation")
     progress: bool = F(True, "show a progress bar")
+    tensorboard: bool = F(True, "also write TensorBoard event files to RUN/tensorboard")
+    wandb: bool = F(False, "also log to Weights & Biases (needs the wandb package and a login)")
+    wandb_project: str = F("rankscope", "Weights & Biases project name")
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches"):

@@ -141,7 +141,7 @@ def write_tokenizer(tok: TextTokenizer, out: Path, max_len: int) -> None:
     both BOS and EOS (it starts every training document); no special tokens are added on encode,
     matching how the corpus was tokenised."""
     tok.save(out / "tokenizer.json")
-    special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}
+    special = {"bos_token": EOS, "eos_token": EOS}
     if tok.tok.token_to_id(PAD) is not None:
         special["pad_token"] = PAD
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, "clean_up_tokenization_spaces": False,

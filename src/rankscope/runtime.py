@@ -32,7 +32,11 @@ def cpu_has_fast_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-def pick_device(spec: str) -> torch.device:
+def pick_device(spec: str, local_rank: int | None = None) -> torch.device:
+    """`local_rank` (torchrun) picks cuda:LOCAL_RANK when the device is CUDA."""
+    if spec in ("auto", "cuda") and local_rank is not None and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -65,3 +69,20 @@ def describe(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+# dense peak FLOP/s of known GPUs (vendor datasheets, no sparsity), for MFU
+GPU_PEAKS = {"H100": {"bf16": 989e12, "fp32": 67e12}, "H200": {"bf16": 989e12, "fp32": 67e12},
+             "A100": {"bf16": 312e12, "fp32": 19.5e12}, "L4": {"bf16": 121e12, "fp32": 30e12}}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The device's peak for `precision`, where known (GPUs by name); None on CPUs, whose peak
+    bench/throughput.py measures instead of guessing."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in GPU_PEAKS.items():
+        if key in name:
+            return peaks[precision]
+    return None

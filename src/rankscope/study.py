@@ -168,7 +168,9 @@ def run_point(point: Point, study: Study, threads: int) -> None:
         for step, cmd in _commands(point, study, threads):
             if step != "train" and step in done:
                 continue
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            # eval / analyze get the run's share of the cores too: torch's default (all cores) in
+            # `parallel` processes at once oversubscribes the CPU several times over
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
             res = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
             log.write(res.stderr)
             if res.returncode != 0:

@@ -11,6 +11,7 @@ Re-running `train` on an existing run directory resumes from its newest valid ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -25,6 +26,7 @@ import torch.nn as nn
 import yaml
 
 from rankscope import checkpoint as ckpt
+from rankscope import distributed
 from rankscope.config import RunConfig, config_from_dict
 from rankscope.data.corpus import Corpus, prepare
 from rankscope.data.stream import BatchStream
@@ -32,7 +34,8 @@ from rankscope.errors import ConfigError, DataError, TrainingError
 from rankscope.methods import build_method
 from rankscope.methods.base import Method
 from rankscope.model import Decoder
-from rankscope.runtime import autocast, describe, pick_device, pick_precision
+from rankscope.runtime import autocast, describe, peak_flops, pick_device, pick_precision
+from rankscope.loggers import build_loggers
 
 
 class Callback(Protocol):
@@ -91,17 +94,24 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
-        self.build_run_dir()
+        self.dist = distributed.from_env()
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
-        self.device = pick_device(self.cfg.train.device)
+        self.device = pick_device(self.cfg.train.device, self.dist.local_rank if self.dist.enabled else None)
+        distributed.init(self.dist, self.device)
+        if not self.dist.is_main:
+            self.log = lambda *_: None
+        self.build_run_dir()
         self.precision = pick_precision(self.device, self.cfg.train.precision)
         self.corpus = self.build_data()
         self.model, self.method = self.build_model()
         self.method.run_dir = self.run_dir
         self.optimizer = self.method.build_optimizer(self.model, self.device)
+        self.wrap_parallel()
         load_callback_modules()
-        self.callbacks = [cb for f in CALLBACK_FACTORIES if (cb := f(self.cfg)) is not None]
+        # evaluation and analysis run on rank 0 only; the other ranks wait at the next all-reduce
+        self.callbacks = [cb for f in CALLBACK_FACTORIES if (cb := f(self.cfg)) is not None] if self.dist.is_main else []
+        self.loggers = build_loggers(self.cfg, self.run_dir) if self.dist.is_main else []
         for cb in self.callbacks:
             if hasattr(cb, "on_method_event"):
                 self.method.listeners.append(lambda ev, st, m, cb=cb: cb.on_method_event(self, ev, st, m))
@@ -117,10 +127,12 @@ class Trainer:
             previous = yaml.safe_load(cfg_path.read_text())
             if _without_budget(previous) != _without_budget(resolved):
                 raise ConfigError(f"{self.run_dir} holds a run with a different config; choose a new -o directory (or delete that one)")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        env = {**describe(pick_device(self.cfg.train.device)), "git_commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (self.run_dir / "env.json").write_text(json.dumps(env, indent=1))
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+            env = {**describe(self.device), "git_commit": git_commit(), "world_size": self.dist.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            (self.run_dir / "env.json").write_text(json.dumps(env, indent=1))
+        distributed.barrier(self.dist)
 
     def build_data(self) -> Corpus:
         corpus = prepare(self.cfg.data, log=self.log)
@@ -133,7 +145,16 @@ class Trainer:
         return corpus
 
     def rank_world(self) -> tuple[int, int]:
-        return 0, 1
+        return self.dist.rank, self.dist.world_size
+
+    def wrap_parallel(self) -> None:
+        """The module the loop calls: DDP over ranks and/or torch.compile; self.model stays plain."""
+        module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward_model = torch.compile(module) if self.cfg.train.compile else module
 
     def build_model(self) -> tuple[nn.Module, Method]:
         torch.manual_seed(self.cfg.train.seed)
@@ -145,34 +166,48 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
+        """Rank 0 writes; every rank's dropout RNG is gathered into the one checkpoint."""
+        rngs = distributed.gather_objects(torch.get_rng_state(), self.dist)
+        if not self.dist.is_main:
+            distributed.barrier(self.dist)
+            return
         opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer)
-        extra = {"rng.torch": torch.get_rng_state()}
+        extra = {"rng.torch": rngs[0], **{f"rng.torch.{r}": t for r, t in enumerate(rngs)}}
         if self.device.type == "cuda":
             extra["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         files = {"model": self.model.state_dict(), "optimizer": opt_tensors, "extra": extra}
         if self.cfg.checkpoint.save_grads and self.last_grads:
             files["grads"] = self.last_grads
-        meta = {"optimizer": opt_meta, "method": self.method.state_dict(), "method_name": self.method.name,
+        meta = {"optimizer": opt_meta, "method": self.method.state_dict(), "method_name": self.method.name, "world_size": self.dist.world_size,
                 "tokens": self.tokens_seen(self.step), "tokenizer_hash": self.corpus.manifest["tokenizer"]["hash"],
                 "corpus": str(self.corpus.root.resolve()), "config": self.cfg.to_dict()}
         root = self.run_dir / "checkpoints"
         ckpt.save_checkpoint(root, self.step, files, meta)
         ckpt.prune_checkpoints(root, self.cfg.checkpoint.keep_last, self.keep_forever)
+        distributed.barrier(self.dist)
 
     def resume(self) -> None:
         found = ckpt.latest_valid(self.run_dir / "checkpoints", log=self.log)
         if found is None:
             return
-        self.method.maybe_switch(found.step, self)  # restructure first if the checkpoint is past a switch
+        if self.method.maybe_switch(found.step, self):  # restructure first if the checkpoint is past a switch
+            self.wrap_parallel()
         self.model.load_state_dict(found.load("model", str(self.device)))
         ckpt.optimizer_from_tensors(self.optimizer, found.load("optimizer", str(self.device)), found.meta["optimizer"])
         extra = found.load("extra")
-        torch.set_rng_state(extra["rng.torch"])
+        own = f"rng.torch.{self.dist.rank}"
+        if found.meta.get("world_size", 1) == self.dist.world_size and own in extra:
+            torch.set_rng_state(extra[own])
+        elif self.dist.is_main:
+            torch.set_rng_state(extra["rng.torch"])
+        else:  # resumed on more ranks than it was saved with: a fresh, deterministic dropout stream
+            torch.manual_seed(self.cfg.train.seed * 100_003 + found.step * 101 + self.dist.rank)
         if "rng.cuda" in extra and self.device.type == "cuda":
             torch.cuda.set_rng_state(extra["rng.cuda"], self.device)
         self.method.load_state_dict(found.meta["method"])
         self.step = found.step
-        self.truncate_metrics(found.step)
+        if self.dist.is_main:
+            self.truncate_metrics(found.step)
         self.log(f"[train] resumed from {found.path} (step {found.step})")
 
     def truncate_metrics(self, step: int) -> None:
@@ -183,8 +218,12 @@ class Trainer:
             path.write_text("".join(r + "\n" for r in rows))
 
     def log_row(self, row: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        for logger in self.loggers:
+            logger.log(row)
 
     # ------------------------------------------------------------------ the loop
     def tokens_seen(self, step: int) -> int:
@@ -201,10 +240,13 @@ class Trainer:
         total = 0.0
         for micro in range(t.grad_accum):
             x, y = self.train_stream.get(step, micro)
-            with autocast(self.device, self.precision):
-                loss = self.model(x.to(self.device), y.to(self.device)) / t.grad_accum
-            loss.backward()
+            # DDP all-reduces gradients on the last micro-batch only
+            sync = micro == t.grad_accum - 1 or not self.dist.enabled
+            with (contextlib.nullcontext() if sync else self.forward_model.no_sync()), autocast(self.device, self.precision):
+                loss = self.forward_model(x.to(self.device), y.to(self.device)) / t.grad_accum
+                loss.backward()
             total += loss.item()
+        total = distributed.mean(total, self.dist, self.device)  # every rank sees the same loss
         if not math.isfinite(total):
             raise TrainingError(f"non-finite loss ({total}) at step {step + 1}; first non-finite gradient: {self.first_bad_grad()}. Lower train.lr or use train.precision=fp32; the last good checkpoint is kept")
         norm = self.clip_grads()
@@ -256,7 +298,8 @@ class Trainer:
             loss, norm = self.train_step(self.step)
             self.step += 1
             events = self.method.after_step(self.step, self.model, self.optimizer) or {}
-            self.method.maybe_switch(self.step, self)  # may replace self.optimizer
+            if self.method.maybe_switch(self.step, self):  # replaced the optimiser (and the layers)
+                self.wrap_parallel()
             elapsed = time.perf_counter() - t0
             tps = (self.tokens_seen(self.step) - tok0) / max(elapsed, 1e-9)
             row: dict[str, Any] = {}
@@ -280,13 +323,17 @@ class Trainer:
         return self.finish(elapsed)
 
     def progress_bar(self):
-        if not self.cfg.train.progress:
+        if not self.cfg.train.progress or not self.dist.is_main:
             return None
         from tqdm import tqdm
 
         return tqdm(total=self.cfg.train.max_steps, initial=self.step, desc=f"train {self.method.name}", unit="step", dynamic_ncols=True)
 
     def finish(self, elapsed: float) -> dict[str, Any]:
+        for logger in self.loggers:
+            logger.close()
+        if not self.dist.is_main:
+            return {"steps": self.step}
         rows = [json.loads(ln) for ln in (self.run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()] if (self.run_dir / "metrics.jsonl").exists() else []
         train_rows = [r for r in rows if "train_loss" in r]
         val_rows = [r for r in rows if "val_loss" in r]
@@ -296,9 +343,14 @@ class Trainer:
             "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
             "tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,
             "peak_memory_bytes": peak_memory(self.device),
-            "precision": self.precision, "parameters": self.model.num_params(),
+            "precision": self.precision, "parameters": self.model.num_params(), "world_size": self.dist.world_size,
             **self.method.report(self.model, self.optimizer),
         }
+        peak = peak_flops(self.device, self.precision)
+        if peak and summary["tokens_per_s"]:
+            # model FLOPs utilisation: 6 N (+ attention) FLOPs per token, against the device's peak
+            per_token = 6 * self.model.num_params() - 6 * self.cfg.model.vocab_size * self.cfg.model.d_model + 12 * self.cfg.model.n_layers * self.cfg.model.d_model * self.cfg.train.seq_len
+            summary["mfu"] = summary["tokens_per_s"] * per_token / (peak * self.dist.world_size)
         for cb in self.callbacks:
             extra = getattr(cb, "on_train_end", lambda tr: None)(self)
             if extra:
@@ -320,7 +372,7 @@ def _row_step(line: str) -> int:
 def _without_budget(cfg: dict) -> dict:
     """Fields that may change on resume (longer training, logging, progress bar) are ignored."""
     out = json.loads(json.dumps(cfg))
-    for key in ("max_steps", "progress", "log_every", "eval_every", "threads", "device"):
+    for key in ("max_steps", "progress", "log_every", "eval_every", "threads", "device", "tensorboard", "wandb", "wandb_project"):
         out.get("train", {}).pop(key, None)
     out.pop("checkpoint", None)
     out.pop("eval", None)
@@ -340,7 +392,10 @@ def peak_memory(device: torch.device) -> int:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, log=print) -> dict[str, Any]:
-    return Trainer(cfg, Path(run_dir), log).run()
+    try:
+        return Trainer(cfg, Path(run_dir), log).run()
+    finally:
+        distributed.shutdown()
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:

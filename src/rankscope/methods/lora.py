@@ -69,18 +69,24 @@ class LoRALinear(nn.Module):
         self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # master weights are fp32; under bf16 autocast F.linear casts the factors itself
-        return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        # the scale is folded into B (r columns) rather than applied to the (B, T, out) activations:
+        # one full-size elementwise pass less per call. Under bf16 autocast F.linear casts the factors.
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
+
+    def merge_dtype(self) -> torch.dtype:
+        """fp32, or the master weight's dtype where it is wider (float64 in exactness tests)."""
+        return torch.promote_types(self.base.weight.dtype, torch.float32)
 
     def delta_weight(self) -> torch.Tensor:
         """dW = (alpha / r) * B @ A, (out, in), in fp32 — the only place it is computed."""
+        dt = self.merge_dtype()
         # autocast off: inside a bf16 autocast region the matmul would silently run in bf16
         with torch.autocast(self.lora_A.device.type, enabled=False):
-            return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+            return self.scaling * (self.lora_B.detach().to(dt) @ self.lora_A.detach().to(dt))
 
     def effective_weight(self) -> torch.Tensor:
         """The dense weight this layer applies: W + dW, fp32."""
-        return self.base.weight.detach().float() + self.delta_weight()
+        return self.base.weight.detach().to(self.merge_dtype()) + self.delta_weight()
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -1,0 +1,91 @@
+"""Data-parallel training with PyTorch's own engine (torchrun): DDP, or FSDP2 for large presets.
+
+    torchrun --nproc-per-node 2 -m rankscope train configs/mini.yaml -o runs/ddp
+    rankscope train configs/mini.yaml -o runs/ddp --nproc 2      # the same, launched for you
+
+gloo on CPU, NCCL on GPU. `train.batch_size` is per process, so the global batch is
+batch_size x grad_accum x world_size, and rank r reads rows [(m*world + r)*B, ...) of the
+deterministic stream (rankscope.data.stream): N processes see exactly the rows one process with
+N times the batch sees. Checkpoints are written once, by rank 0, and hold nothing rank-specific
+except each rank's dropout RNG, so a run resumes on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> DistInfo:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(info: DistInfo, device: torch.device) -> None:
+    if info.enabled and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=datetime.timedelta(minutes=30))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean(value: float, info: DistInfo, device: torch.device) -> float:
+    """Average a Python float over ranks (identity on one process)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / info.world_size
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """Re-run this command under torchrun with `nproc` processes on this machine."""
+    from torch.distributed.run import main as torchrun
+
+    args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "rankscope", *argv]
+    try:
+        torchrun(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    except Exception as e:  # torchrun raises ChildFailedError with the failing rank's message
+        print(f"error: a training process failed ({type(e).__name__}); see the output above", flush=True)
+        return 1
+    return 0

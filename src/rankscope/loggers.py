@@ -1,0 +1,52 @@
+"""Where metric rows go besides metrics.jsonl: TensorBoard event files (on by default) and
+Weights & Biases (off by default). Both receive exactly the rows metrics.jsonl gets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rankscope.errors import ConfigError
+
+
+class TensorBoardLogger:
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        step = row.get("step", 0)
+        for key, value in row.items():
+            if key not in ("step",) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    def __init__(self, run_dir: Path, cfg, project: str):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("train.wandb=true needs the wandb package (pip install wandb), or set train.wandb=false") from None
+        self.run = wandb.init(project=project, dir=str(run_dir), name=run_dir.name, config=cfg.to_dict(), resume="allow")
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "step"}, step=row.get("step"))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def build_loggers(cfg, run_dir: Path) -> list:
+    loggers = []
+    if cfg.train.tensorboard:
+        try:
+            loggers.append(TensorBoardLogger(run_dir))
+        except ImportError:
+            raise ConfigError("train.tensorboard=true needs the tensorboard package (make setup), or set train.tensorboard=false") from None
+    if cfg.train.wandb:
+        loggers.append(WandbLogger(run_dir, cfg, cfg.train.wandb_project))
+    return loggers

@@ -1,0 +1,410 @@
+"""`rankscope report RUN_OR_STUDY_DIR ... -o REPORT_DIR`: runs side by side.
+
+Reads finished runs (summary.json, metrics.jsonl, eval.json from `rankscope eval`, and
+analysis/{rank_metrics,spectra}.parquet from `rankscope analyze`), groups them by method and model
+size (method.name x model.preset; mean ± sample std over seeds) and writes into REPORT_DIR:
+
+  report.html   one self-contained page: tables, and plots embedded as base64 PNG
+  report.md     the same tables, with the PNGs beside it
+  report.json   every table cell with the per-run values it aggregates and the file + key each
+                value came from, so any number can be traced back to a run
+  *.png         loss vs tokens, BLiMP per phenomenon, PER / condition number vs step, spectra
+
+Evaluation values (val_*, blimp*) come from RUN/eval.json (the post-training `rankscope eval`)
+where it exists, else from summary.json (the in-training evaluation at the last step).
+The paper's own numbers (Weiss et al. 2025, at pico scale) are shown in a separate, labelled
+table and figure, never mixed into this study's numbers.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rankscope.errors import RankscopeError
+
+
+class ReportError(RankscopeError):
+    """Nothing to report on, or an unreadable run."""
+
+
+# Weiss et al. (2025), "Investigating ReLoRA", pico-decoder at step 20k (their Table/Figures).
+PAPER_REFERENCE = {
+    "citation": "Weiss et al. (2025), Investigating ReLoRA: Effects on the Learning Dynamics of Small Language Models",
+    "scale": "pico-tiny (d=96) / pico-small (d=384), 12 layers, 20k steps x 1024 x 2048 tokens on Dolma",
+    "blimp_step_20k": {("full", "pico-tiny"): 0.6504, ("full", "pico-small"): 0.7014, ("relora", "pico-tiny"): 0.6236, ("relora", "pico-small"): 0.6308},
+    "paloma_ppl_relora": {"pico-tiny": 228.09, "pico-small": 83.55},
+}
+
+
+# --------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    dir: Path
+    name: str
+    method: str
+    size: str
+    seed: int
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    eval: dict[str, Any] = field(default_factory=dict)  # eval.json "metrics" (flat keys)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
+
+    @property
+    def group(self) -> tuple[str, str]:
+        return self.method, self.size
+
+    def value(self, key: str) -> tuple[float | None, str | None]:
+        """(value, 'file#key') of a metric: eval keys from eval.json when present, else summary.json."""
+        if key in self.eval and _is_eval_key(key):
+            return _num(self.eval[key]), f"{self.dir / 'eval.json'}#metrics.{key}"
+        if key in self.summary:
+            return _num(self.summary[key]), f"{self.dir / 'summary.json'}#{key}"
+        return None, None
+
+    def merge_steps(self) -> list[tuple[int, int]]:
+        """(step, tokens) of every ReLoRA merge-and-restart (rows with `relora_merge`)."""
+        return [(int(r["step"]), int(r.get("tokens", 0))) for r in self.rows if "relora_merge" in r]
+
+
+def _is_eval_key(key: str) -> bool:
+    return key.startswith(("val_", "test_", "blimp"))
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line of an interrupted run
+            continue
+    return out
+
+
+def size_label(model: dict[str, Any]) -> str:
+    return model.get("preset") or f"d{model.get('d_model')}-L{model.get('n_layers')}"
+
+
+def load_run(run_dir: Path) -> Run:
+    cfg_path, sum_path = run_dir / "config.yaml", run_dir / "summary.json"
+    if not cfg_path.is_file() or not sum_path.is_file():
+        raise ReportError(f"{run_dir} is not a finished run (needs config.yaml and summary.json)")
+    config = yaml.safe_load(cfg_path.read_text()) or {}
+    summary = json.loads(sum_path.read_text())
+    ev = json.loads((run_dir / "eval.json").read_text()).get("metrics", {}) if (run_dir / "eval.json").is_file() else {}
+    return Run(run_dir, run_dir.name, config.get("method", {}).get("name", summary.get("method", "?")), size_label(config.get("model", {})),
+               int(config.get("train", {}).get("seed", 0)), config, summary, ev, read_jsonl(run_dir / "metrics.jsonl"))
+
+
+def _is_run_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.yaml").is_file()
+
+
+def collect(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]]]:
+    """Finished runs and the runs that failed or did not finish, from run dirs and study dirs."""
+    runs: list[Run] = []
+    problems: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+
+    def add(run_dir: Path, status: str = "done", error: str | None = None) -> None:
+        key = run_dir.resolve()
+        if key in seen:
+            return
+        seen.add(key)
+        if status == "done" and (run_dir / "summary.json").is_file():
+            runs.append(load_run(run_dir))
+        else:
+            problems.append({"run": run_dir.name, "dir": str(run_dir), "status": status if status != "done" else "unfinished",
+                             "error": error or "no summary.json (training did not finish)",
+                             "log": str(run_dir / "sweep.log") if (run_dir / "sweep.log").exists() else None})
+
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ReportError(f"{path} does not exist; give run directories or study directories (with sweep.json)")
+        if _is_run_dir(path):
+            add(path)
+            continue
+        sweep = path / "sweep.json"
+        if sweep.is_file():
+            for row in json.loads(sweep.read_text()).get("runs", []):
+                run_dir = path / row["name"] if (path / row["name"]).is_dir() else Path(row["run_dir"])
+                add(run_dir, row.get("status", "done"), row.get("error"))
+        for sub in sorted(p for p in path.iterdir() if _is_run_dir(p)) if path.is_dir() else []:
+            add(sub)
+    if not runs and not problems:
+        raise ReportError(f"no runs found in {', '.join(map(str, paths))}; give run directories (config.yaml + summary.json) or a study directory (sweep.json)")
+    if not runs:
+        raise ReportError(f"no finished runs in {', '.join(map(str, paths))} ({len(problems)} failed or unfinished); see their sweep.log")
+    return runs, problems
+
+
+# --------------------------------------------------------------------------- tables
+def group_order(runs: list[Run]) -> list[tuple[str, str]]:
+    from rankscope.config import PRESETS
+
+    sizes = list(PRESETS)
+    methods = ["full", "lora", "relora"]
+    rank = lambda g: (sizes.index(g[1]) if g[1] in sizes else len(sizes), g[1], methods.index(g[0]) if g[0] in methods else len(methods), g[0])  # noqa: E731
+    return sorted({r.group for r in runs}, key=rank)
+
+
+def cell(runs: list[Run], key: str) -> dict[str, Any] | None:
+    """Mean ± sample std over the runs (seeds) that have `key`, with each value's source."""
+    values = []
+    for r in runs:
+        v, src = r.value(key)
+        if v is not None:
+            values.append({"run": r.name, "seed": r.seed, "value": v, "source": src})
+    if not values:
+        return None
+    xs = [v["value"] for v in values]
+    return {"key": key, "mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs), "values": values}
+
+
+# (column label, key, formatter) of the headline table
+def _f(digits: int):
+    return lambda x: f"{x:.{digits}f}"
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:.2f}"
+
+
+def _int(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+HEADLINE = [
+    ("final train loss", "final_train_loss", _f(4)),
+    ("val loss", "final_val_loss", _f(4)),
+    ("val bits/byte (macro)", "val_bpb_macro", _f(4)),
+    ("BLiMP overall", "blimp_overall", _f(4)),
+    ("tokens/s", "tokens_per_s", _int),
+    ("peak memory (MiB)", "peak_memory_bytes", _mib),
+    ("optimiser state (MiB)", "optimizer_state_bytes", _mib),
+    ("trainable params", "trainable_params", _int),
+    ("ReLoRA merges", "relora_merges", _int),
+]
+
+
+def fmt(c: dict[str, Any] | None, f) -> str:
+    if c is None:
+        return "–"
+    s = f(c["mean"])
+    if c["std"] is not None:
+        s += f" ± {f(c['std'])}"
+    return s
+
+
+def _keys_with(runs: list[Run], prefix: str) -> list[str]:
+    keys = set()
+    for r in runs:
+        keys |= {k for k in (*r.summary, *r.eval) if k.startswith(prefix)}
+    return sorted(keys)
+
+
+def build_tables(runs: list[Run]) -> list[dict[str, Any]]:
+    """Tables of cells: {title, columns, rows: [{label, cells: [cell|None]}], formats}."""
+    groups = group_order(runs)
+    by_group = {g: [r for r in runs if r.group == g] for g in groups}
+    glabel = {g: f"{g[0]} / {g[1]}" for g in groups}
+    tables = []
+    head = [(lab, key, f) for lab, key, f in HEADLINE if any(r.value(key)[0] is not None for r in runs)]
+    tables.append({"title": "Headline: method x size (mean ± std over seeds)", "columns": ["method / size", "seeds", *[h[0] for h in head]],
+                   "rows": [{"label": glabel[g], "n": len(by_group[g]), "cells": [cell(by_group[g], key) for _, key, _ in head]} for g in groups],
+                   "formats": [h[2] for h in head]})
+    for prefix, title, f in (("val_bpb", "Validation bits per byte per domain", _f(4)), ("val_loss", "Validation loss per domain", _f(4)),
+                             ("blimp", "BLiMP accuracy per phenomenon (mean over its paradigms)", _f(4))):
+        keys = [k for k in _keys_with(runs, prefix) if k not in ("val_loss",)]
+        if prefix == "val_loss":
+            keys = [k for k in keys if k.startswith("val_loss/") or k == "val_loss_macro"]
+        if not keys:
+            continue
+        keys = sorted(keys, key=lambda k: (not k.endswith(("_macro", "_overall")) and "/" not in k, k.endswith(("_macro", "overall")), k))
+        tables.append({"title": title, "columns": ["metric", *[glabel[g] for g in groups]],
+                       "rows": [{"label": k, "cells": [cell(by_group[g], k) for g in groups]} for k in keys], "formats": [f] * len(groups)})
+    per_run = [("final_train_loss", _f(4)), ("final_val_loss", _f(4)), ("val_bpb_macro", _f(4)), ("blimp_overall", _f(4)), ("tokens_per_s", _int)]
+    tables.append({"title": "Every run", "columns": ["run", *[k for k, _ in per_run]],
+                   "rows": [{"label": r.name, "cells": [cell([r], k) for k, _ in per_run]} for g in groups for r in by_group[g]],
+                   "formats": [f for _, f in per_run]})
+    return tables
+
+
+def findings(runs: list[Run], rank_curves: dict) -> list[dict[str, Any]]:
+    """The paper's claims checked on these runs: ReLoRA − full gaps per size (final values) and
+    the early-training PER / condition number of the paper's components."""
+    out = []
+    sizes = list(dict.fromkeys(g[1] for g in group_order(runs)))
+    for key, what in (("final_val_loss", "val loss"), ("final_train_loss", "train loss"), ("val_bpb_macro", "val bits/byte (macro)"), ("blimp_overall", "BLiMP overall")):
+        for size in sizes:
+            full = cell([r for r in runs if r.group == ("full", size)], key)
+            rel = cell([r for r in runs if r.group == ("relora", size)], key)
+            if full and rel:
+                out.append({"claim": f"{what}: ReLoRA − full", "size": size, "value": rel["mean"] - full["mean"], "full": full, "relora": rel})
+    for metric in ("per", "cond"):
+        order = ("wv", "wo", "ov", "w2", "wq", "wk", "w1", "w3")  # the paper's components first
+        items = sorted(rank_curves.get(metric, {}).items(), key=lambda kv: (sizes.index(kv[0][0]) if kv[0][0] in sizes else len(sizes), order.index(kv[0][1]) if kv[0][1] in order else len(order), kv[0][1]))
+        for (size, comp), by_method in items:
+            if "full" in by_method and "relora" in by_method:
+                fs, fv = by_method["full"]
+                rs, rv = by_method["relora"]
+                common = sorted(set(fs) & set(rs))
+                if common:
+                    early = common[: max(1, len(common) // 4)]  # the first quarter of the measured steps
+                    f_mean = statistics.fmean(fv[fs.index(s)] for s in early)
+                    r_mean = statistics.fmean(rv[rs.index(s)] for s in early)
+                    out.append({"claim": f"{'PER' if metric == 'per' else 'condition number'} of {comp}, steps {early[0]:g}–{early[-1]:g}: ReLoRA / full",
+                                "size": size, "value": r_mean / f_mean if f_mean else None, "full_value": f_mean, "relora_value": r_mean,
+                                "final_ratio": rv[rs.index(common[-1])] / fv[fs.index(common[-1])] if fv[fs.index(common[-1])] else None})
+    return out
+
+
+# --------------------------------------------------------------------------- output
+def _html_table(t: dict[str, Any]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in t["columns"])
+    body = []
+    for row in t["rows"]:
+        tds = [f"<td>{html.escape(row['label'])}</td>"] + ([f"<td>{row['n']}</td>"] if "n" in row else [])
+        tds += [f"<td title=\"{html.escape('; '.join(v['source'] for v in c['values']) if c else '')}\">{html.escape(fmt(c, f))}</td>" for c, f in zip(row["cells"], t["formats"])]
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    return f"<h3>{html.escape(t['title'])}</h3><table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _md_table(t: dict[str, Any]) -> str:
+    lines = [f"### {t['title']}", "", "| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
+    for row in t["rows"]:
+        cells = [row["label"], *([str(row["n"])] if "n" in row else []), *[fmt(c, f) for c, f in zip(row["cells"], t["formats"])]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paper_table() -> dict[str, Any]:
+    ref = PAPER_REFERENCE
+    rows = [{"label": f"{m} / {s}", "blimp": v, "paloma_ppl": ref["paloma_ppl_relora"].get(s) if m == "relora" else None} for (m, s), v in ref["blimp_step_20k"].items()]
+    return {"title": f"Reference — the PAPER's numbers, not this study's: {ref['citation']}; {ref['scale']}", "rows": rows}
+
+
+def _paper_md(t: dict[str, Any]) -> str:
+    lines = [f"### {t['title']}", "", "| method / size (paper) | BLiMP at step 20k | Paloma perplexity |", "|---|---|---|"]
+    lines += [f"| {r['label']} | {r['blimp']:.4f} | {r['paloma_ppl'] if r['paloma_ppl'] is not None else 'not reported here'} |" for r in t["rows"]]
+    return "\n".join(lines)
+
+
+def _findings_md(items: list[dict[str, Any]]) -> str:
+    lines = ["| check | size | value | full | ReLoRA |", "|---|---|---|---|---|"]
+    for it in items:
+        if "full" in it:
+            lines.append(f"| {it['claim']} | {it['size']} | {it['value']:+.4f} | {fmt(it['full'], _f(4))} | {fmt(it['relora'], _f(4))} |")
+        elif it["value"] is not None:
+            lines.append(f"| {it['claim']} | {it['size']} | {it['value']:.3f} (at the end: {it['final_ratio']:.3f}) | {it['full_value']:.4g} | {it['relora_value']:.4g} |")
+    return "\n".join(lines)
+
+
+def _jsonable(tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in t.items() if k != "formats"} for t in tables]
+
+
+def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: list[int] | None = None, log=print) -> dict[str, Path]:
+    from rankscope import report_plots as P
+
+    runs, problems = collect(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(runs)
+    groups = group_order(runs)
+    figures: list[tuple[str, Path, str]] = []  # (title, png, caption)
+    for title, fn, caption in P.figures(runs, groups, out, spectra_steps):
+        if fn is not None:
+            figures.append((title, fn, caption))
+    curves = P.rank_summary(runs, groups)
+    found = findings(runs, curves)
+    ref = paper_table()
+    ref_png = P.plot_paper_reference(out / "paper_reference.png")
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    intro = (f"{len(runs)} finished runs in {len(groups)} groups (method / size), {len(problems)} failed or unfinished. "
+             "Cells: mean ± sample std over seeds; evaluation values from each run's eval.json where present, else summary.json. "
+             "report.json lists every cell's per-run values and the file each came from.")
+
+    # Markdown
+    md = [f"# rankscope report ({stamp})", "", "Inputs: " + ", ".join(map(str, paths)), "", intro, ""]
+    md += [_md_table(t) + "\n" for t in tables]
+    if found:
+        md += ["### The paper's findings, checked on these runs", "", _findings_md(found), ""]
+    if problems:
+        md += ["### Failed or unfinished runs", "", "| run | status | error | log |", "|---|---|---|---|"]
+        md += [f"| {p['run']} | {p['status']} | {(p['error'] or '').replace('|', '/')} | {p['log'] or ''} |" for p in problems] + [""]
+    for title, fn, caption in figures:
+        md += [f"### {title}", "", f"![{title}]({fn.name})", "", caption, ""]
+    md += [_paper_md(ref), "", f"![paper reference]({ref_png.name})", ""]
+    (out / "report.md").write_text("\n".join(md))
+
+    # HTML (self-contained)
+    css = "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px;text-align:right}td:first-child{text-align:left}img{max-width:100%}.paper{background:#fff6e0;border:2px dashed #c90;padding:8px}.bad{color:#b00}"
+    body = [f"<h1>rankscope report</h1><p>{html.escape(stamp)} — inputs: {html.escape(', '.join(map(str, paths)))}</p><p>{html.escape(intro)}</p>"]
+    body += [_html_table(t) for t in tables]
+    if found:
+        body.append("<h3>The paper's findings, checked on these runs</h3>" + _md_to_html_table(_findings_md(found)))
+    if problems:
+        body.append("<h3 class=bad>Failed or unfinished runs</h3><table><tr><th>run</th><th>status</th><th>error</th><th>log</th></tr>"
+                    + "".join(f"<tr class=bad><td>{html.escape(p['run'])}</td><td>{p['status']}</td><td>{html.escape(p['error'] or '')}</td><td>{html.escape(p['log'] or '')}</td></tr>" for p in problems) + "</table>")
+    for title, fn, caption in figures:
+        body.append(f"<h3>{html.escape(title)}</h3><img alt=\"{html.escape(title)}\" src=\"{P.data_uri(fn)}\"><p>{html.escape(caption)}</p>")
+    body.append(f"<div class=paper>{_md_to_html_table(_paper_md(ref))}<img alt=\"paper reference\" src=\"{P.data_uri(ref_png)}\"></div>")
+    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset=utf-8><title>rankscope report</title><style>{css}</style></head><body>{''.join(body)}</body></html>")
+
+    data = {"generated": stamp, "inputs": [str(p) for p in paths],
+            "runs": [{"name": r.name, "dir": str(r.dir), "method": r.method, "size": r.size, "seed": r.seed} for r in runs],
+            "failed": problems, "tables": _jsonable(tables), "findings": found,
+            "paper_reference": {"citation": PAPER_REFERENCE["citation"], "scale": PAPER_REFERENCE["scale"], "rows": ref["rows"]},
+            "figures": [{"title": t, "file": fn.name, "caption": c} for t, fn, c in figures]}
+    (out / "report.json").write_text(json.dumps(data, indent=1, default=str))
+    log(f"report of {len(runs)} runs ({len(problems)} failed/unfinished): {out / 'report.html'}, {out / 'report.md'}")
+    return {"html": out / "report.html", "md": out / "report.md", "json": out / "report.json"}
+
+
+def _md_to_html_table(md: str) -> str:
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    out, title = [], [ln for ln in md.splitlines() if ln.startswith("### ")]
+    if title:
+        out.append(f"<h3>{html.escape(title[0][4:])}</h3>")
+    out.append("<table>")
+    for i, ln in enumerate(lines):
+        if i == 1:
+            continue
+        tag = "th" if i == 0 else "td"
+        out.append("<tr>" + "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in ln.strip("|").split("|")) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+# --------------------------------------------------------------------------- CLI verb
+def _args(p) -> None:
+    p.add_argument("paths", nargs="+", help="run directories and/or study directories (with sweep.json, or holding runs)")
+    p.add_argument("-o", "--output", required=True, help="report folder (report.html, report.md, report.json, PNGs)")
+    p.add_argument("--spectra-steps", nargs="+", type=int, help="steps whose singular-value spectra are plotted (default: up to 3 analysed steps)")
+
+
+def _register() -> None:
+    from rankscope.cli import verb
+
+    @verb("report", "compare runs and studies side by side: tables, plots, self-contained HTML + Markdown", _args)
+    def cmd_report(args) -> None:
+        written = write_report(args.paths, args.output, args.spectra_steps)
+        for name, path in written.items():
+            print(f"{name:5s} {path}")
+
+
+_register()

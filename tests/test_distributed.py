@@ -1,0 +1,107 @@
+"""Data parallelism on CPU with gloo: N processes behave like one with N times the batch."""
+
+import hashlib
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import tiny_config
+
+from rankscope.train import Trainer, train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MergeChecker:
+    """On every rank: after each ReLoRA merge, gather a hash of all weights and record whether equal."""
+
+    def __init__(self, out: Path, stop_at: int | None = None):
+        self.out, self.stop_at, self.checks = out, stop_at, []
+
+    def on_step_end(self, trainer, step):
+        if self.stop_at is not None and step == self.stop_at + 1:
+            raise KeyboardInterrupt
+        if trainer.cfg.method.name == "relora" and step % trainer.cfg.method.reset_every == 0:
+            h = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in trainer.model.state_dict().values())).hexdigest()
+            hashes = [None] * dist.get_world_size()
+            dist.all_gather_object(hashes, h)
+            self.checks.append((step, len(set(hashes)) == 1))
+            if dist.get_rank() == 0:
+                self.out.write_text(json.dumps(self.checks))
+
+
+def worker(rank, world, port, data_dir, run_dir, overrides, stop_at):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = Trainer(tiny_config(data_dir, *overrides), Path(run_dir), log=lambda *_: None)
+    trainer.callbacks.append(MergeChecker(Path(run_dir) / f"merge_checks.json", stop_at))
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world, data_dir, run_dir, overrides, stop_at=None):
+    mp.spawn(worker, args=(world, free_port(), str(data_dir), str(run_dir), list(overrides), stop_at), nprocs=world, join=True)
+
+
+def losses(run):
+    return [json.loads(x)["train_loss"] for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if "train_loss" in x]
+
+
+COMMON = ("train.max_steps=12", "checkpoint.every=4", "train.tensorboard=false")
+
+
+@pytest.fixture(scope="module")
+def prepared(data_dir):
+    train(tiny_config(data_dir, "train.max_steps=3", "train.tensorboard=false"), Path(data_dir) / "warm", log=lambda *_: None)
+    return data_dir
+
+
+def test_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path):
+    train(tiny_config(prepared, *COMMON, "train.batch_size=8"), tmp_path / "one", log=lambda *_: None)
+    spawn(2, prepared, tmp_path / "two", [*COMMON, "train.batch_size=4"])
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 12
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x), (x, y)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["tokens"] == 12 * 8 * 32
+
+
+def test_relora_ranks_hold_identical_weights_after_every_merge(prepared, tmp_path):
+    spawn(2, prepared, tmp_path / "relora", [*COMMON, "train.batch_size=2", "method.name=relora", "method.rank=4", "method.reset_every=3", "method.restart_warmup_steps=1"])
+    checks = json.loads((tmp_path / "relora" / "merge_checks.json").read_text())
+    assert [s for s, _ in checks] == [3, 6, 9, 12] and all(ok for _, ok in checks)
+
+
+def test_resume_on_a_different_number_of_ranks(prepared, tmp_path):
+    train(tiny_config(prepared, *COMMON, "train.batch_size=8"), tmp_path / "ref", log=lambda *_: None)
+    spawn(2, prepared, tmp_path / "run", [*COMMON, "train.batch_size=4"], stop_at=8)
+    # continue the 2-rank run on 1 process with the same global batch (8 rows per step)
+    run = tmp_path / "run"
+    import yaml
+
+    cfg_file = run / "config.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg["train"]["batch_size"] = 8  # same global batch on one process
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    from rankscope.config import config_from_dict
+
+    train(config_from_dict(cfg), run, log=lambda *_: None)
+    a, b = losses(tmp_path / "ref"), losses(run)
+    assert len(b) == 12
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x), (x, y)
