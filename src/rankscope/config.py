@@ -74,6 +74,8 @@ class DataConfig:
     hf_config: str | None = F(None, "Hugging Face dataset config name")
     hf_split: str = F("train", "Hugging Face split to read")
     hf_max_docs: int = F(10000, "documents read from the HF dataset")
+    pretokenized: str | None = F(None, "Pico-style pretokenized data: parquet file/glob or HF dataset with a token-id column (needs a loaded tokenizer, e.g. olmo)")
+    pretokenized_column: str = F("input_ids", "token-id column of the pretokenized data")
     max_bytes_per_source: int = F(4_000_000, "cap on UTF-8 bytes read from each embedded source")
     val_fraction: float = F(0.05, "share of documents held out for validation (per domain)")
     test_fraction: float = F(0.05, "share of documents held out for test (per domain)")
@@ -86,7 +88,8 @@ class DataConfig:
         _check(0 < self.val_fraction < 0.5 and 0 <= self.test_fraction < 0.5, "data.val_fraction must be in (0, 0.5) and data.test_fraction in [0, 0.5)")
         _check(self.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size must be >= 260 (256 bytes + special tokens)")
         _check(self.max_bytes_per_source > 0, "data.max_bytes_per_source must be positive")
-        _check(bool(self.sources or self.files or self.hf_dataset), "data: name at least one of sources, files or hf_dataset")
+        _check(bool(self.sources or self.files or self.hf_dataset or self.pretokenized), "data: name at least one of sources, files, hf_dataset or pretokenized")
+        _check(not (self.pretokenized and self.tokenizer == "bpe"), "data.pretokenized needs the tokenizer its ids come from: set data.tokenizer=olmo or a tokenizer.json path")
 
 
 @dataclass
@@ -139,7 +142,7 @@ class CheckpointConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = F("full", "training method: full, lora, relora (see rankscope.methods)")
+    name: str = F("full", "training method: full, lora, relora, so, galore, adaptive, hybrid (see rankscope.methods)")
     rank: int = F(16, "LoRA rank r")
     alpha: float = F(32.0, "LoRA alpha; the update is scaled by alpha / rank")
     dropout: float = F(0.1, "dropout on the LoRA input")
@@ -151,12 +154,25 @@ class MethodConfig:
     prune_fraction: float = F(0.999, "ReLoRA: fraction of optimiser moments pruned (random_prune, magnitude_prune)")
     warm_start_steps: int = F(0, "ReLoRA: full-rank steps before switching to adapters")
     save_cycle_updates: bool = F(False, "ReLoRA: save each cycle's merged update dW to RUN/relora_updates/")
+    density: float = F(0.05, "so: fraction of each targeted weight's entries on the gradient support")
+    support_every: int = F(50, "so: steps between support re-draws")
+    moment_keep: float = F(0.25, "so: fraction of the support kept at a re-draw, the entries of largest |first moment| (with their moments)")
+    update_proj_gap: int = F(200, "galore: steps between SVD refreshes of the gradient projector (rank: method.rank)")
+    galore_scale: float = F(0.25, "galore: scale of the projected-back update")
+    rank_budget: int = F(0, "adaptive: total adapter parameters sum r_i (m_i + n_i) (0: what uniform method.rank uses)")
+    rank_schedule: Literal["adaptive", "grow"] = F("adaptive", "adaptive: per-layer ranks from each cycle's update effective rank, or uniform ranks growing per cycle")
+    rank_min: int = F(1, "adaptive: smallest per-layer rank (and grow's first-cycle rank)")
+    full_rank_targets: list[str] = F([], "hybrid: linears trained full-rank (name like wv, or module pattern like blocks.0.*); the rest of method.targets get ReLoRA")
 
     def validate(self) -> None:
         _check(self.rank > 0 and self.alpha > 0, "method.rank and method.alpha must be positive")
         _check(0 <= self.dropout < 1 and 0 <= self.prune_fraction <= 1, "method.dropout in [0, 1), method.prune_fraction in [0, 1]")
         _check(self.reset_every > 0 and self.restart_warmup_steps >= 0 and self.warm_start_steps >= 0, "method.reset_every > 0, restart_warmup_steps >= 0, warm_start_steps >= 0")
         _check(self.optimizer_reset_every >= 0, "method.optimizer_reset_every must be >= 0")
+        _check(0 < self.density <= 1 and 0 <= self.moment_keep <= 1, "method.density in (0, 1], method.moment_keep in [0, 1]")
+        _check(self.support_every > 0 and self.update_proj_gap > 0 and self.galore_scale > 0, "method.support_every, update_proj_gap and galore_scale must be positive")
+        _check(self.rank_budget >= 0 and 1 <= self.rank_min <= self.rank, "method.rank_budget >= 0 and 1 <= method.rank_min <= method.rank")
+        _check(self.name not in ("adaptive", "hybrid") or self.restart_warmup_steps <= (self.optimizer_reset_every or self.reset_every), "method.restart_warmup_steps must not exceed the optimiser-reset period")
         _check(self.name != "relora" or self.restart_warmup_steps <= (self.optimizer_reset_every or self.reset_every), "method.restart_warmup_steps must not exceed the optimiser-reset period (method.optimizer_reset_every or method.reset_every)")
 
 

@@ -294,16 +294,19 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0, tok0, elapsed = time.perf_counter(), self.tokens_seen(self.step), 0.0
+        t_win, tok_win = t0, tok0  # tokens/s is measured over each logging window (steady state)
         while self.step < t.max_steps:
             loss, norm = self.train_step(self.step)
             self.step += 1
             events = self.method.after_step(self.step, self.model, self.optimizer) or {}
             if self.method.maybe_switch(self.step, self):  # replaced the optimiser (and the layers)
                 self.wrap_parallel()
-            elapsed = time.perf_counter() - t0
-            tps = (self.tokens_seen(self.step) - tok0) / max(elapsed, 1e-9)
+            now = time.perf_counter()
+            elapsed = now - t0
+            tps = (self.tokens_seen(self.step) - tok_win) / max(now - t_win, 1e-9)
             row: dict[str, Any] = {}
             if self.step % t.log_every == 0 or self.step == t.max_steps or events:
+                t_win, tok_win = now, self.tokens_seen(self.step)
                 row = {"step": self.step, "tokens": self.tokens_seen(self.step), "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm, "tokens_per_s": tps, **events}
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
                 row.update({"step": self.step, "tokens": self.tokens_seen(self.step), "val_loss": self.validation_loss()})
@@ -341,7 +344,8 @@ class Trainer:
             "run_dir": str(self.run_dir), "steps": self.step, "tokens": self.tokens_seen(self.step),
             "final_train_loss": train_rows[-1]["train_loss"] if train_rows else None,
             "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
-            "tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,
+            # steady state: the median over logging windows, the first (warm-up, compilation) left out
+            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train_rows[1:]] or [r["tokens_per_s"] for r in train_rows])) if train_rows else None,
             "peak_memory_bytes": peak_memory(self.device),
             "precision": self.precision, "parameters": self.model.num_params(), "world_size": self.dist.world_size,
             **self.method.report(self.model, self.optimizer),

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from rankscope.config import DataConfig
-from rankscope.data.sources import SOURCES, Document, SourceUnavailable, read_files, read_hf_dataset
+from rankscope.data.sources import SOURCES, Document, SourceUnavailable, read_files, read_hf_dataset, read_pretokenized
 from rankscope.data.tokenizer import TextTokenizer, olmo_tokenizer_path, train_bpe
 from rankscope.errors import DataError
 
@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 def fingerprint(cfg: DataConfig) -> str:
     keys = asdict(cfg)
     keys.pop("cache_dir")
-    for i, f in enumerate(cfg.files):  # local files: content changes must change the corpus
+    for i, f in enumerate([*cfg.files, *([cfg.pretokenized] if cfg.pretokenized else [])]):  # local files: content changes must change the corpus
         keys[f"files_mtime_{i}"] = [(p, os.path.getmtime(p)) for p in sorted(_glob(f))]
     keys["format"] = FORMAT_VERSION
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -81,7 +81,11 @@ def gather_documents(cfg: DataConfig, log=print) -> tuple[list[Document], dict[s
         got = list(read_hf_dataset(cfg.hf_dataset, cfg.hf_config, cfg.hf_split, cfg.text_field, cfg.hf_max_docs))
         docs += got
         used["hf"] = {"licence": "see the dataset card", "origin": cfg.hf_dataset, "documents": len(got)}
-    docs = [d for d in docs if d.text.strip()]
+    if cfg.pretokenized:
+        got = list(read_pretokenized(cfg.pretokenized, cfg.pretokenized_column, cfg.hf_max_docs))
+        docs += got
+        used["pretokenized"] = {"licence": "see the dataset card", "origin": cfg.pretokenized, "documents": len(got)}
+    docs = [d for d in docs if d.text.strip() or d.ids]
     if not docs:
         raise DataError("the corpus is empty: no source gave any text; check data.sources / data.files (run `make setup` for the embedded sources)")
     return docs, used
@@ -160,7 +164,10 @@ def prepare(cfg: DataConfig, force: bool = False, log=print) -> Corpus:
     counts: dict[str, dict] = {}
     for split in SPLITS:
         sdocs = sorted(splits[split], key=lambda d: (d.domain, d.doc_id))
-        ids = tok.encode_batch([d.text for d in sdocs])
+        encoded = iter(tok.encode_batch([d.text for d in sdocs if d.ids is None]))
+        ids = [list(d.ids) if d.ids is not None else next(encoded) for d in sdocs]
+        if any(max(x, default=0) >= tok.vocab_size for x in ids):
+            raise DataError(f"pretokenized ids exceed the tokenizer's {tok.vocab_size} tokens; set data.tokenizer to the tokenizer the data was made with")
         total = sum(len(x) + 1 for x in ids) + 1
         arr = np.empty(total, dtype=dtype)
         rows = np.zeros((len(sdocs), 4), dtype=np.int64)
@@ -168,7 +175,8 @@ def prepare(cfg: DataConfig, force: bool = False, log=print) -> Corpus:
         for i, (d, x) in enumerate(zip(sdocs, ids)):
             arr[pos] = tok.eos_id  # document start (and end of the previous one)
             arr[pos + 1 : pos + 1 + len(x)] = x
-            rows[i] = (pos + 1, pos + 1 + len(x), dom_idx[d.domain], len(d.text.encode("utf-8")))
+            text = d.text if d.ids is None else tok.decode(list(d.ids))  # bytes of what the ids spell
+            rows[i] = (pos + 1, pos + 1 + len(x), dom_idx[d.domain], len(text.encode("utf-8")))
             pos += 1 + len(x)
         arr[pos] = tok.eos_id
         np.save(tmp / f"{split}.npy", arr)

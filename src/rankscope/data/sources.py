@@ -24,6 +24,7 @@ class Document:
     domain: str
     doc_id: str
     text: str
+    ids: tuple[int, ...] | None = None  # pretokenized documents carry their token ids
 
 
 class SourceUnavailable(Exception):
@@ -236,3 +237,35 @@ def read_hf_dataset(name: str, config: str | None, split: str, text_field: str, 
             raise DataError(f"dataset {name!r} has no {text_field!r} column (has {', '.join(row)}); set data.text_field")
         domain = str(row.get("domain") or row.get("source") or base)
         yield Document(domain, f"{base}:{n}", _text_or_error(row[text_field], f"{name} row {n}"))
+
+
+def read_pretokenized(spec: str, column: str, max_docs: int) -> Iterator[Document]:
+    """Pico's pretokenized format (e.g. pico-lm/pretokenize-dolma): rows holding a list of token
+    ids in `column`, read as they are, without re-tokenising. `spec` is a local parquet file or
+    glob, or a Hugging Face dataset name (streamed)."""
+    if any(c in spec for c in "*?[") or spec.endswith(".parquet"):
+        _, paths = _expand(spec)
+        rows = ((p, n, ids) for p in paths for n, ids in enumerate(_parquet_column(p, column)))
+    else:
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(spec, split="train", streaming=True)
+        except Exception as e:  # one line is what the user needs
+            raise DataError(f"cannot load pretokenized dataset {spec!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); check data.pretokenized") from None
+        rows = ((Path(spec), n, row.get(column)) for n, row in enumerate(ds))
+    for count, (path, n, ids) in enumerate(rows):
+        if count >= max_docs:
+            break
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids[:8]):
+            raise DataError(f"{path} row {n}: column {column!r} is not a list of token ids; set data.pretokenized_column")
+        yield Document(Path(str(path)).stem or "pretokenized", f"{Path(str(path)).name}:{n}", "", tuple(ids))
+
+
+def _parquet_column(path: Path, column: str) -> list:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=[column]).column(column).to_pylist()
+    except Exception as e:  # pyarrow raises several types for bad files / missing columns
+        raise DataError(f"cannot read column {column!r} of {path} ({str(e).splitlines()[0][:160]}); check data.pretokenized_column") from None

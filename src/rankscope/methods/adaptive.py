@@ -1,0 +1,276 @@
+"""Adaptive-rank ReLoRA: ReLoRA whose per-layer adapter ranks are re-chosen at every restart,
+within a global budget of adapter parameters; and equal-memory matching of methods.
+
+Budget: sum_i r_i (m_i + n_i) <= B over the adapted (m_i x n_i) linears, B = method.rank_budget or,
+when 0, what uniform method.rank uses. `method.rank_schedule`:
+  adaptive  cycle 0 uses uniform ranks; at each merge the effective rank e_i (exp of the entropy of
+            the normalised singular values; rankscope.analysis.metrics.effective_rank) of the
+            cycle's merged update dW_i = (alpha / r_i) B_i A_i is measured (from the r x r core, no
+            dense SVD), and the next cycle's ranks are r_i ∝ e_i, scaled to the budget
+            (`allocate_ranks`: floor, clip to [rank_min, min(m_i, n_i)], trim the largest while over
+            budget, then add ranks where the scaled target exceeds the rank most, while they fit).
+            A layer whose update fills its rank evenly (e_i ≈ r_i) keeps or grows it; a layer whose
+            update concentrates in a few directions gives rank to the others.
+  grow      uniform ranks growing linearly per cycle from method.rank_min (cycle 0) to method.rank
+            (last cycle), capped by the budget: more rank as training goes on.
+A restart with new ranks replaces each LoRALinear by a new one around the merged base weight
+(A re-drawn from (seed, cycle, layer index), B = 0) — the model function is unchanged — and the
+trainer rebuilds the optimiser through `maybe_switch` (full-rank parameters keep their AdamW state;
+LoRA moments start from zero, since the factors changed shape). The per-layer ranks are part of
+the method state in each checkpoint; on resume `maybe_switch` (called by the trainer before it loads
+the checkpoint) re-wraps the layers with the checkpoint's ranks first.
+
+Equal memory: `measured_state_bytes(cfg)` builds the model, method and optimiser and counts the
+optimiser-state bytes after one zero-gradient step; `match_memory(cfg, target)` returns a copy of
+the config with method.rank (LoRA family, GaLore) or method.density (SO) set to the largest value
+whose optimiser state fits in `target` bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from fnmatch import fnmatch
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from rankscope.errors import ConfigError
+from rankscope.methods import register_method
+from rankscope.methods.lora import LoRALinear, adapter_generator, lora_modules
+from rankscope.methods.relora import ReLoRAMethod
+
+
+# --------------------------------------------------------------------------- layers and ranks
+def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+    """Targeted linears by module name in model order; a wrapped one is given by its base linear."""
+    out = {}
+    for name, m in model.named_modules():
+        attr = name.rsplit(".", 1)[-1]
+        if isinstance(m, LoRALinear) and attr in targets:
+            out[name] = m.base
+        elif isinstance(m, nn.Linear) and attr in targets and not name.endswith(".base"):
+            out[name] = m
+    if not out:
+        raise ConfigError(f"method.targets={targets} matches no linear layer; valid names: wq, wk, wv, wo, w1, w2, w3")
+    return out
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """`wv` matches any `...wv`; `blocks.0.*` (fnmatch) matches module names."""
+    return any(name.rsplit(".", 1)[-1] == p or fnmatch(name, p) for p in patterns)
+
+
+def wrap_with_ranks(model: nn.Module, ranks: dict[str, int], alpha: float, dropout: float, seed: int, cycle: int) -> dict[str, LoRALinear]:
+    """(Re)place each named layer (an nn.Linear or a LoRALinear, whose base is kept) by a LoRALinear
+    of the given rank; layer index = position in `ranks` (model order), as ReLoRA's restarts use."""
+    for index, (name, rank) in enumerate(ranks.items()):
+        m = model.get_submodule(name)
+        base = m.base if isinstance(m, LoRALinear) else m
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, LoRALinear(base, int(rank), alpha, dropout, adapter_generator(seed, cycle, index)))
+    return lora_modules(model)
+
+
+def allocate_ranks(scores: dict[str, float], costs: dict[str, int], caps: dict[str, int], budget: int, rank_min: int) -> dict[str, int]:
+    """Integer ranks r_i ∝ scores_i with sum r_i * costs_i <= budget, rank_min <= r_i <= caps_i."""
+    if sum(min(rank_min, caps[n]) * costs[n] for n in scores) > budget:
+        raise ConfigError(f"method.rank_budget={budget} cannot give every adapted layer method.rank_min={rank_min}; raise the budget or lower rank_min")
+    if not any(s > 0 for s in scores.values()):
+        scores = {n: 1.0 for n in scores}
+    scale = budget / sum(scores[n] * costs[n] for n in scores)
+    want = {n: scale * scores[n] for n in scores}
+    ranks = {n: max(min(rank_min, caps[n]), min(caps[n], math.floor(want[n]))) for n in scores}
+    used = lambda: sum(ranks[n] * costs[n] for n in ranks)  # noqa: E731
+    while used() > budget:  # only the rank_min floor can overshoot: trim the most over-served layer
+        n = max((n for n in ranks if ranks[n] > rank_min), key=lambda n: ranks[n] - want[n])
+        ranks[n] -= 1
+    while True:  # spend what flooring left, where the target exceeds the rank most
+        free = budget - used()
+        fits = [n for n in ranks if ranks[n] < caps[n] and costs[n] <= free]
+        if not fits:
+            return ranks
+        n = max(fits, key=lambda n: (want[n] - ranks[n], -list(ranks).index(n)))
+        ranks[n] += 1
+
+
+@torch.no_grad()
+def update_effective_rank(m: LoRALinear) -> float:
+    """Effective rank of dW = scaling * B @ A from the r x r core (metrics.svdvals_factored)."""
+    from rankscope.analysis.metrics import Spectra, effective_rank, svdvals_factored
+
+    Bm = (m.lora_B.detach().double() * m.scaling)[None]
+    s = svdvals_factored(Bm, m.lora_A.detach().double()[None])
+    return float(effective_rank(Spectra(s, Bm.shape[1], m.lora_A.shape[1], torch.finfo(torch.float64).eps))[0])
+
+
+@register_method("adaptive")
+class AdaptiveReLoRAMethod(ReLoRAMethod):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.ranks: dict[str, int] = {}
+        self.pending = False  # new ranks chosen at a merge, layers not yet re-wrapped
+        self.last_effective_ranks: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ budget and schedules
+    def budget(self, layers: dict[str, nn.Linear]) -> int:
+        m = self.cfg.method
+        return m.rank_budget or sum(min(m.rank, lin.in_features, lin.out_features) * (lin.in_features + lin.out_features) for lin in layers.values())
+
+    def n_cycles(self) -> int:
+        t, m = self.cfg.train, self.cfg.method
+        return max(1, math.ceil((t.max_steps - m.warm_start_steps) / m.reset_every))
+
+    def ranks_for(self, layers: dict[str, nn.Linear], cycle: int, scores: dict[str, float] | None = None) -> dict[str, int]:
+        m = self.cfg.method
+        costs = {n: lin.in_features + lin.out_features for n, lin in layers.items()}
+        caps = {n: min(lin.in_features, lin.out_features) for n, lin in layers.items()}
+        if m.rank_schedule == "grow":
+            frac = cycle / (self.n_cycles() - 1) if self.n_cycles() > 1 else 1.0
+            r = round(m.rank_min + (m.rank - m.rank_min) * min(1.0, frac))
+            caps = {n: min(c, r) for n, c in caps.items()}
+            return allocate_ranks({n: 1.0 for n in layers}, costs, caps, min(self.budget(layers), sum(caps[n] * costs[n] for n in layers)), m.rank_min)
+        if scores is None:  # cycle 0: uniform
+            caps = {n: min(c, m.rank) for n, c in caps.items()}
+            scores = {n: 1.0 for n in layers}
+        return allocate_ranks(scores, costs, caps, self.budget(layers), m.rank_min)
+
+    # ------------------------------------------------------------------ wrapping
+    def attach(self, model: nn.Module) -> None:
+        m = self.cfg.method
+        layers = target_linears(model, m.targets)
+        if not self.ranks:
+            self.ranks = self.ranks_for(layers, self.merges)
+        wrap_with_ranks(model, {n: self.ranks[n] for n in layers}, m.alpha, m.dropout, self.cfg.train.seed, self.merges)
+        self.switched = True
+
+    @torch.no_grad()
+    def merge_and_restart(self, step: int, model: nn.Module) -> dict[str, Any]:
+        modules = lora_modules(model)
+        self.last_effective_ranks = {n: update_effective_rank(mod) for n, mod in modules.items()}
+        rows = super().merge_and_restart(step, model)
+        layers = {n: mod.base for n, mod in modules.items()}
+        new = self.ranks_for(layers, self.merges, self.last_effective_ranks if self.cfg.method.rank_schedule == "adaptive" else None)
+        self.pending = new != self.ranks
+        self.ranks = new
+        rows.update({"adaptive_rank_mean": sum(new.values()) / len(new), "adaptive_rank_min": min(new.values()), "adaptive_rank_max": max(new.values()),
+                     "adaptive_update_erank_mean": sum(self.last_effective_ranks.values()) / len(new)})
+        return rows
+
+    def rebuild(self, trainer) -> None:
+        """Re-wrap with self.ranks and rebuild the optimiser, keeping the full-rank parameters' state."""
+        old = trainer.optimizer
+        self.attach(trainer.model)
+        trainer.model.to(trainer.device)
+        trainer.optimizer = self.build_optimizer(trainer.model, trainer.device)
+        for group in trainer.optimizer.param_groups:
+            for p in group["params"]:
+                if p in old.state:
+                    trainer.optimizer.state[p] = old.state[p]
+
+    def maybe_switch(self, step: int, trainer) -> bool:
+        if trainer.step != step:
+            # Trainer.resume asks before it loads the checkpoint of `step` (and before it restores the
+            # method state): take the per-layer ranks from that checkpoint and re-wrap to them
+            from rankscope.checkpoint import latest_valid
+
+            found = latest_valid(trainer.run_dir / "checkpoints", log=lambda s: None)
+            if found is not None and found.step == step:
+                self.load_state_dict(found.meta["method"])
+            if self.switched:
+                self.rebuild(trainer)
+                return True
+            return super().maybe_switch(step, trainer)
+        if not self.switched:
+            return super().maybe_switch(step, trainer)  # full-rank warm start
+        if self.pending:
+            self.pending = False
+            self.rebuild(trainer)
+            return True
+        return False
+
+    # ------------------------------------------------------------------ bookkeeping
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "ranks": dict(self.ranks), "pending": self.pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.ranks = {k: int(v) for k, v in state.get("ranks", self.ranks).items()}
+        self.pending = bool(state.get("pending", False))
+
+    def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        layers = target_linears(model, self.cfg.method.targets)
+        used = sum(self.ranks[n] * (lin.in_features + lin.out_features) for n, lin in layers.items()) if self.ranks else 0
+        return {**super().report(model, optimizer), "adaptive_ranks": dict(self.ranks), "adaptive_adapter_params": used, "adaptive_rank_budget": self.budget(layers)}
+
+
+# --------------------------------------------------------------------------- equal memory
+def measured_state_bytes(cfg) -> int:
+    """Optimiser-state bytes of `cfg`'s method on its model, after one zero-gradient step (lr 0)."""
+    from rankscope.methods import build_method
+    from rankscope.model import Decoder
+    from rankscope.optim import optimizer_state_bytes
+
+    torch.manual_seed(cfg.train.seed)
+    model = Decoder(cfg.model)
+    method = build_method(cfg)
+    method.prepare_model(model)
+    opt = method.build_optimizer(model, torch.device("cpu"))
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    return optimizer_state_bytes(opt)
+
+
+RANKED = ("lora", "relora", "adaptive", "hybrid", "galore")
+
+
+def match_memory(cfg, target_bytes: int):
+    """A copy of `cfg` whose optimiser state is the largest that fits in `target_bytes`: method.rank
+    (LoRA family, GaLore; bisection over integer ranks, state grows with the rank) or
+    method.density (SO: state = fixed part + 16 bytes per support entry (int64 index, fp32 m and v),
+    solved by bisection on the exact support sizes). Other methods raise ConfigError."""
+    out = copy.deepcopy(cfg)
+    name = cfg.method.name
+    if name in RANKED:
+        from rankscope.model import Decoder
+
+        lo, hi = 1, max(min(lin.in_features, lin.out_features) for lin in target_linears(Decoder(cfg.model), cfg.method.targets).values())
+
+        def bytes_at(r: int) -> int:
+            out.method.rank = r
+            out.method.rank_min = min(out.method.rank_min, r)
+            return measured_state_bytes(out)
+
+        if bytes_at(lo) > target_bytes:
+            raise ConfigError(f"{target_bytes} optimiser-state bytes are below what {name} needs at rank 1 ({bytes_at(1)})")
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            try:
+                fits = bytes_at(mid) <= target_bytes
+            except Exception:  # a rank above some layer's min(m, n)
+                fits = False
+            lo, hi = (mid, hi) if fits else (lo, mid - 1)
+        bytes_at(lo)
+        return out
+    if name == "so":
+        from rankscope.methods.sparse import support_size, targeted_weights
+        from rankscope.model import Decoder
+
+        sizes = [p.numel() for p in targeted_weights(Decoder(cfg.model), cfg.method.targets)]
+        fixed = measured_state_bytes(cfg) - 16 * sum(support_size(n, cfg.method.density) for n in sizes)
+        need = lambda d: fixed + 16 * sum(support_size(n, d) for n in sizes)  # noqa: E731
+        if need(1e-12) > target_bytes:
+            raise ConfigError(f"{target_bytes} optimiser-state bytes are below what so needs at the smallest density ({need(1e-12)})")
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if need(mid) <= target_bytes else (lo, mid)
+        out.method.density = max(lo, 1e-12) if need(1.0) > target_bytes else 1.0
+        return out
+    raise ConfigError(f"method.name={name} has no memory knob; match_memory works for {', '.join(RANKED)} and so")

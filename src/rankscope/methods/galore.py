@@ -1,0 +1,129 @@
+"""GaLore (Zhao et al. 2024, "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+Projection"), Algorithm 1, for the 2-D weights of the targeted linears; everything else AdamW.
+
+For a weight W (m x n) with gradient G, rank r = method.rank, every T = method.update_proj_gap
+steps (at steps 0, T, 2T, ... counted per parameter) the projector P is refreshed from the SVD
+G = U S V^T of the current gradient, on the side that gives the smaller projected state (the
+"std" projection of the reference code, galore-torch 1.0):
+  m >= n  (right)  P = V[:, :r]^T  (r x n)   R = G P^T  (m x r)   back(N) = N P
+  m <  n  (left)   P = U[:, :r]    (m x r)   R = P^T G  (r x n)   back(N) = P N
+Adam runs on R (moments of R's shape; they are NOT reset when P changes, as in the reference code):
+  M <- b1 M + (1 - b1) R,   V <- b2 V + (1 - b2) R^2,   N = M / (sqrt(V) + eps)
+  W <- W - lr * sqrt(1 - b2^t) / (1 - b1^t) * alpha * back(N)      (alpha = method.galore_scale)
+  W <- W - lr * weight_decay * W                                     (decoupled decay, after the update)
+galore-torch itself is not used: its package imports bitsandbytes at import time, and it keeps a
+Python projector object in the optimiser state, which a tensor checkpoint cannot hold. Here the
+projector is a plain tensor `projector` in the state, so checkpoints resume bit-exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from rankscope.errors import ConfigError
+from rankscope.methods import register_method
+from rankscope.methods.base import Method
+from rankscope.methods.sparse import adamw_update_, targeted_weights
+from rankscope.optim import check_coverage, optimizer_state_bytes, param_groups
+
+
+def projection_side(shape: torch.Size) -> str:
+    return "right" if shape[0] >= shape[1] else "left"
+
+
+@torch.no_grad()
+def galore_projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
+    """Orthonormal projector from the fp32 SVD of `grad`: V[:, :r]^T (right) or U[:, :r] (left)."""
+    U, _, Vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    P = Vh[:rank] if projection_side(grad.shape) == "right" else U[:, :rank]
+    return P.to(grad.dtype).contiguous()
+
+
+def project(grad: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    return grad @ P.T if projection_side(grad.shape) == "right" else P.T @ grad
+
+
+def project_back(low: torch.Tensor, P: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return low @ P if projection_side(shape) == "right" else P @ low
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW; groups with `galore=True` run Adam in a rank-`rank` gradient subspace (see module)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 rank: int = 16, update_proj_gap: int = 200, scale: float = 0.25):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, galore=False,
+                        rank=rank, update_proj_gap=update_proj_gap, scale=scale)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                done = int(state["step"].item())
+                if not group["galore"]:
+                    if "exp_avg" not in state:
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["step"] += 1
+                    adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], done + 1, lr, beta1, beta2, eps, wd)
+                    continue
+                grad = p.grad
+                if done % group["update_proj_gap"] == 0:
+                    state["projector"] = galore_projector(grad, min(group["rank"], *grad.shape))
+                low = project(grad, state["projector"])
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(low)
+                    state["exp_avg_sq"] = torch.zeros_like(low)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(low, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+                state["step"] += 1
+                t = done + 1
+                step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                update = project_back(m / (v.sqrt() + eps), state["projector"], p.shape)
+                p.add_(update, alpha=-step_size * group["scale"])
+                if wd > 0:
+                    p.add_(p, alpha=-lr * wd)
+        return loss
+
+
+@register_method("galore")
+class GaLoreMethod(Method):
+    """GaLore on the targeted linears' weights (rank method.rank); embeddings, norms, head: AdamW."""
+
+    def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+        t, m = self.cfg.train, self.cfg.method
+        low = targeted_weights(model, m.targets)
+        if not low:
+            raise ConfigError(f"method.targets={m.targets} matches no linear layer; valid names: wq, wk, wv, wo, w1, w2, w3")
+        groups = param_groups(model, t.weight_decay, exclude={id(p) for p in low})
+        groups.append({"params": low, "weight_decay": t.weight_decay, "name": "galore", "galore": True})
+        check_coverage(model, groups)
+        return GaLoreAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, rank=m.rank,
+                           update_proj_gap=m.update_proj_gap, scale=m.galore_scale)
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        gap = self.cfg.method.update_proj_gap
+        return {"galore_projector_refresh": step // gap} if step % gap == 0 else {}
+
+    def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        low = [p for g in optimizer.param_groups if g.get("galore") for p in g["params"]]
+        proj = sum(optimizer.state[p]["projector"].numel() * optimizer.state[p]["projector"].element_size() for p in low if "projector" in optimizer.state.get(p, {}))
+        return {"method": self.name, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "optimizer_state_bytes": optimizer_state_bytes(optimizer), "galore_rank": self.cfg.method.rank,
+                "galore_projector_bytes": proj, "galore_params": sum(p.numel() for p in low)}
