@@ -3,6 +3,8 @@ PY := .venv/bin/python
 RS := .venv/bin/rankscope
 DEMO_CONFIG ?= configs/micro.yaml
 DEMO_RUN ?= runs/demo
+# BLiMP: the real files where ../shared/data/blimp exists, else the built-in generated pairs
+BLIMP ?= $(if $(wildcard ../shared/data/blimp/*.jsonl),../shared/data/blimp,builtin)
 
 .PHONY: setup demo test test-slow bench clean
 
@@ -12,7 +14,9 @@ setup:
 demo: setup
 	$(RS) prepare $(DEMO_CONFIG)
 	$(RS) train $(DEMO_CONFIG) -o $(DEMO_RUN)
-	$(RS) eval $(DEMO_RUN)
+	$(RS) eval $(DEMO_RUN) --blimp $(BLIMP) --blimp-max-pairs 50 --json $(DEMO_RUN)/eval.json
+	@echo "\nrun directory: $(DEMO_RUN) (config.yaml, metrics.jsonl, summary.json, eval.json, checkpoints/, tensorboard/)"
+	@echo "next: rankscope analyze $(DEMO_RUN)   |   rankscope report $(DEMO_RUN) -o reports/demo"
 
 test: setup
 	$(PY) -m pytest -q
