@@ -36,3 +36,54 @@ def tiny_config(data_dir: str | Path, *overrides: str) -> RunConfig:
 
 def tiny_overrides(data_dir: str | Path, *overrides: str) -> list[str]:
     return [*TINY, f"data.cache_dir={data_dir}", *overrides]
+
+
+class Crash(Exception):
+    """Raised by CrashAfter to simulate a process dying between steps."""
+
+
+class CrashAfter:
+    """A trainer callback that dies at the end of step `step` (checkpoints up to it are written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step):
+        if step == self.step:
+            raise Crash(step)
+
+
+def crash_and_resume(overrides: list[str], tmp_path: Path, crash_at: int) -> tuple[Path, Path]:
+    """Train the same config straight through, and again with a crash at `crash_at` followed by a
+    resume in the same directory. Returns the two run directories."""
+    from rankscope.train import Trainer, train
+
+    straight, resumed = Path(tmp_path) / "straight", Path(tmp_path) / "resumed"
+    train(load_config(None, overrides), straight, log=lambda *_: None)
+    trainer = Trainer(load_config(None, overrides), resumed, log=lambda *_: None)
+    trainer.callbacks.append(CrashAfter(crash_at))
+    try:
+        trainer.run()
+    except Crash:
+        pass
+    else:
+        raise AssertionError(f"the run did not reach step {crash_at}")
+    train(load_config(None, overrides), resumed, log=lambda *_: None)
+    return straight, resumed
+
+
+def final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    from rankscope.checkpoint import list_checkpoints
+
+    return load_file(str(list_checkpoints(Path(run) / "checkpoints")[-1][1] / "model.safetensors"))
+
+
+def assert_same_final_weights(a: Path, b: Path) -> None:
+    import torch
+
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import rankscope.train as train_mod
 from rankscope.config import load_config
 from rankscope.errors import ConfigError
+from rankscope.loading import load_trained
 from rankscope.methods import build_method
 from rankscope.methods.adaptive import allocate_ranks, match_memory, measured_state_bytes, update_effective_rank
 from rankscope.methods.lora import LoRALinear, lora_modules
@@ -117,6 +118,9 @@ def test_adaptive_run_changes_ranks_within_budget_and_resumes_bit_exactly(data_d
     ckpt = load_file(str(tmp_path / "resumed/checkpoints/step_000016/model.safetensors"))
     assert all(ckpt[f"{n}.lora_A"].shape[0] == r for n, r in ranks.items())
     train(load_config(None, over), tmp_path / "resumed", log=lambda s: None)
+    loaded = load_trained(tmp_path / "straight").model  # built from the config alone: ranks come from the weights
+    assert {n: m.rank for n, m in lora_modules(loaded).items()} == summary["adaptive_ranks"]
+    assert all(m.scaling == 32.0 / 8 for m in lora_modules(loaded).values())  # alpha / method.rank on every layer
     for name in ("model", "optimizer"):
         a = load_file(str(tmp_path / f"straight/checkpoints/step_000024/{name}.safetensors"))
         b = load_file(str(tmp_path / f"resumed/checkpoints/step_000024/{name}.safetensors"))
@@ -175,3 +179,22 @@ def test_match_memory_sets_rank_and_density(data_dir):
     assert 0.98 * target <= b <= target
     with pytest.raises(ConfigError):
         match_memory(tiny_config(data_dir), target)
+
+
+def test_study_option_match_memory_sets_each_points_knob(data_dir, tmp_path):
+    from rankscope.config import config_from_dict
+    from rankscope.study import load_study
+
+    study = tmp_path / "s.yaml"
+    overrides = "\n".join(f"  - {o}" for o in tiny_overrides(data_dir, "method.rank=4"))
+    study.write_text(f"name: mm\noverrides:\n{overrides}\ngrid:\n  method.name: [full, relora, so, galore]\nmatch_memory: relora\n")
+    points = {p.values["method.name"]: config_from_dict(p.config) for p in load_study(study, tmp_path / "runs").points}
+    target = measured_state_bytes(points["relora"])
+    assert points["relora"].method.rank == 4 and points["full"].method.rank == 4
+    for name in ("so", "galore"):
+        b = measured_state_bytes(points[name])
+        assert 0.95 * target <= b <= target, name
+    assert points["so"].method.density != 0.05  # the default was replaced
+    bigger = points["galore"]
+    bigger.method.rank += 1
+    assert measured_state_bytes(bigger) > target  # the largest rank that fits

@@ -14,13 +14,6 @@ from helpers import tiny_config
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls on a shared 2-core machine: one thread is ~10x faster than two contending ones
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def make_layer(rank=4, alpha=8.0, dropout=0.0, seed=0):
     torch.manual_seed(seed)

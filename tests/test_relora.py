@@ -6,24 +6,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rankscope.train as train_mod
 from rankscope.config import load_config
 from rankscope.methods import build_method
 from rankscope.methods.lora import lora_modules, lora_parameters, seeded_generator
 from rankscope.methods.relora import keep_random_, keep_top_magnitude_, reset_state_
 from rankscope.model import Decoder
 from rankscope.train import train
-from helpers import tiny_config, tiny_overrides
+from helpers import assert_same_final_weights, crash_and_resume, final_weights, tiny_config, tiny_overrides
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls on a shared 2-core machine: one thread is ~10x faster than two contending ones
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # --------------------------------------------------------------------------- optimiser-state resets
 def adam_state(shape=(16, 64), step=50.0, seed=0):
@@ -213,37 +205,14 @@ def test_relora_run_learns_and_changes_base_weights(data_dir, tmp_path):
     assert torch.linalg.matrix_rank(updates[0][name]) <= 8  # each cycle's update is low-rank
 
 
-class Crash(Exception):
-    pass
-
-
-class CrashAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        if step == self.step:
-            raise Crash(step)
-
-
 @pytest.mark.parametrize("extra", [["method.optimizer_reset=random_prune"], ["method.optimizer_reset=magnitude_prune", "method.warm_start_steps=4"]])
-def test_resume_mid_cycle_is_bit_exact(data_dir, tmp_path, monkeypatch, extra):
+def test_resume_mid_cycle_is_bit_exact(data_dir, tmp_path, extra):
     # N=20, merges after steps 6, 12, 18 (+ warm start); checkpoint at 8 (mid-cycle), crash at 9
     over = tiny_overrides(data_dir, "method.name=relora", "method.rank=4", "method.reset_every=6", "method.restart_warmup_steps=2",
                           "method.prune_fraction=0.5", "method.save_cycle_updates=true", "train.max_steps=20", "checkpoint.every=4", *extra)
-    cfg = load_config(None, over)
-    train(cfg, tmp_path / "straight", log=lambda s: None)
-    monkeypatch.setattr(train_mod, "CALLBACK_FACTORIES", [lambda c: CrashAt(9)])
-    with pytest.raises(Crash):
-        train(load_config(None, over), tmp_path / "resumed", log=lambda s: None)
-    monkeypatch.setattr(train_mod, "CALLBACK_FACTORIES", [])
-    assert (tmp_path / "resumed/checkpoints/step_000008").is_dir()
-    train(load_config(None, over), tmp_path / "resumed", log=lambda s: None)
-    a = load_file(str(tmp_path / "straight/checkpoints/step_000020/model.safetensors"))
-    b = load_file(str(tmp_path / "resumed/checkpoints/step_000020/model.safetensors"))
-    assert a.keys() == b.keys() and "blocks.0.attn.wq.lora_A" in a
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    straight, resumed = crash_and_resume(over, tmp_path, crash_at=9)
+    assert_same_final_weights(straight, resumed)
+    assert "blocks.0.attn.wq.lora_A" in final_weights(resumed)
     ua = sorted((tmp_path / "straight/relora_updates").iterdir())
     ub = sorted((tmp_path / "resumed/relora_updates").iterdir())
     merges = 2 if "method.warm_start_steps=4" in extra else 3  # after steps 6, 12, 18 or 4+6, 4+12

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, tiny_config, tiny_overrides
-from safetensors.torch import load_file
+from helpers import REPO, Crash, CrashAfter, assert_same_final_weights, crash_and_resume, tiny_config, tiny_overrides
 
 from rankscope import checkpoint as ckpt
 from rankscope.cli import main
@@ -22,15 +21,6 @@ def rows(run):
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
-def final_weights(run):
-    return load_file(str(ckpt.list_checkpoints(Path(run) / "checkpoints")[-1][1] / "model.safetensors"))
-
-
-def assert_same_weights(a, b):
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"{k} differs"
 
 
 def test_loss_drops_and_run_directory_is_complete(data_dir, tmp_path):
@@ -55,33 +45,14 @@ def test_log_spaced_and_listed_checkpoints_are_kept(data_dir, tmp_path):
     assert steps == [1, 3, 10, 30]  # geomspace(1, 30, 4) -> 1, 3, 10, 30 (10 also listed)
 
 
-class StopAt:
-    """Simulates a crash right after step `at` (its checkpoint already written)."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, trainer, step):
-        if step == self.at + 1:
-            raise KeyboardInterrupt
-
-
 def test_resume_mid_run_is_bit_exact(data_dir, tmp_path):
-    overrides = ("train.max_steps=30", "checkpoint.every=5", "method.dropout=0.0")
-    train(tiny_config(data_dir, *overrides), tmp_path / "straight", log=lambda *_: None)
-    trainer = Trainer(tiny_config(data_dir, *overrides), tmp_path / "resumed", log=lambda *_: None)
-    trainer.callbacks.append(StopAt(15))
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run()
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "resumed" / "checkpoints")][-1] == 15
-    train(tiny_config(data_dir, *overrides), tmp_path / "resumed", log=lambda *_: None)
-    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
-    # metrics.jsonl has no duplicated steps after the resume
-    steps = [x["step"] for x in rows(tmp_path / "resumed") if "train_loss" in x]
+    over = tiny_overrides(data_dir, "train.max_steps=30", "checkpoint.every=5", "method.dropout=0.0")
+    straight, resumed = crash_and_resume(over, tmp_path, crash_at=16)  # resumes from step 15
+    assert_same_final_weights(straight, resumed)
+    # metrics.jsonl has no duplicated steps after the resume, and the same losses
+    steps = [x["step"] for x in rows(resumed) if "train_loss" in x]
     assert steps == sorted(set(steps)) and steps[-1] == 30
-    a = [x["train_loss"] for x in rows(tmp_path / "straight") if "train_loss" in x]
-    b = [x["train_loss"] for x in rows(tmp_path / "resumed") if "train_loss" in x]
-    assert a == b
+    assert [x["train_loss"] for x in rows(straight) if "train_loss" in x] == [x["train_loss"] for x in rows(resumed) if "train_loss" in x]
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path):
@@ -89,8 +60,8 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path):
     train(cfg, tmp_path / "ref", log=lambda *_: None)
     run = tmp_path / "run"
     trainer = Trainer(cfg, run, log=lambda *_: None)
-    trainer.callbacks.append(StopAt(15))
-    with pytest.raises(KeyboardInterrupt):
+    trainer.callbacks.append(CrashAfter(16))
+    with pytest.raises(Crash):
         trainer.run()
     newest = ckpt.step_dir(run / "checkpoints", 15) / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated write
@@ -98,7 +69,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path):
     found = ckpt.latest_valid(run / "checkpoints", log=messages.append)
     assert found.step == 10 and "corrupt" in messages[0] and "falling back" in messages[0]
     train(cfg, run, log=lambda *_: None)
-    assert_same_weights(tmp_path / "ref", run)
+    assert_same_final_weights(tmp_path / "ref", run)
 
 
 def test_nan_loss_stops_with_the_step_and_parameter_and_keeps_checkpoints(data_dir, tmp_path):
@@ -162,4 +133,4 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(data_dir, tmp_path):
     assert kills >= 3
     final = subprocess.run([*cmd, "-o", str(run)], capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr[-2000:]
-    assert_same_weights(ref, run)
+    assert_same_final_weights(ref, run)

@@ -11,6 +11,8 @@ A study file (YAML):
       train.seed: [0, 1]
     when:                           # extra overrides for points matching key=value
       model.preset=mini: [train.lr=2e-3]
+    match_memory: relora            # optional: bytes, or a method name whose optimiser state every
+                                    # point's rank / density is matched to (methods.adaptive.apply_memory_match)
     after: [eval, analyze]          # steps run on each finished run (see STEPS)
     eval_args: [--blimp, ../shared/data/blimp, --blimp-max-pairs, "100"]
     parallel: 2                     # runs at once (threads are split between them)
@@ -37,7 +39,7 @@ import yaml
 from rankscope.config import config_from_dict, describe_fields, merge_dicts, parse_overrides, read_yaml
 from rankscope.errors import ConfigError
 
-STUDY_KEYS = {"name", "base", "overrides", "grid", "when", "after", "eval_args", "analyze_args", "parallel", "runs_dir", "description"}
+STUDY_KEYS = {"name", "base", "overrides", "grid", "when", "after", "eval_args", "analyze_args", "parallel", "runs_dir", "description", "match_memory"}
 STEPS = ("eval", "analyze")
 
 
@@ -110,6 +112,10 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
                 over += list(extra)
         cfg_dict = merge_dicts(base, parse_overrides(over))
         cfg = config_from_dict(cfg_dict)  # validate every point before running any
+        if spec.get("match_memory") is not None:  # equal optimiser memory: rank / density per point
+            from rankscope.methods.adaptive import apply_memory_match
+
+            cfg = apply_memory_match(cfg, spec["match_memory"])
         pname = point_name(values)
         points.append(Point(pname, values, cfg.to_dict(), root / pname))
     return Study(path, name, points, after, [str(a) for a in spec.get("eval_args") or []],

@@ -13,6 +13,9 @@ when 0, what uniform method.rank uses. `method.rank_schedule`:
             update concentrates in a few directions gives rank to the others.
   grow      uniform ranks growing linearly per cycle from method.rank_min (cycle 0) to method.rank
             (last cycle), capped by the budget: more rank as training goes on.
+Every adapted layer uses the scaling alpha / method.rank whatever its own rank r_i (alpha_i =
+alpha * r_i / rank): the analysis, which reads alpha / rank from the config, then reconstructs
+W + dW exactly, and a layer's per-direction step does not jump when its rank changes.
 A restart with new ranks replaces each LoRALinear by a new one around the merged base weight
 (A re-drawn from (seed, cycle, layer index), B = 0) — the model function is unchanged — and the
 trainer rebuilds the optimiser through `maybe_switch` (full-rank parameters keep their AdamW state;
@@ -23,7 +26,8 @@ the checkpoint) re-wraps the layers with the checkpoint's ranks first.
 Equal memory: `measured_state_bytes(cfg)` builds the model, method and optimiser and counts the
 optimiser-state bytes after one zero-gradient step; `match_memory(cfg, target)` returns a copy of
 the config with method.rank (LoRA family, GaLore) or method.density (SO) set to the largest value
-whose optimiser state fits in `target` bytes.
+whose optimiser state fits in `target` bytes; the study option `match_memory: relora` (or a byte
+count) applies it to every point (`apply_memory_match`).
 """
 
 from __future__ import annotations
@@ -62,15 +66,16 @@ def matches(name: str, patterns: list[str]) -> bool:
     return any(name.rsplit(".", 1)[-1] == p or fnmatch(name, p) for p in patterns)
 
 
-def wrap_with_ranks(model: nn.Module, ranks: dict[str, int], alpha: float, dropout: float, seed: int, cycle: int) -> dict[str, LoRALinear]:
+def wrap_with_ranks(model: nn.Module, ranks: dict[str, int], scaling: float, dropout: float, seed: int, cycle: int) -> dict[str, LoRALinear]:
     """(Re)place each named layer (an nn.Linear or a LoRALinear, whose base is kept) by a LoRALinear
-    of the given rank; layer index = position in `ranks` (model order), as ReLoRA's restarts use."""
+    of the given rank and the common `scaling` (alpha_i = scaling * r_i); layer index = position in
+    `ranks` (model order), as ReLoRA's restarts use."""
     for index, (name, rank) in enumerate(ranks.items()):
         m = model.get_submodule(name)
         base = m.base if isinstance(m, LoRALinear) else m
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, LoRALinear(base, int(rank), alpha, dropout, adapter_generator(seed, cycle, index)))
+        setattr(parent, attr, LoRALinear(base, int(rank), scaling * int(rank), dropout, adapter_generator(seed, cycle, index)))
     return lora_modules(model)
 
 
@@ -143,8 +148,22 @@ class AdaptiveReLoRAMethod(ReLoRAMethod):
         layers = target_linears(model, m.targets)
         if not self.ranks:
             self.ranks = self.ranks_for(layers, self.merges)
-        wrap_with_ranks(model, {n: self.ranks[n] for n in layers}, m.alpha, m.dropout, self.cfg.train.seed, self.merges)
+        wrap_with_ranks(model, {n: self.ranks[n] for n in layers}, m.alpha / m.rank, m.dropout, self.cfg.train.seed, self.merges)
         self.switched = True
+        if not getattr(model, "_adaptive_rank_hook", False):
+            model.register_load_state_dict_pre_hook(self.match_loaded_ranks)
+            model._adaptive_rank_hook = True
+
+    def match_loaded_ranks(self, model: nn.Module, state_dict, prefix: str, *args) -> None:
+        """Before a state dict is loaded into the model, re-wrap layers whose saved `lora_A` has
+        another rank, so a model built from the config alone (rankscope.loading.load_trained) can
+        load an adaptive checkpoint. In training, resume has re-wrapped already: a no-op."""
+        mods = lora_modules(model)
+        saved = {n: int(state_dict[f"{prefix}{n}.lora_A"].shape[0]) for n in mods if f"{prefix}{n}.lora_A" in state_dict}
+        if any(mods[n].rank != r for n, r in saved.items()):
+            m = self.cfg.method
+            self.ranks.update(saved)
+            wrap_with_ranks(model, {n: self.ranks[n] for n in mods}, m.alpha / m.rank, m.dropout, self.cfg.train.seed, self.merges)
 
     @torch.no_grad()
     def merge_and_restart(self, step: int, model: nn.Module) -> dict[str, Any]:
@@ -152,7 +171,9 @@ class AdaptiveReLoRAMethod(ReLoRAMethod):
         self.last_effective_ranks = {n: update_effective_rank(mod) for n, mod in modules.items()}
         rows = super().merge_and_restart(step, model)
         layers = {n: mod.base for n, mod in modules.items()}
-        new = self.ranks_for(layers, self.merges, self.last_effective_ranks if self.cfg.method.rank_schedule == "adaptive" else None)
+        new = self.ranks
+        if step < self.cfg.train.max_steps:  # no re-wrap after the last step: nothing would train the new adapters
+            new = self.ranks_for(layers, self.merges, self.last_effective_ranks if self.cfg.method.rank_schedule == "adaptive" else None)
         self.pending = new != self.ranks
         self.ranks = new
         rows.update({"adaptive_rank_mean": sum(new.values()) / len(new), "adaptive_rank_min": min(new.values()), "adaptive_rank_max": max(new.values()),
@@ -274,3 +295,22 @@ def match_memory(cfg, target_bytes: int):
         out.method.density = max(lo, 1e-12) if need(1.0) > target_bytes else 1.0
         return out
     raise ConfigError(f"method.name={name} has no memory knob; match_memory works for {', '.join(RANKED)} and so")
+
+
+def apply_memory_match(cfg, target: int | str):
+    """The study option `match_memory: <bytes | method name>`: a copy of `cfg` with its rank or
+    density matched (`match_memory`) to `target` bytes, or to the optimiser state of the named
+    method on the same config. Points whose method has no knob (full) or that are the reference
+    method itself are returned unchanged."""
+    name = cfg.method.name
+    if isinstance(target, str) and not target.isdigit():
+        if target == name:
+            return cfg
+        ref = copy.deepcopy(cfg)
+        ref.method.name = target
+        target_bytes = measured_state_bytes(ref)
+    else:
+        target_bytes = int(target)
+    if name not in RANKED and name != "so":
+        return cfg
+    return match_memory(cfg, target_bytes)

@@ -41,7 +41,7 @@ class HybridReLoRAMethod(ReLoRAMethod):
     def attach(self, model: nn.Module) -> None:
         m = self.cfg.method
         adapted, _ = split_targets(model, m.targets, m.full_rank_targets)
-        wrap_with_ranks(model, {n: m.rank for n in adapted}, m.alpha, m.dropout, self.cfg.train.seed, 0)
+        wrap_with_ranks(model, {n: m.rank for n in adapted}, m.alpha / m.rank, m.dropout, self.cfg.train.seed, 0)
         self.switched = True
 
     def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
