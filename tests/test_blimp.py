@@ -21,14 +21,6 @@ SENTENCES = ["The cat sleeps.", "The cats sleep.", "The cat sleep.", "A dog bark
              "Who did you see?", "She hurt herself.", "She hurt himself."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on a shared CPU stall (see test_perplexity)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return train_bpe(SENTENCES * 3, 280)

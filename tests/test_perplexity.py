@@ -40,15 +40,6 @@ class Uniform(nn.Module):
         return torch.zeros(*idx.shape, self.lm_head.out_features) + 0.0 * self.lm_head.weight.sum()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on a CPU shared with other jobs stall for ~1 s per op; one thread does not."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return train_bpe([t for _, t in TEXTS] * 4, 300)
