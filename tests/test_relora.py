@@ -221,3 +221,13 @@ def test_resume_mid_cycle_is_bit_exact(data_dir, tmp_path, extra):
         assert all(torch.equal(x, y) for x, y in zip(load_file(str(pa)).values(), load_file(str(pb)).values()))
     meta = json.loads((tmp_path / "resumed/checkpoints/step_000020/meta.json").read_text())
     assert meta["method"]["merges"] == merges
+
+
+def test_a_warm_started_run_loads_for_evaluation(data_dir, tmp_path):
+    from rankscope.loading import load_trained
+
+    cfg = tiny_config(data_dir, "method.name=relora", "method.rank=4", "method.reset_every=4", "method.restart_warmup_steps=1",
+                      "method.warm_start_steps=3", "train.max_steps=10", "train.tensorboard=false", "eval.per_domain=false")
+    train(cfg, tmp_path / "run", log=lambda s: None)
+    loaded = load_trained(tmp_path / "run")
+    assert len(lora_modules(loaded.model)) > 0

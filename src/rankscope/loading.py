@@ -35,7 +35,9 @@ def load_trained(path: str | Path, device: str = "cpu") -> Loaded:
     except KeyError:
         raise CheckpointError(f"checkpoint {ck.path} has no config in meta.json; it was not written by rankscope train") from None
     model = Decoder(cfg.model)
-    build_method(cfg).prepare_model(model)
+    method = build_method(cfg)
+    method.load_state_dict(ck.meta.get("method", {}))  # e.g. a warm start already switched to adapters
+    method.prepare_model(model)
     try:
         model.load_state_dict(ck.load("model"))
     except RuntimeError as e:

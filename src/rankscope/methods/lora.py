@@ -136,7 +136,8 @@ class LoRAMethod(Method):
 
     # ------------------------------------------------------------------ model and optimiser
     def prepare_model(self, model: nn.Module) -> None:
-        if self.cfg.method.warm_start_steps == 0:
+        # adapters now, unless a warm start comes first (or a loaded state says it is already over)
+        if self.cfg.method.warm_start_steps == 0 or self.switched:
             self.attach(model)
 
     def attach(self, model: nn.Module) -> None:
