@@ -72,18 +72,20 @@ def crash_and_resume(overrides: list[str], tmp_path: Path, crash_at: int) -> tup
     return straight, resumed
 
 
-def final_weights(run: Path) -> dict:
+def final_weights(run: Path, name: str = "model") -> dict:
     from safetensors.torch import load_file
 
     from rankscope.checkpoint import list_checkpoints
 
-    return load_file(str(list_checkpoints(Path(run) / "checkpoints")[-1][1] / "model.safetensors"))
+    return load_file(str(list_checkpoints(Path(run) / "checkpoints")[-1][1] / f"{name}.safetensors"))
 
 
-def assert_same_final_weights(a: Path, b: Path) -> None:
+def assert_same_final_weights(a: Path, b: Path, files: tuple[str, ...] = ("model",)) -> None:
+    """The newest checkpoints of two runs hold bit-identical tensors in each of `files`."""
     import torch
 
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+    for name in files:
+        wa, wb = final_weights(a, name), final_weights(b, name)
+        assert wa.keys() == wb.keys(), name
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{name}: {k} differs"

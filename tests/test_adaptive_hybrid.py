@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rankscope.train as train_mod
 from rankscope.config import load_config
 from rankscope.errors import ConfigError
 from rankscope.loading import load_trained
@@ -16,7 +15,7 @@ from rankscope.methods.adaptive import allocate_ranks, match_memory, measured_st
 from rankscope.methods.lora import LoRALinear, lora_modules
 from rankscope.model import Decoder
 from rankscope.train import train
-from helpers import tiny_config, tiny_overrides
+from helpers import assert_same_final_weights, crash_and_resume, tiny_config, tiny_overrides
 
 
 def rows_of(run):
@@ -87,46 +86,24 @@ def test_new_ranks_follow_the_effective_rank_of_each_update(data_dir):
             assert method.ranks[n] < 4
 
 
-class Crash(Exception):
-    pass
-
-
-class CrashAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        if step == self.step:
-            raise Crash(step)
-
-
-def test_adaptive_run_changes_ranks_within_budget_and_resumes_bit_exactly(data_dir, tmp_path, monkeypatch):
+def test_adaptive_run_changes_ranks_within_budget_and_resumes_bit_exactly(data_dir, tmp_path):
     # merges (and re-wraps) after steps 6, 12, 18, 24; checkpoint at 16 (mid-cycle, non-uniform ranks), crash at 17
     over = tiny_overrides(data_dir, "method.name=adaptive", "method.rank=8", "method.reset_every=6", "method.restart_warmup_steps=2",
-                          "method.dropout=0", "train.max_steps=24", "checkpoint.every=4")
+                          "method.dropout=0", "train.max_steps=24", "checkpoint.every=4", "checkpoint.keep_steps=[16]")
     summary = train(load_config(None, over), tmp_path / "straight", log=lambda s: None)
     assert summary["adaptive_adapter_params"] <= summary["adaptive_rank_budget"]
     assert len(set(summary["adaptive_ranks"].values())) > 1  # no longer uniform
     rows = rows_of(tmp_path / "straight")
     assert learned(rows) and [r["relora_merge"] for r in rows if "relora_merge" in r] == [1, 2, 3, 4]
-    monkeypatch.setattr(train_mod, "CALLBACK_FACTORIES", [lambda c: CrashAt(17)])
-    with pytest.raises(Crash):
-        train(load_config(None, over), tmp_path / "resumed", log=lambda s: None)
-    monkeypatch.setattr(train_mod, "CALLBACK_FACTORIES", [])
+    _, resumed = crash_and_resume(over, tmp_path, crash_at=17)  # "straight" was trained above and is reused
     ranks = json.loads((tmp_path / "resumed/checkpoints/step_000016/meta.json").read_text())["method"]["ranks"]
     assert ranks.keys() == summary["adaptive_ranks"].keys() and len(set(ranks.values())) > 1  # re-chosen at step 12
     ckpt = load_file(str(tmp_path / "resumed/checkpoints/step_000016/model.safetensors"))
     assert all(ckpt[f"{n}.lora_A"].shape[0] == r for n, r in ranks.items())
-    train(load_config(None, over), tmp_path / "resumed", log=lambda s: None)
     loaded = load_trained(tmp_path / "straight").model  # built from the config alone: ranks come from the weights
     assert {n: m.rank for n, m in lora_modules(loaded).items()} == summary["adaptive_ranks"]
     assert all(m.scaling == 32.0 / 8 for m in lora_modules(loaded).values())  # alpha / method.rank on every layer
-    for name in ("model", "optimizer"):
-        a = load_file(str(tmp_path / f"straight/checkpoints/step_000024/{name}.safetensors"))
-        b = load_file(str(tmp_path / f"resumed/checkpoints/step_000024/{name}.safetensors"))
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (name, k)
+    assert_same_final_weights(tmp_path / "straight", resumed, files=("model", "optimizer"))
 
 
 def test_grow_schedule_raises_uniform_ranks_per_cycle(data_dir):

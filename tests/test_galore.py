@@ -6,14 +6,12 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-import rankscope.train as train_mod
 from rankscope.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from rankscope.config import load_config
 from rankscope.methods.galore import GaLoreAdamW, galore_projector, projection_side
 from rankscope.train import train
-from helpers import tiny_overrides
+from helpers import assert_same_final_weights, crash_and_resume, tiny_overrides
 
 
 @pytest.mark.parametrize("shape", [(24, 10), (10, 24), (16, 16)])
@@ -92,20 +90,7 @@ def test_projector_refreshes_every_gap_steps_and_round_trips():
     assert torch.equal(w, w2)
 
 
-class Crash(Exception):
-    pass
-
-
-class CrashAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        if step == self.step:
-            raise Crash(step)
-
-
-def test_galore_run_learns_and_resumes_bit_exactly(data_dir, tmp_path, monkeypatch):
+def test_galore_run_learns_and_resumes_bit_exactly(data_dir, tmp_path):
     over = tiny_overrides(data_dir, "method.name=galore", "method.rank=4", "method.update_proj_gap=5", "method.galore_scale=1.0",
                           "train.max_steps=20", "checkpoint.every=4")
     summary = train(load_config(None, over), tmp_path / "straight", log=lambda s: None)
@@ -113,14 +98,5 @@ def test_galore_run_learns_and_resumes_bit_exactly(data_dir, tmp_path, monkeypat
     rows = [json.loads(x) for x in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
     assert sum(losses[-4:]) / 4 < losses[0] - 0.3
-    monkeypatch.setattr(train_mod, "CALLBACK_FACTORIES", [lambda c: CrashAt(9)])
-    with pytest.raises(Crash):
-        train(load_config(None, over), tmp_path / "resumed", log=lambda s: None)
-    monkeypatch.setattr(train_mod, "CALLBACK_FACTORIES", [])
-    train(load_config(None, over), tmp_path / "resumed", log=lambda s: None)
-    for name in ("model", "optimizer"):
-        a = load_file(str(tmp_path / f"straight/checkpoints/step_000020/{name}.safetensors"))
-        b = load_file(str(tmp_path / f"resumed/checkpoints/step_000020/{name}.safetensors"))
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (name, k)
+    _, resumed = crash_and_resume(over, tmp_path, crash_at=9)  # "straight" was trained above and is reused
+    assert_same_final_weights(tmp_path / "straight", resumed, files=("model", "optimizer"))

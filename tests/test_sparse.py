@@ -7,12 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rankscope.train as train_mod
 from rankscope.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from rankscope.config import load_config
 from rankscope.methods.sparse import SparseAdamW, draw_support, support_size
 from rankscope.train import train
-from helpers import tiny_overrides
+from helpers import assert_same_final_weights, crash_and_resume, tiny_overrides
 
 
 def quadratic_problem(seed=0):
@@ -131,20 +130,7 @@ def test_state_round_trips_through_checkpoint_tensors_with_int64_supports():
     assert torch.equal(w, w2)
 
 
-class Crash(Exception):
-    pass
-
-
-class CrashAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        if step == self.step:
-            raise Crash(step)
-
-
-def test_so_run_learns_and_resumes_bit_exactly(data_dir, tmp_path, monkeypatch):
+def test_so_run_learns_and_resumes_bit_exactly(data_dir, tmp_path):
     # re-draws after steps 5, 10, 15; checkpoint at 8 (mid-period), crash at 9
     over = tiny_overrides(data_dir, "method.name=so", "method.density=0.1", "method.support_every=5", "method.moment_keep=0.25",
                           "train.max_steps=20", "checkpoint.every=4")
@@ -154,18 +140,8 @@ def test_so_run_learns_and_resumes_bit_exactly(data_dir, tmp_path, monkeypatch):
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
     assert sum(losses[-4:]) / 4 < losses[0] - 0.3
     assert [r["so_support_refresh"] for r in rows if "so_support_refresh" in r] == [1, 2, 3, 4]
-    monkeypatch.setattr(train_mod, "CALLBACK_FACTORIES", [lambda c: CrashAt(9)])
-    with pytest.raises(Crash):
-        train(load_config(None, over), tmp_path / "resumed", log=lambda s: None)
-    monkeypatch.setattr(train_mod, "CALLBACK_FACTORIES", [])
-    assert (tmp_path / "resumed/checkpoints/step_000008").is_dir()
-    train(load_config(None, over), tmp_path / "resumed", log=lambda s: None)
-    for name in ("model", "optimizer"):
-        a = load_file(str(tmp_path / f"straight/checkpoints/step_000020/{name}.safetensors"))
-        b = load_file(str(tmp_path / f"resumed/checkpoints/step_000020/{name}.safetensors"))
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (name, k)
+    _, resumed = crash_and_resume(over, tmp_path, crash_at=9)  # "straight" was trained above and is reused
+    assert_same_final_weights(tmp_path / "straight", resumed, files=("model", "optimizer"))
     opt = load_file(str(tmp_path / "straight/checkpoints/step_000020/optimizer.safetensors"))
     supports = [k for k in opt if k.endswith(".support")]
     assert supports and all(opt[k].dtype == torch.int64 for k in supports)

@@ -39,3 +39,23 @@ def build_adamw(groups: list[dict], cfg: TrainConfig, device: torch.device) -> t
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def targeted_weights(model: nn.Module, targets: list[str]) -> list[nn.Parameter]:
+    """The weight of every nn.Linear whose attribute name is in `targets`, in model order."""
+    found = [m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    return list({id(p): p for p in found}.values())
+
+
+def targeted_groups(model: nn.Module, cfg: TrainConfig, targets: list[str], name: str, **flags) -> list[dict]:
+    """Default groups for everything, plus one group `name` (with `flags`) holding the targeted
+    linears' weights: how SO and GaLore hand their matrices to their own optimiser rules."""
+    special = targeted_weights(model, targets)
+    if not special:
+        from rankscope.errors import ConfigError
+
+        raise ConfigError(f"method.targets={targets} matches no linear layer; valid names: wq, wk, wv, wo, w1, w2, w3")
+    groups = param_groups(model, cfg.weight_decay, exclude={id(p) for p in special})
+    groups.append({"params": special, "weight_decay": cfg.weight_decay, "name": name, **flags})
+    check_coverage(model, groups)
+    return groups

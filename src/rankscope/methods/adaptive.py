@@ -280,7 +280,8 @@ def match_memory(cfg, target_bytes: int):
         bytes_at(lo)
         return out
     if name == "so":
-        from rankscope.methods.sparse import support_size, targeted_weights
+        from rankscope.methods.sparse import support_size
+        from rankscope.optim import targeted_weights
         from rankscope.model import Decoder
 
         sizes = [p.numel() for p in targeted_weights(Decoder(cfg.model), cfg.method.targets)]

@@ -27,8 +27,8 @@ import torch.nn as nn
 from rankscope.errors import ConfigError
 from rankscope.methods import register_method
 from rankscope.methods.base import Method
-from rankscope.methods.sparse import adamw_update_, targeted_weights
-from rankscope.optim import check_coverage, optimizer_state_bytes, param_groups
+from rankscope.methods.sparse import adamw_update_
+from rankscope.optim import optimizer_state_bytes, targeted_groups
 
 
 def projection_side(shape: torch.Size) -> str:
@@ -108,12 +108,7 @@ class GaLoreMethod(Method):
 
     def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
         t, m = self.cfg.train, self.cfg.method
-        low = targeted_weights(model, m.targets)
-        if not low:
-            raise ConfigError(f"method.targets={m.targets} matches no linear layer; valid names: wq, wk, wv, wo, w1, w2, w3")
-        groups = param_groups(model, t.weight_decay, exclude={id(p) for p in low})
-        groups.append({"params": low, "weight_decay": t.weight_decay, "name": "galore", "galore": True})
-        check_coverage(model, groups)
+        groups = targeted_groups(model, t, m.targets, "galore", galore=True)
         return GaLoreAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, rank=m.rank,
                            update_proj_gap=m.update_proj_gap, scale=m.galore_scale)
 

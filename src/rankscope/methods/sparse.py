@@ -40,7 +40,7 @@ import torch.nn as nn
 from rankscope.methods import register_method
 from rankscope.methods.base import Method
 from rankscope.methods.lora import seeded_generator
-from rankscope.optim import check_coverage, optimizer_state_bytes, param_groups
+from rankscope.optim import optimizer_state_bytes, targeted_groups
 
 
 def support_size(numel: int, density: float) -> int:
@@ -161,26 +161,13 @@ class SparseAdamW(torch.optim.Optimizer):
             self.state[params[int(k)]]["support"] = s.to(device=params[int(k)].device, dtype=torch.long)
 
 
-def targeted_weights(model: nn.Module, targets: list[str]) -> list[nn.Parameter]:
-    """The weight of every nn.Linear whose attribute name is in `targets`, in model order."""
-    found = [m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
-    return list({id(p): p for p in found}.values())
-
-
 @register_method("so")
 class SparseMethod(Method):
     """Targeted linears' weights: SparseAdamW on a moving support; everything else: dense AdamW."""
 
     def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
         t, m = self.cfg.train, self.cfg.method
-        sparse = targeted_weights(model, m.targets)
-        if not sparse:
-            from rankscope.errors import ConfigError
-
-            raise ConfigError(f"method.targets={m.targets} matches no linear layer; valid names: wq, wk, wv, wo, w1, w2, w3")
-        groups = param_groups(model, t.weight_decay, exclude={id(p) for p in sparse})
-        groups.append({"params": sparse, "weight_decay": t.weight_decay, "name": "sparse", "sparse": True})
-        check_coverage(model, groups)
+        groups = targeted_groups(model, t, m.targets, "sparse", sparse=True)
         return SparseAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, density=m.density,
                            support_every=m.support_every, moment_keep=m.moment_keep, seed=t.seed)
 
