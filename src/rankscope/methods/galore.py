@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankscope.errors import ConfigError
 from rankscope.methods import register_method
 from rankscope.methods.base import Method
 from rankscope.methods.sparse import adamw_update_
