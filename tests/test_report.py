@@ -174,3 +174,18 @@ def test_no_runs_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("error: no runs found") and "\n" not in err
     with pytest.raises(ReportError, match="does not exist"):
         write_report([tmp_path / "nope"], tmp_path / "out")
+
+
+def test_runs_differing_beyond_method_size_and_seed_are_not_averaged_together(tmp_path):
+    from rankscope.report import Run, label_other_dimensions
+
+    def run(method, lr, seed):
+        cfg = {"method": {"name": method, "rank": 16 if method == "relora" else 8}, "model": {"preset": "micro"}, "train": {"lr": lr, "seed": seed, "threads": seed}}
+        return Run(tmp_path, f"{method}-{lr}-{seed}", method, "micro", seed, cfg, {})
+
+    runs = [run(m, lr, s) for m in ("full", "relora") for lr in (1e-3, 3e-3) for s in (0, 1)]
+    label_other_dimensions(runs)
+    assert {r.group for r in runs} == {(m, f"micro lr={lr}") for m in ("full", "relora") for lr in (0.001, 0.003)}
+    same = [run("full", 1e-3, s) for s in (0, 1)]
+    label_other_dimensions(same)  # seeds, threads and method fields never split groups
+    assert {r.group for r in same} == {("full", "micro")}

@@ -149,7 +149,36 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]]]:
         raise ReportError(f"no runs found in {', '.join(map(str, paths))}; give run directories (config.yaml + summary.json) or a study directory (sweep.json)")
     if not runs:
         raise ReportError(f"no finished runs in {', '.join(map(str, paths))} ({len(problems)} failed or unfinished); see their sweep.log")
+    label_other_dimensions(runs)
     return runs, problems
+
+
+# fields that never split groups: seeds are averaged over, method fields belong to the method,
+# and the rest do not change what is trained
+_NOT_A_DIMENSION = ("train.seed", "method.", "model.", "data.cache_dir", "train.threads", "train.progress", "train.log_every",
+                    "train.eval_every", "train.device", "train.tensorboard", "train.wandb", "checkpoint.", "eval.", "analysis.")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def label_other_dimensions(runs: list[Run]) -> None:
+    """Runs that differ in more than method, size and seed (e.g. a grid over train.lr) must not be
+    averaged together: such fields join the size label, e.g. `micro lr=0.001`."""
+    flats = [_flat(r.config) for r in runs]
+    keys = sorted({k for f in flats for k in f})
+    varying = [k for k in keys if not k.startswith(_NOT_A_DIMENSION) and len({f.get(k) for f in flats}) > 1]
+    for r, f in zip(runs, flats):
+        extra = " ".join(f"{k.split('.')[-1]}={json.loads(f[k]) if k in f else '-'}" for k in varying)
+        if extra:
+            r.size = f"{r.size} {extra}"
 
 
 # --------------------------------------------------------------------------- tables
@@ -158,7 +187,8 @@ def group_order(runs: list[Run]) -> list[tuple[str, str]]:
 
     sizes = list(PRESETS)
     methods = ["full", "lora", "relora"]
-    rank = lambda g: (sizes.index(g[1]) if g[1] in sizes else len(sizes), g[1], methods.index(g[0]) if g[0] in methods else len(methods), g[0])  # noqa: E731
+    base = lambda size: size.split(" ")[0]  # noqa: E731  (the preset, before any extra dimension)
+    rank = lambda g: (sizes.index(base(g[1])) if base(g[1]) in sizes else len(sizes), g[1], methods.index(g[0]) if g[0] in methods else len(methods), g[0])  # noqa: E731
     return sorted({r.group for r in runs}, key=rank)
 
 
