@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from rankscope.methods import register_method
 from rankscope.methods.base import Method
-from rankscope.methods.sparse import adamw_update_
+from rankscope.methods.sparse import dense_adamw_
 from rankscope.optim import optimizer_state_bytes, targeted_groups
 
 
@@ -73,14 +73,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                done = int(state["step"].item())
                 if not group["galore"]:
-                    if "exp_avg" not in state:
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["step"] += 1
-                    adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], done + 1, lr, beta1, beta2, eps, wd)
+                    dense_adamw_(p, state, group)
                     continue
+                done = int(state["step"].item())
                 grad = p.grad
                 if done % group["update_proj_gap"] == 0:
                     state["projector"] = galore_projector(grad, min(group["rank"], *grad.shape))

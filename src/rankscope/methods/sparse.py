@@ -73,6 +73,16 @@ def adamw_update_(value: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: t
     value.addcdiv_(m, denom, value=-step_size)
 
 
+def dense_adamw_(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """Plain AdamW on a whole parameter: the groups SO and GaLore leave dense (embeddings, norms, head)."""
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["step"] += 1
+    (beta1, beta2) = group["betas"]
+    adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()), group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+
+
 class SparseAdamW(torch.optim.Optimizer):
     """AdamW whose groups with `sparse=True` update each parameter only on a moving random support.
 
@@ -129,22 +139,18 @@ class SparseAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
+                if not group["sparse"]:
+                    dense_adamw_(p, state, group)
+                    continue
                 done = int(state["step"].item())
-                if group["sparse"]:
-                    if done % group["support_every"] == 0:
-                        self.refresh(p, group, index[id(p)], done // group["support_every"])
-                    idx = state["support"]
-                    flat = p.view(-1)
-                    grad, value = p.grad.reshape(-1)[idx], flat[idx]
-                else:
-                    if "exp_avg" not in state:
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    grad, value = p.grad, p
+                if done % group["support_every"] == 0:
+                    self.refresh(p, group, index[id(p)], done // group["support_every"])
+                idx = state["support"]
+                flat = p.view(-1)
+                grad, value = p.grad.reshape(-1)[idx], flat[idx]
                 state["step"] += 1
                 adamw_update_(value, grad, state["exp_avg"], state["exp_avg_sq"], done + 1, lr, beta1, beta2, eps, wd)
-                if group["sparse"]:
-                    flat.index_copy_(0, idx, value)
+                flat.index_copy_(0, idx, value)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
