@@ -1,8 +1,7 @@
 """Device and precision choice, by what the hardware does well (never assumed).
 
 `precision: auto` picks bf16 autocast on a CUDA device with bf16 support and on CPUs whose flags
-advertise native bf16 dot products (avx512_bf16 or amx_bf16) for models wide enough to gain from
-it (see CPU_BF16_MIN_WIDTH); elsewhere fp32. On AVX2-only CPUs a
+advertise native bf16 dot products (avx512_bf16 or amx_bf16); elsewhere fp32. On AVX2-only CPUs a
 bf16 matmul is ~100x slower than fp32, so the flag check matters. Master weights stay fp32.
 """
 
@@ -49,20 +48,15 @@ def pick_device(spec: str, local_rank: int | None = None) -> torch.device:
     return dev
 
 
-# On CPUs, bf16 autocast re-casts every weight each step; bench/throughput.py measured that at
-# d_model 64-128 this costs more than the faster bf16 matmuls save, even with avx512_bf16 (micro
-# fp32 33k vs bf16 28k tokens/s, mini 8.6k vs 3.9k), so CPU autocast starts at wider models.
-CPU_BF16_MIN_WIDTH = 1024
-
-
-def pick_precision(device: torch.device, spec: str, d_model: int | None = None) -> str:
-    """'fp32' or 'bf16' (autocast with fp32 master weights)."""
+def pick_precision(device: torch.device, spec: str) -> str:
+    """'fp32' or 'bf16' (autocast with fp32 master weights). On a quiet 2-core avx512_bf16 CPU,
+    bench/throughput.py measured bf16 autocast 1.0x (micro), 1.18x (mini) and 1.10x (pico-tiny) the
+    fp32 tokens/s; on AVX2-only CPUs bf16 matmuls are ~100x slower, hence the flag check."""
     if spec != "auto":
         return spec
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    wide = d_model is None or d_model >= CPU_BF16_MIN_WIDTH
-    return "bf16" if cpu_has_fast_bf16() and wide else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
 def autocast(device: torch.device, precision: str):

@@ -102,7 +102,7 @@ class Trainer:
         if not self.dist.is_main:
             self.log = lambda *_: None
         self.build_run_dir()
-        self.precision = pick_precision(self.device, self.cfg.train.precision, self.cfg.model.d_model)
+        self.precision = pick_precision(self.device, self.cfg.train.precision)
         self.corpus = self.build_data()
         self.model, self.method = self.build_model()
         self.method.run_dir = self.run_dir
