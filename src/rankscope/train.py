@@ -27,10 +27,10 @@ import yaml
 
 from rankscope import checkpoint as ckpt
 from rankscope import distributed
-from rankscope.config import RunConfig, config_from_dict
+from rankscope.config import RunConfig
 from rankscope.data.corpus import Corpus, prepare
 from rankscope.data.stream import BatchStream
-from rankscope.errors import ConfigError, DataError, TrainingError
+from rankscope.errors import ConfigError, TrainingError
 from rankscope.methods import build_method
 from rankscope.methods.base import Method
 from rankscope.model import Decoder
@@ -401,9 +401,3 @@ def train(cfg: RunConfig, run_dir: str | Path, log=print) -> dict[str, Any]:
     finally:
         distributed.shutdown()
 
-
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise DataError(f"{run_dir} is not a run directory (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text()))
