@@ -35,6 +35,9 @@ def test_base_config_is_inherited(tmp_path):
         (["train.warmup_steps=1000", "train.max_steps=10"], "warmup_steps"),
         (["oops"], "must look like section.key=value"),
         (["method.dropout=1.5"], "method.dropout"),
+        (["train.parallel=fsdp", "method.name=galore"], "not 'galore'; use train.parallel=ddp"),
+        (["train.parallel=fsdp", "method.name=relora", "method.warm_start_steps=5"], "does not support a ReLoRA warm start"),
+        (["train.parallel=zero3"], "one of 'ddp', 'fsdp'"),
     ],
 )
 def test_bad_values_raise_one_clear_error(overrides, message):

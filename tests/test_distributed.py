@@ -1,4 +1,4 @@
-"""Data parallelism on CPU with gloo: N processes behave like one with N times the batch."""
+"""Data parallelism on CPU with gloo (DDP and FSDP2): N processes behave like one with N times the batch."""
 
 import hashlib
 import json
@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import tiny_config
 
+from rankscope import distributed
 from rankscope.train import Trainer, train
 
 
@@ -26,10 +27,13 @@ class MergeChecker:
     def __init__(self, out: Path, stop_at: int | None = None):
         self.out, self.stop_at, self.checks = out, stop_at, []
 
+    def wants(self, trainer, step):
+        return False  # reads trainer.model's own tensors, not the gathered eval model
+
     def on_step_end(self, trainer, step):
         if self.stop_at is not None and step == self.stop_at + 1:
             raise KeyboardInterrupt
-        if trainer.cfg.method.name == "relora" and step % trainer.cfg.method.reset_every == 0:
+        if trainer.cfg.method.name == "relora" and not trainer.sharded and step % trainer.cfg.method.reset_every == 0:
             h = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in trainer.model.state_dict().values())).hexdigest()
             hashes = [None] * dist.get_world_size()
             dist.all_gather_object(hashes, h)
@@ -49,8 +53,8 @@ def worker(rank, world, port, data_dir, run_dir, overrides, stop_at):
         trainer.run()
     except KeyboardInterrupt:
         pass
-    finally:
-        dist.destroy_process_group()
+    trainer = None  # as rankscope.train.train: drop the trainer, then shut the group down
+    distributed.shutdown()
 
 
 def spawn(world, data_dir, run_dir, overrides, stop_at=None):
@@ -105,3 +109,91 @@ def test_resume_on_a_different_number_of_ranks(prepared, tmp_path):
     assert len(b) == 12
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-5 * abs(x), (x, y)
+
+
+# --------------------------------------------------------------------------- FSDP2 (fully_shard)
+RELORA = ("method.name=relora", "method.rank=3", "method.reset_every=3", "method.restart_warmup_steps=1")
+
+
+def final_state(run):
+    from rankscope.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(run)
+    return ck.load("model"), ck.load("optimizer")
+
+
+def assert_close_states(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), (k, (a[k].float() - b[k].float()).abs().max())
+
+
+def test_fsdp_two_processes_match_one_with_gradient_accumulation(prepared, tmp_path):
+    train(tiny_config(prepared, *COMMON, "train.batch_size=8"), tmp_path / "one", log=lambda *_: None)
+    layout = [*COMMON, "train.batch_size=2", "train.grad_accum=2"]
+    spawn(2, prepared, tmp_path / "fsdp", [*layout, "train.parallel=fsdp"])
+    spawn(2, prepared, tmp_path / "ddp", layout)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert len(a) == len(b) == 12
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x), (x, y)
+    # the checkpoint of a sharded run holds full tensors under the same names as an unsharded one;
+    # against DDP with the same layout only the reduction (reduce-scatter vs all-reduce) differs
+    (ma, oa), (mb, ob) = final_state(tmp_path / "ddp"), final_state(tmp_path / "fsdp")
+    assert_close_states(ma, mb, 1e-6)
+    assert_close_states(oa, ob, 1e-6)
+
+
+def test_fsdp_relora_matches_ddp_through_merges_resets_and_in_loop_analysis(prepared, tmp_path):
+    """Merges, re-drawn adapters and pruned moments on uneven shards (rank 3 over 2 ranks), and
+    the in-loop rank metrics and evaluation read from rank 0's gathered replica."""
+    extra = [*COMMON, "train.batch_size=2", *RELORA, "analysis.every=4"]
+    spawn(2, prepared, tmp_path / "ddp", extra)
+    spawn(2, prepared, tmp_path / "fsdp", [*extra, "train.parallel=fsdp"])
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("ddp", "fsdp")}
+    assert len(rows["ddp"]) == len(rows["fsdp"])
+    merged_keys = 0
+    for r, s in zip(rows["ddp"], rows["fsdp"]):
+        assert r.keys() == s.keys()
+        for k, v in r.items():
+            if isinstance(v, float) and k != "tokens_per_s":
+                assert abs(v - s[k]) <= 1e-4 * max(1.0, abs(v)), (r["step"], k, v, s[k])
+        merged_keys += sum(k.endswith("/after_merge") for k in r)
+    assert merged_keys > 0 and any("rank/per/ov" in r for r in rows["fsdp"])
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["relora_merges"] == 4 and "val_loss_macro" in summary
+    (ma, oa), (mb, ob) = final_state(tmp_path / "ddp"), final_state(tmp_path / "fsdp")
+    assert_close_states(ma, mb, 1e-5)
+    assert_close_states(oa, ob, 1e-5)
+
+
+def set_run_config(run, **train_fields):
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"].update(train_fields)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return cfg
+
+
+def test_fsdp_checkpoints_resume_across_layouts(prepared, tmp_path):
+    """FSDP(2) stopped at step 8 resumes on one unsharded process; DDP(2) stopped at step 8
+    resumes under FSDP(2): the checkpoint is the same either way (full tensors)."""
+    from rankscope.config import config_from_dict
+
+    # no adapter dropout: one process with 8 rows draws other masks than two with 4
+    relora = [*RELORA, "method.dropout=0"]
+    train(tiny_config(prepared, *COMMON, "train.batch_size=8", *relora), tmp_path / "ref", log=lambda *_: None)
+    sharded = tmp_path / "fsdp_then_one"
+    spawn(2, prepared, sharded, [*COMMON, "train.batch_size=4", *relora, "train.parallel=fsdp"], stop_at=8)
+    train(config_from_dict(set_run_config(sharded, batch_size=8, parallel="ddp")), sharded, log=lambda *_: None)
+    replicated = tmp_path / "ddp_then_fsdp"
+    spawn(2, prepared, replicated, [*COMMON, "train.batch_size=4", *relora], stop_at=8)
+    set_run_config(replicated, parallel="fsdp")
+    spawn(2, prepared, replicated, [*COMMON, "train.batch_size=4", *relora, "train.parallel=fsdp"])
+    ref = losses(tmp_path / "ref")
+    for run in (sharded, replicated):
+        got = losses(run)
+        assert len(got) == 12
+        for x, y in zip(ref, got):
+            assert abs(x - y) <= 1e-5 * abs(x), (run.name, x, y)

@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_extra_verbs() -> None:
-    """Modules that add verbs (analyze, sweep, report, export) register them on import."""
-    for mod in ("rankscope.analysis.cli", "rankscope.study", "rankscope.report", "rankscope.export"):
+    """Modules that add verbs (analyze, sweep, report, export, lm-eval-tasks) register them on import."""
+    for mod in ("rankscope.analysis.cli", "rankscope.study", "rankscope.report", "rankscope.export", "rankscope.evaluate.harness"):
         try:
             __import__(mod)
         except ModuleNotFoundError as e:

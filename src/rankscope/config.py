@@ -110,6 +110,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = F("auto", "auto: bf16 autocast where the device computes bf16 fast, else fp32")
     device: str = F("auto", "auto, cpu, cuda or cuda:N")
     compile: bool = F(False, "wrap the model in torch.compile")
+    parallel: Literal["ddp", "fsdp"] = F("ddp", "under torchrun: ddp replicates the model; fsdp (FSDP2) shards weights, gradients and optimiser state (full, lora, relora)")
     threads: int = F(0, "torch CPU threads; 0 keeps torch's default")
     log_every: int = F(10, "steps between metrics.jsonl rows")
     eval_every: int = F(100, "steps between validation; 0 only at the end")
@@ -208,6 +209,10 @@ class AnalysisConfig:
         _check(not bad, f"analysis.components: unknown {bad}; valid components: {', '.join(valid)}")
 
 
+# methods whose optimiser and weight surgery work on FSDP2 shards (rankscope.sharding)
+FSDP_METHODS = ("full", "lora", "relora")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -225,6 +230,9 @@ class RunConfig:
                 section.validate()
         _check(self.train.seq_len <= self.model.max_seq_len, f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         _check(self.train.max_steps > self.train.warmup_steps or self.train.warmup_steps == 0, "train.warmup_steps must be below train.max_steps")
+        if self.train.parallel == "fsdp":
+            _check(self.method.name in FSDP_METHODS, f"train.parallel=fsdp supports method.name in {list(FSDP_METHODS)}, not {self.method.name!r}; use train.parallel=ddp")
+            _check(self.method.warm_start_steps == 0, "train.parallel=fsdp does not support a ReLoRA warm start (method.warm_start_steps > 0); use train.parallel=ddp")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,11 +8,15 @@ batch_size x grad_accum x world_size, and rank r reads rows [(m*world + r)*B, ..
 deterministic stream (rankscope.data.stream): N processes see exactly the rows one process with
 N times the batch sees. Checkpoints are written once, by rank 0, and hold nothing rank-specific
 except each rank's dropout RNG, so a run resumes on any number of ranks.
+
+`train.parallel=fsdp` shards weights, gradients and optimiser state instead of replicating them
+(rankscope.sharding); the loop, the batch stream and the checkpoint files stay the same.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -51,6 +55,9 @@ def init(info: DistInfo, device: torch.device) -> None:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        # free what still holds collectives (FSDP's pending reduce-scatters sit in reference cycles
+        # of the dropped trainer) while the process group exists
+        gc.collect()
         dist.destroy_process_group()
 
 

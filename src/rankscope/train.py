@@ -26,7 +26,7 @@ import torch.nn as nn
 import yaml
 
 from rankscope import checkpoint as ckpt
-from rankscope import distributed
+from rankscope import distributed, sharding
 from rankscope.config import RunConfig
 from rankscope.data.corpus import Corpus, prepare
 from rankscope.data.stream import BatchStream
@@ -47,6 +47,9 @@ class Callback(Protocol):
 
     # optional: on_method_event(trainer, event, step, model) -> dict | None, for events a method
     # emits mid-step (e.g. ReLoRA's 'before_merge' / 'after_merge'); rows are logged with the step
+    # optional: wants(trainer, step) -> bool, whether on_step_end will read the model at `step`
+    # (under FSDP the full weights are gathered only then; without it, every step). Callbacks
+    # read the model as `trainer.eval_model`.
 
 
 CALLBACK_FACTORIES: list[Callable[[RunConfig], Callback | None]] = []
@@ -104,17 +107,21 @@ class Trainer:
         self.build_run_dir()
         self.precision = pick_precision(self.device, self.cfg.train.precision)
         self.corpus = self.build_data()
+        self.sharded = self.dist.enabled and self.cfg.train.parallel == "fsdp"
         self.model, self.method = self.build_model()
         self.method.run_dir = self.run_dir
+        if self.sharded:  # before the optimiser: it must hold the sharded parameters
+            sharding.shard_model(self.model, self.precision, self.device)
+        elif self.cfg.train.parallel == "fsdp":
+            self.log("[train] train.parallel=fsdp on one process: nothing to shard, training unsharded")
         self.optimizer = self.method.build_optimizer(self.model, self.device)
         self.wrap_parallel()
         load_callback_modules()
         # evaluation and analysis run on rank 0 only; the other ranks wait at the next all-reduce
         self.callbacks = [cb for f in CALLBACK_FACTORIES if (cb := f(self.cfg)) is not None] if self.dist.is_main else []
         self.loggers = build_loggers(self.cfg, self.run_dir) if self.dist.is_main else []
-        for cb in self.callbacks:
-            if hasattr(cb, "on_method_event"):
-                self.method.listeners.append(lambda ev, st, m, cb=cb: cb.on_method_event(self, ev, st, m))
+        self.replica: nn.Module | None = None  # rank 0's unsharded copy for callbacks under FSDP
+        self.method.listeners.append(self.on_method_event)
         self.step = 0
         self.last_grads: dict[str, torch.Tensor] | None = None
         t = self.cfg.train
@@ -148,9 +155,10 @@ class Trainer:
         return self.dist.rank, self.dist.world_size
 
     def wrap_parallel(self) -> None:
-        """The module the loop calls: DDP over ranks and/or torch.compile; self.model stays plain."""
+        """The module the loop calls: DDP over ranks (FSDP shards self.model in place) and/or
+        torch.compile; self.model stays the Decoder."""
         module = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -161,21 +169,72 @@ class Trainer:
         model = Decoder(self.cfg.model)
         method = build_method(self.cfg)
         method.prepare_model(model)
-        model.to(self.device)
+        if not self.sharded:  # under FSDP only the shards move to the device (sharding.shard_model)
+            model.to(self.device)
         return model, method
+
+    # ------------------------------------------------------------------ callbacks
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model callbacks read: self.model, or under FSDP rank 0's replica (see sync_replica)."""
+        return self.replica if self.sharded else self.model
+
+    def sync_replica(self) -> None:
+        """Under FSDP, gather the full weights (collective) into rank 0's unsharded replica."""
+        state = sharding.full_model_state(self.model)
+        if not self.dist.is_main:
+            return
+        if self.replica is None:
+            with torch.random.fork_rng(devices=[]):  # building it must not move the dropout stream
+                self.replica = Decoder(self.cfg.model)
+                self.method.prepare_model(self.replica)
+            self.replica.to(self.device)
+        self.replica.load_state_dict(state)
+
+    def callbacks_need_model(self, wanted: bool) -> bool:
+        """Whether rank 0's callbacks want the model now; under FSDP all ranks learn it (one
+        all-reduce) and gather the replica together."""
+        if not self.sharded:
+            return wanted
+        wanted = sharding.any_rank_true(wanted, self.device)
+        if wanted:
+            self.sync_replica()
+        return wanted
+
+    def run_callbacks(self, step: int) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        self.callbacks_need_model(any(getattr(cb, "wants", lambda tr, st: True)(self, step) for cb in self.callbacks))
+        for cb in self.callbacks:
+            extra = cb.on_step_end(self, step)
+            if extra:
+                row.update({"step": step, "tokens": self.tokens_seen(step), **extra})
+        return row
+
+    def on_method_event(self, event: str, step: int, model: nn.Module) -> dict[str, Any]:
+        """Method events (ReLoRA's before/after merge) reach the callbacks that listen for them."""
+        listeners = [cb for cb in self.callbacks if hasattr(cb, "on_method_event")]
+        if not self.callbacks_need_model(bool(listeners)):
+            return {}
+        rows: dict[str, Any] = {}
+        for cb in listeners:
+            rows.update(cb.on_method_event(self, event, step, self.eval_model if self.sharded else model) or {})
+        return rows
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        """Rank 0 writes; every rank's dropout RNG is gathered into the one checkpoint."""
+        """Rank 0 writes; every rank's dropout RNG is gathered into the one checkpoint. Under FSDP
+        the shards are gathered first, so the files are the same as an unsharded run's."""
         rngs = distributed.gather_objects(torch.get_rng_state(), self.dist)
+        model_state = sharding.full_model_state(self.model)
+        opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer)
+        opt_tensors = sharding.full_optimizer_tensors(opt_tensors)
         if not self.dist.is_main:
             distributed.barrier(self.dist)
             return
-        opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer)
         extra = {"rng.torch": rngs[0], **{f"rng.torch.{r}": t for r, t in enumerate(rngs)}}
         if self.device.type == "cuda":
             extra["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        files = {"model": self.model.state_dict(), "optimizer": opt_tensors, "extra": extra}
+        files = {"model": model_state, "optimizer": opt_tensors, "extra": extra}
         if self.cfg.checkpoint.save_grads and self.last_grads:
             files["grads"] = self.last_grads
         meta = {"optimizer": opt_meta, "method": self.method.state_dict(), "method_name": self.method.name, "world_size": self.dist.world_size,
@@ -192,8 +251,9 @@ class Trainer:
             return
         if self.method.maybe_switch(found.step, self):  # restructure first if the checkpoint is past a switch
             self.wrap_parallel()
-        self.model.load_state_dict(found.load("model", str(self.device)))
-        ckpt.optimizer_from_tensors(self.optimizer, found.load("optimizer", str(self.device)), found.meta["optimizer"])
+        sharding.load_full_model_state(self.model, found.load("model", str(self.device)))
+        opt_tensors = sharding.shard_optimizer_tensors(self.optimizer, found.load("optimizer", str(self.device)))
+        ckpt.optimizer_from_tensors(self.optimizer, opt_tensors, found.meta["optimizer"])
         extra = found.load("extra")
         own = f"rng.torch.{self.dist.rank}"
         if found.meta.get("world_size", 1) == self.dist.world_size and own in extra:
@@ -240,9 +300,12 @@ class Trainer:
         total = 0.0
         for micro in range(t.grad_accum):
             x, y = self.train_stream.get(step, micro)
-            # DDP all-reduces gradients on the last micro-batch only
+            # DDP all-reduces (FSDP reduce-scatters) gradients on the last micro-batch only
             sync = micro == t.grad_accum - 1 or not self.dist.enabled
-            with (contextlib.nullcontext() if sync else self.forward_model.no_sync()), autocast(self.device, self.precision):
+            if self.sharded:
+                sharding.set_gradient_sync(self.model, sync)
+            no_sync = not sync and not self.sharded
+            with (self.forward_model.no_sync() if no_sync else contextlib.nullcontext()), autocast(self.device, self.precision):
                 loss = self.forward_model(x.to(self.device), y.to(self.device)) / t.grad_accum
                 loss.backward()
             total += loss.item()
@@ -253,7 +316,7 @@ class Trainer:
         if not math.isfinite(norm):
             raise TrainingError(f"non-finite gradient norm at step {step + 1} in {self.first_bad_grad()}; lower train.lr or set train.grad_clip; the last good checkpoint is kept")
         if self.cfg.checkpoint.save_grads and self.will_checkpoint(step + 1):
-            self.last_grads = {n: p.grad.detach().float().clone() for n, p in self.model.named_parameters() if p.grad is not None and p.dim() == 2}
+            self.last_grads = {n: sharding.full(p.grad).float().clone() for n, p in self.model.named_parameters() if p.grad is not None and p.dim() == 2}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm
@@ -261,12 +324,14 @@ class Trainer:
     def clip_grads(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.cfg.train.grad_clip > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        return float(sharding.full(norm))  # under FSDP the norm is a DTensor (already reduced)
 
     def first_bad_grad(self) -> str:
         for name, p in self.model.named_parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
+            if p.grad is not None and not torch.isfinite(sharding.local(p.grad)).all():
                 return name
         return "none (the loss itself overflowed)"
 
@@ -310,10 +375,7 @@ class Trainer:
                 row = {"step": self.step, "tokens": self.tokens_seen(self.step), "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm, "tokens_per_s": tps, **events}
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
                 row.update({"step": self.step, "tokens": self.tokens_seen(self.step), "val_loss": self.validation_loss()})
-            for cb in self.callbacks:
-                extra = cb.on_step_end(self, self.step)
-                if extra:
-                    row.update({"step": self.step, "tokens": self.tokens_seen(self.step), **extra})
+            row.update(self.run_callbacks(self.step))
             if row:
                 self.log_row(row)
             if self.will_checkpoint(self.step):
@@ -335,6 +397,7 @@ class Trainer:
     def finish(self, elapsed: float) -> dict[str, Any]:
         for logger in self.loggers:
             logger.close()
+        self.callbacks_need_model(bool(self.callbacks))  # on_train_end reads the model below
         if not self.dist.is_main:
             return {"steps": self.step}
         rows = [json.loads(ln) for ln in (self.run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()] if (self.run_dir / "metrics.jsonl").exists() else []
@@ -376,7 +439,7 @@ def _row_step(line: str) -> int:
 def _without_budget(cfg: dict) -> dict:
     """Fields that may change on resume (longer training, logging, progress bar) are ignored."""
     out = json.loads(json.dumps(cfg))
-    for key in ("max_steps", "progress", "log_every", "eval_every", "threads", "device", "tensorboard", "wandb", "wandb_project"):
+    for key in ("max_steps", "progress", "log_every", "eval_every", "threads", "device", "tensorboard", "wandb", "wandb_project", "parallel", "compile"):
         out.get("train", {}).pop(key, None)
     out.pop("checkpoint", None)
     out.pop("eval", None)

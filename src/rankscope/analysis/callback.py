@@ -67,9 +67,12 @@ class RankCallback:
             out[f"rank/{metric}/{comp}"] = float(np.mean(vals))
         return out
 
+    def wants(self, trainer, step: int) -> bool:
+        return step % self.every == 0
+
     def on_step_end(self, trainer, step: int) -> dict[str, Any] | None:
-        if step % self.every == 0:
-            return self.measure(trainer.model)
+        if self.wants(trainer, step):
+            return self.measure(trainer.eval_model)
         return None
 
     def on_train_end(self, trainer) -> dict[str, Any] | None:

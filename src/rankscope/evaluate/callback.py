@@ -42,7 +42,7 @@ class EvalCallback:
 
     def perplexity(self, trainer, step: int) -> dict[str, float]:
         e = self.cfg.eval
-        result = domain_perplexity(trainer.model, corpus_docset(trainer.corpus, e.split), self.cfg.train.seq_len,
+        result = domain_perplexity(trainer.eval_model, corpus_docset(trainer.corpus, e.split), self.cfg.train.seq_len,
                                    e.batch_size, e.max_docs, trainer.precision)
         self.latest_step["ppl"] = step
         return flat_perplexity(result, e.split)
@@ -51,9 +51,13 @@ class EvalCallback:
         e = self.cfg.eval
         if self.pairs is None:
             self.pairs = load_pairs(e.blimp_dir, e.blimp_max_pairs, e.blimp_skip_bad_rows, log=trainer.log)
-        result = evaluate_blimp(trainer.model, trainer.corpus.tokenizer, self.pairs, e.batch_size, trainer.precision)
+        result = evaluate_blimp(trainer.eval_model, trainer.corpus.tokenizer, self.pairs, e.batch_size, trainer.precision)
         self.latest_step["blimp"] = step
         return flat_blimp(result)
+
+    def wants(self, trainer, step: int) -> bool:
+        e = self.cfg.eval
+        return bool((e.per_domain and self.due(e.every, step, trainer)) or (e.blimp_dir and self.due(e.blimp_every, step, trainer)))
 
     def on_step_end(self, trainer, step: int) -> dict[str, Any] | None:
         e = self.cfg.eval

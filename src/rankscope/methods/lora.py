@@ -28,6 +28,7 @@ from rankscope.errors import RankscopeError
 from rankscope.methods import register_method
 from rankscope.methods.base import Method
 from rankscope.optim import build_adamw, check_coverage, optimizer_state_bytes, param_groups
+from rankscope.sharding import all_ranks_true, assign_, full, local, shard_of
 
 
 class MergeError(RankscopeError):
@@ -65,7 +66,7 @@ class LoRALinear(nn.Module):
         given generator gives the same A on every device."""
         a = torch.empty(self.lora_A.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        self.lora_A.copy_(a)
+        assign_(self.lora_A, a)  # under FSDP each rank keeps its rows of the same draw
         self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,23 +79,27 @@ class LoRALinear(nn.Module):
         return torch.promote_types(self.base.weight.dtype, torch.float32)
 
     def delta_weight(self) -> torch.Tensor:
-        """dW = (alpha / r) * B @ A, (out, in), in fp32 — the only place it is computed."""
+        """dW = (alpha / r) * B @ A, (out, in), in fp32 — the only place it is computed. Always the
+        full matrix: under FSDP the thin factors are all-gathered first (collective)."""
         dt = self.merge_dtype()
+        b, a = full(self.lora_B), full(self.lora_A)
         # autocast off: inside a bf16 autocast region the matmul would silently run in bf16
-        with torch.autocast(self.lora_A.device.type, enabled=False):
-            return self.scaling * (self.lora_B.detach().to(dt) @ self.lora_A.detach().to(dt))
+        with torch.autocast(a.device.type, enabled=False):
+            return self.scaling * (b.detach().to(dt) @ a.detach().to(dt))
 
     def effective_weight(self) -> torch.Tensor:
-        """The dense weight this layer applies: W + dW, fp32."""
-        return self.base.weight.detach().to(self.merge_dtype()) + self.delta_weight()
+        """The dense weight this layer applies: W + dW, fp32 (full, also under FSDP)."""
+        return full(self.base.weight).to(self.merge_dtype()) + self.delta_weight()
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + dW in fp32 on the master weight (ReLoRA §3). Does not touch A or B."""
-        merged = self.effective_weight()
-        if not torch.isfinite(merged).all():
+        """W <- W + dW in fp32 on the master weight (ReLoRA §3). Does not touch A or B. Under FSDP
+        each rank adds its rows of dW to its shard of W; a non-finite result on any rank stops all."""
+        w = self.base.weight
+        merged = local(w).to(self.merge_dtype()) + shard_of(self.delta_weight(), w)
+        if not all_ranks_true(bool(torch.isfinite(merged).all()), merged.device):
             raise MergeError("LoRA merge produced non-finite weights; lower train.lr or check the adapter (the last good checkpoint is kept)")
-        self.base.weight.copy_(merged.to(self.base.weight.dtype))
+        local(w).copy_(merged.to(w.dtype))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling}"

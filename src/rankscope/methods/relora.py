@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from rankscope.methods import register_method
 from rankscope.methods.lora import LoRAMethod, adapter_generator, lora_modules, lora_parameters, seeded_generator
 from rankscope.schedules import jagged_cosine
+from rankscope.sharding import full, local, shard_of
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -53,8 +54,8 @@ def keep_random_(tensors: list[torch.Tensor], keep_fraction: float, generator: t
     k = keep_count(n, keep_fraction)
     mask = torch.zeros(n, dtype=torch.bool)
     mask[torch.randperm(n, generator=generator)[:k]] = True
-    for t in tensors:
-        t.mul_(mask.to(t.device).view_as(t))
+    for t in tensors:  # under FSDP every rank draws the same full mask and applies its rows
+        local(t).mul_(shard_of(mask.view(t.shape), t))
     return k
 
 
@@ -66,17 +67,17 @@ def keep_top_magnitude_(t: torch.Tensor, keep_fraction: float) -> int:
     k = keep_count(n, keep_fraction)
     if k == n:
         return k
-    flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
     if k == 0:
         t.zero_()
         return 0
+    flat = full(t).reshape(-1)  # the top-k is global: under FSDP the moment is gathered first
     if k <= n - k:  # select the smaller side: topk cost grows with k
-        mask = torch.zeros(n, dtype=torch.bool, device=t.device)
+        mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
         mask[torch.topk(flat.abs(), k, sorted=False).indices] = True
     else:
-        mask = torch.ones(n, dtype=torch.bool, device=t.device)
+        mask = torch.ones(n, dtype=torch.bool, device=flat.device)
         mask[torch.topk(flat.abs(), n - k, largest=False, sorted=False).indices] = False
-    t.mul_(mask.view_as(t))
+    local(t).mul_(shard_of(mask.view(t.shape), t))
     return k
 
 
