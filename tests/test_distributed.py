@@ -61,6 +61,13 @@ def spawn(world, data_dir, run_dir, overrides, stop_at=None):
     mp.spawn(worker, args=(world, free_port(), str(data_dir), str(run_dir), list(overrides), stop_at), nprocs=world, join=True)
 
 
+def assert_same_curve(a, b, rel=1e-5):
+    """Two loss curves of the same length agree step by step to `rel` (relative)."""
+    assert len(a) == len(b)
+    for step, (x, y) in enumerate(zip(a, b), 1):
+        assert abs(x - y) <= rel * abs(x), (step, x, y)
+
+
 def losses(run):
     return [json.loads(x)["train_loss"] for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if "train_loss" in x]
 
@@ -79,8 +86,7 @@ def test_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path):
     spawn(2, prepared, tmp_path / "two", [*COMMON, "train.batch_size=4"])
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 12
-    for x, y in zip(a, b):
-        assert abs(x - y) <= 1e-5 * abs(x), (x, y)
+    assert_same_curve(a, b)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["tokens"] == 12 * 8 * 32
 
@@ -107,8 +113,7 @@ def test_resume_on_a_different_number_of_ranks(prepared, tmp_path):
     train(config_from_dict(cfg), run, log=lambda *_: None)
     a, b = losses(tmp_path / "ref"), losses(run)
     assert len(b) == 12
-    for x, y in zip(a, b):
-        assert abs(x - y) <= 1e-5 * abs(x), (x, y)
+    assert_same_curve(a, b)
 
 
 # --------------------------------------------------------------------------- FSDP2 (fully_shard)
@@ -135,8 +140,7 @@ def test_fsdp_two_processes_match_one_with_gradient_accumulation(prepared, tmp_p
     spawn(2, prepared, tmp_path / "ddp", layout)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
     assert len(a) == len(b) == 12
-    for x, y in zip(a, b):
-        assert abs(x - y) <= 1e-5 * abs(x), (x, y)
+    assert_same_curve(a, b)
     # the checkpoint of a sharded run holds full tensors under the same names as an unsharded one;
     # against DDP with the same layout only the reduction (reduce-scatter vs all-reduce) differs
     (ma, oa), (mb, ob) = final_state(tmp_path / "ddp"), final_state(tmp_path / "fsdp")
@@ -144,10 +148,59 @@ def test_fsdp_two_processes_match_one_with_gradient_accumulation(prepared, tmp_p
     assert_close_states(oa, ob, 1e-6)
 
 
+def shard_ops_worker(rank, world, port, out):
+    """On uneven shards (5 output rows, LoRA rank 3, over 2 ranks): every ReLoRA reset mode and
+    the merge give exactly the tensors the same operation gives on the unsharded layer."""
+    import copy
+    import os
+
+    from torch.distributed.fsdp import fully_shard
+
+    from rankscope.methods.lora import LoRALinear, seeded_generator
+    from rankscope.methods.relora import reset_state_
+    from rankscope.sharding import full
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    plain = LoRALinear(torch.nn.Linear(7, 5, bias=False), rank=3, alpha=6.0)
+    sharded = copy.deepcopy(plain)
+    fully_shard(sharded)
+    results = {}
+    for name, layer in (("plain", plain), ("sharded", sharded)):
+        opt = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=0.1)
+        for _ in range(2):  # B and A both non-zero and with moments
+            layer(torch.randn(4, 7, generator=torch.Generator().manual_seed(1))).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        got = {}
+        for mode in ("random_prune", "magnitude_prune", "zero"):
+            for i, p in enumerate((layer.lora_A, layer.lora_B)):
+                state = {k: v.clone() for k, v in opt.state[p].items()}
+                reset_state_(state, mode, 0.5, seeded_generator(9, i))
+                got.update({f"{mode}.{i}.{k}": full(v) for k, v in state.items() if k != "step"})
+        layer.merge()
+        got["merged"] = full(layer.base.weight)
+        results[name] = got
+    same = all(torch.equal(results["plain"][k], results["sharded"][k]) for k in results["plain"])
+    if rank == 0:
+        Path(out).write_text(json.dumps({"same": same, "keys": len(results["plain"])}))
+    sharded = opt = None
+    distributed.shutdown()
+
+
+def test_relora_resets_and_merge_on_uneven_shards_equal_the_unsharded_ones(tmp_path):
+    out = tmp_path / "result.json"
+    mp.spawn(shard_ops_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    assert json.loads(out.read_text()) == {"same": True, "keys": 13}
+
+
 def test_fsdp_relora_matches_ddp_through_merges_resets_and_in_loop_analysis(prepared, tmp_path):
-    """Merges, re-drawn adapters and pruned moments on uneven shards (rank 3 over 2 ranks), and
-    the in-loop rank metrics and evaluation read from rank 0's gathered replica."""
-    extra = [*COMMON, "train.batch_size=2", *RELORA, "analysis.every=4"]
+    """Merges, re-drawn adapters and pruned moments on uneven shards (rank 3 over 2 ranks), the
+    per-cycle updates saved, and the in-loop rank metrics and evaluation read from rank 0's
+    gathered replica. (magnitude_prune is left to the test above: its top-k cut is discontinuous,
+    so 1e-7 differences between the two reductions pick other entries over a run.)"""
+    extra = [*COMMON, "train.batch_size=2", *RELORA, "analysis.every=4", "method.save_cycle_updates=true"]
     spawn(2, prepared, tmp_path / "ddp", extra)
     spawn(2, prepared, tmp_path / "fsdp", [*extra, "train.parallel=fsdp"])
     rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("ddp", "fsdp")}
@@ -157,7 +210,9 @@ def test_fsdp_relora_matches_ddp_through_merges_resets_and_in_loop_analysis(prep
         assert r.keys() == s.keys()
         for k, v in r.items():
             if isinstance(v, float) and k != "tokens_per_s":
-                assert abs(v - s[k]) <= 1e-4 * max(1.0, abs(v)), (r["step"], k, v, s[k])
+                # condition numbers (s_max / s_min ~ 1e4 here) magnify 1e-6 weight differences
+                tol = 1e-2 if k.startswith("rank/cond/") else 1e-4
+                assert abs(v - s[k]) <= tol * max(1.0, abs(v)), (r["step"], k, v, s[k])
         merged_keys += sum(k.endswith("/after_merge") for k in r)
     assert merged_keys > 0 and any("rank/per/ov" in r for r in rows["fsdp"])
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
@@ -165,6 +220,32 @@ def test_fsdp_relora_matches_ddp_through_merges_resets_and_in_loop_analysis(prep
     (ma, oa), (mb, ob) = final_state(tmp_path / "ddp"), final_state(tmp_path / "fsdp")
     assert_close_states(ma, mb, 1e-5)
     assert_close_states(oa, ob, 1e-5)
+    from safetensors.torch import load_file
+
+    updates = {name: sorted((tmp_path / name / "relora_updates").iterdir()) for name in ("ddp", "fsdp")}
+    assert [f.name for f in updates["ddp"]] == [f.name for f in updates["fsdp"]] and len(updates["fsdp"]) == 4
+    for a, b in zip(updates["ddp"], updates["fsdp"]):
+        assert_close_states(load_file(a), load_file(b), 1e-5)
+
+
+def test_fsdp_bf16_trains_like_ddp_bf16(prepared, tmp_path):
+    """bf16: FSDP all-gathers bf16 weights (norms included) where DDP autocasts the matmuls only,
+    so the curves agree closely but not to fp32 precision."""
+    extra = [*COMMON, "train.batch_size=4", "train.precision=bf16"]
+    spawn(2, prepared, tmp_path / "ddp", extra)
+    spawn(2, prepared, tmp_path / "fsdp", [*extra, "train.parallel=fsdp"])
+    a, b = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert len(a) == len(b) == 12 and b[-1] < b[0] - 0.2
+    assert_same_curve(a, b, 1e-2)
+
+
+@pytest.mark.slow
+def test_fsdp_with_torch_compile_matches_eager(prepared, tmp_path):
+    # no adapter dropout: compiled code draws its masks from another generator than eager
+    extra = [*COMMON, "train.batch_size=4", "train.parallel=fsdp", *RELORA, "method.dropout=0"]
+    spawn(2, prepared, tmp_path / "eager", extra)
+    spawn(2, prepared, tmp_path / "compiled", [*extra, "train.compile=true"])
+    assert_same_curve(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), 1e-4)
 
 
 def set_run_config(run, **train_fields):
@@ -195,5 +276,4 @@ def test_fsdp_checkpoints_resume_across_layouts(prepared, tmp_path):
     for run in (sharded, replicated):
         got = losses(run)
         assert len(got) == 12
-        for x, y in zip(ref, got):
-            assert abs(x - y) <= 1e-5 * abs(x), (run.name, x, y)
+        assert_same_curve(ref, got)

@@ -71,6 +71,11 @@ def test_lm_eval_scores_the_export_as_rankscope_does(exported, tmp_path):
     assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_lm_eval_tasks_needs_blimp_files(tmp_path, capsys):
+def test_lm_eval_tasks_errors_are_one_line(tmp_path, capsys):
     assert main(["lm-eval-tasks", "-o", str(tmp_path / "tasks"), "--blimp", str(tmp_path)]) == 2
     assert "no BLiMP *.jsonl files" in capsys.readouterr().err
+    (tmp_path / "x.jsonl").write_text('{"sentence_good": "a", "sentence_bad": "b"}\n')
+    (tmp_path / "taken").write_text("a file")
+    assert main(["lm-eval-tasks", "-o", str(tmp_path / "taken"), "--blimp", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot make the task folder") and err.count("\n") == 1

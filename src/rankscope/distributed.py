@@ -70,6 +70,24 @@ def mean(value: float, info: DistInfo, device: torch.device) -> float:
     return float(t.item()) / info.world_size
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the initialised process group, or a single process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` is true on every rank (identity on one process); every rank calls it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def any_rank_true(flag: bool, device: torch.device) -> bool:
+    return not all_ranks_true(not flag, device)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

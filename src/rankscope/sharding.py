@@ -35,8 +35,8 @@ def model_is_sharded(model: nn.Module) -> bool:
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor; collective for a DTensor (all ranks call it in the same order)."""
-    return t.detach().full_tensor() if is_sharded(t) else t
+    """The whole tensor, detached; collective for a DTensor (all ranks call it in the same order)."""
+    return t.detach().full_tensor() if is_sharded(t) else t.detach()
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -46,9 +46,9 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def shard_of(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's part of the full tensor `x` in the layout of `like` (x itself when `like` is
     plain). Every rank holds the same `x`, so each slices its own rows: no communication."""
+    x = x.detach().to(device=like.device)
     if not is_sharded(like):
         return x
-    x = x.detach().to(device=like.device)
     return distribute_tensor(x, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
@@ -56,19 +56,6 @@ def shard_of(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def assign_(target: torch.Tensor, x: torch.Tensor) -> None:
     """target <- x, where x is the full value and target may be a shard."""
     local(target).copy_(shard_of(x, target))
-
-
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """True only if `flag` is true on every rank (identity on one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def any_rank_true(flag: bool, device: torch.device) -> bool:
-    return not all_ranks_true(not flag, device)
 
 
 # --------------------------------------------------------------------------- sharding a model
@@ -116,9 +103,15 @@ def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
-def full_optimizer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Gather every sharded optimiser-state tensor (collective; same key order on every rank)."""
-    return {k: full(v).cpu() if is_sharded(v) else v for k, v in tensors.items()}
+def full_optimizer_tensors(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Gather every sharded optimiser-state tensor, one at a time (collective; the same key order
+    on every rank); only a rank with `keep` (rank 0) holds the results, on its CPU."""
+    out = {}
+    for k, v in tensors.items():
+        v = full(v).cpu() if is_sharded(v) else v
+        if keep:
+            out[k] = v
+    return out
 
 
 def shard_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -196,7 +196,7 @@ class Trainer:
         all-reduce) and gather the replica together."""
         if not self.sharded:
             return wanted
-        wanted = sharding.any_rank_true(wanted, self.device)
+        wanted = distributed.any_rank_true(wanted, self.device)
         if wanted:
             self.sync_replica()
         return wanted
@@ -217,7 +217,7 @@ class Trainer:
             return {}
         rows: dict[str, Any] = {}
         for cb in listeners:
-            rows.update(cb.on_method_event(self, event, step, self.eval_model if self.sharded else model) or {})
+            rows.update(cb.on_method_event(self, event, step, self.replica if self.sharded else model) or {})
         return rows
 
     # ------------------------------------------------------------------ checkpoints
@@ -227,7 +227,7 @@ class Trainer:
         rngs = distributed.gather_objects(torch.get_rng_state(), self.dist)
         model_state = sharding.full_model_state(self.model)
         opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer)
-        opt_tensors = sharding.full_optimizer_tensors(opt_tensors)
+        opt_tensors = sharding.full_optimizer_tensors(opt_tensors, keep=self.dist.is_main)
         if not self.dist.is_main:
             distributed.barrier(self.dist)
             return
@@ -251,8 +251,10 @@ class Trainer:
             return
         if self.method.maybe_switch(found.step, self):  # restructure first if the checkpoint is past a switch
             self.wrap_parallel()
-        sharding.load_full_model_state(self.model, found.load("model", str(self.device)))
-        opt_tensors = sharding.shard_optimizer_tensors(self.optimizer, found.load("optimizer", str(self.device)))
+        # under FSDP the full tensors stay on the CPU; each rank moves only its shards to the device
+        where = "cpu" if self.sharded else str(self.device)
+        sharding.load_full_model_state(self.model, found.load("model", where))
+        opt_tensors = sharding.shard_optimizer_tensors(self.optimizer, found.load("optimizer", where))
         ckpt.optimizer_from_tensors(self.optimizer, opt_tensors, found.meta["optimizer"])
         extra = found.load("extra")
         own = f"rng.torch.{self.dist.rank}"
@@ -316,10 +318,21 @@ class Trainer:
         if not math.isfinite(norm):
             raise TrainingError(f"non-finite gradient norm at step {step + 1} in {self.first_bad_grad()}; lower train.lr or set train.grad_clip; the last good checkpoint is kept")
         if self.cfg.checkpoint.save_grads and self.will_checkpoint(step + 1):
-            self.last_grads = {n: sharding.full(p.grad).float().clone() for n, p in self.model.named_parameters() if p.grad is not None and p.dim() == 2}
+            self.last_grads = self.gradient_snapshot()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm
+
+    def gradient_snapshot(self) -> dict[str, torch.Tensor] | None:
+        """The 2-D gradients the optimiser is about to use, fp32 on rank 0's CPU (None elsewhere);
+        under FSDP gathered one tensor at a time."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and p.dim() == 2:
+                g = sharding.full(p.grad)
+                if self.dist.is_main:
+                    out[name] = g.float().cpu().clone()
+        return out if self.dist.is_main else None
 
     def clip_grads(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -331,7 +344,10 @@ class Trainer:
 
     def first_bad_grad(self) -> str:
         for name, p in self.model.named_parameters():
-            if p.grad is not None and not torch.isfinite(sharding.local(p.grad)).all():
+            if p.grad is None:
+                continue
+            bad = not torch.isfinite(sharding.local(p.grad)).all()
+            if distributed.any_rank_true(bad, self.device) if self.sharded else bad:  # shards: ask every rank
                 return name
         return "none (the loss itself overflowed)"
 
@@ -459,8 +475,11 @@ def peak_memory(device: torch.device) -> int:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, log=print) -> dict[str, Any]:
+    trainer = None
     try:
-        return Trainer(cfg, Path(run_dir), log).run()
+        trainer = Trainer(cfg, Path(run_dir), log)
+        return trainer.run()
     finally:
+        trainer = None  # also on errors: the traceback must not keep FSDP state past shutdown
         distributed.shutdown()
 

@@ -55,16 +55,20 @@ class EvalCallback:
         self.latest_step["blimp"] = step
         return flat_blimp(result)
 
+    def perplexity_due(self, trainer, step: int) -> bool:
+        return bool(self.cfg.eval.per_domain and self.due(self.cfg.eval.every, step, trainer))
+
+    def blimp_due(self, trainer, step: int) -> bool:
+        return bool(self.cfg.eval.blimp_dir and self.due(self.cfg.eval.blimp_every, step, trainer))
+
     def wants(self, trainer, step: int) -> bool:
-        e = self.cfg.eval
-        return bool((e.per_domain and self.due(e.every, step, trainer)) or (e.blimp_dir and self.due(e.blimp_every, step, trainer)))
+        return self.perplexity_due(trainer, step) or self.blimp_due(trainer, step)
 
     def on_step_end(self, trainer, step: int) -> dict[str, Any] | None:
-        e = self.cfg.eval
         row: dict[str, Any] = {}
-        if e.per_domain and self.due(e.every, step, trainer):
+        if self.perplexity_due(trainer, step):
             row.update(self.perplexity(trainer, step))
-        if e.blimp_dir and self.due(e.blimp_every, step, trainer):
+        if self.blimp_due(trainer, step):
             row.update(self.blimp(trainer, step))
         self.latest.update(row)
         return row or None

@@ -45,7 +45,10 @@ def write_blimp_tasks(blimp_dir: str | Path, out: str | Path) -> list[str]:
     files = sorted(blimp_dir.glob("*.jsonl")) if blimp_dir.is_dir() else []
     if not files:
         raise DataError(f"no BLiMP *.jsonl files in {blimp_dir}; pass --blimp with the folder of the 67 BLiMP files (e.g. ../shared/data/blimp)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot make the task folder {out} ({e.strerror}); pass -o with a new or existing folder") from None
     (out / TEMPLATE).write_text(yaml.safe_dump(TASK_TEMPLATE, sort_keys=False))
     names = []
     for f in files:

@@ -28,7 +28,8 @@ from rankscope.errors import RankscopeError
 from rankscope.methods import register_method
 from rankscope.methods.base import Method
 from rankscope.optim import build_adamw, check_coverage, optimizer_state_bytes, param_groups
-from rankscope.sharding import all_ranks_true, assign_, full, local, shard_of
+from rankscope.distributed import all_ranks_true
+from rankscope.sharding import assign_, full, local, shard_of
 
 
 class MergeError(RankscopeError):
@@ -92,11 +93,13 @@ class LoRALinear(nn.Module):
         return full(self.base.weight).to(self.merge_dtype()) + self.delta_weight()
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """W <- W + dW in fp32 on the master weight (ReLoRA §3). Does not touch A or B. Under FSDP
-        each rank adds its rows of dW to its shard of W; a non-finite result on any rank stops all."""
+    def merge(self, delta: torch.Tensor | None = None) -> None:
+        """W <- W + dW in fp32 on the master weight (ReLoRA §3); `delta` is this layer's
+        `delta_weight()` where the caller already has it. Does not touch A or B. Under FSDP each
+        rank adds its rows of dW to its shard of W; a non-finite result on any rank stops all."""
         w = self.base.weight
-        merged = local(w).to(self.merge_dtype()) + shard_of(self.delta_weight(), w)
+        delta = self.delta_weight() if delta is None else delta
+        merged = local(w).to(self.merge_dtype()) + shard_of(delta, w)
         if not all_ranks_true(bool(torch.isfinite(merged).all()), merged.device):
             raise MergeError("LoRA merge produced non-finite weights; lower train.lr or check the adapter (the last good checkpoint is kept)")
         local(w).copy_(merged.to(w.dtype))

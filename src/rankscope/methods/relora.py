@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from rankscope.methods import register_method
 from rankscope.methods.lora import LoRAMethod, adapter_generator, lora_modules, lora_parameters, seeded_generator
+from rankscope.distributed import is_main_process
 from rankscope.schedules import jagged_cosine
 from rankscope.sharding import full, local, shard_of
 
@@ -133,12 +134,16 @@ class ReLoRAMethod(LoRAMethod):
     def merge_and_restart(self, step: int, model: nn.Module) -> dict[str, Any]:
         rows = self.emit("before_merge", step, model)
         cycle = self.merges + 1
-        modules = lora_modules(model)
-        if self.cfg.method.save_cycle_updates:
-            self.save_update(cycle, step, {name: m.delta_weight() for name, m in modules.items()})
-        for index, m in enumerate(modules.values()):
-            m.merge()
+        keep = self.cfg.method.save_cycle_updates and is_main_process()
+        deltas = {}
+        for index, (name, m) in enumerate(lora_modules(model).items()):
+            delta = m.delta_weight()  # computed once: saved and merged
+            if keep:
+                deltas[name] = delta.cpu()
+            m.merge(delta)
             m.reset_adapter(adapter_generator(self.cfg.train.seed, cycle, index))
+        if keep:
+            self.save_update(cycle, step, deltas)
         self.merges = cycle
         rows.update(self.emit("after_merge", step, model))
         rows["relora_merge"] = cycle
