@@ -11,7 +11,8 @@ from rankscope.config import load_config
 from rankscope.errors import ConfigError
 from rankscope.loading import load_trained
 from rankscope.methods import build_method
-from rankscope.methods.adaptive import allocate_ranks, match_memory, measured_state_bytes, update_effective_rank
+from rankscope.methods.adaptive import allocate_ranks, update_effective_rank
+from rankscope.methods.memory import match_memory, measured_state_bytes
 from rankscope.methods.lora import LoRALinear, lora_modules
 from rankscope.model import Decoder
 from rankscope.train import train

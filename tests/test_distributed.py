@@ -48,7 +48,7 @@ def worker(rank, world, port, data_dir, run_dir, overrides, stop_at):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     trainer = Trainer(tiny_config(data_dir, *overrides), Path(run_dir), log=lambda *_: None)
-    trainer.callbacks.append(MergeChecker(Path(run_dir) / f"merge_checks.json", stop_at))
+    trainer.callbacks.append(MergeChecker(Path(run_dir) / "merge_checks.json", stop_at))
     try:
         trainer.run()
     except KeyboardInterrupt:

@@ -6,7 +6,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rankscope.config import load_config
 from rankscope.methods import build_method
 from rankscope.methods.lora import lora_modules, lora_parameters, seeded_generator
 from rankscope.methods.relora import keep_random_, keep_top_magnitude_, reset_state_

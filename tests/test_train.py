@@ -14,7 +14,7 @@ from helpers import REPO, Crash, CrashAfter, assert_same_final_weights, crash_an
 from rankscope import checkpoint as ckpt
 from rankscope.cli import main
 from rankscope.errors import TrainingError
-from rankscope.train import Trainer, register_callback, train, CALLBACK_FACTORIES
+from rankscope.train import Trainer, train
 
 
 def rows(run):

@@ -12,7 +12,7 @@ A study file (YAML):
     when:                           # extra overrides for points matching key=value
       model.preset=mini: [train.lr=2e-3]
     match_memory: relora            # optional: bytes, or a method name whose optimiser state every
-                                    # point's rank / density is matched to (methods.adaptive.apply_memory_match)
+                                    # point's rank / density is matched to (methods.memory.apply_memory_match)
     after: [eval, analyze]          # steps run on each finished run (see STEPS)
     eval_args: [--blimp, ../shared/data/blimp, --blimp-max-pairs, "100"]
     parallel: 2                     # runs at once (threads are split between them)
@@ -113,7 +113,7 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
         cfg_dict = merge_dicts(base, parse_overrides(over))
         cfg = config_from_dict(cfg_dict)  # validate every point before running any
         if spec.get("match_memory") is not None:  # equal optimiser memory: rank / density per point
-            from rankscope.methods.adaptive import apply_memory_match
+            from rankscope.methods.memory import apply_memory_match
 
             cfg = apply_memory_match(cfg, spec["match_memory"])
         pname = point_name(values)

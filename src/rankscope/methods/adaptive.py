@@ -1,5 +1,5 @@
 """Adaptive-rank ReLoRA: ReLoRA whose per-layer adapter ranks are re-chosen at every restart,
-within a global budget of adapter parameters; and equal-memory matching of methods.
+within a global budget of adapter parameters (equal-memory matching of methods: methods/memory.py).
 
 Budget: sum_i r_i (m_i + n_i) <= B over the adapted (m_i x n_i) linears, B = method.rank_budget or,
 when 0, what uniform method.rank uses. `method.rank_schedule`:
@@ -22,17 +22,10 @@ trainer rebuilds the optimiser through `maybe_switch` (full-rank parameters keep
 LoRA moments start from zero, since the factors changed shape). The per-layer ranks are part of
 the method state in each checkpoint; on resume `maybe_switch` (called by the trainer before it loads
 the checkpoint) re-wraps the layers with the checkpoint's ranks first.
-
-Equal memory: `measured_state_bytes(cfg)` builds the model, method and optimiser and counts the
-optimiser-state bytes after one zero-gradient step; `match_memory(cfg, target)` returns a copy of
-the config with method.rank (LoRA family, GaLore) or method.density (SO) set to the largest value
-whose optimiser state fits in `target` bytes; the study option `match_memory: relora` (or a byte
-count) applies it to every point (`apply_memory_match`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from fnmatch import fnmatch
 from typing import Any
@@ -225,93 +218,3 @@ class AdaptiveReLoRAMethod(ReLoRAMethod):
         layers = target_linears(model, self.cfg.method.targets)
         used = sum(self.ranks[n] * (lin.in_features + lin.out_features) for n, lin in layers.items()) if self.ranks else 0
         return {**super().report(model, optimizer), "adaptive_ranks": dict(self.ranks), "adaptive_adapter_params": used, "adaptive_rank_budget": self.budget(layers)}
-
-
-# --------------------------------------------------------------------------- equal memory
-def measured_state_bytes(cfg) -> int:
-    """Optimiser-state bytes of `cfg`'s method on its model, after one zero-gradient step (lr 0)."""
-    from rankscope.methods import build_method
-    from rankscope.model import Decoder
-    from rankscope.optim import optimizer_state_bytes
-
-    torch.manual_seed(cfg.train.seed)
-    model = Decoder(cfg.model)
-    method = build_method(cfg)
-    method.prepare_model(model)
-    opt = method.build_optimizer(model, torch.device("cpu"))
-    for g in opt.param_groups:
-        g["lr"] = 0.0
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    opt.step()
-    return optimizer_state_bytes(opt)
-
-
-RANKED = ("lora", "relora", "adaptive", "hybrid", "galore")
-
-
-def match_memory(cfg, target_bytes: int):
-    """A copy of `cfg` whose optimiser state is the largest that fits in `target_bytes`: method.rank
-    (LoRA family, GaLore; bisection over integer ranks, state grows with the rank) or
-    method.density (SO: state = fixed part + 16 bytes per support entry (int64 index, fp32 m and v),
-    solved by bisection on the exact support sizes). Other methods raise ConfigError."""
-    out = copy.deepcopy(cfg)
-    name = cfg.method.name
-    if name in RANKED:
-        from rankscope.model import Decoder
-
-        lo, hi = 1, max(min(lin.in_features, lin.out_features) for lin in target_linears(Decoder(cfg.model), cfg.method.targets).values())
-
-        def bytes_at(r: int) -> int:
-            out.method.rank = r
-            out.method.rank_min = min(out.method.rank_min, r)
-            return measured_state_bytes(out)
-
-        if bytes_at(lo) > target_bytes:
-            raise ConfigError(f"{target_bytes} optimiser-state bytes are below what {name} needs at rank 1 ({bytes_at(1)})")
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            try:
-                fits = bytes_at(mid) <= target_bytes
-            except Exception:  # a rank above some layer's min(m, n)
-                fits = False
-            lo, hi = (mid, hi) if fits else (lo, mid - 1)
-        bytes_at(lo)
-        return out
-    if name == "so":
-        from rankscope.methods.sparse import support_size
-        from rankscope.optim import targeted_weights
-        from rankscope.model import Decoder
-
-        sizes = [p.numel() for p in targeted_weights(Decoder(cfg.model), cfg.method.targets)]
-        fixed = measured_state_bytes(cfg) - 16 * sum(support_size(n, cfg.method.density) for n in sizes)
-        need = lambda d: fixed + 16 * sum(support_size(n, d) for n in sizes)  # noqa: E731
-        if need(1e-12) > target_bytes:
-            raise ConfigError(f"{target_bytes} optimiser-state bytes are below what so needs at the smallest density ({need(1e-12)})")
-        lo, hi = 0.0, 1.0
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if need(mid) <= target_bytes else (lo, mid)
-        out.method.density = max(lo, 1e-12) if need(1.0) > target_bytes else 1.0
-        return out
-    raise ConfigError(f"method.name={name} has no memory knob; match_memory works for {', '.join(RANKED)} and so")
-
-
-def apply_memory_match(cfg, target: int | str):
-    """The study option `match_memory: <bytes | method name>`: a copy of `cfg` with its rank or
-    density matched (`match_memory`) to `target` bytes, or to the optimiser state of the named
-    method on the same config. Points whose method has no knob (full) or that are the reference
-    method itself are returned unchanged."""
-    name = cfg.method.name
-    if isinstance(target, str) and not target.isdigit():
-        if target == name:
-            return cfg
-        ref = copy.deepcopy(cfg)
-        ref.method.name = target
-        target_bytes = measured_state_bytes(ref)
-    else:
-        target_bytes = int(target)
-    if name not in RANKED and name != "so":
-        return cfg
-    return match_memory(cfg, target_bytes)
