@@ -429,6 +429,9 @@ class Trainer:
             "precision": self.precision, "parameters": self.model.num_params(), "world_size": self.dist.world_size,
             **self.method.report(self.model, self.optimizer),
         }
+        if self.sharded:  # the report counts whole tensors; what rank 0 itself holds under FSDP:
+            summary["optimizer_state_bytes_per_rank"] = sum(sharding.local(t).numel() * t.element_size() for st in self.optimizer.state.values()
+                                                           for t in st.values() if torch.is_tensor(t))
         peak = peak_flops(self.device, self.precision)
         if peak and summary["tokens_per_s"]:
             # model FLOPs utilisation: 6 N (+ attention) FLOPs per token, against the device's peak
