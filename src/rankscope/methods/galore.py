@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from rankscope.methods import register_method
 from rankscope.methods.base import Method
-from rankscope.methods.sparse import dense_adamw_
+from rankscope.methods.sparse import SplitAdamW
 from rankscope.optim import optimizer_state_bytes, targeted_groups
 
 
@@ -50,8 +50,10 @@ def project_back(low: torch.Tensor, P: torch.Tensor, shape: torch.Size) -> torch
     return low @ P if projection_side(shape) == "right" else P @ low
 
 
-class GaLoreAdamW(torch.optim.Optimizer):
+class GaLoreAdamW(SplitAdamW):
     """AdamW; groups with `galore=True` run Adam in a rank-`rank` gradient subspace (see module)."""
+
+    flag = "galore"
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  rank: int = 16, update_proj_gap: int = 200, scale: float = 0.25):
@@ -59,42 +61,28 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         rank=rank, update_proj_gap=update_proj_gap, scale=scale)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                if not group["galore"]:
-                    dense_adamw_(p, state, group)
-                    continue
-                done = int(state["step"].item())
-                grad = p.grad
-                if done % group["update_proj_gap"] == 0:
-                    state["projector"] = galore_projector(grad, min(group["rank"], *grad.shape))
-                low = project(grad, state["projector"])
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(low)
-                    state["exp_avg_sq"] = torch.zeros_like(low)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(low, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-                state["step"] += 1
-                t = done + 1
-                step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                update = project_back(m / (v.sqrt() + eps), state["projector"], p.shape)
-                p.add_(update, alpha=-step_size * group["scale"])
-                if wd > 0:
-                    p.add_(p, alpha=-lr * wd)
-        return loss
+    def special_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> None:
+        """Adam in the rank-r subspace of the gradient, projected back; the projector is
+        refreshed from the gradient's SVD every `update_proj_gap` steps."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        done = int(state["step"].item())
+        grad = p.grad
+        if done % group["update_proj_gap"] == 0:
+            state["projector"] = galore_projector(grad, min(group["rank"], *grad.shape))
+        low = project(grad, state["projector"])
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(low)
+            state["exp_avg_sq"] = torch.zeros_like(low)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(beta1).add_(low, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+        state["step"] += 1
+        t = done + 1
+        step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        update = project_back(m / (v.sqrt() + eps), state["projector"], p.shape)
+        p.add_(update, alpha=-step_size * group["scale"])
+        if wd > 0:
+            p.add_(p, alpha=-lr * wd)
 
 
 @register_method("galore")

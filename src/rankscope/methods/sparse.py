@@ -83,21 +83,54 @@ def dense_adamw_(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) 
     adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()), group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
 
 
-class SparseAdamW(torch.optim.Optimizer):
+class SplitAdamW(torch.optim.Optimizer):
+    """AdamW over param groups, where groups whose option `flag` is set take `special_step` instead
+    (SO's sparse support, GaLore's projection); the loop, the step counter and the dense groups
+    (embeddings, norms, head: `dense_adamw_`) are shared. Parameters are numbered in group order."""
+
+    flag = ""
+
+    def param_index(self) -> dict[int, int]:
+        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def special_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = self.param_index()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                if group[self.flag]:
+                    self.special_step(p, state, group, index[id(p)])
+                else:
+                    dense_adamw_(p, state, group)
+        return loss
+
+
+class SparseAdamW(SplitAdamW):
     """AdamW whose groups with `sparse=True` update each parameter only on a moving random support.
 
     Group options: lr, betas, eps, weight_decay, sparse (bool), density, support_every, moment_keep,
     seed. Parameters are numbered in group order (the index seeding their supports).
     """
 
+    flag = "sparse"
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  density: float = 1.0, support_every: int = 100, moment_keep: float = 0.0, seed: int = 0):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, sparse=False,
                         density=density, support_every=support_every, moment_keep=moment_keep, seed=seed)
         super().__init__(params, defaults)
-
-    def param_index(self) -> dict[int, int]:
-        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     @torch.no_grad()
     def refresh(self, p: torch.Tensor, group: dict, index: int, refresh_no: int) -> None:
@@ -124,34 +157,18 @@ class SparseAdamW(torch.optim.Optimizer):
         m_new[stays], v_new[stays] = m[pos[stays]], v[pos[stays]]
         state["support"], state["exp_avg"], state["exp_avg_sq"] = new, m_new, v_new
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        index = self.param_index()
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                if not group["sparse"]:
-                    dense_adamw_(p, state, group)
-                    continue
-                done = int(state["step"].item())
-                if done % group["support_every"] == 0:
-                    self.refresh(p, group, index[id(p)], done // group["support_every"])
-                idx = state["support"]
-                flat = p.view(-1)
-                grad, value = p.grad.reshape(-1)[idx], flat[idx]
-                state["step"] += 1
-                adamw_update_(value, grad, state["exp_avg"], state["exp_avg_sq"], done + 1, lr, beta1, beta2, eps, wd)
-                flat.index_copy_(0, idx, value)
-        return loss
+    def special_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> None:
+        """AdamW on the support only; the support is re-drawn every `support_every` steps."""
+        done = int(state["step"].item())
+        if done % group["support_every"] == 0:
+            self.refresh(p, group, index, done // group["support_every"])
+        idx = state["support"]
+        flat = p.view(-1)
+        grad, value = p.grad.reshape(-1)[idx], flat[idx]
+        state["step"] += 1
+        (beta1, beta2) = group["betas"]
+        adamw_update_(value, grad, state["exp_avg"], state["exp_avg_sq"], done + 1, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        flat.index_copy_(0, idx, value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts every floating-point parameter's state to the parameter's dtype, which would
