@@ -27,9 +27,9 @@ def test_ov_circuits_reproduce_attention_with_gqa():
         want = attn(x, cos, sin)[:, 0]  # (3, 24)
     total = sum(A @ B for A, B in factors)  # (24, 24)
     torch.testing.assert_close(x[:, 0] @ total.T, want, rtol=1e-5, atol=1e-6)
-    # as items: one per (layer, head), factored, d x d
+    # as items: one per (layer, head), factored, d x d (the O_h V_g product, `ov_product`)
     weights = {"blocks.0.attn.wo": attn.wo.weight.detach(), "blocks.0.attn.wv": attn.wv.weight.detach()}
-    ov = [it for it in C.weight_items(weights, (6, 2, 4)) if it.component == "ov"]
+    ov = [it for it in C.weight_items(weights, (6, 2, 4)) if it.component == "ov_product"]
     assert [it.head for it in ov] == list(range(6)) and all(it.shape == (24, 24) and it.layer == 0 for it in ov)
     with pytest.raises(AnalysisError, match="do not fit"):
         C.ov_factors(attn.wo.weight, attn.wv.weight, 6, 3, 4)

@@ -104,7 +104,7 @@ def trained(tmp_path_factory, data_dir):
 
     run = tmp_path_factory.mktemp("runs") / "full"
     cfg = tiny_config(data_dir, "train.max_steps=20", "checkpoint.every=10", "checkpoint.save_grads=true",
-                      "analysis.every=5", "analysis.per_layer=true")
+                      "analysis.every=5", "analysis.per_layer=true", "analysis.components=[wv,wo,ov,ov_product,w2]")
     train(cfg, run, log=lambda s: None)
     return cfg, run
 
@@ -117,7 +117,7 @@ def test_in_loop_metrics(trained):
     r = rank_rows[10]
     for comp in ("wv", "wo", "ov", "w2"):
         assert 0 < r[f"rank/per/{comp}"] <= 1 and r[f"rank/cond/{comp}"] >= 1
-    assert r["rank/per/ov"] <= cfg.model.head_dim / cfg.model.d_model + 1e-9
+    assert r["rank/per/ov_product"] <= cfg.model.head_dim / cfg.model.d_model + 1e-9
     assert r["rank/per/wv"] == pytest.approx(np.mean([r[f"rank/per/wv/L{i}"] for i in range(cfg.model.n_layers)]))
 
 

@@ -286,7 +286,7 @@ def findings(runs: list[Run], rank_curves: dict) -> list[dict[str, Any]]:
             if full and rel:
                 out.append({"claim": f"{what}: ReLoRA − full", "size": size, "value": rel["mean"] - full["mean"], "full": full, "relora": rel})
     for metric in ("per", "cond"):
-        order = ("wv", "wo", "ov", "w2", "wq", "wk", "w1", "w3")  # the paper's components first
+        order = ("wv", "wo", "ov", "w2", "ov_layer", "ov_product", "wq", "wk", "w1", "w3")  # the paper's components first
         items = sorted(rank_curves.get(metric, {}).items(), key=lambda kv: (sizes.index(kv[0][0]) if kv[0][0] in sizes else len(sizes), order.index(kv[0][1]) if kv[0][1] in order else len(order), kv[0][1]))
         for (size, comp), by_method in items:
             if "full" in by_method and "relora" in by_method:

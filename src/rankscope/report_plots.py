@@ -17,7 +17,7 @@ import numpy as np
 
 PAPER_COMPONENTS = ("wv", "wo", "ov", "w2")  # Weiss et al. 2025, §4: attention V, O, OV circuit, SwiGLU down
 OTHER_COMPONENTS = ("wq", "wk", "w1", "w3")
-COMPONENT_NAMES = {"wv": "attn V", "wo": "attn O", "ov": "OV circuit", "w2": "SwiGLU down (w2)", "wq": "attn Q", "wk": "attn K", "w1": "SwiGLU gate (w1)", "w3": "SwiGLU up (w3)"}
+COMPONENT_NAMES = {"wv": "attn V", "wo": "attn O", "ov": "OV circuit (per head, hd x hd)", "ov_layer": "OV circuit (per layer)", "ov_product": "O_h V_g (d x d)", "w2": "SwiGLU down (w2)", "wq": "attn Q", "wk": "attn K", "w1": "SwiGLU gate (w1)", "w3": "SwiGLU up (w3)"}
 METHOD_COLOURS = {"full": "tab:blue", "relora": "tab:orange", "lora": "tab:green"}
 METRIC_NAMES = {"per": "PER", "cond": "condition number"}
 FLOOR = 1e-4  # spectra plots: smaller s_i / s_max drawn here (the OV circuit's beyond rank head_dim are ~1e-16)
@@ -74,7 +74,7 @@ def rank_series(run, use_analysis: bool = True) -> tuple[dict[tuple[str, str], d
         for name, step, comp, kind, metric, v in zip(t["run"], t["step"], t["component"], t["kind"], t["metric"], t["value"]):
             if name != run.name or kind != "weight" or v is None or not math.isfinite(v):
                 continue
-            cond = "condition_number_numerical" if comp == "ov" else "condition_number"  # OV: rank <= head_dim
+            cond = "condition_number_numerical" if comp == "ov_product" else "condition_number"  # O_h V_g: rank <= head_dim
             m = "per" if metric == "per" else "cond" if metric == cond else None
             if m:
                 acc[(m, comp)][step].append(v)

@@ -31,7 +31,7 @@ from rankscope.config import RunConfig
 from rankscope.data.corpus import Corpus, prepare
 from rankscope.data.stream import BatchStream
 from rankscope.errors import ConfigError, TrainingError
-from rankscope.methods import build_method
+from rankscope.methods import build_method, lora
 from rankscope.methods.base import Method
 from rankscope.model import Decoder
 from rankscope.runtime import autocast, describe, peak_flops, pick_device, pick_precision
@@ -300,6 +300,9 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.model.train()
         total = 0.0
+        snapshot = self.cfg.checkpoint.save_grads and self.will_checkpoint(step + 1)
+        if snapshot:  # LoRA-wrapped linears: also the frozen base's gradient, this step only
+            lora.capture_effective_grads(self.model, True)
         for micro in range(t.grad_accum):
             x, y = self.train_stream.get(step, micro)
             # DDP all-reduces (FSDP reduce-scatters) gradients on the last micro-batch only
@@ -314,24 +317,33 @@ class Trainer:
         total = distributed.mean(total, self.dist, self.device)  # every rank sees the same loss
         if not math.isfinite(total):
             raise TrainingError(f"non-finite loss ({total}) at step {step + 1}; first non-finite gradient: {self.first_bad_grad()}. Lower train.lr or use train.precision=fp32; the last good checkpoint is kept")
+        if snapshot:  # before clipping: dL/dW itself, the same definition for every method
+            self.last_grads = self.gradient_snapshot()
+            lora.capture_effective_grads(self.model, False)
         norm = self.clip_grads()
         if not math.isfinite(norm):
             raise TrainingError(f"non-finite gradient norm at step {step + 1} in {self.first_bad_grad()}; lower train.lr or set train.grad_clip; the last good checkpoint is kept")
-        if self.cfg.checkpoint.save_grads and self.will_checkpoint(step + 1):
-            self.last_grads = self.gradient_snapshot()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm
 
     def gradient_snapshot(self) -> dict[str, torch.Tensor] | None:
-        """The 2-D gradients the optimiser is about to use, fp32 on rank 0's CPU (None elsewhere);
-        under FSDP gathered one tensor at a time."""
+        """The 2-D gradients of this step's loss (summed over micro-batches, averaged over ranks as
+        DDP / FSDP average them), before clipping, fp32 on rank 0's CPU (None elsewhere); under FSDP
+        gathered one tensor at a time. LoRA-wrapped linears add `<name>.base.weight`: the gradient
+        with respect to the effective weight, captured by the layer and all-reduced here."""
         out: dict[str, torch.Tensor] = {}
         for name, p in self.model.named_parameters():
             if p.grad is not None and p.dim() == 2:
                 g = sharding.full(p.grad)
                 if self.dist.is_main:
                     out[name] = g.float().cpu().clone()
+        for name, g in lora.effective_grads(self.model).items():
+            if self.dist.enabled:  # each rank holds its micro-batches' sum: average as DDP does
+                torch.distributed.all_reduce(g)
+                g = g / self.dist.world_size
+            if self.dist.is_main:
+                out[name] = g.float().cpu().clone()
         return out if self.dist.is_main else None
 
     def clip_grads(self) -> float:

@@ -2,10 +2,13 @@
 
 Logs into metrics.jsonl, for each component c in `analysis.components` (default the paper's
 attention V, O, per-head OV circuit and SwiGLU down projection w2; Weiss et al. 2025, §4):
-  rank/per/c    PER of the effective weight, mean over layers (and heads, for ov)
-  rank/cond/c   condition number s_max / s_min, mean over layers; for ov the condition number over
-                its numerical rank (the d x d OV circuit has rank <= head_dim, so s_min is 0)
+  rank/per/c    PER of the effective weight, mean over layers (and heads, for ov / ov_product)
+  rank/cond/c   condition number s_max / s_min, mean over layers (and heads); for ov_product the
+                condition number over its numerical rank (the d x d product O_h V_g has rank <= hd,
+                so its s_min is 0)
   .../L{i}      the same per layer with `analysis.per_layer`
+The OV forms are those of the offline analysis (analysis.components): `ov` pico-analyze's per-head
+V_g O_h (hd x hd, PER / hd), `ov_layer` its per-layer concatenation (hd x d), `ov_product` O_h V_g.
 Merge events add the same keys suffixed `/before_merge` and `/after_merge`. Weights are read from
 the model's state dict (LoRA-wrapped linears: W0 + (alpha/r) B A) and decomposed batched, on the
 model's device.
@@ -37,7 +40,8 @@ class RankCallback:
 
     @torch.no_grad()
     def measure(self, model: nn.Module) -> dict[str, float]:
-        want = set(self.components) | ({"wo", "wv"} if "ov" in self.components else set())
+        ov = [c for c in self.components if c in C.OV_FORMS]
+        want = set(self.components) | ({"wo", "wv"} if ov else set())
         state = {}
         for key, t in model.state_dict().items():
             key = key.removeprefix("_orig_mod.").removeprefix("module.")  # torch.compile / DDP wrappers
@@ -48,14 +52,14 @@ class RankCallback:
                         state[key] = t.detach()
                     break
         weights, _ = C.effective_weights(state, C.lora_scaling(self.config))
-        items = [it for it in C.weight_items(weights, self.layout, with_ov="ov" in self.components) if it.component in self.components]
+        items = [it for it in C.weight_items(weights, self.layout, ov) if it.component in self.components]
         device = next(iter(weights.values())).device if weights else "cpu"
         results = analyze_items(items, ["per", "condition_number", "condition_number_numerical"], self.cfg.analysis.dtype, device, keep_spectra=False)
         per_layer: dict[tuple[str, str, int], list[float]] = defaultdict(list)
         for r in results:
             comp = r.item.component
             per_layer[("per", comp, r.item.layer)].append(r.values["per"])
-            per_layer[("cond", comp, r.item.layer)].append(r.values["condition_number_numerical" if comp == "ov" else "condition_number"])
+            per_layer[("cond", comp, r.item.layer)].append(r.values["condition_number_numerical" if comp == "ov_product" else "condition_number"])
         out: dict[str, float] = {}
         by_comp: dict[tuple[str, str], list[float]] = defaultdict(list)
         for (metric, comp, layer), vals in sorted(per_layer.items()):

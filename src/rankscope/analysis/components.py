@@ -1,18 +1,35 @@
 """What the rank metrics are computed on, read from checkpoint tensors (state-dict keys only).
 
 Components per layer i (module `blocks.i.attn.*` / `blocks.i.mlp.*`): attention wq, wk, wv, wo;
-SwiGLU w1 (gate), w3 (up), w2 (down); the per-head OV circuit (Elhage et al. 2021)
-  OV_h = W_O[:, h*hd:(h+1)*hd] @ W_V[g*hd:(g+1)*hd, :],  g = h // (n_heads / n_kv_heads)  (GQA),
-a d_model x d_model matrix of rank <= head_dim, kept as its two factors; optionally embed, lm_head.
+SwiGLU w1 (gate), w3 (up), w2 (down); optionally embed, lm_head. Weights are torch Linear weights,
+(out, in): W_V is (n_kv_heads*hd, d), W_O is (d, n_heads*hd). With g = h // (n_heads / n_kv_heads)
+(GQA), V_g = W_V[g*hd:(g+1)*hd, :] (hd, d) and O_h = W_O[:, h*hd:(h+1)*hd] (d, hd), three OV forms:
+
+  ov          V_g @ O_h                (hd, hd), head = h   pico-analyze's per-head OV circuit
+  ov_layer    [ov_0 | ov_1 | ... ]     (hd, n_heads*hd) = (hd, d), head = -1: pico-analyze's
+                                       per-layer form, the heads concatenated along dim 1
+  ov_product  O_h @ V_g                (d, d), rank <= hd, head = h: the map the head applies to
+                                       the residual stream (Elhage et al. 2021), kept factored
+
+`ov` and `ov_product` are the two orders of the same two factors: they share their non-zero
+eigenvalues, not their singular values, so their PER differ (PER divides by hd for ov, by d for
+ov_product) and ov_product's condition number is inf (d - hd exact zero singular values).
+See docs/metrics.md.
 
 Kinds of matrix (the `kind` column):
   weight             the effective weight: W, or for a LoRA-wrapped linear W0 + (alpha/r) B A
   lora_update        (alpha/r) B A of a LoRA-wrapped linear (kept factored: rank <= r)
-  grad               the gradient stored in grads.safetensors (checkpoint.save_grads)
-  update             W_t - W_prev between consecutive checkpoints
+  grad               the gradient stored in grads.safetensors (checkpoint.save_grads); for a
+                     LoRA-wrapped linear the gradient with respect to the effective weight
+                     (stored under X.base.weight), the same quantity as a dense weight's gradient
+  update             W_t - W_prev between consecutive checkpoints (effective weights)
   cumulative_update  W_t - W_0 (the re-created initialisation, else the first checkpoint)
   cycle_update       a ReLoRA cycle's merged dW from RUN/relora_updates/
 OV circuits are computed for weights only.
+
+Each item carries `rank_bound`, the rank its construction allows (r for a LoRA or cycle update,
+k*r for an update made of k rank-r pieces, hd for ov_product, the token count for a gradient,
+else min(m, n)); the `rank_bound` metric reports it divided by min(m, n), the ceiling of PER.
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ from rankscope.analysis.metrics import AnalysisError
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 EMBEDDINGS = ("embed", "lm_head")
+OV_FORMS = ("ov", "ov_layer", "ov_product")
 _MODULE = re.compile(r"^blocks\.(\d+)\.(?:attn|mlp)\.(\w+)$")
 
 
@@ -37,11 +55,18 @@ class Item:
     """One matrix to analyse: dense `mat` (m, n) or the factors `A` (m, r) @ `B` (r, n)."""
 
     layer: int  # -1 for embeddings
-    component: str  # wq ... w3, ov, embed, lm_head
-    head: int  # OV head index, else -1
+    component: str  # wq ... w3, ov, ov_layer, ov_product, embed, lm_head
+    head: int  # OV head index (ov, ov_product), else -1
     kind: str
     mat: torch.Tensor | None = None
     factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    rank_bound: int | None = None  # rank allowed by construction; None: r for factors, else min(m, n)
+
+    @property
+    def bound(self) -> int:
+        m, n = self.shape
+        own = self.rank_bound if self.rank_bound is not None else (self.factors[0].shape[1] if self.factors is not None else m)
+        return min(own, m, n)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -137,7 +162,8 @@ def head_layout(config: Mapping[str, Any] | None, weights: Mapping[str, torch.Te
 
 
 def ov_factors(wo: torch.Tensor, wv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per query head h: (W_O[:, h cols] (d, hd), W_V[g rows] (hd, d)), g = h // (n_heads / n_kv_heads)."""
+    """Per query head h: (W_O[:, h cols] (d, hd), W_V[g rows] (hd, d)), g = h // (n_heads / n_kv_heads).
+    O @ V is `ov_product` (d, d); V @ O is pico-analyze's `ov` (hd, hd)."""
     group = n_heads // n_kv_heads
     if wo.shape[1] != n_heads * head_dim or wv.shape[0] != n_kv_heads * head_dim:
         raise AnalysisError(f"OV circuit: wo {tuple(wo.shape)} / wv {tuple(wv.shape)} do not fit {n_heads} heads, {n_kv_heads} KV heads of dim {head_dim}")
@@ -154,16 +180,35 @@ def _named(name: str) -> tuple[int, str]:
     return parsed
 
 
-def weight_items(weights: Mapping[str, torch.Tensor], layout: tuple[int, int, int] | None, with_ov: bool = True) -> list[Item]:
+def ov_heads(wo: torch.Tensor, wv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """pico-analyze's per-head OV circuits, (n_heads, hd, hd): ov_h = W_V[g rows] (hd, d) @ W_O[:, h cols] (d, hd)."""
+    return torch.stack([V @ O for O, V in ov_factors(wo, wv, n_heads, n_kv_heads, head_dim)])
+
+
+def ov_layer(heads: torch.Tensor) -> torch.Tensor:
+    """pico-analyze's per-layer OV circuit: the heads' (hd, hd) circuits side by side, (hd, n_heads * hd)."""
+    return torch.cat(list(heads), dim=1)
+
+
+def weight_items(weights: Mapping[str, torch.Tensor], layout: tuple[int, int, int] | None, ov: Iterable[str] = OV_FORMS) -> list[Item]:
+    """The effective weights as items, plus the OV forms named in `ov` (see the module docstring)."""
     items = [Item(*_named(n), -1, "weight", mat=w) for n, w in sorted(weights.items())]
-    if with_ov and layout is not None:
+    ov = set(ov)
+    if ov and layout is not None:
         layers = sorted({it.layer for it in items if it.component in ("wo", "wv")})
         for i in layers:
             wo, wv = weights.get(f"blocks.{i}.attn.wo"), weights.get(f"blocks.{i}.attn.wv")
             if wo is None or wv is None:
                 continue
-            for h, (A, B) in enumerate(ov_factors(wo, wv, *layout)):
-                items.append(Item(i, "ov", h, "weight", factors=(A, B)))
+            if ov & {"ov", "ov_layer"}:
+                heads = ov_heads(wo, wv, *layout)  # (n_heads, hd, hd)
+                if "ov" in ov:
+                    items += [Item(i, "ov", h, "weight", mat=m) for h, m in enumerate(heads)]
+                if "ov_layer" in ov:
+                    items.append(Item(i, "ov_layer", -1, "weight", mat=ov_layer(heads)))
+            if "ov_product" in ov:
+                for h, (O, V) in enumerate(ov_factors(wo, wv, *layout)):
+                    items.append(Item(i, "ov_product", h, "weight", factors=(O, V), rank_bound=layout[2]))
     return items
 
 
@@ -171,24 +216,29 @@ def lora_items(lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[It
     return [Item(*_named(n), -1, "lora_update", factors=f) for n, f in sorted(lora.items())]
 
 
-def delta_items(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor], kind: str) -> list[Item]:
-    """new - old for every module in both, of the same shape."""
-    return [Item(*_named(n), -1, kind, mat=new[n] - old[n]) for n in sorted(new) if n in old and old[n].shape == new[n].shape]
+def delta_items(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor], kind: str,
+                bounds: Mapping[str, int] | None = None) -> list[Item]:
+    """new - old for every module in both, of the same shape; `bounds` holds known rank bounds by module."""
+    bounds = bounds or {}
+    return [Item(*_named(n), -1, kind, mat=new[n] - old[n], rank_bound=bounds.get(n))
+            for n in sorted(new) if n in old and old[n].shape == new[n].shape]
 
 
-def grad_items(grads: Mapping[str, torch.Tensor], include_embeddings: bool = False) -> list[Item]:
-    """Gradients of the plain (or frozen-base) weights; LoRA factor gradients are not a dW and are skipped."""
+def grad_items(grads: Mapping[str, torch.Tensor], include_embeddings: bool = False, tokens: int | None = None) -> list[Item]:
+    """Gradients of the plain weights, and of LoRA-wrapped linears' effective weights (key X.base.weight);
+    LoRA factor gradients are not a dW and are skipped. A linear's gradient is a sum of one outer
+    product per token, so its rank is at most `tokens` (the tokens of the step), where known."""
     items = []
     for key, g in sorted(grads.items()):
         mod = _module_of(key)
         if mod and mod[1] in ("weight", "base") and g.dim() == 2 and wanted(mod[0], include_embeddings):
-            items.append(Item(*_named(mod[0]), -1, "grad", mat=g.float()))
+            items.append(Item(*_named(mod[0]), -1, "grad", mat=g.float(), rank_bound=tokens))
     return items
 
 
-def dense_items(tensors: Mapping[str, torch.Tensor], kind: str, include_embeddings: bool = False) -> list[Item]:
-    """Module-name keyed matrices (ReLoRA cycle updates) as items of `kind`."""
-    return [Item(*_named(n), -1, kind, mat=t.float()) for n, t in sorted(tensors.items()) if t.dim() == 2 and wanted(n, include_embeddings)]
+def dense_items(tensors: Mapping[str, torch.Tensor], kind: str, include_embeddings: bool = False, rank: int | None = None) -> list[Item]:
+    """Module-name keyed matrices (ReLoRA cycle updates) as items of `kind`, of known rank bound `rank`."""
+    return [Item(*_named(n), -1, kind, mat=t.float(), rank_bound=rank) for n, t in sorted(tensors.items()) if t.dim() == 2 and wanted(n, include_embeddings)]
 
 
 def init_weights(config: Mapping[str, Any], include_embeddings: bool = False) -> dict[str, torch.Tensor]:

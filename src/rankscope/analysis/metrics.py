@@ -15,6 +15,11 @@ computed (Weiss et al. 2025, §3 "rank metrics"; Roy & Vetterli 2007 for the eff
   numerical_rank              #{i : s_i > tol}
   stable_rank                 ||W||_F^2 / ||W||_2^2 = sum s_i^2 / s_max^2
   spectral_norm, frobenius_norm, nuclear_norm     s_max, sqrt(sum s_i^2), sum s_i
+  rank_bound                  the rank the matrix's construction allows, / min(m, n): the ceiling of
+                              PER (effective_rank <= numerical rank <= that bound). r / min(m, n) for a
+                              rank-r LoRA or cycle update, k*r / min(m, n) for an update made of k
+                              rank-r pieces, hd / d for ov_product, min(tokens, m, n) / min(m, n) for a
+                              gradient, 1 where nothing bounds it (the analysis items set it)
   gini                        Hurley & Rickard (2009) sparsity of the entries: with |w| sorted ascending
                               c_1..c_N, 1 - 2 sum_k (c_k / ||c||_1) (N - k + 1/2) / N; 0 = all equal
   hoyer                       (sqrt(N) - ||w||_1 / ||w||_2) / (sqrt(N) - 1); 0 = all equal, 1 = one-hot
@@ -51,6 +56,7 @@ class Spectra:
     n: int
     eps: float  # machine epsilon of the coarser of the SVD dtype and the stored dtype
     entries: Callable[[], torch.Tensor] | None = None  # () -> (B, m, n), built only for entry metrics
+    bound: torch.Tensor | None = None  # (B,) rank bounds by construction; None: min(m, n)
 
     @property
     def tol(self) -> torch.Tensor:  # (B,)
@@ -125,6 +131,15 @@ def condition_number_numerical(spec: Spectra) -> torch.Tensor:
 def numerical_rank(spec: Spectra) -> torch.Tensor:
     """number of singular values above tol = max(m, n) * eps * s_max"""
     return ((spec.s > spec.tol[:, None]) & (spec.s > 0)).sum(-1).to(spec.s.dtype)
+
+
+@register_metric("rank_bound")
+def rank_bound(spec: Spectra) -> torch.Tensor:
+    """the rank the matrix's construction allows, / min(m, n): the ceiling of PER; 1 when unbounded"""
+    k = min(spec.m, spec.n)
+    if spec.bound is None:
+        return torch.ones(spec.s.shape[0], dtype=torch.float64, device=spec.s.device)
+    return spec.bound.to(torch.float64).clamp(max=k) / k
 
 
 @register_metric("stable_rank")

@@ -1,8 +1,8 @@
 """Plots of the analysis tables (matplotlib, Agg backend).
 
   {metric}_{kind}.png   PER / condition number vs step: one row per component, one column per run
-                        (methods side by side), one line per layer (OV circuits: mean over heads,
-                        condition number over the numerical rank)
+                        (methods side by side), one line per layer (per-head OV forms: mean over
+                        heads; ov_product: condition number over the numerical rank)
   spectra_{kind}.png    s_i / s_max at chosen steps: one row per component, one column per run,
                         one line per step (mean over layers and heads)
 """
@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 PLOT_METRICS = ("per", "condition_number")
-# the d x d OV circuit has rank <= head_dim, so its raw condition number is inf: plot the one over
-# its numerical rank instead (as the in-loop callback logs it)
-SUBSTITUTE = {("condition_number", "ov"): "condition_number_numerical"}
-COMPONENT_ORDER = ("wq", "wk", "wv", "wo", "ov", "w1", "w3", "w2", "embed", "lm_head")
+# the d x d product O_h V_g has rank <= head_dim, so its raw condition number is inf: plot the one
+# over its numerical rank instead (as the in-loop callback logs it). pico-analyze's ov (hd x hd) and
+# ov_layer (hd x d) are full rank in general and keep the plain condition number.
+SUBSTITUTE = {("condition_number", "ov_product"): "condition_number_numerical"}
+COMPONENT_ORDER = ("wq", "wk", "wv", "wo", "ov", "ov_layer", "ov_product", "w1", "w3", "w2", "embed", "lm_head")
 
 
 def _plt():

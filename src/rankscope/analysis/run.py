@@ -14,6 +14,14 @@ initialisation) and the analysis options; re-running computes only what is new o
 ReLoRA cycle updates (RUN/relora_updates/cycle_C_step_S.safetensors) are cached the same way and
 also get `angle_to_prev_mean` / `angle_to_prev_min` rows: principal angles in degrees between the
 top-r left singular subspaces of consecutive cycles' updates (r = `angles_rank`).
+
+Alignment (docs/metrics.md): a checkpoint at step t is written after step t's optimiser step and
+after ReLoRA's merge at t, so with `checkpoint.every = method.reset_every` the `update` between
+consecutive checkpoints covers exactly the steps of one ReLoRA cycle, for either method (for ReLoRA
+it equals that cycle's `cycle_update`, B being zero right after a merge). The `grad` at step t is the
+gradient of step t's loss (the one step t's optimiser update used), before clipping.
+Every item also gets a `rank_bound` row (see analysis.metrics), from the run's known ranks: the
+ReLoRA merge count in meta.json, the adapters' rank, the tokens of a step.
 """
 
 from __future__ import annotations
@@ -40,7 +48,8 @@ from rankscope.checkpoint import list_checkpoints
 KINDS = ("weight", "lora_update", "grad", "update", "cumulative_update", "cycle_update")
 ROW_COLUMNS = ("run", "method", "step", "layer", "component", "head", "kind", "metric", "value")
 SPECTRA_COLUMNS = ("run", "method", "step", "layer", "component", "head", "kind", "index", "value")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: pico-analyze OV forms (ov, ov_layer, ov_product), rank_bound rows, effective-weight grads
+LOW_RANK_METHODS = ("lora", "relora", "hybrid")  # fixed adapter rank: the rank of an update is bounded by merges x r
 _CYCLE = re.compile(r"^cycle_(\d+)_step_(\d+)\.safetensors$")
 
 Table = dict[str, list]
@@ -206,6 +215,9 @@ class CheckpointState:
     weights: dict[str, torch.Tensor]
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
     grads: dict[str, torch.Tensor]
+    merges: int = 0  # ReLoRA merges done by this step (meta.json method.merges)
+    tokens_per_step: int | None = None  # tokens of one optimiser step (bounds the rank of a gradient)
+    is_init: bool = False  # the re-created initialisation (step 0), not a checkpoint
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:
@@ -223,7 +235,30 @@ def load_state(path: Path, meta: dict[str, Any], include_embeddings: bool = Fals
     grads = {}
     if with_grads and (path / "grads.safetensors").is_file():
         grads = C.read_tensors(path / "grads.safetensors", include_embeddings, aliases.get("grads"))
-    return CheckpointState(int(meta["step"]), weights, lora, grads)
+    train = (meta.get("config") or {}).get("train") or {}
+    tokens = None
+    if {"batch_size", "grad_accum", "seq_len"} <= train.keys():
+        tokens = int(train["batch_size"]) * int(train["grad_accum"]) * int(train["seq_len"]) * int(meta.get("world_size", 1))
+    return CheckpointState(int(meta["step"]), weights, lora, grads, int((meta.get("method") or {}).get("merges", 0)), tokens)
+
+
+def update_bounds(new: CheckpointState, old: CheckpointState, method: str, old_is_init: bool = False) -> dict[str, int]:
+    """Rank bounds of new - old for each LoRA-wrapped linear of a fixed-rank method: the change of
+    W0 + s B A is the cycle updates merged in between plus the live adapter delta at each end, each of
+    rank <= r, so rank <= (merges + [B_new != 0] + [B_old != 0]) * r. The re-created initialisation
+    (`old_is_init`) counts as wrapped with B = 0. Other modules and methods: no entry (min(m, n))."""
+    if method not in LOW_RANK_METHODS:
+        return {}
+    out = {}
+    for name, (B, A) in new.lora.items():
+        if name in old.lora:
+            r_old, live_old = old.lora[name][1].shape[0], bool(old.lora[name][0].any())
+        elif old_is_init:
+            r_old, live_old = 0, False
+        else:  # wrapped after `old` (full-rank warm start): unbounded
+            continue
+        out[name] = (new.merges - old.merges + bool(B.any()) + live_old) * max(A.shape[0], r_old)
+    return out
 
 
 def prefetch(fn: Callable[[Any], Any], args: Iterable[Any], ahead: int) -> Iterator[Any]:
@@ -240,8 +275,12 @@ def prefetch(fn: Callable[[Any], Any], args: Iterable[Any], ahead: int) -> Itera
             yield fut.result()
 
 
-def checkpoint_items(state: CheckpointState, prev: dict[str, torch.Tensor] | None, base: dict[str, torch.Tensor] | None,
-                     layout, kinds: Iterable[str], include_embeddings: bool = False) -> list[C.Item]:
+def checkpoint_items(state: CheckpointState, prev: CheckpointState | None, base: CheckpointState | None,
+                     layout, kinds: Iterable[str], include_embeddings: bool = False, method: str = "unknown",
+                     init_is_lora_base: bool = False) -> list[C.Item]:
+    """The items of one checkpoint. `prev` / `base` are the previous checkpoint and the cumulative base
+    (step 0 for the re-created initialisation); `init_is_lora_base`: the run wrapped its linears at
+    step 0 (no full-rank warm start), so the initialisation is the adapters' base with B = 0."""
     kinds = set(kinds)
     items: list[C.Item] = []
     if "weight" in kinds:
@@ -249,11 +288,11 @@ def checkpoint_items(state: CheckpointState, prev: dict[str, torch.Tensor] | Non
     if "lora_update" in kinds:
         items += C.lora_items(state.lora)
     if "grad" in kinds:
-        items += C.grad_items(state.grads, include_embeddings)
-    if "update" in kinds and prev is not None:
-        items += C.delta_items(state.weights, prev, "update")
-    if "cumulative_update" in kinds and base is not None:
-        items += C.delta_items(state.weights, base, "cumulative_update")
+        items += C.grad_items(state.grads, include_embeddings, state.tokens_per_step)
+    for kind, old in (("update", prev), ("cumulative_update", base)):
+        if kind in kinds and old is not None:
+            bounds = update_bounds(state, old, method, old.is_init and init_is_lora_base)
+            items += C.delta_items(state.weights, old.weights, kind, bounds)
     return items
 
 
@@ -307,7 +346,8 @@ def analyze_run(run_dir: str | Path, options: AnalysisOptions | None = None, ste
     if todo:
         layout = C.head_layout(config, {})
         need = sorted({p[0] for p in todo} | ({p[0] - 1 for p in todo if p[0] > 0} if "update" in opts.kinds else set()))
-        base = _base_weights(opts, config, found, use_init)
+        base = _base_state(opts, config, found, use_init)
+        init_is_lora_base = use_init and int(((config or {}).get("method") or {}).get("warm_start_steps", 0) or 0) == 0
         todo_idx = {p[0]: p for p in todo}
         states: dict[int, CheckpointState] = {}
         load = lambda i: load_state(found[i][1], found[i][2], opts.include_embeddings, "grad" in opts.kinds)  # noqa: E731
@@ -317,8 +357,8 @@ def analyze_run(run_dir: str | Path, options: AnalysisOptions | None = None, ste
             if i not in todo_idx:
                 continue
             _, step, _, _, key, _ = todo_idx[i]
-            prev = states[i - 1].weights if i - 1 in states else (base if use_init and i == 0 else None)
-            items = checkpoint_items(state, prev, base, layout, opts.kinds, opts.include_embeddings)
+            prev = states[i - 1] if i - 1 in states else (base if use_init and i == 0 else None)
+            items = checkpoint_items(state, prev, base, layout, opts.kinds, opts.include_embeddings, method, init_is_lora_base)
             r, s = results_to_tables(analyze_items(items, opts.metrics, opts.dtype, opts.device), step)
             store.put(f"step_{step:06d}", key, r, s)
             extend(rows, r)
@@ -337,7 +377,9 @@ def analyze_run(run_dir: str | Path, options: AnalysisOptions | None = None, ste
         hit = store.get(path.stem, key)
         if hit is None:
             tensors = load_file(str(path))
-            r, s = results_to_tables(analyze_items(C.dense_items(tensors, "cycle_update", opts.include_embeddings), opts.metrics, opts.dtype, opts.device), step)
+            rank = _cycle_rank(path) if method in LOW_RANK_METHODS else None
+            items = C.dense_items(tensors, "cycle_update", opts.include_embeddings, rank)
+            r, s = results_to_tables(analyze_items(items, opts.metrics, opts.dtype, opts.device), step)
             prev_t = prev_t if prev_t is not None else _previous_cycle(cycles, cycle)
             if prev_t is not None:
                 extend(r, angle_rows(tensors, prev_t, step, opts.angles_rank, opts.dtype))
@@ -368,17 +410,28 @@ def _previous_cycle(cycles: list[tuple[int, int, Path]], cycle: int) -> dict[str
     return load_file(str(earlier[-1])) if earlier else None
 
 
-def _base_weights(opts: AnalysisOptions, config, found, use_init: bool) -> dict[str, torch.Tensor] | None:
+def _cycle_rank(path: Path) -> int | None:
+    """The adapter rank a cycle-update file records in its safetensors metadata, if any."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        rank = (fh.metadata() or {}).get("rank")
+    return int(rank) if rank and rank.isdigit() else None
+
+
+def _base_state(opts: AnalysisOptions, config, found, use_init: bool) -> CheckpointState | None:
+    """The base of cumulative updates (and of the first checkpoint's update): the re-created
+    initialisation as a step-0 state (no adapters, no merges), or the first checkpoint."""
     if "cumulative_update" not in opts.kinds and "update" not in opts.kinds:
         return None
     if use_init:
         try:
-            return C.init_weights(config, opts.include_embeddings)
+            return CheckpointState(0, C.init_weights(config, opts.include_embeddings), {}, {}, is_init=True)
         except Exception as e:  # a config this version cannot rebuild: fall back to the first checkpoint
             raise AnalysisError(f"cannot re-create the initial weights from the run config ({e}); use cumulative_from='first'") from None
     if not found or "cumulative_update" not in opts.kinds:
         return None
-    return load_state(found[0][1], found[0][2], opts.include_embeddings, with_grads=False).weights
+    return load_state(found[0][1], found[0][2], opts.include_embeddings, with_grads=False)
 
 
 def angle_rows(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], step: int, r: int, dtype: str = "float64") -> Table:

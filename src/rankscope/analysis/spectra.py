@@ -60,7 +60,8 @@ def analyze_items(items: list[Item], metrics: list[Metric] | list[str] | None = 
                 B = torch.stack([it.factors[1] for it in chunk]).to(device=device, dtype=dt)  # (B, r, n)
                 s = svdvals_factored(A, B, dt)
                 entries = lambda A=A, B=B: A @ B  # noqa: E731  (formed only for gini / hoyer)
-            spec = Spectra(s.to(torch.float64), m, n, eps, entries)
+            bound = torch.tensor([it.bound for it in chunk], dtype=torch.float64, device=s.device)
+            spec = Spectra(s.to(torch.float64), m, n, eps, entries, bound)
             values = {name: v.cpu().numpy() for name, v in compute(spec, metrics).items()}
             s_np = spec.s.cpu().numpy() if keep_spectra else None
             for j, it in enumerate(chunk):

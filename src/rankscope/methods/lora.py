@@ -6,6 +6,13 @@ step 1 (A from step 2, once B is non-zero). `delta_weight()` is the only place
 dW = (alpha / r) * B @ A is computed, always in fp32; `merge()` adds exactly that dW to the fp32
 master weight and refuses non-finite results (peft's `safe_merge`).
 
+Effective-weight gradients (checkpoint.save_grads): the base weight is frozen, so autograd gives
+it no gradient. At snapshot steps only, `capture_effective_grads(model, True)` makes each wrapped
+layer accumulate dL/dW = sum over tokens of grad_out x^T (a hook on its output, all micro-batches),
+the gradient a dense weight in its place gets, which is the gradient with respect to the effective
+weight W0 + (alpha/r) B A (with adapter dropout > 0: with respect to W0, the undropped path). Ordinary
+steps run the plain forward. `effective_grads(model)` returns them under `<name>.base.weight`.
+
 State-dict keys of a wrapped layer: `<name>.base.weight`, `<name>.lora_A`, `<name>.lora_B` — the
 analysis and the Hugging Face export rely on these names and on `delta_weight` / `effective_weight`.
 
@@ -17,6 +24,7 @@ before the adapters are attached (the trainer calls `maybe_switch` after every s
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -58,6 +66,8 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.capture_grad = False  # accumulate dL/dW of the base weight (snapshot steps only)
+        self.effective_grad: torch.Tensor | None = None
         self.reset_adapter(generator)
 
     @torch.no_grad()
@@ -73,7 +83,18 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the scale is folded into B (r columns) rather than applied to the (B, T, out) activations:
         # one full-size elementwise pass less per call. Under bf16 autocast F.linear casts the factors.
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
+        out = self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
+        if self.capture_grad and out.requires_grad:
+            out.register_hook(partial(self._accumulate_grad, x.detach()))
+        return out
+
+    def _accumulate_grad(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        """dL/dW += grad_out^T x over the (B*T) tokens, in fp32 (or wider): what F.linear's backward
+        would give the base weight if it were trainable. Leaves the gradient flowing on untouched."""
+        dt = torch.promote_types(g.dtype, self.merge_dtype())
+        with torch.autocast(g.device.type, enabled=False):
+            gw = g.reshape(-1, g.shape[-1]).to(dt).T @ x.reshape(-1, x.shape[-1]).to(dt)  # (out, in)
+        self.effective_grad = gw if self.effective_grad is None else self.effective_grad + gw
 
     def merge_dtype(self) -> torch.dtype:
         """fp32, or the master weight's dtype where it is wider (float64 in exactness tests)."""
@@ -111,6 +132,17 @@ class LoRALinear(nn.Module):
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRALinear by module name (e.g. `blocks.0.attn.wq`), in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def capture_effective_grads(model: nn.Module, on: bool) -> None:
+    """Start (on) or stop capturing every wrapped layer's effective-weight gradient; both clear it."""
+    for m in lora_modules(model).values():
+        m.capture_grad, m.effective_grad = on, None
+
+
+def effective_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The captured gradients by state-dict key `<name>.base.weight` (this process's, not yet reduced)."""
+    return {f"{name}.base.weight": m.effective_grad for name, m in lora_modules(model).items() if m.effective_grad is not None}
 
 
 def adapter_generator(seed: int, cycle: int, index: int) -> torch.Generator:
