@@ -10,6 +10,11 @@ API (for reports and notebooks):
   matrix_metrics(mats, names) -> {metric: (B,) tensor}; principal_angles(X, Y, r)
   METRICS / register_metric: the metric registry (see rankscope.analysis.metrics for the formulas)
 Layer is -1 and head is -1 where they do not apply (embeddings; non-OV components).
+Components: wq wk wv wo w1 w2 w3 (embed lm_head), and the OV circuit in three forms: `ov` =
+pico-analyze's per-head V_g O_h (hd x hd), `ov_layer` = its per-layer concatenation (hd x d, head -1),
+`ov_product` = O_h V_g (d x d, rank <= hd). Kinds: weight, lora_update, grad, update,
+cumulative_update, cycle_update. Every item also has a `rank_bound` row (the ceiling of its PER).
+Definitions, shapes and alignment at cycle boundaries: docs/metrics.md.
 Modules: metrics (formulas), components (what is measured), spectra (batched SVD), run (checkpoints,
 cache, tables), plots, callback (in-loop metrics), cli (`rankscope analyze`).
 """
