@@ -171,8 +171,8 @@ def per_cond(m: torch.Tensor, rank: int) -> tuple[float, float]:
 
 def row(res, step, layer, comp, kind, metric):
     r = res.rows
-    hits = [r["value"][i] for i in range(len(r["value"])) if (r["step"][i], r["layer"][i], r["component"][i], r["head"][i], r["kind"][i], r["metric"][i])
-            == (step, layer, comp, -1, kind, metric)]
+    cols = ("step", "layer", "component", "head", "kind", "metric")
+    hits = [r["value"][i] for i in range(len(r["value"])) if tuple(r[c][i] for c in cols) == (step, layer, comp, -1, kind, metric)]
     assert len(hits) == 1, (step, layer, comp, kind, metric, hits)
     return hits[0]
 

@@ -138,7 +138,8 @@ class CheckpointConfig:
     keep_last: int = F(2, "rolling checkpoints kept")
     keep_steps: list[int] = F([], "steps whose checkpoints are kept forever")
     log_spaced: int = F(0, "also save and keep this many log-spaced steps (dense early in training)")
-    save_grads: bool = F(False, "store each checkpoint step's loss gradients (grads.safetensors, before clipping; LoRA-wrapped linears: w.r.t. the effective weight)")
+    save_grads: bool = F(False, "store each checkpoint step's loss gradients (grads.safetensors, before clipping; "
+                                "LoRA-wrapped linears: w.r.t. the effective weight)")
 
     def validate(self) -> None:
         _check(self.every >= 0 and self.keep_last >= 1 and self.log_spaced >= 0, "checkpoint.every >= 0, checkpoint.keep_last >= 1, checkpoint.log_spaced >= 0")
@@ -201,8 +202,8 @@ class EvalConfig:
 @dataclass
 class AnalysisConfig:
     every: int = F(0, "steps between in-loop rank metrics into metrics.jsonl (0: off)")
-    components: list[str] = F(["wv", "wo", "ov", "w2"], "in-loop: components measured (wq wk wv wo ov ov_layer ov_product w1 w2 w3; ov = pico-analyze's per-head OV, see docs/metrics.md); "
-                                                      "the paper's are V, O, OV and the SwiGLU down projection")
+    components: list[str] = F(["wv", "wo", "ov", "w2"], "in-loop: components measured (wq wk wv wo ov ov_layer ov_product w1 w2 w3; "
+                              "ov = pico-analyze's per-head OV, see docs/metrics.md); the paper's are V, O, OV and the SwiGLU down projection")
     per_layer: bool = F(False, "in-loop: also log each layer's value (rank/per/wv/L3), not only the mean over layers")
     dtype: Literal["float64", "float32"] = F("float64", "dtype of the singular value decompositions")
 

@@ -17,7 +17,8 @@ import numpy as np
 
 PAPER_COMPONENTS = ("wv", "wo", "ov", "w2")  # Weiss et al. 2025, §4: attention V, O, OV circuit, SwiGLU down
 OTHER_COMPONENTS = ("wq", "wk", "w1", "w3")
-COMPONENT_NAMES = {"wv": "attn V", "wo": "attn O", "ov": "OV circuit (per head, hd x hd)", "ov_layer": "OV circuit (per layer)", "ov_product": "O_h V_g (d x d)", "w2": "SwiGLU down (w2)", "wq": "attn Q", "wk": "attn K", "w1": "SwiGLU gate (w1)", "w3": "SwiGLU up (w3)"}
+COMPONENT_NAMES = {"wv": "attn V", "wo": "attn O", "ov": "OV circuit (per head, hd x hd)",
+                   "ov_layer": "OV circuit (per layer)", "ov_product": "O_h V_g (d x d)", "w2": "SwiGLU down (w2)", "wq": "attn Q", "wk": "attn K", "w1": "SwiGLU gate (w1)", "w3": "SwiGLU up (w3)"}
 METHOD_COLOURS = {"full": "tab:blue", "relora": "tab:orange", "lora": "tab:green"}
 METRIC_NAMES = {"per": "PER", "cond": "condition number"}
 FLOOR = 1e-4  # spectra plots: smaller s_i / s_max drawn here (the OV circuit's beyond rank head_dim are ~1e-16)

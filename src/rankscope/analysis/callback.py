@@ -59,7 +59,8 @@ class RankCallback:
         for r in results:
             comp = r.item.component
             per_layer[("per", comp, r.item.layer)].append(r.values["per"])
-            per_layer[("cond", comp, r.item.layer)].append(r.values["condition_number_numerical" if comp == "ov_product" else "condition_number"])
+            cond = "condition_number_numerical" if comp == "ov_product" else "condition_number"  # O_h V_g: rank <= hd
+            per_layer[("cond", comp, r.item.layer)].append(r.values[cond])
         out: dict[str, float] = {}
         by_comp: dict[tuple[str, str], list[float]] = defaultdict(list)
         for (metric, comp, layer), vals in sorted(per_layer.items()):

@@ -238,7 +238,8 @@ def grad_items(grads: Mapping[str, torch.Tensor], include_embeddings: bool = Fal
 
 def dense_items(tensors: Mapping[str, torch.Tensor], kind: str, include_embeddings: bool = False, rank: int | None = None) -> list[Item]:
     """Module-name keyed matrices (ReLoRA cycle updates) as items of `kind`, of known rank bound `rank`."""
-    return [Item(*_named(n), -1, kind, mat=t.float(), rank_bound=rank) for n, t in sorted(tensors.items()) if t.dim() == 2 and wanted(n, include_embeddings)]
+    return [Item(*_named(n), -1, kind, mat=t.float(), rank_bound=rank)
+            for n, t in sorted(tensors.items()) if t.dim() == 2 and wanted(n, include_embeddings)]
 
 
 def init_weights(config: Mapping[str, Any], include_embeddings: bool = False) -> dict[str, torch.Tensor]:
