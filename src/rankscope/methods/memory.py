@@ -104,7 +104,8 @@ def match_memory(cfg, target_bytes: int):
         fixed = measured_state_bytes(probe) - sum(state_bytes(n, probe.method.density, element) for n in sizes)
         need = lambda d: fixed + sum(state_bytes(n, d, element) for n in sizes)  # noqa: E731
         if need(lo) > target_bytes:
-            raise ConfigError(f"{target_bytes} optimiser-state bytes are below what {name} needs at its smallest density {lo:.3g} ({need(lo)})")
+            raise ConfigError(f"{target_bytes} optimiser-state bytes are below what {name} needs at its smallest density "
+                              f"{lo:.3g} ({need(lo)})")
         hi = 1.0
         if need(hi) <= target_bytes:
             lo = hi

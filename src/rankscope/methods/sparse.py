@@ -113,10 +113,12 @@ def member(sorted_ids: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor,
 def check_support_sizes(model: nn.Module, params: list[torch.Tensor], density: float) -> None:
     """so refuses a targeted weight whose k = floor(density * numel) is 0 (it would never move)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    for p in params:
-        if so_support_size(p.numel(), density) == 0:
-            raise ConfigError(f"method.density={density} gives k = floor(density * numel) = 0 entries for {names.get(id(p), 'a weight')} "
-                              f"({p.numel()} entries), which would never be trained; raise method.density to at least {1 / p.numel():.3g}")
+    empty = [p for p in params if so_support_size(p.numel(), density) == 0]
+    if empty:
+        need = 1 / min(p.numel() for p in params)
+        raise ConfigError(f"method.density={density} gives k = floor(density * numel) = 0 entries for {names.get(id(empty[0]), 'a weight')} "
+                          f"({empty[0].numel()} entries) and {len(empty) - 1} other weights, which would never be trained; "
+                          f"raise method.density to at least {need:.3g}")
 
 
 @torch.no_grad()
@@ -265,7 +267,8 @@ class SOAdam(SplitAdamW):
         # global importance: the next M is the top-k of |m| over U (stable sort: ties to the lower index)
         top = torch.sort(torch.sort(m.abs(), descending=True, stable=True).indices[:k]).values
         new_ids, new_m, new_v = U[top], m[top], v[top]
-        slots.zero_(), m_buf.zero_(), v_buf.zero_()
+        for buf in (slots, m_buf, v_buf):  # canonical state between steps: M in the first k slots, zeros after
+            buf.zero_()
         slots[:k], m_buf[:k], v_buf[:k] = new_ids, new_m, new_v
 
 
