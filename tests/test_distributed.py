@@ -91,6 +91,19 @@ def test_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path):
     assert summary["world_size"] == 2 and summary["tokens"] == 12 * 8 * 32
 
 
+def test_so_ranks_draw_the_same_supports_and_match_one_process(prepared, tmp_path):
+    # so's G is seeded by (seed, tensor, period): two DDP ranks re-draw it every 3 steps like one process
+    so = [*COMMON, "method.name=so", "method.density=0.1", "method.support_every=3"]
+    train(tiny_config(prepared, *so, "train.batch_size=8"), tmp_path / "one", log=lambda *_: None)
+    spawn(2, prepared, tmp_path / "two", [*so, "train.batch_size=4"])
+    assert_same_curve(losses(tmp_path / "one"), losses(tmp_path / "two"))
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / r / "checkpoints/step_000012/optimizer.safetensors")) for r in ("one", "two"))
+    supports = [k for k in a if k.endswith("support")]
+    assert supports and all(torch.equal(a[k], b[k]) for k in supports)
+
+
 def test_relora_ranks_hold_identical_weights_after_every_merge(prepared, tmp_path):
     spawn(2, prepared, tmp_path / "relora", [*COMMON, "train.batch_size=2", "method.name=relora", "method.rank=4", "method.reset_every=3", "method.restart_warmup_steps=1"])
     checks = json.loads((tmp_path / "relora" / "merge_checks.json").read_text())

@@ -147,7 +147,7 @@ class CheckpointConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = F("full", "training method: full, lora, relora, so, galore, adaptive, hybrid (see rankscope.methods)")
+    name: str = F("full", "training method: full, lora, relora, so, so_single, galore, adaptive, hybrid (see rankscope.methods)")
     rank: int = F(16, "LoRA rank r")
     alpha: float = F(32.0, "LoRA alpha; the update is scaled by alpha / rank")
     dropout: float = F(0.1, "dropout on the LoRA input")
@@ -159,9 +159,18 @@ class MethodConfig:
     prune_fraction: float = F(0.999, "ReLoRA: fraction of optimiser moments pruned (random_prune, magnitude_prune)")
     warm_start_steps: int = F(0, "ReLoRA: full-rank steps before switching to adapters")
     save_cycle_updates: bool = F(False, "ReLoRA: save each cycle's merged update dW to RUN/relora_updates/")
-    density: float = F(0.05, "so: fraction of each targeted weight's entries on the gradient support")
-    support_every: int = F(50, "so: steps between support re-draws")
-    moment_keep: float = F(0.25, "so: fraction of the support kept at a re-draw, the entries of largest |first moment| (with their moments)")
+    # so (the authors' SO) and so_single (the single-support variant); docs/methods.md
+    density: float = F(0.05, "so, so_single: support size k per targeted weight = floor(density * numel) (so; must be >= 1) "
+                                   "or round, at least 1 (so_single)")
+    support_every: int = F(50, "so: steps between re-draws of the random gradient support (the authors' T); so_single: of its one support")
+    moment_keep: float = F(0.25, "so_single: fraction of the support kept at a re-draw, the entries of largest |first moment| "
+                                  "(with their moments)")
+    so_betas: list[float] = F([0.9, 0.999], "so, so_single: Adam (beta1, beta2) of the sparse weights (the authors' defaults); "
+                                             "other weights use train.beta1/2")
+    so_weight_decay: float = F(0.0, "so, so_single: weight decay of the sparse weights (the authors' default 0); "
+                                     "other weights use train.weight_decay")
+    so_weight_decay_mode: Literal["coupled", "decoupled"] = F("coupled", "so, so_single: coupled = L2 added to the gradient "
+                                                              "(the authors'); decoupled = AdamW's, on the entries that move")
     update_proj_gap: int = F(200, "galore: steps between SVD refreshes of the gradient projector (rank: method.rank)")
     galore_scale: float = F(0.25, "galore: scale of the projected-back update")
     rank_budget: int = F(0, "adaptive: total adapter parameters sum r_i (m_i + n_i) (0: what uniform method.rank uses)")
@@ -175,6 +184,9 @@ class MethodConfig:
         _check(self.reset_every > 0 and self.restart_warmup_steps >= 0 and self.warm_start_steps >= 0, "method.reset_every > 0, restart_warmup_steps >= 0, warm_start_steps >= 0")
         _check(self.optimizer_reset_every >= 0, "method.optimizer_reset_every must be >= 0")
         _check(0 < self.density <= 1 and 0 <= self.moment_keep <= 1, "method.density in (0, 1], method.moment_keep in [0, 1]")
+        _check(len(self.so_betas) == 2 and all(0 <= b < 1 for b in self.so_betas),
+               f"method.so_betas={self.so_betas} must be two values in [0, 1), e.g. [0.9, 0.999]")
+        _check(self.so_weight_decay >= 0, "method.so_weight_decay must be >= 0")
         _check(self.support_every > 0 and self.update_proj_gap > 0 and self.galore_scale > 0, "method.support_every, update_proj_gap and galore_scale must be positive")
         _check(self.rank_budget >= 0 and 1 <= self.rank_min <= self.rank, "method.rank_budget >= 0 and 1 <= method.rank_min <= method.rank")
         _check(self.name not in ("adaptive", "hybrid") or self.restart_warmup_steps <= (self.optimizer_reset_every or self.reset_every), "method.restart_warmup_steps must not exceed the optimiser-reset period")

@@ -2,7 +2,7 @@
 
 `measured_state_bytes(cfg)` builds the model, method and optimiser and counts the optimiser-state
 bytes after one zero-gradient step; `match_memory(cfg, target)` returns a copy of the config with
-method.rank (LoRA family, GaLore) or method.density (SO) set to the largest value whose optimiser
+method.rank (LoRA family, GaLore) or method.density (so, so_single) set to the largest value whose optimiser
 state fits in `target` bytes; the study option `match_memory: relora` (or a byte count) applies it
 to every point (`apply_memory_match`).
 """
@@ -10,6 +10,7 @@ to every point (`apply_memory_match`).
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -38,13 +39,36 @@ def measured_state_bytes(cfg) -> int:
 
 
 RANKED = ("lora", "relora", "adaptive", "hybrid", "galore")
+SPARSE = ("so", "so_single")
+
+
+def sparse_state_bytes(name: str):
+    """(numel, density, element size) -> bytes the method's sparse optimiser allocates for one weight."""
+    from rankscope.methods.sparse import single_state_bytes, so_state_bytes
+
+    return so_state_bytes if name == "so" else single_state_bytes
+
+
+def smallest_density(name: str, sizes: list[int]) -> float:
+    """The smallest density the method accepts on weights of `sizes` entries: so needs
+    k = floor(d * numel) >= 1 on every weight; so_single rounds and keeps at least 1 entry."""
+    if name != "so":
+        return 1e-12
+    from rankscope.methods.sparse import so_support_size
+
+    d = 1.0 / min(sizes)
+    while any(so_support_size(n, d) == 0 for n in sizes):  # floating point: d * n may fall just below 1
+        d = math.nextafter(d, 2.0)
+    return d
 
 
 def match_memory(cfg, target_bytes: int):
     """A copy of `cfg` whose optimiser state is the largest that fits in `target_bytes`: method.rank
     (LoRA family, GaLore; bisection over integer ranks, state grows with the rank) or
-    method.density (SO: state = fixed part + 16 bytes per support entry (int64 index, fp32 m and v),
-    solved by bisection on the exact support sizes). Other methods raise ConfigError."""
+    method.density (so, so_single: state = fixed part + the bytes each sparse weight allocates,
+    `sparse.so_state_bytes` (min(2k, numel) slots of int64 index + m + v, and the k indices of G) or
+    `sparse.single_state_bytes` (k of index + m + v), solved by bisection on the exact support
+    sizes). Other methods raise ConfigError."""
     out = copy.deepcopy(cfg)
     name = cfg.method.name
     if name in RANKED:
@@ -68,23 +92,30 @@ def match_memory(cfg, target_bytes: int):
             lo, hi = (mid, hi) if fits else (lo, mid - 1)
         bytes_at(lo)
         return out
-    if name == "so":
-        from rankscope.methods.sparse import support_size
-        from rankscope.optim import targeted_weights
+    if name in SPARSE:
         from rankscope.model import Decoder
+        from rankscope.optim import targeted_weights
 
-        sizes = [p.numel() for p in targeted_weights(Decoder(cfg.model), cfg.method.targets)]
-        fixed = measured_state_bytes(cfg) - 16 * sum(support_size(n, cfg.method.density) for n in sizes)
-        need = lambda d: fixed + 16 * sum(support_size(n, d) for n in sizes)  # noqa: E731
-        if need(1e-12) > target_bytes:
-            raise ConfigError(f"{target_bytes} optimiser-state bytes are below what so needs at the smallest density ({need(1e-12)})")
-        lo, hi = 0.0, 1.0
+        weights = targeted_weights(Decoder(cfg.model), cfg.method.targets)
+        sizes, element = [p.numel() for p in weights], weights[0].element_size()
+        state_bytes, lo = sparse_state_bytes(name), smallest_density(name, sizes)
+        probe = copy.deepcopy(cfg)
+        probe.method.density = max(cfg.method.density, lo)  # a density the method accepts
+        fixed = measured_state_bytes(probe) - sum(state_bytes(n, probe.method.density, element) for n in sizes)
+        need = lambda d: fixed + sum(state_bytes(n, d, element) for n in sizes)  # noqa: E731
+        if need(lo) > target_bytes:
+            raise ConfigError(f"{target_bytes} optimiser-state bytes are below what {name} needs at its smallest density "
+                              f"{lo:.3g} ({need(lo)})")
+        hi = 1.0
+        if need(hi) <= target_bytes:
+            lo = hi
         for _ in range(60):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if need(mid) <= target_bytes else (lo, mid)
-        out.method.density = max(lo, 1e-12) if need(1.0) > target_bytes else 1.0
+        out.method.density = lo
+        assert measured_state_bytes(out) == need(lo), "sparse state accounting differs from what the optimiser allocates"
         return out
-    raise ConfigError(f"method.name={name} has no memory knob; match_memory works for {', '.join(RANKED)} and so")
+    raise ConfigError(f"method.name={name} has no memory knob; match_memory works for {', '.join(RANKED + SPARSE)}")
 
 
 def apply_memory_match(cfg, target: int | str):
@@ -101,6 +132,6 @@ def apply_memory_match(cfg, target: int | str):
         target_bytes = measured_state_bytes(ref)
     else:
         target_bytes = int(target)
-    if name not in RANKED and name != "so":
+    if name not in RANKED + SPARSE:
         return cfg
     return match_memory(cfg, target_bytes)
