@@ -197,7 +197,8 @@ output
 """
     paras = rst_to_prose(rst).split("\n\n")
     assert paras == ["if Statements",
-                     "Perhaps the most well-known statement is if. See the tutorial, join and len(x) in Python with bold text. For example:",
+                     "Perhaps the most well-known statement is if. See the tutorial, join and len(x) in Python with bold text. "
+                     "For example:",
                      "A note body is prose on two lines.", "an item", "another item"]
 
 
@@ -206,7 +207,8 @@ def test_python_docs_and_austen_read_as_prose():
     assert docs[0].doc_id.startswith("tutorial/") and all(":func:`" not in d.text and "::\n" not in d.text for d in docs)
     assert SOURCES["pydocs"].licence.startswith("PSF-2.0")
     docs = _source_or_skip("austen")
-    assert {d.doc_id.split("/")[0] for d in docs} <= {"emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"}
+    novels = {"emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"}
+    assert {d.doc_id.split("/")[0] for d in docs} <= novels
     assert "\n" not in docs[0].text.split("\n\n")[1]  # hard-wrapped lines joined into paragraphs
     assert "Public domain" in SOURCES["austen"].licence
 

@@ -92,8 +92,10 @@ class DataConfig:
     def validate(self) -> None:
         _check(0 < self.val_fraction < 0.5 and 0 <= self.test_fraction < 0.5, "data.val_fraction must be in (0, 0.5) and data.test_fraction in [0, 0.5)")
         _check(self.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size must be >= 260 (256 bytes + special tokens)")
-        _check(self.max_bytes_per_source > 0 and self.eval_only_max_bytes > 0, "data.max_bytes_per_source and data.eval_only_max_bytes must be positive")
-        _check(len(set(self.eval_only_domains)) == len(self.eval_only_domains) and all(d and isinstance(d, str) for d in self.eval_only_domains),
+        _check(self.max_bytes_per_source > 0 and self.eval_only_max_bytes > 0,
+               "data.max_bytes_per_source and data.eval_only_max_bytes must be positive")
+        _check(len(set(self.eval_only_domains)) == len(self.eval_only_domains)
+               and all(d and isinstance(d, str) for d in self.eval_only_domains),
                "data.eval_only_domains must be distinct domain names, e.g. [python, gcide]")
         _check(bool(self.files or self.hf_dataset or self.pretokenized or set(self.sources) - set(self.eval_only_domains)),
                "data.eval_only_domains holds every source: leave at least one domain to train on")

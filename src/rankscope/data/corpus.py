@@ -8,7 +8,8 @@ A prepared corpus is a folder `<cache_dir>/<fingerprint>/` holding
                              and each domain's role ("train", or "eval_only" for data.eval_only_domains)
 Within val and test, training-role documents come first; `Corpus.stream_tokens` is that prefix, so the
 validation loss drawn in random windows during training stays in-distribution, while per-domain
-evaluation (rankscope.evaluate.perplexity) scores every domain, held-out ones included. Written last, so a folder with a manifest is complete. The fingerprint hashes every data field,
+evaluation (rankscope.evaluate.perplexity) scores every domain, held-out ones included.
+The manifest is written last, so a folder with a manifest is complete. The fingerprint hashes every data field,
 so a changed config never reads a stale corpus.
 """
 

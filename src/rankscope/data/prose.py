@@ -164,7 +164,8 @@ def lines_to_paragraphs(lines: list[str]) -> str:
                  "Debian package r-cran-janeaustenr, read without R via PyPI rdata")
 def read_austen(max_bytes: int) -> Iterator[Document]:
     if not (AUSTEN_DATA / "Rdata.rdx").is_file():
-        raise SourceUnavailable("Debian package 'r-cran-janeaustenr' is not installed (apt-get install --no-install-recommends r-cran-janeaustenr)")
+        raise SourceUnavailable("Debian package 'r-cran-janeaustenr' is not installed "
+                                "(apt-get install --no-install-recommends r-cran-janeaustenr)")
     books = read_r_lazyload(AUSTEN_DATA)
 
     def docs() -> Iterator[Document]:

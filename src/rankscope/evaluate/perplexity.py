@@ -174,6 +174,7 @@ def domain_perplexity(model: nn.Module, docset: DocSet, seq_len: int, batch_size
     if docset.roles:
         for name, r in domains.items():
             r["role"] = docset.roles.get(name, "train")
+        roles = sorted({v["role"] for v in domains.values()})
         out["macro_by_role"] = {role: {k: float(np.mean([v[k] for v in domains.values() if v["role"] == role])) for k in ("loss", "ppl", "bpb")}
-                                for role in sorted({v["role"] for v in domains.values()})}
+                                for role in roles}
     return out
