@@ -27,14 +27,16 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 # Optional corpus sources from Debian (public domain / free texts); the corpus works without them.
+#   fortunes jargon-text dict-gcide: the default corpus; sword-text-web (World English Bible),
+#   python3.11-doc (its reST prose) and r-cran-janeaustenr (read without R): configs/english-cpu.yaml
 if [ "${RANKSCOPE_APT:-1}" != "0" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=""
-  for p in fortunes jargon-text dict-gcide; do
+  for p in fortunes jargon-text dict-gcide sword-text-web python3.11-doc r-cran-janeaustenr; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
   done
   if [ -n "$missing" ]; then
     echo "[setup] installing Debian text packages:$missing (set RANKSCOPE_APT=0 to skip)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >/dev/null 2>&1 \
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing) >/dev/null 2>&1 \
       || echo "[setup] could not install$missing; the corpus will use the other sources"
   fi
 fi

@@ -133,3 +133,131 @@ def test_unavailable_source_is_skipped_with_a_message(tmp_path, monkeypatch):
         prepare(small_data_cfg(tmp_path, sources=["ghost"]), log=lambda *_: None)
     with pytest.raises(DataError, match="unknown data source"):
         prepare(small_data_cfg(tmp_path, sources=["nonsense"]), log=lambda *_: None)
+
+
+# ------------------------------------------------------------------ English prose sources and held-out domains
+from pathlib import Path  # noqa: E402
+
+from rankscope.data import prose  # noqa: E402
+from rankscope.data.rest import rst_to_prose  # noqa: E402
+
+
+def _source_or_skip(name: str, max_bytes: int = 300_000) -> list[Document]:
+    from rankscope.data.sources import SourceUnavailable
+
+    try:
+        return list(SOURCES[name].read(max_bytes))
+    except SourceUnavailable as e:
+        pytest.skip(f"source {name!r} not installed here ({e}); scripts/setup.sh installs it as root")
+
+
+def test_osis_markup_is_stripped_without_gluing_words():
+    # Genesis 1:1 as engWEB2015eb stores it: the footnote sits between two words with no space
+    verse = ('<w lemma="strong:H0430">In</w> <w>the</w> <w>beginning</w>, <w>God</w><note placement="foot">'
+             '<reference type="annotateRef">1:1 </reference>The Hebrew word rendered “God” is “אֱלֹהִ֑ים” (Elohim).</note>'
+             '<w>created</w> <w>the</w> <w>heavens</w>.<l eID="x"/><l sID="y"/>And <w>so</w><note>n</note>, “<q>it</q>”')
+    assert prose.osis_to_text(verse) == "In the beginning, God created the heavens. And so, “it”"
+
+
+def test_world_english_bible_reads_clean_verses():
+    docs = _source_or_skip("web")
+    assert docs[0].doc_id == "Gen/1" and docs[0].text.startswith("In the beginning, God created the heavens and the earth. The earth was")
+    text = " ".join(d.text for d in docs)
+    assert "<" not in text and ">" not in text and "Godcreated" not in text
+    assert not __import__("re").search(r"[a-z][A-Z]|[a-z][.,;:!?][A-Za-z]", text)  # no glued words at a stripped tag
+    assert SOURCES["web"].licence.startswith("Public domain")
+
+
+def test_rst_prose_keeps_text_and_drops_code_and_markup():
+    rst = """.. _tut-if:
+
+:keyword:`!if` Statements
+=========================
+
+Perhaps the most well-known statement is :keyword:`if`.  See :ref:`the tutorial <tut-x>`,
+:func:`~os.path.join` and ``len(x)`` in `Python <https://python.org>`_ with **bold** text. For example::
+
+   >>> x = 1
+   >>> if x: print(x)
+
+.. note::
+
+   A note body is prose
+   on two lines.
+
+.. code-block:: python
+
+   never_seen = 1
+
+* an item
+* another item
+
+>>> doctest_line()
+output
+"""
+    paras = rst_to_prose(rst).split("\n\n")
+    assert paras == ["if Statements",
+                     "Perhaps the most well-known statement is if. See the tutorial, join and len(x) in Python with bold text. "
+                     "For example:",
+                     "A note body is prose on two lines.", "an item", "another item"]
+
+
+def test_python_docs_and_austen_read_as_prose():
+    docs = _source_or_skip("pydocs")
+    assert docs[0].doc_id.startswith("tutorial/") and all(":func:`" not in d.text and "::\n" not in d.text for d in docs)
+    assert SOURCES["pydocs"].licence.startswith("PSF-2.0")
+    docs = _source_or_skip("austen")
+    novels = {"emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"}
+    assert {d.doc_id.split("/")[0] for d in docs} <= novels
+    assert "\n" not in docs[0].text.split("\n\n")[1]  # hard-wrapped lines joined into paragraphs
+    assert "Public domain" in SOURCES["austen"].licence
+
+
+def test_eval_only_domains_are_absent_from_training_and_present_in_eval(tmp_path):
+    from rankscope.data.corpus import fingerprint
+    from rankscope.evaluate.perplexity import corpus_docset
+
+    for name in ("code", "dict"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name} entry {i} " * 30}) + "\n" for i in range(40)))
+    files = [f"code={tmp_path}/code.jsonl", f"dict={tmp_path}/dict.jsonl"]
+    cfg = small_data_cfg(tmp_path, files=files, eval_only_domains=["code", "dict"], eval_only_max_bytes=50_000)
+    corpus = prepare(cfg, log=lambda *_: None)
+    m, dom = corpus.manifest, corpus.domains
+    assert m["eval_only_domains"] == ["code", "dict"] and corpus.roles == {"code": "eval_only", "dict": "eval_only", "shakespeare": "train"}
+    train_rows = corpus.docs("train")
+    assert {dom[i] for i in train_rows[:, 2]} == {"shakespeare"}  # nothing held out reached the training shard
+    held = {s: {dom[i] for i in corpus.docs(s)[:, 2]} for s in ("val", "test")}
+    assert held["val"] == held["test"] == {"code", "dict", "shakespeare"}
+    assert sum(m["splits"][s]["domains"]["code"]["documents"] for s in ("val", "test")) == 40  # every held-out document is evaluated
+    for split in ("val", "test"):  # training-role documents are a prefix: what the validation stream draws from
+        rows, stream = corpus.docs(split), corpus.stream_tokens(split)
+        train_role = np.array([dom[i] == "shakespeare" for i in rows[:, 2]])
+        assert rows[train_role, 1].max() < len(stream) <= rows[~train_role, 0].min()
+    summary = m["domain_summary"]
+    assert summary["code"]["role"] == "eval_only" and summary["code"]["train_tokens"] == 0 and summary["shakespeare"]["mb"] > 0.1
+    r = corpus_docset(corpus, "val")
+    assert r.roles["dict"] == "eval_only"
+    # a config without eval-only domains keeps its fingerprint (its prepared corpus stays valid)
+    plain = small_data_cfg(tmp_path)
+    assert fingerprint(plain) == fingerprint(DataConfig(**{**plain.__dict__, "eval_only_max_bytes": 1}))
+
+
+def test_eval_only_domains_validation(tmp_path):
+    from rankscope.config import load_config
+    from rankscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds every source"):
+        load_config(None, ["data.sources=[shakespeare]", "data.eval_only_domains=[shakespeare]"])
+    with pytest.raises(ConfigError, match="distinct"):
+        load_config(None, ["data.eval_only_domains=[python, python]"])
+    with pytest.raises(DataError, match="nothing is left to train on"):
+        prepare(small_data_cfg(tmp_path, sources=[], files=[f"only={Path(__file__)}"], eval_only_domains=["only"]), log=lambda *_: None)
+
+
+def test_english_preset_trains_on_prose_and_holds_out_code():
+    from rankscope.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "english-cpu.yaml"), [])
+    train_domains = set(cfg.data.sources) - set(cfg.data.eval_only_domains)
+    assert {"web", "austen"} <= train_domains and {"python", "gcide", "jargon"} == set(cfg.data.eval_only_domains)
+    assert all(name in SOURCES for name in cfg.data.sources)

@@ -71,7 +71,11 @@ def cmd_eval(args) -> None:
 
     result = run_eval(args.path, blimp_dir=args.blimp, batch_size=args.batch_size, max_docs=args.max_docs, blimp_max_pairs=args.blimp_max_pairs,
                       split=args.split, files=args.files, hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
-                      text_field=args.text_field, hf_max_docs=args.hf_max_docs, skip_bad_rows=args.skip_bad_rows, device=args.device)
+                      text_field=args.text_field, hf_max_docs=args.hf_max_docs, skip_bad_rows=args.skip_bad_rows, device=args.device,
+                      paloma=args.paloma, paloma_opts=dict(split=args.paloma_split, source_field=args.paloma_source_field,
+                                                           ids_field=args.paloma_ids_field, text_field=args.paloma_text_field,
+                                                           use_text=args.paloma_use_text, max_rows=args.paloma_max_rows,
+                                                           max_length=args.paloma_max_length))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
@@ -128,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-max-docs", type=int, default=1000, help="documents read from it")
     p.add_argument("--text-field", default="text", help="text column of jsonl/parquet files and HF datasets")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--paloma", help="Paloma perplexity as pico-train computes it: a parquet file/folder or HF dataset name "
+                                    "(e.g. pico-lm/pretokenized-paloma-tinsy, which needs data.tokenizer=olmo)")
+    p.add_argument("--paloma-split", default="val", help="split of a Hugging Face Paloma set (pico-train: val)")
+    p.add_argument("--paloma-source-field", default="source", help="per-source column")
+    p.add_argument("--paloma-ids-field", default="input_ids", help="token-id column, used when present")
+    p.add_argument("--paloma-text-field", default="text", help="text column, tokenised with the run's tokenizer when there are no ids")
+    p.add_argument("--paloma-use-text", action="store_true", help="tokenise the text column even when the ids column exists")
+    p.add_argument("--paloma-max-rows", type=int, default=0, help="rows read (0: all)")
+    p.add_argument("--paloma-max-length", type=int, default=0, help="tokens per row scored (0: the model's max_seq_len, as pico-train)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("pairs", help="write generated minimal pairs in BLiMP's jsonl format (a substitute where BLiMP is absent)")

@@ -80,6 +80,8 @@ class DataConfig:
     pretokenized: str | None = F(None, "Pico-style pretokenized data: parquet file/glob or HF dataset with a token-id column (needs a loaded tokenizer, e.g. olmo)")
     pretokenized_column: str = F("input_ids", "token-id column of the pretokenized data")
     max_bytes_per_source: int = F(4_000_000, "cap on UTF-8 bytes read from each embedded source")
+    eval_only_domains: list[str] = F([], "domains held out of training (Paloma-style): all their documents go to val/test, none to train")
+    eval_only_max_bytes: int = F(400_000, "cap on UTF-8 bytes read from each embedded source whose domain is eval-only")
     val_fraction: float = F(0.05, "share of documents held out for validation (per domain)")
     test_fraction: float = F(0.05, "share of documents held out for test (per domain)")
     split_seed: int = F(0, "seed of the deterministic document split")
@@ -90,7 +92,13 @@ class DataConfig:
     def validate(self) -> None:
         _check(0 < self.val_fraction < 0.5 and 0 <= self.test_fraction < 0.5, "data.val_fraction must be in (0, 0.5) and data.test_fraction in [0, 0.5)")
         _check(self.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size must be >= 260 (256 bytes + special tokens)")
-        _check(self.max_bytes_per_source > 0, "data.max_bytes_per_source must be positive")
+        _check(self.max_bytes_per_source > 0 and self.eval_only_max_bytes > 0,
+               "data.max_bytes_per_source and data.eval_only_max_bytes must be positive")
+        _check(len(set(self.eval_only_domains)) == len(self.eval_only_domains)
+               and all(d and isinstance(d, str) for d in self.eval_only_domains),
+               "data.eval_only_domains must be distinct domain names, e.g. [python, gcide]")
+        _check(bool(self.files or self.hf_dataset or self.pretokenized or set(self.sources) - set(self.eval_only_domains)),
+               "data.eval_only_domains holds every source: leave at least one domain to train on")
         _check(bool(self.sources or self.files or self.hf_dataset or self.pretokenized), "data: name at least one of sources, files, hf_dataset or pretokenized")
         _check(not (self.pretokenized and self.tokenizer == "bpe"), "data.pretokenized needs the tokenizer its ids come from: set data.tokenizer=olmo or a tokenizer.json path")
 

@@ -148,7 +148,7 @@ class Trainer:
             raise ConfigError(f"the tokenizer has {vocab} tokens but model.vocab_size={self.cfg.model.vocab_size}; raise model.vocab_size to >= {vocab}")
         t = self.cfg.train
         self.train_stream = BatchStream(corpus.tokens("train"), t.seq_len, t.batch_size, t.grad_accum, t.seed, *self.rank_world())
-        self.val_stream = BatchStream(corpus.tokens("val"), t.seq_len, t.batch_size, 1, t.seed + 10_007)
+        self.val_stream = BatchStream(corpus.stream_tokens("val"), t.seq_len, t.batch_size, 1, t.seed + 10_007)
         return corpus
 
     def rank_world(self) -> tuple[int, int]:

@@ -4,8 +4,12 @@ A prepared corpus is a folder `<cache_dir>/<fingerprint>/` holding
   tokenizer.json
   {train,val,test}.npy       uint16/uint32 tokens (memory-mapped): EOS, doc, EOS, doc, ..., EOS
   {train,val,test}.docs.npy  int64 rows (start, end, domain index, utf-8 bytes) per document
-  manifest.json              sources and licences, tokenizer hash, counts per split and domain
-written last, so a folder with a manifest is complete. The fingerprint hashes every data field,
+  manifest.json              sources and licences, tokenizer hash, counts per split and domain,
+                             and each domain's role ("train", or "eval_only" for data.eval_only_domains)
+Within val and test, training-role documents come first; `Corpus.stream_tokens` is that prefix, so the
+validation loss drawn in random windows during training stays in-distribution, while per-domain
+evaluation (rankscope.evaluate.perplexity) scores every domain, held-out ones included.
+The manifest is written last, so a folder with a manifest is complete. The fingerprint hashes every data field,
 so a changed config never reads a stale corpus.
 """
 
@@ -34,6 +38,9 @@ FORMAT_VERSION = 1
 def fingerprint(cfg: DataConfig) -> str:
     keys = asdict(cfg)
     keys.pop("cache_dir")
+    if not cfg.eval_only_domains:  # corpora prepared before these fields existed keep their fingerprint
+        keys.pop("eval_only_domains")
+        keys.pop("eval_only_max_bytes")
     for i, f in enumerate([*cfg.files, *([cfg.pretokenized] if cfg.pretokenized else [])]):  # local files: content changes must change the corpus
         keys[f"files_mtime_{i}"] = [(p, os.path.getmtime(p)) for p in sorted(_glob(f))]
     keys["format"] = FORMAT_VERSION
@@ -48,9 +55,12 @@ def _glob(spec: str) -> list[str]:
 
 
 def split_of(doc: Document, cfg: DataConfig) -> str:
-    """Deterministic split from a hash of (seed, domain, doc id): independent of order and of other documents."""
+    """Deterministic split from a hash of (seed, domain, doc id): independent of order and of other documents.
+    An eval-only domain's documents all go to val and test, in the ratio val_fraction : test_fraction."""
     h = hashlib.sha256(f"{cfg.split_seed}|{doc.domain}|{doc.doc_id}".encode()).digest()
     u = struct.unpack(">Q", h[:8])[0] / 2**64
+    if doc.domain in cfg.eval_only_domains:
+        return "val" if u < cfg.val_fraction / (cfg.val_fraction + cfg.test_fraction) else "test"
     if u < cfg.val_fraction:
         return "val"
     if u < cfg.val_fraction + cfg.test_fraction:
@@ -65,14 +75,15 @@ def gather_documents(cfg: DataConfig, log=print) -> tuple[list[Document], dict[s
         if name not in SOURCES:
             raise DataError(f"unknown data source {name!r}; valid sources: {', '.join(SOURCES)}")
         src = SOURCES[name]
+        cap = cfg.eval_only_max_bytes if name in cfg.eval_only_domains else cfg.max_bytes_per_source
         try:
-            got = list(src.read(cfg.max_bytes_per_source))
+            got = list(src.read(cap))
         except SourceUnavailable as e:
             log(f"[data] skipping source {name!r}: {e}")
             continue
         if got:
             docs += got
-            used[name] = {"licence": src.licence, "origin": src.origin, "documents": len(got)}
+            used[name] = {"licence": src.licence, "origin": src.origin, "documents": len(got), "role": role_of(name, cfg)}
     if cfg.files:
         got = list(read_files(cfg.files, cfg.text_field))
         docs += got
@@ -88,7 +99,17 @@ def gather_documents(cfg: DataConfig, log=print) -> tuple[list[Document], dict[s
     docs = [d for d in docs if d.text.strip() or d.ids]
     if not docs:
         raise DataError("the corpus is empty: no source gave any text; check data.sources / data.files (run `make setup` for the embedded sources)")
+    domains = {d.domain for d in docs}
+    if not domains - set(cfg.eval_only_domains):
+        raise DataError(f"every domain ({', '.join(sorted(domains))}) is in data.eval_only_domains: nothing is left to train on")
+    unknown = sorted(set(cfg.eval_only_domains) - domains)
+    if unknown:
+        log(f"[data] data.eval_only_domains names {', '.join(unknown)}, which no source gave (domains: {', '.join(sorted(domains))})")
     return docs, used
+
+
+def role_of(domain: str, cfg: DataConfig) -> str:
+    return "eval_only" if domain in cfg.eval_only_domains else "train"
 
 
 def assign_splits(docs: list[Document], cfg: DataConfig) -> dict[str, list[Document]]:
@@ -96,13 +117,15 @@ def assign_splits(docs: list[Document], cfg: DataConfig) -> dict[str, list[Docum
     for d in docs:
         out[split_of(d, cfg)].append(d)
     # every domain with >= 3 documents gets at least one validation document (so it can be reported)
-    for domain in sorted({d.domain for d in docs}):
+    for domain in sorted({d.domain for d in docs} - set(cfg.eval_only_domains)):
         if not any(d.domain == domain for d in out["val"]):
             train = [d for d in out["train"] if d.domain == domain]
             if len(train) >= 3:
                 pick = min(train, key=lambda d: hashlib.sha256(f"{cfg.split_seed}|{d.doc_id}".encode()).digest())
                 out["train"].remove(pick)
                 out["val"].append(pick)
+    if not any(d.domain not in cfg.eval_only_domains for d in out["val"]) and out["train"]:
+        raise DataError("no training-domain document fell into validation; add data or raise data.val_fraction")
     if not out["train"] or not out["val"]:
         raise DataError("too few documents to split into train and validation; add data or raise data.val_fraction")
     return out
@@ -127,7 +150,21 @@ class Corpus:
         return TextTokenizer.load(self.root / "tokenizer.json")
 
     def tokens(self, split: str) -> np.ndarray:
+        """Every token of the split, eval-only domains included (they sit after the training ones)."""
         return np.load(self.root / f"{split}.npy", mmap_mode="r")
+
+    def stream_tokens(self, split: str) -> np.ndarray:
+        """The split's tokens of training-role domains only (a prefix of `tokens`): what batches and the
+        in-training validation loss draw from. The whole array for corpora without eval-only domains."""
+        end = self.manifest["splits"][split].get("stream_end")
+        arr = self.tokens(split)
+        return arr if end is None else arr[:end]
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """domain -> "train" or "eval_only"."""
+        held = set(self.manifest.get("eval_only_domains", []))
+        return {d: ("eval_only" if d in held else "train") for d in self.domains}
 
     def docs(self, split: str) -> np.ndarray:
         return np.load(self.root / f"{split}.docs.npy")
@@ -163,7 +200,8 @@ def prepare(cfg: DataConfig, force: bool = False, log=print) -> Corpus:
     tok.save(tmp / "tokenizer.json")
     counts: dict[str, dict] = {}
     for split in SPLITS:
-        sdocs = sorted(splits[split], key=lambda d: (d.domain, d.doc_id))
+        # training-role domains first, so that they form a prefix (stream_tokens)
+        sdocs = sorted(splits[split], key=lambda d: (d.domain in cfg.eval_only_domains, d.domain, d.doc_id))
         encoded = iter(tok.encode_batch([d.text for d in sdocs if d.ids is None]))
         ids = [list(d.ids) if d.ids is not None else next(encoded) for d in sdocs]
         if any(max(x, default=0) >= tok.vocab_size for x in ids):
@@ -171,8 +209,10 @@ def prepare(cfg: DataConfig, force: bool = False, log=print) -> Corpus:
         total = sum(len(x) + 1 for x in ids) + 1
         arr = np.empty(total, dtype=dtype)
         rows = np.zeros((len(sdocs), 4), dtype=np.int64)
-        pos = 0
+        pos, stream_end = 0, None
         for i, (d, x) in enumerate(zip(sdocs, ids)):
+            if stream_end is None and d.domain in cfg.eval_only_domains:
+                stream_end = pos + 1  # up to and including the EOS that closes the last training document
             arr[pos] = tok.eos_id  # document start (and end of the previous one)
             arr[pos + 1 : pos + 1 + len(x)] = x
             text = d.text if d.ids is None else tok.decode(list(d.ids))  # bytes of what the ids spell
@@ -187,12 +227,16 @@ def prepare(cfg: DataConfig, force: bool = False, log=print) -> Corpus:
             if len(sel):
                 per_domain[dom] = {"documents": int(len(sel)), "tokens": int((sel[:, 1] - sel[:, 0]).sum()), "bytes": int(sel[:, 3].sum())}
         counts[split] = {"documents": len(sdocs), "tokens": int(total), "bytes": int(rows[:, 3].sum()), "domains": per_domain}
+        if cfg.eval_only_domains:
+            counts[split]["stream_end"] = int(stream_end if stream_end is not None else total)
     manifest = {
         "format": FORMAT_VERSION,
         "fingerprint": root.name,
         "data_config": asdict(cfg),
         "sources": used,
         "domains": domains,
+        "eval_only_domains": sorted(set(cfg.eval_only_domains) & set(domains)),
+        "domain_summary": domain_summary(counts, domains, cfg),
         "tokenizer": {"spec": cfg.tokenizer, "hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
         "dtype": np.dtype(dtype).name,
         "splits": counts,
@@ -202,4 +246,24 @@ def prepare(cfg: DataConfig, force: bool = False, log=print) -> Corpus:
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
     log(f"[data] prepared {root}: " + ", ".join(f"{s} {counts[s]['tokens']:,} tokens" for s in SPLITS))
+    log(format_domains(manifest["domain_summary"]))
     return Corpus(root, manifest)
+
+
+def domain_summary(counts: dict, domains: list[str], cfg: DataConfig) -> dict[str, dict]:
+    """Per domain: its role, MB (10^6 UTF-8 bytes) and tokens in total and per split."""
+    out = {}
+    for dom in domains:
+        per = {s: counts[s]["domains"].get(dom, {"documents": 0, "tokens": 0, "bytes": 0}) for s in SPLITS}
+        nbytes = sum(p["bytes"] for p in per.values())
+        out[dom] = {"role": role_of(dom, cfg), "documents": sum(p["documents"] for p in per.values()), "mb": round(nbytes / 1e6, 3),
+                    "tokens": sum(p["tokens"] for p in per.values()), **{f"{s}_tokens": per[s]["tokens"] for s in SPLITS}}
+    return out
+
+
+def format_domains(summary: dict[str, dict]) -> str:
+    lines = [f"[data] {'domain':14s} {'role':9s} {'docs':>6s} {'MB':>7s} {'tokens':>11s} {'train':>11s} {'val':>9s} {'test':>9s}"]
+    for dom, r in sorted(summary.items(), key=lambda kv: (kv[1]["role"] != "train", kv[0])):
+        lines.append(f"[data] {dom[:14]:14s} {r['role']:9s} {r['documents']:6d} {r['mb']:7.2f} {r['tokens']:11,d} "
+                     f"{r['train_tokens']:11,d} {r['val_tokens']:9,d} {r['test_tokens']:9,d}")
+    return "\n".join(lines)

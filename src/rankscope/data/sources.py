@@ -269,3 +269,7 @@ def _parquet_column(path: Path, column: str) -> list:
         return pq.read_table(path, columns=[column]).column(column).to_pylist()
     except Exception as e:  # pyarrow raises several types for bad files / missing columns
         raise DataError(f"cannot read column {column!r} of {path} ({str(e).splitlines()[0][:160]}); check data.pretokenized_column") from None
+
+
+# the English prose sources (Bible, Python docs, Austen) live in their own module and register here
+from rankscope.data import prose as _prose  # noqa: E402,F401

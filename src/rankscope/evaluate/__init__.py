@@ -1,6 +1,7 @@
 """Evaluation of a trained run or checkpoint: per-domain loss / perplexity / bits-per-byte on the
 held-out split and on user-named eval sets (rankscope.evaluate.perplexity), and BLiMP minimal
-pairs (rankscope.evaluate.blimp; generated substitutes in rankscope.evaluate.pairs).
+pairs (rankscope.evaluate.blimp; generated substitutes in rankscope.evaluate.pairs), and Paloma
+perplexity as pico-train defines it (rankscope.evaluate.paloma).
 In-training evaluation is rankscope.evaluate.callback."""
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ def eval_sets(tok, files: list[str] | None, hf_dataset: str | None, hf_config: s
 def run_eval(path: str | Path, blimp_dir: str | None = None, batch_size: int = 16, max_docs: int = 0, blimp_max_pairs: int = 0,
              split: str = "val", files: list[str] | None = None, hf_dataset: str | None = None, hf_config: str | None = None,
              hf_split: str = "train", text_field: str = "text", hf_max_docs: int = 1000, skip_bad_rows: bool = False,
-             device: str = "cpu", log=print) -> dict:
+             device: str = "cpu", paloma: str | None = None, paloma_opts: dict | None = None, log=print) -> dict:
     """Evaluate a run directory (its newest checkpoint) or a checkpoint folder; prints a table and
-    returns {"checkpoint", "step", "perplexity": {set: {domains, macro, all}}, "blimp"?, "metrics"}."""
+    returns {"checkpoint", "step", "perplexity": {set: {domains, macro, all}}, "blimp"?, "paloma"?, "metrics"}.
+    `paloma` is a Paloma-style set (rankscope.evaluate.paloma.load_paloma); `paloma_opts` holds
+    load_paloma's keyword arguments and "max_length" (default: the model's max_seq_len, as pico-train)."""
     from rankscope.evaluate.callback import flat_blimp, flat_perplexity
     from rankscope.loading import load_trained
     from rankscope.runtime import pick_device
@@ -71,7 +74,19 @@ def run_eval(path: str | Path, blimp_dir: str | None = None, batch_size: int = 1
         pairs = load_pairs(blimp_dir, blimp_max_pairs, skip_bad_rows, log=log)
         result["blimp"] = {"source": str(blimp_dir), **evaluate_blimp(loaded.model, tok, pairs, batch_size)}
         result["metrics"].update(flat_blimp(result["blimp"]))
+    if paloma:
+        from rankscope.evaluate.paloma import flat_paloma, format_paloma, load_paloma, paloma_perplexity
+
+        opts = dict(paloma_opts or {})
+        max_length = int(opts.pop("max_length", 0) or loaded.cfg.model.max_seq_len)
+        if not 2 <= max_length <= loaded.cfg.model.max_seq_len:
+            raise DataError(f"--paloma-max-length must be in [2, {loaded.cfg.model.max_seq_len}] (the model's max_seq_len)")
+        pset = load_paloma(paloma, tok, loaded.cfg.model.vocab_size, **opts)
+        result["paloma"] = paloma_perplexity(loaded.model, pset, max_length, batch_size)
+        result["metrics"].update(flat_paloma(result["paloma"]))
     log(format_table(result))
+    if paloma:
+        log(format_paloma(result["paloma"]))
     return result
 
 

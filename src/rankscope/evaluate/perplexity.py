@@ -45,12 +45,14 @@ class DocSet:
     tokens: np.ndarray
     rows: np.ndarray
     domains: list[str]
+    roles: dict[str, str] | None = None  # domain -> "train" / "eval_only" (a corpus's data.eval_only_domains)
 
 
 def corpus_docset(corpus, split: str = "val") -> DocSet:
     if split not in ("train", "val", "test"):
         raise DataError(f"unknown split {split!r}; use val or test")
-    return DocSet(corpus.tokens(split), corpus.docs(split), list(corpus.domains))
+    roles = corpus.roles
+    return DocSet(corpus.tokens(split), corpus.docs(split), list(corpus.domains), roles if "eval_only" in roles.values() else None)
 
 
 def tokenize_documents(docs: Iterable[Document], tokenizer, prefix: str = "") -> DocSet:
@@ -150,7 +152,8 @@ def summarize(nll: float, tokens: int, nbytes: int) -> dict:
 def domain_perplexity(model: nn.Module, docset: DocSet, seq_len: int, batch_size: int = 16, max_docs: int = 0, precision: str = "fp32") -> dict:
     """{"domains": {name: {docs, tokens, bytes, nll, loss, ppl, bpb}}, "macro": {loss, ppl, bpb},
     "all": {...}}. "macro" averages the domains' loss, ppl and bpb with equal weight (Paloma's macro
-    average); "all" pools every token and byte."""
+    average); "all" pools every token and byte. A corpus with eval-only domains also gets each
+    domain's "role" and "macro_by_role": {"train": {...}, "eval_only": {...}}."""
     rows = cap_docs(docset.rows, max_docs)
     rows = rows[rows[:, 1] > rows[:, 0]]  # a document with no tokens has nothing to score
     if len(rows) == 0:
@@ -167,4 +170,11 @@ def domain_perplexity(model: nn.Module, docset: DocSet, seq_len: int, batch_size
         sel = rows[:, 2] == d
         domains[docset.domains[d]] = {"docs": int(sel.sum()), **summarize(nll[sel].sum(), ntok[sel].sum(), rows[sel, 3].sum())}
     macro = {k: float(np.mean([v[k] for v in domains.values()])) for k in ("loss", "ppl", "bpb")}
-    return {"domains": domains, "macro": macro, "all": summarize(nll.sum(), ntok.sum(), rows[:, 3].sum())}
+    out = {"domains": domains, "macro": macro, "all": summarize(nll.sum(), ntok.sum(), rows[:, 3].sum())}
+    if docset.roles:
+        for name, r in domains.items():
+            r["role"] = docset.roles.get(name, "train")
+        roles = sorted({v["role"] for v in domains.values()})
+        out["macro_by_role"] = {role: {k: float(np.mean([v[k] for v in domains.values() if v["role"] == role])) for k in ("loss", "ppl", "bpb")}
+                                for role in roles}
+    return out
