@@ -24,7 +24,7 @@ def test_grid_expands_to_the_cartesian_product(tmp_path, data_dir):
     study = load_study(write_study(tmp_path, data_dir, {"train.seed": [0, 1, 2], "train.lr": [1e-3, 2e-3]}, when={"train.seed=2": ["train.max_steps=8"]}))
     assert len(study.points) == 6
     names = [p.name for p in study.points]
-    assert len(set(names)) == 6 and names[0] == "seed-0_lr-0.001"
+    assert len(set(names)) == 6 and names[0] == "seed=0,lr=1e-3"
     assert {p.config["train"]["max_steps"] for p in study.points if p.values["train.seed"] == 2} == {8}
     assert {p.config["train"]["max_steps"] for p in study.points if p.values["train.seed"] != 2} == {6}
 
