@@ -170,8 +170,9 @@ def format_value(v: Any) -> str:
 
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
-    """The last dotted part of each key, or the whole key where two keys share a last part."""
-    last = [k.split(".")[-1] for k in keys]
+    """The last dotted part of each key (the section for `*.name`: method.name -> method), or the whole key
+    where two keys share a short name."""
+    last = [k.split(".")[-2] if k.endswith(".name") and k.count(".") else k.split(".")[-1] for k in keys]
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 
 
@@ -598,7 +599,8 @@ def run_study(study: Study, launcher: Launcher | None = None, parallel: int | No
                 _refresh(p, study)
         todo = [p for p in points if p.status not in ("done", "failed")]
         _stage_header(study, stage, points, todo, show)
-        launcher.run(todo, study)
+        if todo:
+            launcher.run(todo, study)
         write_sweep_summary(study)
     write_sweep_summary(study)
     for p in study.points:
