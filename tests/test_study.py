@@ -238,3 +238,30 @@ def test_a_real_staged_sweep(tmp_path, data_dir):
     losses = [d["loss"] for d in tuned["tried"]]
     assert tuned["chosen"] == [1e-3, 3e-3][losses.index(min(losses))] and tuned["position"] == "edge"
     assert any(line.startswith("tuned train.lr for all:") for line in shown)
+
+
+# ------------------------------------------------------------------ paired seeds
+@pytest.mark.parametrize("seed", [0, 3])
+def test_seed_k_gives_every_method_the_same_shared_weights_and_batches(tmp_path, data_dir, seed):
+    """What the paired statistics rely on: the methods differ only in what they add, not in where they start."""
+    import torch
+
+    from helpers import tiny_config
+    from rankscope.train import Trainer
+
+    trainers = {m: Trainer(tiny_config(data_dir, f"method.name={m}", f"train.seed={seed}", "method.rank=4"), tmp_path / m, log=lambda *_: None)
+                for m in ("full", "relora", "lora", "so", "galore")}
+    ref = trainers.pop("full")
+    ref_state = ref.model.state_dict()
+    other_seed = Trainer(tiny_config(data_dir, f"train.seed={seed + 1}"), tmp_path / "other", log=lambda *_: None).model.state_dict()
+    assert not torch.equal(ref_state["embed.weight"], other_seed["embed.weight"])  # the seed does change the weights
+    for name, tr in trainers.items():
+        state = {k.replace(".base.weight", ".weight"): v for k, v in tr.model.state_dict().items() if "lora_" not in k}
+        assert state.keys() == ref_state.keys(), name  # embeddings, norms, head and every base linear
+        for k, v in ref_state.items():
+            assert torch.equal(v, state[k]), f"{name}: {k} differs from full-rank's at seed {seed}"
+        for step in (0, 1, 7):
+            for stream in ("train_stream", "val_stream"):
+                xa, ya = getattr(ref, stream).get(step)
+                xb, yb = getattr(tr, stream).get(step)
+                assert torch.equal(xa, xb) and torch.equal(ya, yb), f"{name}: {stream} batch {step}"
