@@ -190,3 +190,50 @@ def test_findings_tables_render_in_the_report_format(tmp_path):
     assert "confirmed" in md and "not measured" in md  # bits-per-byte was not measured in these runs
     assert "failed" in _md_table(tables[1]) and "edge (low end" in _md_table(tables[1])
     assert findings_tables(runs, None) == []
+
+
+def test_report_puts_findings_first_and_reads_stages_from_sweep_json(tmp_path):
+    """A staged study's folder (written by hand): tuning runs stay out of the runs, control runs are their own
+    method row, each cell's own tuned lr does not split the groups, and report.json carries the verdicts."""
+    import json
+
+    import yaml
+
+    from rankscope.report import write_report
+    from rankscope.study import Point, Study, write_sweep_summary
+
+    root = tmp_path / "runs"
+    points = []
+    lr = {"full": 2e-3, "relora": 8e-3}
+    for stage, method, size, seed in [("main", m, s, k) for m in ("full", "relora") for s in ("micro", "mini") for k in range(3)] + \
+                                     [("control", "relora", "micro", 0), ("control", "relora", "micro", 1), ("tune", "full", "micro", 0)]:
+        rate = lr["full"] if stage == "control" else lr[method]
+        name = f"method={method},preset={size},seed={seed},lr={rate:g}"
+        d = root / {"main": "", "control": "control", "tune": "tune"}[stage] / name
+        d.mkdir(parents=True)
+        cfg = {"model": {"preset": size}, "method": {"name": method}, "train": {"seed": seed, "lr": rate, "max_steps": 4 if stage == "tune" else 8}}
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        loss = 4.0 - 0.3 * (size == "mini") + 0.1 * (method == "relora") * (1 + (size == "mini")) + 0.01 * seed + 0.05 * (stage == "control")
+        (d / "summary.json").write_text(json.dumps({"steps": 8, "final_val_loss": loss, "parameters": PARAMS[size]}))
+        points.append(Point(name, {"method.name": method}, cfg, d, status="done", stage=stage))
+    study = Study(root / "study.yaml", "t", points, [], [], [], 1, root,
+                  findings=validate_findings({"rules": [*PAPER_RULES[:3], {"id": "a-control", "finding": "a", "test": "paired",
+                                                                           "metric": "final_val_loss", "claim": "higher", "method": "relora (control)"}]}))
+    write_sweep_summary(study)
+    sweep = json.loads((root / "sweep.json").read_text())
+    sweep["tuning"] = {"field": "train.lr", "seed": 0, "overrides": [], "metric": "final_val_loss", "widen": 2,
+                       "cells": [{"label": "method=full", "tried": [{"value": 2e-3, "loss": 4.0, "run_dir": "x"}], "chosen": 2e-3, "position": "interior",
+                                  "edge_side": None}]}
+    (root / "sweep.json").write_text(json.dumps(sweep))
+    out = tmp_path / "report"
+    write_report([root], out, log=lambda *_: None)
+    data = json.loads((out / "report.json").read_text())
+    assert data["tables"][0]["title"].startswith("Findings") and data["tables"][1]["title"].startswith("Tuned train.lr")
+    assert {r["method"] for r in data["runs"]} == {"full", "relora", "relora (control)"} and len(data["runs"]) == 14
+    assert {r["size"] for r in data["runs"]} == {"micro", "mini"}  # the tuned lr is not a dimension
+    verdicts = {(r["id"], r["size"]): r["verdict"] for r in data["study_findings"]}
+    assert verdicts[("a-val-loss", "micro")] == verdicts[("a-val-loss", "mini")] == "confirmed"
+    assert verdicts[("a-val-bpb", "micro")] == "not measured" and verdicts[("b-val-loss", "across sizes")] == "confirmed"
+    assert verdicts[("a-control", "micro")] == "confirmed" and verdicts[("a-control", "mini")] == "not measured"
+    html = (out / "report.html").read_text()
+    assert html.index("Findings: pre-registered") < html.index("Headline")
