@@ -202,7 +202,10 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {path} not found; give a YAML file such as studies/paper-cpu.yaml")
-    spec = yaml.safe_load(path.read_text()) or {}
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"study file {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"study file {path} must hold a mapping (name, base, grid, ...)")
     unknown = set(spec) - STUDY_KEYS
