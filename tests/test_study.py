@@ -229,7 +229,12 @@ def test_progress_lines_off_a_terminal_count_runs_and_give_an_eta(tmp_path, data
         study.points[0].status = "done"
         progress.refresh()
     assert "\r" not in lines[0] and "1/3 runs finished" in lines[0] and "ETA" in lines[0] and "sweep main [" in lines[0]
-    assert isinstance(LocalLauncher(2).parallel, int)
+    from rich.console import Console
+
+    console = Console(record=True, width=120)
+    console.print(progress.table())  # what a terminal shows: the table and the same line, the bar not eaten as markup
+    assert "[######" in console.export_text() and "seed=1" in console.export_text()
+    assert LocalLauncher(2).parallel == 2
 
 
 @pytest.mark.slow

@@ -241,8 +241,8 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     if study.tune is None:
         study.points = [build_point(study, values, "main") for values in grid_values(study)]
     else:
-        for values in grid_values(study):  # validate every main point now, at the grid's first tuned value
-            build_point(study, {**values, study.tune.field: study.tune.grid[0]}, "main")
+        # validate every main point now, at the grid's first tuned value
+        _check_unique([build_point(study, {**values, study.tune.field: study.tune.grid[0]}, "main") for values in grid_values(study)], path)
         study.points = [tune_point(study, c, v) for c in tune_cells(study) for v in study.tune.grid]
     _check_unique(study.points, path)
     return study
@@ -673,15 +673,17 @@ class _Progress:
                 f"{_duration(elapsed)} elapsed, {eta}")
 
     def table(self):
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        t = Table(title=f"sweep ({self.stage})", caption=self.line())
+        t = Table(title=f"sweep ({self.stage})")
         for col in ("run", "status", "seconds"):
             t.add_column(col)
         for p in self.points:
             colour = {"done": "green", "running": "yellow", "failed": "red"}.get(p.status, "white")
             t.add_row(p.name, f"[{colour}]{p.status}[/]", f"{p.seconds:.0f}" if p.seconds else "")
-        return t
+        return Group(t, Text(self.line()))  # Text: the [###...] bar is not rich markup
 
     def __enter__(self):
         if sys.stdout.isatty():
