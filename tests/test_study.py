@@ -233,7 +233,8 @@ def test_progress_lines_off_a_terminal_count_runs_and_give_an_eta(tmp_path, data
 
     console = Console(record=True, width=120)
     console.print(progress.table())  # what a terminal shows: the table and the same line, the bar not eaten as markup
-    assert "[######" in console.export_text() and "seed=1" in console.export_text()
+    text = console.export_text()
+    assert "[######" in text and "seed=1" in text
     assert LocalLauncher(2).parallel == 2
 
 
