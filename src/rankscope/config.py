@@ -35,6 +35,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Pico's larger decoders (not in the paper), where FSDP (train.parallel=fsdp) starts to pay
     "pico-medium": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=3072, vocab_size=50304, max_seq_len=2048),
     "pico-large": dict(d_model=1536, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=6144, vocab_size=50304, max_seq_len=2048),
+    # below micro (193k parameters, most of them embeddings): the smallest point of the CPU study's size trend
+    "nano": dict(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=2048, max_seq_len=128),
     "micro": dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256, vocab_size=2048, max_seq_len=128),
     # between micro and mini on a log scale of parameters (1.07M), for a size trend with three points
     "milli": dict(d_model=96, n_layers=5, n_heads=6, n_kv_heads=2, ffn_dim=384, vocab_size=2048, max_seq_len=256),
