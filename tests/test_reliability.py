@@ -292,13 +292,14 @@ def test_ranks_agree_on_the_stop_step_when_one_rank_is_signalled(data_dir, base_
     import torch.multiprocessing as mp
 
     mp.spawn(agree_worker, args=(2, free_port(), str(data_dir), str(tmp_path / "run"), 7, str(tmp_path)), nprocs=2, join=True)
-    # rank 0 is not signalled itself; it learns of rank 1's signal in the step's loss all-reduce
-    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [7, 7]
-    assert steps_of(tmp_path / "run") == [7]
+    # rank 0 is not signalled itself; it learns of rank 1's signal (sent after step 7's all-reduce)
+    # in step 8's loss all-reduce, so both finish step 8 and stop there
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [8, 8]
+    assert steps_of(tmp_path / "run") == [8]
 
 
 def _fresh_launches(data_dir, tmp_path, n: int, extra: tuple[str, ...]) -> None:
-    over = [*tiny_overrides(data_dir, "train.max_steps=2", "train.tensorboard=false", "train.threads=1", "eval.per_domain=false", *extra), "--nproc", "2"]
+    over = [*tiny_overrides(data_dir, "train.max_steps=2", "train.warmup_steps=1", "train.tensorboard=false", "train.threads=1", "eval.per_domain=false", *extra), "--nproc", "2"]
     for i in range(n):
         r = subprocess.run(cli(*over, "-o", str(tmp_path / f"fresh{i}")), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
