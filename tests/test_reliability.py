@@ -343,7 +343,8 @@ def test_bad_train_values_are_one_line_errors(data_dir, tmp_path, capsys, extra,
 def test_bad_output_paths_are_refused_before_any_compute(data_dir, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    cases = ((a_file, "exists and is not a folder"), (a_file / "sub", "cannot be written"), (Path("/proc/rankscope-x"), "cannot be written"))
+    cases = ((a_file, "exists and is not a folder"), (a_file / "sub", "cannot be written"),
+             (Path("/proc/rankscope-x"), "cannot be written"))
     for target, why in cases:
         assert main(["train", "configs/micro.yaml", *tiny_overrides(data_dir), "-o", str(target)]) == 2
         assert why in one_line_error(capsys)
