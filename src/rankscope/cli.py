@@ -49,14 +49,17 @@ def cmd_train(args) -> None:
     import os
 
     from rankscope.config import load_config
+    from rankscope.errors import ConfigError
     from rankscope.train import train
 
     cfg = load_config(args.config, args.overrides)  # validate before launching anything
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:
         from rankscope.distributed import launch
 
+        if args.nnodes > 1 and not args.rdzv_endpoint:
+            raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node), the same on every node")
         argv = ["train", args.config, *args.overrides, *(["-o", args.output] if args.output else [])]
-        raise SystemExit(launch(argv, args.nproc))
+        raise SystemExit(launch(argv, args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id))
     out = Path(args.output or f"runs/{Path(args.config).stem}")
     summary = train(cfg, out)
     if summary.get("run_dir") is None:  # not rank 0
@@ -112,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("-o", "--output", help="run directory (default runs/<config name>)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun for you)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines, each running this command with the same --rdzv-endpoint")
+    p.add_argument("--rdzv-endpoint", help="HOST:PORT of the first machine (torchrun's c10d rendezvous) when --nnodes > 1")
+    p.add_argument("--rdzv-id", help="a run id shared by the machines of one run (e.g. the SLURM job id)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP")
     p.add_argument("path", help="run directory or checkpoints/step_N folder")

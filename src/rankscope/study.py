@@ -39,7 +39,7 @@ import yaml
 from rankscope.config import config_from_dict, describe_fields, merge_dicts, parse_overrides, read_yaml
 from rankscope.errors import ConfigError
 
-STUDY_KEYS = {"name", "base", "overrides", "grid", "when", "after", "eval_args", "analyze_args", "parallel", "runs_dir", "description", "match_memory"}
+STUDY_KEYS = {"name", "base", "overrides", "grid", "when", "after", "eval_args", "analyze_args", "parallel", "runs_dir", "description", "match_memory", "slurm"}
 STEPS = ("eval", "analyze")
 
 
@@ -191,7 +191,21 @@ def run_point(point: Point, study: Study, threads: int) -> None:
         point.seconds = time.time() - t0
 
 
-def run_study(study: Study, parallel: int | None = None, show=print) -> list[Point]:
+def run_study(study: Study, parallel: int | None = None, show=print, launcher=None) -> list[Point]:
+    """`launcher` (e.g. rankscope.slurm.SlurmLauncher): `launcher.run(points, study)` runs the points
+    left and blocks until each has its status; None runs them here as subprocesses."""
+    if launcher is not None:
+        todo = [p for p in study.points if point_state(p, study) != "done"]
+        for p in study.points:
+            if p not in todo:
+                p.status = "done"
+        show(f"study {study.name}: {len(study.points)} runs, {len(study.points) - len(todo)} done, {len(todo)} to run -> {study.runs_dir}")
+        launcher.run(todo, study)
+        write_sweep_summary(study)
+        for p in study.points:
+            if p.status == "failed":
+                show(f"FAILED {p.name}: {p.error}")
+        return study.points
     parallel = max(1, parallel or study.parallel)
     threads = max(1, (os.cpu_count() or 1) // parallel)
     todo = []
@@ -225,7 +239,8 @@ def write_sweep_summary(study: Study) -> Path:
     rows = [{"name": p.name, "values": p.values, "status": p.status, "error": p.error, "run_dir": str(p.run_dir), "seconds": round(p.seconds, 1)} for p in study.points]
     study.runs_dir.mkdir(parents=True, exist_ok=True)
     out = study.runs_dir / "sweep.json"
-    out.write_text(json.dumps({"study": study.name, "study_file": str(study.path), "runs": rows}, indent=1))
+    jobs = json.loads(out.read_text()).get("jobs") if out.exists() else None  # SLURM job records (rankscope.slurm)
+    out.write_text(json.dumps({"study": study.name, "study_file": str(study.path), "runs": rows, **({"jobs": jobs} if jobs else {})}, indent=1))
     return out
 
 
@@ -272,6 +287,9 @@ def _sweep_args(p) -> None:
     p.add_argument("--parallel", type=int, help="runs at once (default: the study's `parallel`)")
     p.add_argument("--runs-dir", help="where the runs go (default: the study's runs_dir or runs/<name>)")
     p.add_argument("--list", action="store_true", help="only list the points and their state")
+    from rankscope.slurm import add_args
+
+    add_args(p)
 
 
 def _register() -> None:
@@ -284,7 +302,20 @@ def _register() -> None:
             for p in study.points:
                 print(f"{point_state(p, study):8s} {p.run_dir}")
             return
-        points = run_study(study, args.parallel)
+        launcher = None
+        if args.launcher == "slurm" or args.dry_run or args.status:
+            from rankscope import slurm
+
+            res = slurm.resources_from_args(args.study, args)
+            if args.dry_run:
+                for p in study.points:
+                    print(f"# ---- {p.name}: {p.run_dir}\n{slurm.sbatch_script(p, study, res)}")
+                return
+            if args.status:
+                print(slurm.format_status(slurm.status_rows(study, slurm.SlurmLauncher(res, require_sbatch=False))))
+                return
+            launcher = slurm.SlurmLauncher(res)
+        points = run_study(study, args.parallel, launcher=launcher)
         failed = sum(p.status == "failed" for p in points)
         print(f"sweep finished: {len(points) - failed} ok, {failed} failed; summary {study.runs_dir / 'sweep.json'}")
         if failed:
