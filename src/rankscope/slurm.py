@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -199,7 +200,8 @@ class PointJob:
         return {**self.__dict__, "proc": None}
 
     def _threads(self) -> int:
-        return max(1, len(os.sched_getaffinity(0)) // self.res.nproc)
+        """CPU threads per train process: the job's CPUs (cpus_per_task, else what it may run on) per GPU."""
+        return max(1, (self.res.cpus_per_task or len(os.sched_getaffinity(0))) // self.res.nproc)
 
     def _run(self, cmd: list[str]) -> tuple[int, str]:
         import subprocess
@@ -361,6 +363,10 @@ class SlurmLauncher:
 
         _start(point, study, 1)  # claims the run directory for the study before the job starts
         job = self.executor(point, study).submit(PointJob(point, study, self.res))
+        try:
+            job_folder(point).rmdir()  # submitit makes the un-substituted folder too; an empty `%j` confuses
+        except OSError:
+            pass
         self.live[job_key(point, study)] = job
         return {"point": point.name, "job_id": job.job_id, "cluster": self.cluster, "state": "PENDING", "nodes": "",
                 "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "folder": str(job.paths.folder),
@@ -382,14 +388,14 @@ class SlurmLauncher:
             rec["state"] = (info.get("State") or rec.get("state") or "UNKNOWN").split()[0]
             rec["nodes"] = info.get("NodeList", rec.get("nodes", ""))
         elif getattr(job, "_process", None) is not None:  # a local job of this process
-            rec["state"] = {"FINISHED": "COMPLETED", "INTERRUPTED": "CANCELLED"}.get(job.state, job.state)
+            rec["state"] = job.state  # submitit's words: RUNNING, FINISHED, INTERRUPTED
             rec["nodes"] = socket.gethostname()
         else:  # a local job of an earlier process: its controller's pid is the job id
             try:
                 os.kill(int(rec["job_id"]), 0)
                 rec["state"] = "RUNNING"
             except (ProcessLookupError, PermissionError, ValueError):
-                rec["state"] = "COMPLETED" if job.paths.result_pickle.exists() else "FAILED"
+                rec["state"] = "FINISHED" if job.paths.result_pickle.exists() else "GONE"
         return rec
 
     def _error(self, rec: dict[str, Any], key: str) -> str:
@@ -399,9 +405,12 @@ class SlurmLauncher:
             return f"job {rec['job_id']} ended {rec['state']} without a result ({type(e).__name__}); see {rec['stderr']}"
         if exc is None:
             return f"job {rec['job_id']} ended {rec['state']}; see {rec['stderr']}"
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        last = lines[-1].strip() if lines else type(exc).__name__
-        return last.split(": ", 1)[1] if last.startswith(("rankscope.errors.", "TrainingError")) and ": " in last else last
+        # submitit's message holds the job's traceback; its last "Error: message" line is the cause
+        causes = re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", str(exc), flags=re.M)
+        if not causes:
+            return f"job {rec['job_id']} failed; see {rec['stderr']}"
+        kind, message = causes[-1]
+        return message if kind in ("TrainingError", "ConfigError", "DataError", "CheckpointError") else f"{kind}: {message}"
 
     # ---- the interface study.run_study uses
     def run(self, points, study) -> None:
