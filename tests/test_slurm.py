@@ -163,7 +163,7 @@ def test_failed_point_is_resubmitted_and_a_running_job_is_left_alone(tmp_path, p
     from rankscope.slurm import save_jobs
 
     save_jobs(study, jobs)
-    assert SlurmLauncher(resources(path), cluster="local", show=lambda *_: None).refresh(dict(jobs[job_key(p, study)]), "x")["state"] == "RUNNING"
+    assert SlurmLauncher(resources(path), cluster="local", show=lambda *_: None).refresh(dict(jobs[job_key(p, study)]))["state"] == "RUNNING"
     # once that job is gone, the failed point is submitted again
     jobs[job_key(p, study)]["job_id"] = first
     save_jobs(study, jobs)
@@ -172,25 +172,31 @@ def test_failed_point_is_resubmitted_and_a_running_job_is_left_alone(tmp_path, p
     assert list(again.live) == [job_key(p, study)] and load_jobs(study)[job_key(p, study)]["job_id"] != first
 
 
+@pytest.mark.slow  # ~45 s on 2 loaded cores: a job, a requeue, a resume
 def test_sigterm_requeues_the_job_and_it_ends_bit_identical(tmp_path, prepared):
-    path = write_study(tmp_path, prepared, {"train.seed": [0]}, "train.max_steps=60", "checkpoint.every=10", "train.log_every=1", slurm={"cpus_per_task": 1})
-    killed, straight = load_study(path, tmp_path / "killed"), load_study(path, tmp_path / "straight")
+    from rankscope.config import config_from_dict
+    from rankscope.train import train
+
+    path = write_study(tmp_path, prepared, {"train.seed": [0]}, "train.max_steps=60", "checkpoint.every=10", "train.log_every=1",
+                       slurm={"cpus_per_task": 1})
+    study = load_study(path)
+    point = study.points[0]
     launcher = SlurmLauncher(resources(path), cluster="local", show=lambda *_: None)
-    rec = launcher.submit(killed.points[0], killed)
-    ref = launcher.submit(straight.points[0], straight)
-    job = launcher.live[job_key(killed.points[0], killed)]
-    metrics = killed.points[0].run_dir / "metrics.jsonl"
+    rec = launcher.submit(point, study)
+    job = launcher.live[str(point.run_dir.resolve())]
+    # the same run, unkilled, with the job's thread count (1: cpus_per_task)
+    cfg = config_from_dict(merge_dicts(point.config, parse_overrides(["train.threads=1", "train.progress=false"])))
+    train(cfg, tmp_path / "straight", log=lambda *_: None)
+    metrics = point.run_dir / "metrics.jsonl"
     t0 = time.time()
     while not (metrics.exists() and metrics.read_text().count("train_loss") >= 15):
         assert time.time() - t0 < 120 and job.state == "RUNNING", "training did not start"
         time.sleep(0.02)
-    job._process.send_signal(signal.SIGTERM)  # what SLURM sends on preemption, to the job's controller
+    job._process.send_signal(signal.SIGTERM)  # what SLURM sends on preemption, here to the job's controller
     wait_for(job)
-    wait_for(launcher.live[job_key(straight.points[0], straight)])
-    log = (killed.points[0].run_dir / "sweep.log").read_text()
+    log = (point.run_dir / "sweep.log").read_text()
     out = Path(rec["stdout"]).read_text() + Path(rec["stderr"]).read_text()
     assert "requeueing through submitit" in out and "Requeued job" in out, out[-2000:]
-    assert "resumed from" in log, log[-2000:]
-    assert point_state(killed.points[0], killed) == "done" and point_state(straight.points[0], straight) == "done"
-    assert_same_final_weights(killed.points[0].run_dir, straight.points[0].run_dir, ("model", "optimizer"))
-    assert Path(ref["stdout"]).exists()
+    assert out.count("Starting with JobEnvironment") == 2 and "resumed from" in log, log[-2000:]
+    assert point_state(point, study) == "done"
+    assert_same_final_weights(point.run_dir, tmp_path / "straight", ("model", "optimizer"))

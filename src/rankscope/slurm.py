@@ -367,24 +367,25 @@ class SlurmLauncher:
             job_folder(point).rmdir()  # submitit makes the un-substituted folder too; an empty `%j` confuses
         except OSError:
             pass
-        self.live[job_key(point, study)] = job
+        self.live[str(point.run_dir.resolve())] = job
         return {"point": point.name, "job_id": job.job_id, "cluster": self.cluster, "state": "PENDING", "nodes": "",
                 "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "folder": str(job.paths.folder),
                 "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
-    def _job(self, rec: dict[str, Any], key: str):
+    def _job(self, rec: dict[str, Any]):
         import submitit
 
-        if key in self.live and self.live[key].job_id == rec["job_id"]:
-            return self.live[key]
+        live = self.live.get(str(Path(rec["folder"]).parent.parent.resolve()))
+        if live is not None and live.job_id == rec["job_id"]:
+            return live
         cls = submitit.SlurmJob if rec["cluster"] == "slurm" else submitit.LocalJob
         return cls(folder=Path(rec["folder"]).parent / "%j", job_id=rec["job_id"])
 
-    def refresh(self, rec: dict[str, Any], key: str) -> dict[str, Any]:
+    def refresh(self, rec: dict[str, Any]) -> dict[str, Any]:
         """Update a job record's state and node list from SLURM (sacct) or the local process."""
-        job = self._job(rec, key)
+        job = self._job(rec)
         if rec["cluster"] == "slurm":
-            info = job.get_info(mode="standard") if key in self.live else job.get_info(mode="force")
+            info = job.get_info(mode="standard" if job is self.live.get(str(Path(rec["folder"]).parent.parent.resolve())) else "force")
             rec["state"] = (info.get("State") or rec.get("state") or "UNKNOWN").split()[0]
             rec["nodes"] = info.get("NodeList", rec.get("nodes", ""))
         elif getattr(job, "_process", None) is not None:  # a local job of this process
@@ -398,9 +399,9 @@ class SlurmLauncher:
                 rec["state"] = "FINISHED" if job.paths.result_pickle.exists() else "GONE"
         return rec
 
-    def _error(self, rec: dict[str, Any], key: str) -> str:
+    def _error(self, rec: dict[str, Any]) -> str:
         try:
-            exc = self._job(rec, key).exception()
+            exc = self._job(rec).exception()
         except Exception as e:  # no result written (killed, out of memory, cancelled)
             return f"job {rec['job_id']} ended {rec['state']} without a result ({type(e).__name__}); see {rec['stderr']}"
         if exc is None:
@@ -424,7 +425,7 @@ class SlurmLauncher:
             if p.status == "done":
                 continue
             rec = jobs.get(key)
-            if rec is not None and self.refresh(rec, key)["state"] in ALIVE:
+            if rec is not None and self.refresh(rec)["state"] in ALIVE:
                 self.show(f"{p.name}: job {rec['job_id']} is {rec['state']}; waiting for it (not resubmitted)")
             else:
                 if rec is not None:
@@ -438,13 +439,13 @@ class SlurmLauncher:
             time.sleep(self.poll_s)
             for p in list(waiting):
                 key = job_key(p, study)
-                rec = self.refresh(jobs[key], key)
+                rec = self.refresh(jobs[key])
                 if rec["state"] in ALIVE:
                     continue
                 waiting.remove(p)
                 p.status = point_state(p, study)
                 if p.status != "done":
-                    p.status, p.error = "failed", self._error(rec, key)
+                    p.status, p.error = "failed", self._error(rec)
                 self.show(f"{p.name}: job {rec['job_id']} {rec['state']} -> {p.status}")
             save_jobs(study, jobs)
 
@@ -481,7 +482,7 @@ def status_rows(study, launcher: SlurmLauncher | None = None) -> list[dict[str, 
         rec = jobs.get(key)
         if rec is not None and launcher is not None:
             try:
-                rec = launcher.refresh(dict(rec), key)
+                rec = launcher.refresh(dict(rec))
             except Exception:  # sacct unreachable: show the recorded state
                 pass
         step, eta = progress(p)
