@@ -169,7 +169,7 @@ def test_failed_point_is_resubmitted_and_a_running_job_is_left_alone(tmp_path, p
     save_jobs(study, jobs)
     again = SlurmLauncher(resources(path), cluster="local", poll_s=0.3, show=lambda *_: None)
     run_study(load_study(path), launcher=again, show=lambda *_: None)
-    assert list(again.live) == [job_key(p, study)] and load_jobs(study)[job_key(p, study)]["job_id"] != first
+    assert list(again.live) == [str(p.run_dir.resolve())] and load_jobs(study)[job_key(p, study)]["job_id"] != first
 
 
 @pytest.mark.slow  # ~45 s on 2 loaded cores: a job, a requeue, a resume

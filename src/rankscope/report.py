@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from rankscope.errors import RankscopeError
+from rankscope.findings import CONTROL_SUFFIX
 
 
 class ReportError(RankscopeError):
@@ -119,14 +120,17 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]]]:
     runs: list[Run] = []
     problems: list[dict[str, Any]] = []
     seen: set[Path] = set()
+    tuned: set[str] = set()
 
-    def add(run_dir: Path, status: str = "done", error: str | None = None) -> None:
+    def add(run_dir: Path, status: str = "done", error: str | None = None, stage: str = "main") -> None:
         key = run_dir.resolve()
         if key in seen:
             return
         seen.add(key)
         if status == "done" and (run_dir / "summary.json").is_file():
             runs.append(load_run(run_dir))
+            if stage == "control":  # a study's control runs (rankscope.study) are their own method row
+                runs[-1].method += CONTROL_SUFFIX
         else:
             problems.append({"run": run_dir.name, "dir": str(run_dir), "status": status if status != "done" else "unfinished",
                              "error": error or "no summary.json (training did not finish)",
@@ -140,16 +144,21 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]]]:
             continue
         sweep = path / "sweep.json"
         if sweep.is_file():
-            for row in json.loads(sweep.read_text()).get("runs", []):
+            data = json.loads(sweep.read_text())
+            if data.get("tuning"):  # each cell runs at its own tuned value: not a dimension that splits groups
+                tuned.add(data["tuning"]["field"])
+            for row in data.get("runs", []):
+                if row.get("stage") == "tune":  # tuning runs are reported in the tuned-value table, not as runs
+                    continue
                 run_dir = path / row["name"] if (path / row["name"]).is_dir() else Path(row["run_dir"])
-                add(run_dir, row.get("status", "done"), row.get("error"))
+                add(run_dir, row.get("status", "done"), row.get("error"), row.get("stage", "main"))
         for sub in sorted(p for p in path.iterdir() if _is_run_dir(p)) if path.is_dir() else []:
             add(sub)
     if not runs and not problems:
         raise ReportError(f"no runs found in {', '.join(map(str, paths))}; give run directories (config.yaml + summary.json) or a study directory (sweep.json)")
     if not runs:
         raise ReportError(f"no finished runs in {', '.join(map(str, paths))} ({len(problems)} failed or unfinished); see their sweep.log")
-    label_other_dimensions(runs)
+    label_other_dimensions(runs, tuned)
     return runs, problems
 
 
@@ -169,12 +178,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def label_other_dimensions(runs: list[Run]) -> None:
+def label_other_dimensions(runs: list[Run], ignore: set[str] | frozenset = frozenset()) -> None:
     """Runs that differ in more than method, size and seed (e.g. a grid over train.lr) must not be
     averaged together: such fields join the size label, e.g. `micro lr=0.001`."""
     flats = [_flat(r.config) for r in runs]
     keys = sorted({k for f in flats for k in f})
-    varying = [k for k in keys if not k.startswith(_NOT_A_DIMENSION) and len({f.get(k) for f in flats}) > 1]
+    varying = [k for k in keys if not k.startswith(_NOT_A_DIMENSION) and k not in ignore and len({f.get(k) for f in flats}) > 1]
     for r, f in zip(runs, flats):
         extra = " ".join(f"{k.split('.')[-1]}={json.loads(f[k]) if k in f else '-'}" for k in varying)
         if extra:
@@ -351,10 +360,14 @@ def _jsonable(tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: list[int] | None = None, log=print) -> dict[str, Path]:
     from rankscope import report_plots as P
 
+    from rankscope.findings import findings_tables, read_sweep, study_findings
+
     runs, problems = collect(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(runs)
+    sweep = read_sweep(paths)
+    verdicts = study_findings(runs, sweep)  # the study's pre-registered rules; their tables come first
+    tables = findings_tables(runs, sweep, verdicts) + build_tables(runs)
     groups = group_order(runs)
     figures: list[tuple[str, Path, str]] = []  # (title, png, caption)
     for title, fn, caption in P.figures(runs, groups, out, spectra_steps):
@@ -398,7 +411,8 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
 
     data = {"generated": stamp, "inputs": [str(p) for p in paths],
             "runs": [{"name": r.name, "dir": str(r.dir), "method": r.method, "size": r.size, "seed": r.seed} for r in runs],
-            "failed": problems, "tables": _jsonable(tables), "findings": found,
+            "failed": problems, "tables": _jsonable(tables), "findings": found, "study_findings": verdicts,
+            "tuning": (sweep or {}).get("tuning"),
             "paper_reference": {"citation": PAPER_REFERENCE["citation"], "scale": PAPER_REFERENCE["scale"], "rows": ref["rows"]},
             "figures": [{"title": t, "file": fn.name, "caption": c} for t, fn, c in figures]}
     (out / "report.json").write_text(json.dumps(data, indent=1, default=str))

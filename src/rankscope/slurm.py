@@ -173,9 +173,9 @@ def job_folder(point) -> Path:
 # --------------------------------------------------------------------------- inside the job
 def train_command(point, study, res: SlurmResources, threads: int) -> list[str]:
     """The train command each task of the job runs; ${VAR}s are read from the job's environment."""
-    from rankscope.study import _commands
+    from rankscope.study import point_commands
 
-    cmd = _commands(point, study, threads)[0][1]
+    cmd = point_commands(point, study, threads)[0][1]
     if res.distributed:
         cmd += [f"--nproc={res.nproc}", f"--nnodes={res.nodes}", "--rdzv-endpoint=${RANKSCOPE_RDZV_ENDPOINT}", "--rdzv-id=${SLURM_JOB_ID}"]
     return cmd
@@ -228,16 +228,16 @@ class PointJob:
     def __call__(self) -> str:
         from submitit import JobEnvironment
 
-        from rankscope.study import _commands, _mark_done, _start
+        from rankscope.study import mark_step_done, point_commands, prepare_point
 
         env = JobEnvironment()
         first = env.global_rank == 0
         if first:
-            _start(self.point, self.study, self._threads())
+            prepare_point(self.point, self.study, self._threads())
         done = json.loads((self.point.run_dir / "study.json").read_text()).get("steps_done", [])
         previous = signal.signal(signal.SIGTERM, self._forward)  # submitit ignores SIGTERM; the train process must see it
         try:
-            for step, cmd in _commands(self.point, self.study, self._threads()):
+            for step, cmd in point_commands(self.point, self.study, self._threads()):
                 if step == "train":
                     cmd = train_command(self.point, self.study, self.res, self._threads())
                 elif not first or step in done:
@@ -248,7 +248,7 @@ class PointJob:
                 if rc != 0:
                     raise TrainingError(f"{step}: {last}")
                 if step != "train":
-                    _mark_done(self.point, step)
+                    mark_step_done(self.point, step)
         finally:
             signal.signal(signal.SIGTERM, previous)
         return "done"
@@ -307,9 +307,9 @@ def job_key(point, study) -> str:
     return os.path.relpath(point.run_dir, study.runs_dir)
 
 
-def progress(point) -> tuple[int, float | None]:
-    """(last logged step, seconds left at the last logged speed) of a point's run directory."""
-    path = point.run_dir / "metrics.jsonl"
+def progress(run_dir: Path, max_steps: int) -> tuple[int, float | None]:
+    """(last logged step, seconds left at the last logged speed) of a run directory."""
+    path = Path(run_dir) / "metrics.jsonl"
     rows = []
     if path.exists():
         for ln in path.read_text().splitlines():
@@ -323,8 +323,7 @@ def progress(point) -> tuple[int, float | None]:
         return step, None
     last = train[-1]
     per_step = last["tokens"] / max(last["step"], 1)
-    left = max(0, point.config["train"]["max_steps"] - step)
-    return step, left * per_step / last["tokens_per_s"]
+    return step, max(0, max_steps - step) * per_step / last["tokens_per_s"]
 
 
 def _eta(seconds: float | None) -> str:
@@ -359,9 +358,9 @@ class SlurmLauncher:
         return ex
 
     def submit(self, point, study) -> dict[str, Any]:
-        from rankscope.study import _start
+        from rankscope.study import prepare_point
 
-        _start(point, study, 1)  # claims the run directory for the study before the job starts
+        prepare_point(point, study, 1)  # claims the run directory for the study before the job starts
         job = self.executor(point, study).submit(PointJob(point, study, self.res))
         try:
             job_folder(point).rmdir()  # submitit makes the un-substituted folder too; an empty `%j` confuses
@@ -435,6 +434,7 @@ class SlurmLauncher:
             p.status = "running"
             waiting.append(p)
         save_jobs(study, jobs)
+        started = time.time()
         while waiting:
             time.sleep(self.poll_s)
             for p in list(waiting):
@@ -443,6 +443,7 @@ class SlurmLauncher:
                 if rec["state"] in ALIVE:
                     continue
                 waiting.remove(p)
+                p.seconds = time.time() - started
                 p.status = point_state(p, study)
                 if p.status != "done":
                     p.status, p.error = "failed", self._error(rec)
@@ -473,25 +474,41 @@ def sbatch_script(point, study, res: SlurmResources, python: str | None = None) 
 
 
 def status_rows(study, launcher: SlurmLauncher | None = None) -> list[dict[str, Any]]:
+    """One row per point of the study and per job recorded in sweep.json (main-stage jobs of a staged
+    study exist only once tuning has finished): state, job id, nodes, step reached, ETA, log."""
     from rankscope.study import point_state
 
     jobs = load_jobs(study)
-    rows = []
-    for p in study.points:
-        key = job_key(p, study)
+    rows, seen = [], set()
+    items = [(job_key(p, study), p.name, p.run_dir, p.config["train"]["max_steps"], lambda p=p: point_state(p, study)) for p in study.points]
+    for key, rec in jobs.items():
+        if key not in {i[0] for i in items}:
+            run_dir = study.runs_dir / key
+            cfg = yaml.safe_load((run_dir / "study-config.yaml").read_text()) if (run_dir / "study-config.yaml").exists() else {}
+            max_steps = cfg.get("train", {}).get("max_steps", 0)
+            items.append((key, rec.get("point", key), run_dir, max_steps, lambda d=run_dir, m=max_steps: _finished(d, m)))
+    for key, name, run_dir, max_steps, state_of in items:
+        if key in seen:
+            continue
+        seen.add(key)
         rec = jobs.get(key)
         if rec is not None and launcher is not None:
             try:
                 rec = launcher.refresh(dict(rec))
             except Exception:  # sacct unreachable: show the recorded state
                 pass
-        step, eta = progress(p)
-        state = point_state(p, study)
+        step, eta = progress(run_dir, max_steps)
+        state = state_of()
         job_state = rec["state"] if rec else ""
-        rows.append({"point": p.name, "state": state if state == "done" or not rec else job_state.lower(), "job": rec["job_id"] if rec else "",
-                     "nodes": rec.get("nodes", "") if rec else "", "step": f"{step}/{p.config['train']['max_steps']}",
+        rows.append({"point": key, "state": state if state == "done" or not rec else job_state.lower(), "job": rec["job_id"] if rec else "",
+                     "nodes": rec.get("nodes", "") if rec else "", "step": f"{step}/{max_steps}",
                      "eta": _eta(eta) if job_state == "RUNNING" and state != "done" else "", "log": rec["stdout"] if rec else ""})
     return rows
+
+
+def _finished(run_dir: Path, max_steps: int) -> str:
+    summary = run_dir / "summary.json"
+    return "done" if summary.exists() and json.loads(summary.read_text()).get("steps") == max_steps else "left"
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:
@@ -522,3 +539,19 @@ def resources_from_args(study_path, args) -> SlurmResources:
     over = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _ in CLI_FLAGS}
     over["sbatch"] = args.sbatch
     return resources(study_path, over)
+
+
+def cli_launcher(study, args) -> SlurmLauncher | None:
+    """`rankscope sweep` with --launcher slurm / --dry-run / --status: the launcher to run the study
+    with, or None once --dry-run or --status has printed its answer."""
+    res = resources_from_args(study.path, args)
+    if args.dry_run:
+        for p in study.points:
+            print(f"# ---- {p.stage} {p.name}: {p.run_dir}\n{sbatch_script(p, study, res)}")
+        if getattr(study, "tune", None) is not None:
+            print(f"# the main (and control) jobs are submitted after every tuning job has finished, at the tuned {study.tune.field}")
+        return None
+    if args.status:
+        print(format_status(status_rows(study, SlurmLauncher(res, require_sbatch=False))))
+        return None
+    return SlurmLauncher(res)

@@ -1,6 +1,6 @@
-"""Studies: a base config and a grid over any config fields, run as one sweep.
+"""Studies: a base config and a grid over any config fields, run as one sweep, optionally in stages.
 
-A study file (YAML):
+The format, with a full example, is documented in docs/studies.md. In short (YAML):
 
     name: paper-cpu                 # runs go to <runs_dir>/<point name>/ (default runs/<name>)
     base: ../configs/mini.yaml      # config every point starts from (relative to the study file)
@@ -10,37 +10,78 @@ A study file (YAML):
       model.preset: [micro, mini]
       train.seed: [0, 1]
     when:                           # extra overrides for points matching key=value
-      model.preset=mini: [train.lr=2e-3]
+      model.preset=mini: [train.warmup_steps=20]
+    run_name: "{method}-{preset}-s{seed}"   # optional folder-name template ({short or dotted key});
+                                    # default: method=relora,preset=mini,seed=1
     match_memory: relora            # optional: bytes, or a method name whose optimiser state every
                                     # point's rank / density is matched to (methods.memory.apply_memory_match)
-    after: [eval, analyze]          # steps run on each finished run (see STEPS)
+    after: [eval, analyze]          # steps run on each finished main/control run (see STEPS)
     eval_args: [--blimp, ../shared/data/blimp, --blimp-max-pairs, "100"]
     parallel: 2                     # runs at once (threads are split between them)
+    tune:                           # optional tuning stage, run first
+      field: train.lr               # tuned on a log grid
+      grid: [1.0e-3, 2.0e-3, 4.0e-3]
+      cell: [method.name, model.preset]   # fields that define a cell (default: every grid field but train.seed)
+      seed: 0                       # the one seed of the tuning runs (default: the grid's first train.seed)
+      overrides: [train.max_steps=150]    # the short budget
+      metric: final_val_loss        # summary.json key, lower is better
+      widen: 2                      # automatic widenings per edge, by the grid's end ratio
+    control:                        # optional: ReLoRA at full-rank's tuned value (the paper's convention)
+      where: {method.name: relora}
+      lr_from: {method.name: full}
+    findings: {...}                 # pre-registered rules (rankscope.findings)
 
-`rankscope sweep STUDY.yaml` runs every point in its own directory (its resolved config,
-environment and git commit are recorded by the trainer), skips finished runs, resumes interrupted
-ones, and reports failed runs without stopping the others.
+Stages. Without `tune:` a study has one stage, `main`. With it, `run_study` runs
+  1. tune: per cell, every value of tune.grid (one seed, tune.overrides), in <runs_dir>/tune/. Where a
+     cell's best value (lowest `metric`; a failed or diverged run counts as +inf) is the lowest or
+     highest value tried, the grid is extended on that side by the grid's end ratio (grid[1]/grid[0]
+     below, grid[-1]/grid[-2] above) and the new point is run, at most `widen` times per side. The
+     chosen value is `interior` (it has a tried neighbour on both sides) or `edge` (the bound was reached);
+  2. main: every grid point at its cell's chosen value, in <runs_dir>/;
+  3. control: the grid points matching `control.where` at the value chosen for the cell named by
+     replacing their fields with `control.lr_from`, in <runs_dir>/control/.
+Every choice (cell, values tried, their losses and runs, chosen value, interior/edge) goes to
+<runs_dir>/sweep.json under `tuning`. Finished runs are skipped and interrupted ones resumed in every
+stage, so re-running a sweep re-reads the finished tuning runs and re-derives the same choices.
+
+Launchers. A stage's points are executed by a launcher: any object with
+
+    run(points: list[Point], study: Study) -> None
+
+that blocks until every point has finished and has its `status` ("done" / "failed"), `error` and
+`seconds` set. `LocalLauncher` runs them as subprocesses on this machine, `parallel` at a time
+(`point_commands` gives each point's command lines, `prepare_point` writes its run folder, config
+and study.json marker, `mark_step_done` records a finished `after` step). `run_study(study, launcher=...)`
+runs the stages in order through it. Point and Study fields are a stable interface.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
 from rankscope.config import config_from_dict, describe_fields, merge_dicts, parse_overrides, read_yaml
 from rankscope.errors import ConfigError
 
-STUDY_KEYS = {"name", "base", "overrides", "grid", "when", "after", "eval_args", "analyze_args", "parallel", "runs_dir", "description", "match_memory", "slurm"}
+STUDY_KEYS = {"name", "base", "overrides", "grid", "when", "after", "eval_args", "analyze_args", "parallel", "runs_dir", "description",
+              "match_memory", "tune", "control", "findings", "run_name", "slurm"}
+TUNE_KEYS = {"field", "grid", "cell", "seed", "overrides", "metric", "widen"}
+CONTROL_KEYS = {"where", "lr_from"}
 STEPS = ("eval", "analyze")
+STAGES = ("tune", "main", "control")
+STAGE_DIRS = {"tune": "tune", "main": "", "control": "control"}
 
 
 @dataclass
@@ -53,6 +94,39 @@ class Point:
     error: str | None = None
     seconds: float = 0.0
     steps_done: list[str] = field(default_factory=list)
+    stage: str = "main"  # tune / main / control
+    cell: dict[str, Any] | None = None  # the tuning cell whose chosen value this point uses (staged studies)
+
+
+@dataclass
+class TuneSpec:
+    field: str
+    grid: list[float]
+    cell: list[str]
+    seed: int
+    overrides: list[str]
+    metric: str = "final_val_loss"
+    widen: int = 2
+
+
+@dataclass
+class ControlSpec:
+    where: dict[str, Any]
+    lr_from: dict[str, Any]
+
+
+@dataclass
+class CellTuning:
+    """The tuning record of one cell: what was tried, what it gave, what was chosen."""
+
+    cell: dict[str, Any]
+    label: str
+    initial_grid: list[float]
+    tried: list[dict[str, Any]] = field(default_factory=list)  # {value, loss, status, run_dir, error}
+    chosen: float | None = None
+    position: str = "pending"  # interior / edge / failed / pending
+    edge_side: str | None = None  # low / high where position == edge
+    widenings: dict[str, int] = field(default_factory=lambda: {"low": 0, "high": 0})
 
 
 @dataclass
@@ -65,17 +139,65 @@ class Study:
     analyze_args: list[str]
     parallel: int
     runs_dir: Path
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    tune: TuneSpec | None = None
+    control: ControlSpec | None = None
+    findings: dict[str, Any] = field(default_factory=dict)
+    run_name: str | None = None
+    tuning: list[CellTuning] = field(default_factory=list)
+    base: dict[str, Any] = field(default_factory=dict)
+    when: dict[str, Any] = field(default_factory=dict)
+    match_memory: Any = None
 
 
-def _short(key: str) -> str:
-    return key.split(".")[-1]
+class Launcher(Protocol):
+    def run(self, points: list[Point], study: Study) -> None: ...
 
 
-def point_name(values: dict[str, Any]) -> str:
-    parts = [f"{_short(k)}-{v}" for k, v in values.items()]
-    return "_".join(parts).replace("/", "-").replace(" ", "") or "base"
+# --------------------------------------------------------------------------- names
+def format_value(v: Any) -> str:
+    """A value as it reads in a folder name: 3e-3, 0.5, relora, true."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 0.1 or abs(v) >= 1e5):
+            mant, exp = f"{v:.6e}".split("e")
+            return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return "+".join(format_value(x) for x in v)
+    return str(v)
 
 
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """The last dotted part of each key (the section for `*.name`: method.name -> method), or the whole key
+    where two keys share a short name."""
+    last = [k.split(".")[-2] if k.endswith(".name") and k.count(".") else k.split(".")[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def _clean(name: str) -> str:
+    return name.replace("/", "-").replace(" ", "") or "base"
+
+
+def point_name(values: dict[str, Any], template: str | None = None) -> str:
+    """`method=relora,lr=3e-3,seed=1`, or the study's `run_name` template filled with the values."""
+    short = _short_keys(list(values))
+    if template is None:
+        return _clean(",".join(f"{short[k]}={format_value(v)}" for k, v in values.items()))
+    lookup = {**{k: v for k, v in values.items()}, **{s: values[k] for k, s in short.items()}}
+
+    def fill(m: re.Match) -> str:
+        key = m.group(1)
+        if key not in lookup:
+            raise ConfigError(f"run_name template {template!r} names {{{key}}}, which is not a grid or tuned field; "
+                              f"use one of {', '.join('{' + k + '}' for k in sorted(lookup))}")
+        return format_value(lookup[key])
+
+    return _clean(re.sub(r"\{([^{}]+)\}", fill, template))
+
+
+# --------------------------------------------------------------------------- loading
 def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     path = Path(path)
     if not path.is_file():
@@ -96,30 +218,253 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
             raise ConfigError(f"study {path}: grid field {key!r} is not a config field; see `rankscope info --fields`")
     base = read_yaml(path.parent / spec["base"]) if spec.get("base") else {}
     base = merge_dicts(base, parse_overrides(list(spec.get("overrides") or [])))
-    when = spec.get("when") or {}
     after = list(spec.get("after") or [])
     for step in after:
         if step not in STEPS:
             raise ConfigError(f"study {path}: unknown `after` step {step!r}; valid: {', '.join(STEPS)}")
     root = Path(runs_dir or spec.get("runs_dir") or Path("runs") / name)
-    points = []
-    for combo in itertools.product(*grid.values()):
-        values = dict(zip(grid, combo))
-        over = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
-        for cond, extra in when.items():
-            k, _, v = str(cond).partition("=")
-            if k in values and str(values[k]) == v:
-                over += list(extra)
-        cfg_dict = merge_dicts(base, parse_overrides(over))
-        cfg = config_from_dict(cfg_dict)  # validate every point before running any
-        if spec.get("match_memory") is not None:  # equal optimiser memory: rank / density per point
-            from rankscope.methods.memory import apply_memory_match
+    template = spec.get("run_name")
+    if template is not None and not isinstance(template, str):
+        raise ConfigError(f"study {path}: `run_name` must be a string template such as \"{{method}}-lr{{lr}}-s{{seed}}\"")
+    study = Study(path, name, [], after, [str(a) for a in spec.get("eval_args") or []], [str(a) for a in spec.get("analyze_args") or []],
+                  int(spec.get("parallel") or 1), root, grid=grid, run_name=template, base=base, when=spec.get("when") or {},
+                  match_memory=spec.get("match_memory"))
+    study.tune = _load_tune(spec.get("tune"), grid, base, path, valid)
+    study.control = _load_control(spec.get("control"), study, path)
+    if spec.get("findings") is not None:
+        from rankscope.findings import validate_findings
 
-            cfg = apply_memory_match(cfg, spec["match_memory"])
-        pname = point_name(values)
-        points.append(Point(pname, values, cfg.to_dict(), root / pname))
-    return Study(path, name, points, after, [str(a) for a in spec.get("eval_args") or []],
-                 [str(a) for a in spec.get("analyze_args") or []], int(spec.get("parallel") or 1), root)
+        study.findings = validate_findings(spec["findings"], where=f"study {path}")
+    if study.tune is None:
+        study.points = [build_point(study, values, "main") for values in grid_values(study)]
+    else:
+        for values in grid_values(study):  # validate every main point now, at the grid's first tuned value
+            build_point(study, {**values, study.tune.field: study.tune.grid[0]}, "main")
+        study.points = [tune_point(study, c, v) for c in tune_cells(study) for v in study.tune.grid]
+    _check_unique(study.points, path)
+    return study
+
+
+def _load_tune(tune: Any, grid: dict[str, list], base: dict[str, Any], path: Path, valid: set[str]) -> TuneSpec | None:
+    if tune is None:
+        return None
+    where = f"study {path}: tune"
+    if not isinstance(tune, dict):
+        raise ConfigError(f"{where} must be a mapping with field, grid, ... (see docs/studies.md)")
+    unknown = set(tune) - TUNE_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid keys: {', '.join(sorted(TUNE_KEYS))}")
+    fld = tune.get("field", "train.lr")
+    if fld not in valid:
+        raise ConfigError(f"{where}.field {fld!r} is not a config field; see `rankscope info --fields`")
+    if fld in grid:
+        raise ConfigError(f"{where}.field {fld!r} is also a grid field; take it out of `grid` (the tuning stage chooses it)")
+    values = tune.get("grid")
+    if not isinstance(values, list) or len(values) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ConfigError(f"{where}.grid must list at least 2 positive numbers (a log grid), e.g. [1.0e-3, 2.0e-3, 4.0e-3]")
+    values = sorted(float(v) for v in values)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{where}.grid repeats a value; list each value once")
+    cell = tune.get("cell", [k for k in grid if k != "train.seed"])
+    if not isinstance(cell, list) or any(k not in grid for k in cell):
+        raise ConfigError(f"{where}.cell must list grid fields ({', '.join(grid)}), e.g. [method.name, model.preset]")
+    if "train.seed" in cell:
+        raise ConfigError(f"{where}.cell must not hold train.seed: the tuning runs use one seed (tune.seed)")
+    seeds = grid.get("train.seed") or [base.get("train", {}).get("seed", 0)]
+    seed = tune.get("seed", seeds[0])
+    widen = tune.get("widen", 2)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{where}.seed must be an integer")
+    if not isinstance(widen, int) or isinstance(widen, bool) or widen < 0:
+        raise ConfigError(f"{where}.widen must be an integer >= 0 (automatic widenings per edge)")
+    metric = tune.get("metric", "final_val_loss")
+    if not isinstance(metric, str):
+        raise ConfigError(f"{where}.metric must name a summary.json key such as final_val_loss")
+    overrides = [str(o) for o in tune.get("overrides") or []]
+    parse_overrides(overrides)
+    return TuneSpec(fld, values, list(cell), seed, overrides, metric, widen)
+
+
+def _load_control(control: Any, study: Study, path: Path) -> ControlSpec | None:
+    if control is None:
+        return None
+    where = f"study {path}: control"
+    if study.tune is None:
+        raise ConfigError(f"{where} needs a `tune:` stage (it runs points at another cell's tuned value)")
+    if not isinstance(control, dict) or set(control) - CONTROL_KEYS or not all(isinstance(control.get(k), dict) and control.get(k) for k in CONTROL_KEYS):
+        raise ConfigError(f"{where} must be a mapping with `where: {{field: value}}` and `lr_from: {{field: value}}`, "
+                          "e.g. where: {method.name: relora}, lr_from: {method.name: full}")
+    for key in ("where", "lr_from"):
+        for k, v in control[key].items():
+            if k not in study.grid or v not in study.grid[k]:
+                raise ConfigError(f"{where}.{key}: {k}={v!r} is not a value of the grid ({k}: {study.grid.get(k)})")
+    if any(k not in study.tune.cell for k in control["lr_from"]):
+        raise ConfigError(f"{where}.lr_from may only name cell fields ({', '.join(study.tune.cell)})")
+    return ControlSpec(dict(control["where"]), dict(control["lr_from"]))
+
+
+def _check_unique(points: list[Point], path: Path) -> None:
+    seen: dict[Path, Point] = {}
+    for p in points:
+        if p.run_dir in seen and seen[p.run_dir].values != p.values:
+            raise ConfigError(f"study {path}: points {seen[p.run_dir].values} and {p.values} get the same folder {p.run_dir}; "
+                              "put every grid (and tuned) field into `run_name`")
+        seen[p.run_dir] = p
+
+
+def grid_values(study: Study) -> list[dict[str, Any]]:
+    return [dict(zip(study.grid, combo)) for combo in itertools.product(*study.grid.values())]
+
+
+def build_point(study: Study, values: dict[str, Any], stage: str, extra: list[str] | None = None, cell: dict[str, Any] | None = None) -> Point:
+    """A validated point: base < grid values < matching `when` < stage overrides (extra)."""
+    over = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
+    for cond, more in study.when.items():
+        k, _, v = str(cond).partition("=")
+        if k in values and str(values[k]) == v:
+            over += list(more)
+    over += list(extra or [])
+    if study.tune is not None and study.tune.field in values:  # the tuned value wins over `when` and budgets
+        over.append(f"{study.tune.field}={json.dumps(values[study.tune.field])}")
+    cfg = config_from_dict(merge_dicts(study.base, parse_overrides(over)))  # validate every point before running any
+    if study.match_memory is not None:  # equal optimiser memory: rank / density per point
+        from rankscope.methods.memory import apply_memory_match
+
+        cfg = apply_memory_match(cfg, study.match_memory)
+    pname = point_name(values, study.run_name)
+    run_dir = study.runs_dir / STAGE_DIRS[stage] / pname if STAGE_DIRS[stage] else study.runs_dir / pname
+    return Point(pname, values, cfg.to_dict(), run_dir, stage=stage, cell=cell)
+
+
+# --------------------------------------------------------------------------- tuning
+def cell_of(study: Study, values: dict[str, Any]) -> dict[str, Any]:
+    return {k: values[k] for k in study.tune.cell}
+
+
+def cell_label(cell: dict[str, Any]) -> str:
+    return point_name(cell) if cell else "all"
+
+
+def tune_cells(study: Study) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for values in grid_values(study):
+        c = cell_of(study, values)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def tune_point(study: Study, cell: dict[str, Any], value: float) -> Point:
+    """A tuning run: the cell's fields, the other grid fields at their first value, one seed, the short budget."""
+    t = study.tune
+    values = {k: (cell[k] if k in cell else vs[0]) for k, vs in study.grid.items()}
+    values["train.seed"] = t.seed
+    values[t.field] = value
+    return build_point(study, values, "tune", t.overrides, cell)
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def tune_decision(initial: list[float], losses: dict[float, float | None], widen: int) -> tuple[float | None, str, float | None, str | None]:
+    """What to do with a cell's results: (next value to run or None, position, chosen, edge side).
+
+    `losses` maps each tried value to its loss (None or non-finite: failed / diverged, counts as +inf).
+    The best value is the lowest loss (ties: the smaller value). At the lowest or highest tried value,
+    the grid is widened by its end ratio while fewer than `widen` values lie beyond that end of the
+    initial grid; then the position is `edge`. Otherwise it is `interior`. No finite loss: `failed`.
+    """
+    tried = sorted(losses)
+    score = {v: (losses[v] if losses[v] is not None and math.isfinite(losses[v]) else math.inf) for v in tried}
+    if all(s == math.inf for s in score.values()):
+        return None, "failed", None, None
+    best = min(tried, key=lambda v: (score[v], v))
+    if best == tried[0]:
+        if sum(v < initial[0] for v in tried) < widen:
+            return _round(tried[0] / (initial[1] / initial[0])), "pending", None, None
+        return None, "edge", best, "low"
+    if best == tried[-1]:
+        if sum(v > initial[-1] for v in tried) < widen:
+            return _round(tried[-1] * (initial[-1] / initial[-2])), "pending", None, None
+        return None, "edge", best, "high"
+    return None, "interior", best, None
+
+
+def read_metric(point: Point, metric: str) -> float | None:
+    path = point.run_dir / "summary.json"
+    if point.status != "done" or not path.is_file():
+        return None
+    v = json.loads(path.read_text()).get(metric)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def run_tuning(study: Study, launcher: Launcher, show=print) -> list[CellTuning]:
+    """Run the tuning stage to its end (widening where needed); record each cell's choice in study.tuning."""
+    t = study.tune
+    cells = [CellTuning(c, cell_label(c), list(t.grid)) for c in tune_cells(study)]
+    values = {ct.label: list(t.grid) for ct in cells}
+    points: dict[Path, Point] = {p.run_dir: p for p in study.points if p.stage == "tune"}
+    for round_no in itertools.count(1):
+        wanted = [tune_point(study, ct.cell, v) for ct in cells for v in values[ct.label]]
+        for p in wanted:
+            points.setdefault(p.run_dir, p)
+        wanted = [points[p.run_dir] for p in wanted]
+        # a run that failed in this sweep is not retried in the next round (a new sweep retries it)
+        todo = [p for p in wanted if p.status not in ("done", "failed") and _refresh(p, study) != "done"]
+        study.points = [*points.values(), *[p for p in study.points if p.stage != "tune"]]
+        _stage_header(study, "tune", wanted, todo, show, f" round {round_no}")
+        if todo:
+            launcher.run(todo, study)
+        widened = False
+        for ct in cells:
+            by_value = {p.values[t.field]: p for p in wanted if p.cell == ct.cell}
+            losses = {v: read_metric(by_value[v], t.metric) for v in values[ct.label]}
+            ct.tried = [{"value": v, "loss": losses[v], "status": by_value[v].status, "error": by_value[v].error,
+                         "run_dir": str(by_value[v].run_dir)} for v in sorted(losses)]
+            nxt, ct.position, ct.chosen, ct.edge_side = tune_decision(t.grid, losses, t.widen)
+            ct.widenings = {"low": sum(v < t.grid[0] for v in losses), "high": sum(v > t.grid[-1] for v in losses)}
+            if nxt is not None:
+                values[ct.label].append(nxt)
+                widened = True
+        write_sweep_summary(study)
+        if not widened:
+            break
+    study.tuning = cells
+    for ct in cells:
+        where = f"{ct.chosen:g} ({ct.position}{', ' + ct.edge_side + ' end' if ct.edge_side else ''})" if ct.chosen is not None else "none (every run failed)"
+        tried = ", ".join(f"{d['value']:g}" for d in ct.tried)
+        show(f"tuned {t.field} for {ct.label}: {where} of {tried}")
+    return cells
+
+
+def staged_points(study: Study) -> list[Point]:
+    """The main and control points at the tuned values (after run_tuning); cells without a choice fail."""
+    t = study.tune
+    chosen = {ct.label: ct for ct in study.tuning}
+    out: list[Point] = []
+
+    def add(values: dict[str, Any], stage: str, cell: dict[str, Any]) -> None:
+        ct = chosen[cell_label(cell)]
+        if ct.chosen is None:
+            p = build_point(study, {**values, t.field: t.grid[0]}, stage, cell=cell)
+            p.status, p.error = "failed", f"not run: tuning {t.field} for {ct.label} found no finite {t.metric} (see sweep.json tuning)"
+            out.append(p)
+        else:
+            out.append(build_point(study, {**values, t.field: ct.chosen}, stage, cell=cell))
+
+    for values in grid_values(study):
+        add(values, "main", cell_of(study, values))
+    if study.control is not None:
+        for values in grid_values(study):
+            if all(values[k] == v for k, v in study.control.where.items()):
+                add(values, "control", {**cell_of(study, values), **study.control.lr_from})
+    return out
+
+
+# --------------------------------------------------------------------------- running one point
+def _after(point: Point, study: Study) -> list[str]:
+    return [] if point.stage == "tune" else study.after
 
 
 def point_state(point: Point, study: Study) -> str:
@@ -134,44 +479,62 @@ def point_state(point: Point, study: Study) -> str:
     summary = point.run_dir / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("steps") == point.config["train"]["max_steps"]:
         done = json.loads(marker.read_text()).get("steps_done", []) if marker.exists() else []
-        return "done" if all(s in done for s in study.after) else "partial"
+        return "done" if all(s in done for s in _after(point, study)) else "partial"
     return "left"
 
 
-def _commands(point: Point, study: Study, threads: int) -> list[tuple[str, list[str]]]:
+def _refresh(point: Point, study: Study) -> str:
+    point.status = point_state(point, study)
+    return point.status
+
+
+def point_commands(point: Point, study: Study, threads: int) -> list[tuple[str, list[str]]]:
+    """(step, argv) of each command a point runs: train, then its `after` steps."""
     py = [sys.executable, "-m", "rankscope"]
     cfg_path = point.run_dir / "study-config.yaml"
     cmds = [("train", [*py, "train", str(cfg_path), "-o", str(point.run_dir), "train.progress=false", f"train.threads={threads}"])]
-    if "eval" in study.after:
+    after = _after(point, study)
+    if "eval" in after:
         cmds.append(("eval", [*py, "eval", str(point.run_dir), "--json", str(point.run_dir / "eval.json"), *study.eval_args]))
-    if "analyze" in study.after:
+    if "analyze" in after:
         cmds.append(("analyze", [*py, "analyze", str(point.run_dir), *study.analyze_args]))
     return cmds
 
 
-def _start(point: Point, study: Study, threads: int) -> None:
+_commands = point_commands
+
+
+def prepare_point(point: Point, study: Study, threads: int = 1) -> None:
+    """Create the run folder with its study-config.yaml and study.json marker (keeping finished steps)."""
     point.run_dir.mkdir(parents=True, exist_ok=True)
     (point.run_dir / "study-config.yaml").write_text(yaml.safe_dump(point.config, sort_keys=False))
     marker = point.run_dir / "study.json"
     old = json.loads(marker.read_text()) if marker.exists() else {}
-    marker.write_text(json.dumps({"study": study.name, "study_file": str(study.path), "point": point.values, "steps_done": old.get("steps_done", [])}, indent=1))
+    marker.write_text(json.dumps({"study": study.name, "study_file": str(study.path), "stage": point.stage, "point": point.values,
+                                  "steps_done": old.get("steps_done", [])}, indent=1))
 
 
-def _mark_done(point: Point, step: str) -> None:
+_start = prepare_point
+
+
+def mark_step_done(point: Point, step: str) -> None:
     marker = point.run_dir / "study.json"
     data = json.loads(marker.read_text())
     data["steps_done"] = sorted(set(data.get("steps_done", [])) | {step})
     marker.write_text(json.dumps(data, indent=1))
 
 
+_mark_done = mark_step_done
+
+
 def run_point(point: Point, study: Study, threads: int) -> None:
     """Train (or resume) one point, then its `after` steps; a failure is recorded, not raised."""
-    _start(point, study, threads)
+    prepare_point(point, study, threads)
     t0 = time.time()
     done = json.loads((point.run_dir / "study.json").read_text()).get("steps_done", [])
     log = open(point.run_dir / "sweep.log", "a")
     try:
-        for step, cmd in _commands(point, study, threads):
+        for step, cmd in point_commands(point, study, threads):
             if step != "train" and step in done:
                 continue
             # eval / analyze get the run's share of the cores too: torch's default (all cores) in
@@ -184,76 +547,129 @@ def run_point(point: Point, study: Study, threads: int) -> None:
                 point.status, point.error = "failed", f"{step}: {lines[-1] if lines else f'exit code {res.returncode}'}"
                 return
             if step != "train":
-                _mark_done(point, step)
+                mark_step_done(point, step)
         point.status = "done"
     finally:
         log.close()
         point.seconds = time.time() - t0
 
 
-def run_study(study: Study, parallel: int | None = None, show=print, launcher=None) -> list[Point]:
-    """`launcher` (e.g. rankscope.slurm.SlurmLauncher): `launcher.run(points, study)` runs the points
-    left and blocks until each has its status; None runs them here as subprocesses."""
-    if launcher is not None:
-        todo = [p for p in study.points if point_state(p, study) != "done"]
-        for p in study.points:
-            if p not in todo:
-                p.status = "done"
-        show(f"study {study.name}: {len(study.points)} runs, {len(study.points) - len(todo)} done, {len(todo)} to run -> {study.runs_dir}")
-        launcher.run(todo, study)
-        write_sweep_summary(study)
-        for p in study.points:
-            if p.status == "failed":
-                show(f"FAILED {p.name}: {p.error}")
-        return study.points
-    parallel = max(1, parallel or study.parallel)
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    todo = []
-    for p in study.points:
-        p.status = point_state(p, study)
-        if p.status != "done":
-            todo.append(p)
-    show(f"study {study.name}: {len(study.points)} runs, {len(study.points) - len(todo)} done, {len(todo)} to run, {parallel} at a time -> {study.runs_dir}")
-    from concurrent.futures import ThreadPoolExecutor
+class LocalLauncher:
+    """Runs points as subprocesses on this machine, `parallel` at a time (threads split between them)."""
 
-    with _Progress(study.points, show) as progress, ThreadPoolExecutor(parallel) as pool:
-        futures = []
-        for p in todo:
-            def work(p=p):
+    def __init__(self, parallel: int | None = None, show=print):
+        self.parallel, self.show = parallel, show
+
+    def run(self, points: list[Point], study: Study) -> None:
+        if not points:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        parallel = max(1, self.parallel or study.parallel)
+        threads = max(1, (os.cpu_count() or 1) // parallel)
+        with _Progress(points, self.show, points[0].stage, parallel) as progress, ThreadPoolExecutor(parallel) as pool:
+            def work(p: Point) -> None:
                 p.status = "running"
                 progress.refresh()
                 run_point(p, study, threads)
                 progress.refresh()
 
-            futures.append(pool.submit(work))
-        for f in futures:
-            f.result()
+            for f in [pool.submit(work, p) for p in points]:
+                f.result()
+
+
+# --------------------------------------------------------------------------- the sweep
+def _stage_header(study: Study, stage: str, points: list[Point], todo: list[Point], show, extra: str = "") -> None:
+    show(f"study {study.name}, stage {stage}{extra}: {len(points)} runs, {len(points) - len(todo)} done, {len(todo)} to run "
+         f"-> {study.runs_dir / STAGE_DIRS[stage] if STAGE_DIRS[stage] else study.runs_dir}")
+
+
+def run_study(study: Study, launcher: Launcher | None = None, parallel: int | None = None, show=print) -> list[Point]:
+    """Run the study's stages in order (tune, main, control) through `launcher` (default LocalLauncher)."""
+    launcher = launcher or LocalLauncher(parallel, show)
+    if study.tune is not None:
+        run_tuning(study, launcher, show)
+        study.points = [p for p in study.points if p.stage == "tune"] + staged_points(study)
+    for stage in ("main", "control"):
+        points = [p for p in study.points if p.stage == stage]
+        if not points:
+            continue
+        for p in points:
+            if p.status != "failed":
+                _refresh(p, study)
+        todo = [p for p in points if p.status not in ("done", "failed")]
+        _stage_header(study, stage, points, todo, show)
+        if todo:
+            launcher.run(todo, study)
+        write_sweep_summary(study)
     write_sweep_summary(study)
-    failed = [p for p in study.points if p.status == "failed"]
-    for p in failed:
-        show(f"FAILED {p.name}: {p.error}  (log: {p.run_dir / 'sweep.log'})")
+    for p in study.points:
+        if p.status == "failed":
+            show(f"FAILED {p.stage} {p.name}: {p.error}  (log: {p.run_dir / 'sweep.log'})")
     return study.points
 
 
 def write_sweep_summary(study: Study) -> Path:
-    rows = [{"name": p.name, "values": p.values, "status": p.status, "error": p.error, "run_dir": str(p.run_dir), "seconds": round(p.seconds, 1)} for p in study.points]
+    """<runs_dir>/sweep.json: every run (with its stage), the tuning choices and the pre-registered findings rules.
+
+    A run's `name` is its folder relative to runs_dir (tune/NAME, control/NAME, or NAME)."""
+    rows = []
+    for p in study.points:
+        rel = str(p.run_dir.relative_to(study.runs_dir)) if p.run_dir.is_relative_to(study.runs_dir) else p.name
+        rows.append({"name": rel, "stage": p.stage, "values": p.values, "cell": p.cell, "status": p.status, "error": p.error,
+                     "run_dir": str(p.run_dir), "seconds": round(p.seconds, 1)})
+    data: dict[str, Any] = {"study": study.name, "study_file": str(study.path), "runs": rows}
+    if study.tune is not None:
+        data["tuning"] = {**asdict(study.tune), "metric_source": "summary.json", "lower_is_better": True,
+                          "cells": [asdict(ct) for ct in study.tuning]}
+    if study.control is not None:
+        data["control"] = asdict(study.control)
+    if study.findings:
+        data["findings"] = study.findings
     study.runs_dir.mkdir(parents=True, exist_ok=True)
     out = study.runs_dir / "sweep.json"
-    jobs = json.loads(out.read_text()).get("jobs") if out.exists() else None  # SLURM job records (rankscope.slurm)
-    out.write_text(json.dumps({"study": study.name, "study_file": str(study.path), "runs": rows, **({"jobs": jobs} if jobs else {})}, indent=1))
+    if out.exists() and "jobs" in (old := json.loads(out.read_text())):
+        data["jobs"] = old["jobs"]  # SLURM job records of rankscope.slurm, kept across rewrites
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(out)
     return out
 
 
-class _Progress:
-    """A live table of runs (rich) on a terminal; plain status lines otherwise."""
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
-    def __init__(self, points: list[Point], show):
-        self.points, self.show, self.live = points, show, None
+
+class _Progress:
+    """Runs done of total with an ETA: a live table (rich) on a terminal; plain lines otherwise."""
+
+    def __init__(self, points: list[Point], show, stage: str = "main", parallel: int = 1):
+        self.points, self.show, self.stage, self.parallel, self.live = points, show, stage, parallel, None
+        self.t0 = time.time()
+        self.lock = threading.Lock()
+
+    def line(self) -> str:
+        counts = {s: sum(p.status == s for p in self.points) for s in ("done", "running", "failed")}
+        finished = counts["done"] + counts["failed"]
+        total = len(self.points)
+        elapsed = time.time() - self.t0
+        left = total - finished
+        if finished and left:
+            # runs finish `parallel` at a time: the rate seen so far already includes that
+            eta = f"ETA {_duration(elapsed / finished * left)}"
+        else:
+            eta = "ETA –" if left else "finished"
+        width = 20
+        bar = "#" * int(width * finished / total) + "." * (width - int(width * finished / total)) if total else ""
+        failed = f", {counts['failed']} failed" if counts["failed"] else ""
+        return (f"sweep {self.stage} [{bar}] {finished}/{total} runs finished{failed}, {counts['running']} running, "
+                f"{_duration(elapsed)} elapsed, {eta}")
 
     def table(self):
         from rich.table import Table
 
-        t = Table(title="sweep")
+        t = Table(title=f"sweep ({self.stage})", caption=self.line())
         for col in ("run", "status", "seconds"):
             t.add_column(col)
         for p in self.points:
@@ -270,11 +686,11 @@ class _Progress:
         return self
 
     def refresh(self):
-        if self.live is not None:
-            self.live.update(self.table())
-        else:
-            counts = {s: sum(p.status == s for p in self.points) for s in ("done", "running", "left", "partial", "failed")}
-            self.show("sweep: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+        with self.lock:
+            if self.live is not None:
+                self.live.update(self.table())
+            else:
+                self.show(self.line())
 
     def __exit__(self, *exc):
         if self.live is not None:
@@ -283,13 +699,23 @@ class _Progress:
 
 # --------------------------------------------------------------------------- CLI verb
 def _sweep_args(p) -> None:
-    p.add_argument("study", help="study YAML, e.g. studies/paper-cpu.yaml")
+    p.add_argument("study", help="study YAML, e.g. studies/paper-cpu.yaml (format: docs/studies.md)")
     p.add_argument("--parallel", type=int, help="runs at once (default: the study's `parallel`)")
     p.add_argument("--runs-dir", help="where the runs go (default: the study's runs_dir or runs/<name>)")
     p.add_argument("--list", action="store_true", help="only list the points and their state")
     from rankscope.slurm import add_args
 
     add_args(p)
+
+
+def list_points(study: Study, show=print) -> None:
+    for p in study.points:
+        show(f"{point_state(p, study):8s} {p.stage:7s} {p.run_dir}")
+    if study.tune is not None:
+        n_main = len(grid_values(study))
+        n_control = sum(all(v[k] == x for k, x in study.control.where.items()) for v in grid_values(study)) if study.control else 0
+        show(f"then {n_main} main runs{f' and {n_control} control runs' if n_control else ''} at the tuned {study.tune.field} "
+             f"(tuning may add up to {study.tune.widen} values per edge and cell)")
 
 
 def _register() -> None:
@@ -299,23 +725,16 @@ def _register() -> None:
     def cmd_sweep(args) -> None:
         study = load_study(args.study, args.runs_dir)
         if args.list:
-            for p in study.points:
-                print(f"{point_state(p, study):8s} {p.run_dir}")
+            list_points(study)
             return
         launcher = None
         if args.launcher == "slurm" or args.dry_run or args.status:
             from rankscope import slurm
 
-            res = slurm.resources_from_args(args.study, args)
-            if args.dry_run:
-                for p in study.points:
-                    print(f"# ---- {p.name}: {p.run_dir}\n{slurm.sbatch_script(p, study, res)}")
+            launcher = slurm.cli_launcher(study, args)
+            if launcher is None:  # --dry-run / --status printed what was asked
                 return
-            if args.status:
-                print(slurm.format_status(slurm.status_rows(study, slurm.SlurmLauncher(res, require_sbatch=False))))
-                return
-            launcher = slurm.SlurmLauncher(res)
-        points = run_study(study, args.parallel, launcher=launcher)
+        points = run_study(study, launcher=launcher, parallel=args.parallel)
         failed = sum(p.status == "failed" for p in points)
         print(f"sweep finished: {len(points) - failed} ok, {failed} failed; summary {study.runs_dir / 'sweep.json'}")
         if failed:

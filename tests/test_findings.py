@@ -1,0 +1,239 @@
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rankscope.errors import ConfigError
+from rankscope.findings import PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings
+from rankscope.report import Run, _html_table, _md_table
+
+PARAMS = {"micro": 508_480, "mini": 2_524_800}
+
+
+def run(tmp_path, method, size, seed, **summary):
+    d = tmp_path / f"{method}-{size}-{seed}"
+    d.mkdir(exist_ok=True)
+    return Run(d, d.name, method, size, seed, {"train": {"max_steps": 400}}, {"parameters": PARAMS[size], **summary})
+
+
+def spec(*rules, **extra):
+    return validate_findings({"rules": list(rules), **extra})
+
+
+# ------------------------------------------------------------------ the verdict rule at its boundaries
+@pytest.mark.parametrize(
+    "lo,hi,claim,m,verdict",
+    [
+        (0.01, 0.2, "higher", 0.0, "confirmed"),
+        (0.0, 0.2, "higher", 0.0, "inconclusive"),  # touching 0 is not "entirely above"
+        (-0.2, -0.01, "higher", 0.0, "refuted"),
+        (-0.2, 0.0, "higher", 0.0, "inconclusive"),
+        (-0.1, 0.1, "higher", 0.0, "inconclusive"),
+        (0.05, 0.2, "higher", 0.05, "inconclusive"),  # at the minimum effect: not beyond it
+        (0.0501, 0.2, "higher", 0.05, "confirmed"),
+        (0.01, 0.2, "higher", 0.05, "inconclusive"),  # above 0, not above the minimum effect
+        (-0.2, -0.01, "lower", 0.0, "confirmed"),
+        (-0.2, 0.0, "lower", 0.0, "inconclusive"),
+        (0.0001, 0.2, "lower", 0.0, "refuted"),
+        (-0.2, -0.05, "lower", 0.05, "inconclusive"),
+        (-0.2, -0.0501, "lower", 0.05, "confirmed"),
+    ],
+)
+def test_decide_at_its_boundaries(lo, hi, claim, m, verdict):
+    assert decide(lo, hi, claim, m, n=3)[0] == verdict
+
+
+def test_decide_needs_two_points():
+    assert decide(None, None, "higher", 0.0, n=1)[0] == "inconclusive"
+    assert decide(0.1, 0.2, "higher", 0.0, n=1)[0] == "inconclusive"
+
+
+# ------------------------------------------------------------------ paired rules
+def test_paired_rule_confirms_refutes_and_matches_the_t_interval(tmp_path):
+    from scipy import stats as ss
+
+    full = [4.00, 4.10, 3.95]
+    rel = [4.12, 4.19, 4.10]
+    runs = [run(tmp_path, "full", "micro", k, final_val_loss=v) for k, v in enumerate(full)]
+    runs += [run(tmp_path, "relora", "micro", k, final_val_loss=v) for k, v in enumerate(rel)]
+    higher = {"id": "a", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher"}
+    (res,) = evaluate_findings(runs, spec(higher))
+    ci = ss.ttest_rel(rel, full).confidence_interval()
+    assert res["verdict"] == "confirmed" and res["n"] == 3
+    assert (res["lo"], res["hi"]) == pytest.approx((ci.low, ci.high)) and res["per_seed"]["1"] == pytest.approx(0.09)
+    (res,) = evaluate_findings(runs, spec({**higher, "claim": "lower"}))
+    assert res["verdict"] == "refuted"
+    (res,) = evaluate_findings(runs, spec({**higher, "min_effect": 0.5}))
+    assert res["verdict"] == "inconclusive"
+
+
+def test_missing_metric_or_method_is_reported_not_dropped(tmp_path):
+    runs = [run(tmp_path, "full", "micro", 0, final_val_loss=4.0), run(tmp_path, "relora", "micro", 0, final_val_loss=4.1),
+            run(tmp_path, "full", "mini", 0, final_val_loss=3.5)]
+    rule = {"id": "a", "finding": "a", "test": "paired", "metric": "blimp_overall", "claim": "lower"}
+    res = evaluate_findings(runs, spec(rule))
+    assert [r["size"] for r in res] == ["micro", "mini"]
+    assert all(r["verdict"] == "not measured" for r in res)
+    assert "blimp_overall" in res[0]["reason"] and "no finished relora runs at mini" in res[1]["reason"]
+    (one,) = evaluate_findings(runs[:2], spec({**rule, "metric": "final_val_loss", "claim": "higher"}))
+    assert one["verdict"] == "inconclusive" and "n = 1" in one["reason"]
+
+
+@pytest.mark.parametrize("full,rel,verdict", [([0.51, 0.52, 0.50], [0.49, 0.50, 0.48], "inconclusive"),
+                                               ([0.70, 0.72, 0.71], [0.60, 0.61, 0.62], "confirmed")])
+def test_blimp_near_chance_is_not_testable(tmp_path, full, rel, verdict):
+    runs = [run(tmp_path, "full", "micro", k, blimp_overall=v) for k, v in enumerate(full)]
+    runs += [run(tmp_path, "relora", "micro", k, blimp_overall=v) for k, v in enumerate(rel)]
+    rule = {"id": "c", "finding": "c", "test": "paired", "metric": "blimp_overall", "claim": "lower", "chance": 0.5, "margin": 0.05}
+    (res,) = evaluate_findings(runs, spec(rule))
+    assert res["verdict"] == verdict
+    assert res["chance"]["means"]["full"] == pytest.approx(sum(full) / 3)
+    if verdict == "inconclusive":  # even though the interval alone lies below 0
+        assert res["hi"] < 0 and res["reason"].startswith("not testable at this scale")
+    else:
+        assert "distance from chance" in res["reason"]
+
+
+# ------------------------------------------------------------------ slope
+def test_slope_rule_against_linregress(tmp_path):
+    from scipy import stats as ss
+
+    gaps = {"micro": [0.10, 0.12, 0.11], "mini": [0.20, 0.25, 0.22]}
+    runs = []
+    for size, gs in gaps.items():
+        for k, g in enumerate(gs):
+            runs += [run(tmp_path, "full", size, k, final_val_loss=4.0), run(tmp_path, "relora", size, k, final_val_loss=4.0 + g)]
+    (res,) = evaluate_findings(runs, spec({"id": "b", "finding": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"}))
+    x = [math.log(PARAMS[s]) for s in gaps for _ in range(3)]
+    fit = ss.linregress(x, [g for gs in gaps.values() for g in gs])
+    half = ss.t.ppf(0.975, 4) * fit.stderr
+    assert res["estimate"] == pytest.approx(fit.slope) and (res["lo"], res["hi"]) == pytest.approx((fit.slope - half, fit.slope + half))
+    assert res["verdict"] == "confirmed" and res["n"] == 6
+    (one,) = evaluate_findings([r for r in runs if r.size == "micro"], spec({"id": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"}))
+    assert one["verdict"] == "not measured" and "2 or more sizes" in one["reason"]
+
+
+# ------------------------------------------------------------------ rank rules
+def write_rank(r, rows):
+    cols = {c: [] for c in ("run", "method", "step", "layer", "component", "head", "kind", "metric", "value")}
+    for step, layer, comp, kind, metric, value in rows:
+        for c, v in zip(cols, (r.name, r.method, step, layer, comp, -1, kind, metric, value)):
+            cols[c].append(v)
+    (r.dir / "analysis").mkdir(exist_ok=True)
+    pq.write_table(pa.table(cols), r.dir / "analysis" / "rank_metrics.parquet")
+
+
+def test_rank_rule_uses_the_early_phase_and_log_ratio_per_seed(tmp_path):
+    runs, expected = [], []
+    for k in range(3):
+        f, r = run(tmp_path, "full", "micro", k), run(tmp_path, "relora", "micro", k)
+        runs += [f, r]
+        fr, rr = 0.5 + 0.01 * k, 0.3 + 0.02 * k
+        # early phase: steps 40 and 100 (<= 400 / 4); step 200 and the inf value must not count
+        write_rank(f, [(s, l, "wv", "cumulative_update", "per", fr + 0.001 * l) for s in (40, 100) for l in (0, 1)]
+                   + [(200, 0, "wv", "cumulative_update", "per", 9.0), (0, 0, "wv", "cumulative_update", "per", 1.0)])
+        write_rank(r, [(s, l, "wv", "cumulative_update", "per", rr + 0.001 * l) for s in (40, 100) for l in (0, 1)]
+                   + [(100, 2, "wv", "cumulative_update", "per", float("inf")), (200, 0, "wv", "cumulative_update", "per", 0.1)])
+        expected.append(math.log((rr + 0.0005) / (fr + 0.0005)))
+    rule = {"id": "d", "finding": "d", "test": "rank", "kind": ["cumulative_update", "grad"], "component": ["wv", "ov"],
+            "metric": "per", "phase": "early", "claim": "lower"}
+    res = evaluate_findings(runs, spec(rule))
+    assert [(r["kind"], r["component"]) for r in res] == [("cumulative_update", "wv"), ("cumulative_update", "ov"), ("grad", "wv"), ("grad", "ov")]
+    wv = res[0]
+    assert [wv["per_seed"][str(k)] for k in range(3)] == pytest.approx(expected)
+    assert wv["verdict"] == "confirmed" and "non-finite values left out" in wv["reason"]
+    assert all(r["verdict"] == "not measured" and "not measured" in r["reason"] for r in res[1:])
+    (end,) = evaluate_findings(runs, spec({**rule, "kind": "cumulative_update", "component": "wv", "phase": "end"}))
+    assert end["per_seed"]["0"] == pytest.approx(math.log(0.1 / 9.0))  # the last common checkpoint, step 200
+
+
+def test_rank_rule_without_analysis_says_so(tmp_path):
+    runs = [run(tmp_path, "full", "micro", 0), run(tmp_path, "relora", "micro", 0)]
+    (res,) = evaluate_findings(runs, spec({"id": "d", "test": "rank", "kind": "grad", "component": "wv", "metric": "per", "claim": "lower"}))
+    assert res["verdict"] == "not measured" and "rankscope analyze" in res["reason"]
+
+
+# ------------------------------------------------------------------ validation and tables
+@pytest.mark.parametrize("rules,message", [
+    ([{"test": "paired", "metric": "x", "claim": "up"}], "claim must be"),
+    ([{"test": "anova", "metric": "x", "claim": "higher"}], "test must be"),
+    ([{"test": "rank", "metric": "per", "claim": "lower", "component": "wv"}], "needs kind"),
+    ([{"test": "paired", "metric": "x", "claim": "lower", "chance": 0.5}], "chance and margin"),
+    ([{"test": "paired", "metric": "x", "claim": "lower", "bogus": 1}], "unknown key"),
+    ([{"id": "a", "test": "paired", "metric": "x", "claim": "lower"}, {"id": "a", "test": "paired", "metric": "y", "claim": "lower"}], "used twice"),
+])
+def test_bad_rules_are_one_line_errors(rules, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_findings({"rules": rules})
+
+
+def test_paper_rules_are_the_default_and_valid():
+    s = validate_findings({})
+    assert [r["id"] for r in s["rules"]] == [r["id"] for r in PAPER_RULES] and s["method"] == "relora" and s["reference"] == "full"
+    assert {r["finding"] for r in s["rules"]} == {"a", "b", "c", "d"}
+
+
+def test_findings_tables_render_in_the_report_format(tmp_path):
+    runs = [run(tmp_path, m, "micro", k, final_val_loss=4.0 + (0.1 if m == "relora" else 0) + 0.01 * k * (m == "relora"))
+            for m in ("full", "relora") for k in range(3)]
+    sweep = {"findings": spec(*PAPER_RULES[:2]),
+             "tuning": {"field": "train.lr", "seed": 0, "overrides": ["train.max_steps=150"], "metric": "final_val_loss", "widen": 2,
+                        "cells": [{"label": "method=full", "tried": [{"value": 1e-3, "loss": 4.2, "run_dir": "a"}, {"value": 2e-3, "loss": None, "run_dir": "b"}],
+                                   "chosen": 1e-3, "position": "edge", "edge_side": "low"}]}}
+    tables = findings_tables(runs, sweep)
+    assert [t["title"].split(":")[0].split(" ")[0] for t in tables] == ["Findings", "Tuned", "Paired"]
+    for t in tables:
+        assert all(len(r["cells"]) == len(t["formats"]) == len(t["columns"]) - 1 for r in t["rows"])
+        _html_table(t), _md_table(t)
+    md = _md_table(tables[0])
+    assert "confirmed" in md and "not measured" in md  # bits-per-byte was not measured in these runs
+    assert "failed" in _md_table(tables[1]) and "edge (low end" in _md_table(tables[1])
+    assert findings_tables(runs, None) == []
+
+
+def test_report_puts_findings_first_and_reads_stages_from_sweep_json(tmp_path):
+    """A staged study's folder (written by hand): tuning runs stay out of the runs, control runs are their own
+    method row, each cell's own tuned lr does not split the groups, and report.json carries the verdicts."""
+    import json
+
+    import yaml
+
+    from rankscope.report import write_report
+    from rankscope.study import Point, Study, write_sweep_summary
+
+    root = tmp_path / "runs"
+    points = []
+    lr = {"full": 2e-3, "relora": 8e-3}
+    for stage, method, size, seed in [("main", m, s, k) for m in ("full", "relora") for s in ("micro", "mini") for k in range(3)] + \
+                                     [("control", "relora", "micro", 0), ("control", "relora", "micro", 1), ("tune", "full", "micro", 0)]:
+        rate = lr["full"] if stage == "control" else lr[method]
+        name = f"method={method},preset={size},seed={seed},lr={rate:g}"
+        d = root / {"main": "", "control": "control", "tune": "tune"}[stage] / name
+        d.mkdir(parents=True)
+        cfg = {"model": {"preset": size}, "method": {"name": method}, "train": {"seed": seed, "lr": rate, "max_steps": 4 if stage == "tune" else 8}}
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        loss = 4.0 - 0.3 * (size == "mini") + 0.1 * (method == "relora") * (1 + (size == "mini")) + 0.01 * seed + 0.05 * (stage == "control")
+        (d / "summary.json").write_text(json.dumps({"steps": 8, "final_val_loss": loss, "parameters": PARAMS[size]}))
+        points.append(Point(name, {"method.name": method}, cfg, d, status="done", stage=stage))
+    study = Study(root / "study.yaml", "t", points, [], [], [], 1, root,
+                  findings=validate_findings({"rules": [*PAPER_RULES[:3], {"id": "a-control", "finding": "a", "test": "paired",
+                                                                           "metric": "final_val_loss", "claim": "higher", "method": "relora (control)"}]}))
+    write_sweep_summary(study)
+    sweep = json.loads((root / "sweep.json").read_text())
+    sweep["tuning"] = {"field": "train.lr", "seed": 0, "overrides": [], "metric": "final_val_loss", "widen": 2,
+                       "cells": [{"label": "method=full", "tried": [{"value": 2e-3, "loss": 4.0, "run_dir": "x"}], "chosen": 2e-3, "position": "interior",
+                                  "edge_side": None}]}
+    (root / "sweep.json").write_text(json.dumps(sweep))
+    out = tmp_path / "report"
+    write_report([root], out, log=lambda *_: None)
+    data = json.loads((out / "report.json").read_text())
+    assert data["tables"][0]["title"].startswith("Findings") and data["tables"][1]["title"].startswith("Tuned train.lr")
+    assert {r["method"] for r in data["runs"]} == {"full", "relora", "relora (control)"} and len(data["runs"]) == 14
+    assert {r["size"] for r in data["runs"]} == {"micro", "mini"}  # the tuned lr is not a dimension
+    verdicts = {(r["id"], r["size"]): r["verdict"] for r in data["study_findings"]}
+    assert verdicts[("a-val-loss", "micro")] == verdicts[("a-val-loss", "mini")] == "confirmed"
+    assert verdicts[("a-val-bpb", "micro")] == "not measured" and verdicts[("b-val-loss", "across sizes")] == "confirmed"
+    assert verdicts[("a-control", "micro")] == "confirmed" and verdicts[("a-control", "mini")] == "not measured"
+    html = (out / "report.html").read_text()
+    assert html.index("Findings: pre-registered") < html.index("Headline")
