@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from rankscope.checkpoint import open_checkpoint, save_checkpoint
+from rankscope.checkpoint import open_checkpoint, save_checkpoint, write_meta
 from rankscope.cli import main
 from rankscope.config import config_from_dict
 from rankscope.export import ExportError, export
@@ -102,7 +102,7 @@ def test_lora_rank_mismatch_is_reported(full_run, tmp_path):
     path, _ = make_lora_checkpoint(full_run, tmp_path / "lora", tie=False, rank=4)
     meta = json.loads((path / "meta.json").read_text())
     meta["config"]["method"]["rank"] = 8
-    (path / "meta.json").write_text(json.dumps(meta))
+    write_meta(path, meta)  # re-sealed: meta.json carries its own hash
     with pytest.raises(ExportError, match="rank"):
         export(path, tmp_path / "hf")
 

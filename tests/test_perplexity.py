@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from helpers import tiny_config
 
+from rankscope.checkpoint import write_meta
 from rankscope.config import ModelConfig
 from rankscope.data.sources import Document
 from rankscope.data.tokenizer import train_bpe
@@ -183,7 +184,7 @@ def test_eval_refuses_checkpoint_with_other_tokenizer(run_dir, tmp_path, capsys)
     shutil.copytree(ck, copy)
     meta = json.loads((copy / "meta.json").read_text())
     meta["tokenizer_hash"] = "0" * 16
-    (copy / "meta.json").write_text(json.dumps(meta))
+    write_meta(copy, meta)  # re-sealed: meta.json carries its own hash
     assert main(["eval", str(copy), "--max-docs", "1"]) == 2
     err = capsys.readouterr().err
     assert "tokenizer" in err and err.count("\n") == 1

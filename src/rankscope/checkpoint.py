@@ -2,9 +2,15 @@
 
 Layout: `checkpoints/step_000100/{model,optimizer,extra}.safetensors` and `meta.json`.
 A checkpoint is written into a temporary folder (each file fsynced), its `meta.json` records the
-SHA-256 of every file and is written last, then the folder is renamed into place. Loading verifies
-the hashes; a truncated or corrupt checkpoint is reported and the previous one is used. A folder
-that is not complete never has the final name, so nothing finished is ever overwritten.
+SHA-256 of every file and is written last, then the folder is renamed into place. `meta.json` is
+covered too: `meta_sha256` is the SHA-256 of its canonical form (sorted keys, no spaces) without
+that key. Loading checks `meta.json` against META_SCHEMA and every hash; a folder that fails is
+reported and the previous checkpoint used. A folder that is not complete never has the final
+name, so nothing finished is ever overwritten.
+
+Retention (`prune_checkpoints`) counts only checkpoints that verify: it keeps the newest
+`keep_last` of them (so never the newest good one) and every `keep_steps` / log-spaced step, and
+sets invalid folders aside as `invalid-step_NNNNNN-<time>` (renamed, never deleted).
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rankscope.errors import CheckpointError
@@ -60,8 +68,24 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return out, aliases
 
 
+def canonical_sha256(meta: dict[str, Any]) -> str:
+    """SHA-256 of `meta` without its own `meta_sha256`, in canonical JSON (sorted keys, no spaces)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """Write `meta.json` with its own hash (fsynced). Tools that edit a checkpoint's metadata on
+    purpose re-seal it with this; a hand edit without it makes the checkpoint invalid."""
+    meta = {**meta, "meta_sha256": canonical_sha256(meta)}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    _fsync(folder / "meta.json")
+
+
 def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
     """Atomically write `files` (name -> tensors) and `meta` as the checkpoint of `step`."""
+    if not files:
+        raise CheckpointError(f"a checkpoint needs at least one file (step {step})")
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
     tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
@@ -74,9 +98,7 @@ def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tens
         save_file(stored, str(path))
         _fsync(path)
         hashes[path.name] = _sha256(path)
-    meta = {**meta, "step": step, "files": hashes, "aliases": aliases}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    _fsync(tmp / "meta.json")
+    write_meta(tmp, {**meta, "step": step, "files": hashes, "aliases": aliases})
     if final.exists():  # re-saving the same step (e.g. after a resume): replace the whole folder
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -94,8 +116,13 @@ class Checkpoint:
         path = self.path / f"{name}.safetensors"
         if not path.is_file():
             raise CheckpointError(f"checkpoint {self.path} has no {name}.safetensors")
-        tensors = load_file(str(path), device=device)
+        try:
+            tensors = load_file(str(path), device=device)
+        except SafetensorError as e:
+            raise CheckpointError(f"checkpoint {self.path}: {name}.safetensors cannot be read ({str(e)[:120]})") from None
         for alias, target in self.meta.get("aliases", {}).get(name, {}).items():
+            if target not in tensors:
+                raise CheckpointError(f"checkpoint {self.path}: alias {alias!r} names a missing tensor {target!r} in {name}.safetensors")
             tensors[alias] = tensors[target]
         return tensors
 
@@ -103,22 +130,96 @@ class Checkpoint:
         return f"{name}.safetensors" in self.meta.get("files", {})
 
 
+# --------------------------------------------------------------------------- meta.json schema
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_hex64(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
+
+
+def _is_aliases(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(d, dict) and all(isinstance(a, str) and isinstance(b, str) for a, b in d.items())
+                                       for d in v.values())
+
+
+# key -> (required, check, what it must be). Keys beyond these are allowed (other writers' facts).
+META_SCHEMA: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
+    "step": (True, lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "files": (True, lambda v: isinstance(v, dict) and bool(v) and all(isinstance(k, str) and _is_hex64(h) for k, h in v.items()),
+              "a non-empty mapping of file name -> SHA-256"),
+    "meta_sha256": (True, _is_hex64, "the SHA-256 of meta.json's canonical form"),
+    "aliases": (False, _is_aliases, "a mapping of file -> {alias: tensor}"),
+    "config": (False, lambda v: isinstance(v, dict), "a mapping (the run config)"),
+    "optimizer": (False, lambda v: isinstance(v, dict), "a mapping"),
+    "method": (False, lambda v: isinstance(v, dict), "a mapping"),
+    "method_name": (False, lambda v: isinstance(v, str), "a string"),
+    "world_size": (False, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "tokens": (False, lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "tokenizer_hash": (False, lambda v: isinstance(v, str), "a string"),
+    "corpus": (False, lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """`meta` fits META_SCHEMA, its own hash and its folder's name; else CheckpointError (one line)."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: meta.json holds a {type(meta).__name__}, not a mapping")
+    for key, (required, ok, what) in META_SCHEMA.items():
+        if key not in meta:
+            if required:
+                raise CheckpointError(f"checkpoint {path} is corrupt: meta.json has no {key!r}")
+        elif not ok(meta[key]):
+            raise CheckpointError(f"checkpoint {path} is corrupt: meta.json's {key!r} must be {what}")
+    if canonical_sha256(meta) != meta["meta_sha256"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt (meta.json fails its SHA-256 check)")
+    m = STEP_DIR.match(path.name)
+    if m and int(m.group(1)) != meta["step"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: meta.json says step {meta['step']}")
+    bad = [f for f in meta["files"] if Path(f).name != f or f == "meta.json"]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} is corrupt: meta.json lists {bad[0]!r}, not a file of the folder")
+    return meta
+
+
+# (folder, file sizes and mtimes) of folders whose hashes were checked in this process: a
+# checkpoint is immutable once renamed into place, so retention need not re-hash it at every save
+_VERIFIED: dict[str, tuple] = {}
+
+
+def _fingerprint(path: Path) -> tuple:
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()))
+
+
 def verify(path: Path) -> Checkpoint:
-    """Open and hash-check one checkpoint folder; CheckpointError names what is wrong."""
+    """Open and check one checkpoint folder (schema, every file's SHA-256, meta.json's own);
+    CheckpointError names what is wrong."""
     mf = path / "meta.json"
     if not mf.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete (no meta.json)")
     try:
-        meta = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = check_meta(json.loads(mf.read_text()), path)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"checkpoint {path} has a corrupt meta.json") from None
-    for fname, digest in meta.get("files", {}).items():
-        f = path / fname
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is missing {fname}")
-        if _sha256(f) != digest:
-            raise CheckpointError(f"checkpoint {path} is corrupt ({fname} fails its SHA-256 check)")
-    return Checkpoint(path, int(meta["step"]), meta)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path}: meta.json cannot be read ({e.strerror})") from None
+    try:
+        fingerprint = _fingerprint(path)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror})") from None
+    if _VERIFIED.get(str(path.resolve())) != fingerprint:
+        unlisted = sorted(p.name for p in path.iterdir() if p.name != "meta.json" and p.name not in meta["files"])
+        if unlisted:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {unlisted[0]} is not covered by meta.json's hashes")
+        for fname, digest in meta["files"].items():
+            f = path / fname
+            if not f.is_file():
+                raise CheckpointError(f"checkpoint {path} is missing {fname}")
+            if _sha256(f) != digest:
+                raise CheckpointError(f"checkpoint {path} is corrupt ({fname} fails its SHA-256 check)")
+        _VERIFIED[str(path.resolve())] = fingerprint
+    return Checkpoint(path, meta["step"], meta)
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -151,13 +252,31 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return ck
 
 
-def prune_checkpoints(root: Path, keep_last: int, keep_steps: set[int]) -> None:
-    """Keep the newest `keep_last` checkpoints and those in `keep_steps`; delete the rest."""
-    ckpts = list_checkpoints(root)
-    newest = {s for s, _ in ckpts[-keep_last:]} if keep_last else set()
-    for s, p in ckpts:
-        if s not in newest and s not in keep_steps:
-            shutil.rmtree(p, ignore_errors=True)
+def set_aside(path: Path, prefix: str = "invalid") -> Path:
+    """Rename a checkpoint folder out of the step_N namespace (kept for inspection, never deleted)."""
+    target = path.with_name(f"{prefix}-{path.name}-{time.strftime('%Y%m%dT%H%M%S')}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{prefix}-{path.name}-{time.strftime('%Y%m%dT%H%M%S')}-{n}")
+    os.replace(path, target)
+    return target
+
+
+def prune_checkpoints(root: Path, keep_last: int, keep_steps: set[int], log=print) -> None:
+    """Retention: keep the newest `keep_last` checkpoints that verify and every one in
+    `keep_steps`; delete the other verified ones; set invalid folders aside (reported)."""
+    kept = 0
+    for step, path in reversed(list_checkpoints(root)):
+        try:
+            verify(path)
+        except CheckpointError as e:
+            log(f"[checkpoint] {e}; set aside as {set_aside(path).name}")
+            continue
+        kept += 1
+        if kept > keep_last and step not in keep_steps:
+            shutil.rmtree(path, ignore_errors=True)
+            _VERIFIED.pop(str(path.resolve()), None)
     for p in root.glob(".tmp_step_*"):  # leftovers of a write that was killed
         shutil.rmtree(p, ignore_errors=True)
 

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from rankscope.errors import RankscopeError
+from rankscope.errors import ConfigError, RankscopeError
+from rankscope.preemption import Preempted
 
 VERBS: dict[str, tuple[str, Callable, Callable]] = {}
 
@@ -45,23 +46,34 @@ def cmd_prepare(args) -> None:
     print("sources: " + "; ".join(f"{k}: {v['licence']}" for k, v in m["sources"].items()))
 
 
+def at_least(value: int, low: int, flag: str) -> int:
+    """A numeric CLI option checked up front: one line naming the flag, the value and the bound."""
+    if value < low:
+        raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    return value
+
+
 def cmd_train(args) -> None:
     import os
 
     from rankscope.config import load_config
     from rankscope.errors import ConfigError
+    from rankscope.paths import check_output_dir
     from rankscope.train import train
 
+    at_least(args.nproc, 1, "--nproc")
     cfg = load_config(args.config, args.overrides)  # validate before launching anything
+    out = Path(args.output or f"runs/{Path(args.config).stem}")
+    if os.environ.get("RANK", "0") == "0":  # the other ranks never touch the run directory before rank 0
+        check_output_dir(out, "-o")
     if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:
         from rankscope.distributed import launch
 
         if args.nnodes > 1 and not args.rdzv_endpoint:
             raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node), the same on every node")
-        argv = ["train", args.config, *args.overrides, *(["-o", args.output] if args.output else [])]
+        argv = ["train", args.config, *args.overrides, "-o", str(out), *(["--restart"] if args.restart else [])]
         raise SystemExit(launch(argv, args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id))
-    out = Path(args.output or f"runs/{Path(args.config).stem}")
-    summary = train(cfg, out)
+    summary = train(cfg, out, restart=args.restart)
     if summary.get("run_dir") is None:  # not rank 0
         return
     print(f"\nfinished {summary['steps']} steps ({summary['tokens']:,} tokens): train loss {summary['final_train_loss']:.4f}, "
@@ -71,8 +83,14 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from rankscope.evaluate import run_eval
+    from rankscope.paths import check_output_file
 
-    result = run_eval(args.path, blimp_dir=args.blimp, batch_size=args.batch_size, max_docs=args.max_docs, blimp_max_pairs=args.blimp_max_pairs,
+    at_least(args.batch_size, 1, "--batch-size")
+    for flag, value in (("--max-docs", args.max_docs), ("--blimp-max-pairs", args.blimp_max_pairs), ("--hf-max-docs", args.hf_max_docs)):
+        at_least(value, 0, flag)
+    if args.json:  # before any compute: a bad target must not cost the evaluation
+        check_output_file(args.json, "--json")
+    result = run_eval(args.path, cache_dir=args.cache_dir, blimp_dir=args.blimp, batch_size=args.batch_size, max_docs=args.max_docs, blimp_max_pairs=args.blimp_max_pairs,
                       split=args.split, files=args.files, hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
                       text_field=args.text_field, hf_max_docs=args.hf_max_docs, skip_bad_rows=args.skip_bad_rows, device=args.device)
     if args.json:
@@ -82,7 +100,10 @@ def cmd_eval(args) -> None:
 
 def cmd_pairs(args) -> None:
     from rankscope.evaluate.pairs import write_pairs
+    from rankscope.paths import check_output_dir
 
+    at_least(args.n, 1, "-n")
+    check_output_dir(args.output, "-o")
     counts = write_pairs(args.output, args.n, args.seed)
     print(f"wrote {sum(counts.values()):,} generated minimal pairs (a substitute, not BLiMP) in {len(counts)} files to {args.output}")
 
@@ -118,13 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", type=int, default=1, help="machines, each running this command with the same --rdzv-endpoint")
     p.add_argument("--rdzv-endpoint", help="HOST:PORT of the first machine (torchrun's c10d rendezvous) when --nnodes > 1")
     p.add_argument("--rdzv-id", help="a run id shared by the machines of one run (e.g. the SLURM job id)")
+    p.add_argument("--restart", action="store_true", help="train from step 0 although checkpoints exist (they are set aside, not deleted)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP")
     p.add_argument("path", help="run directory or checkpoints/step_N folder")
     p.add_argument("--blimp", help="folder of BLiMP jsonl files (e.g. ../shared/data/blimp), or 'builtin' for generated substitute pairs")
     p.add_argument("--blimp-max-pairs", type=int, default=0, help="pairs per BLiMP file (0: all)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed BLiMP rows instead of stopping")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per batch (>= 1)")
     p.add_argument("--max-docs", type=int, default=0, help="documents per domain (0: all)")
     p.add_argument("--split", choices=["val", "test"], default="val", help="held-out split of the run's corpus")
     p.add_argument("--files", nargs="+", help="extra eval set: local .txt/.jsonl/.parquet files or globs (domain=path names a domain)")
@@ -134,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-max-docs", type=int, default=1000, help="documents read from it")
     p.add_argument("--text-field", default="text", help="text column of jsonl/parquet files and HF datasets")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", help="also write the results to this JSON file (checked before evaluating)")
+    p.add_argument("--cache-dir", default="data", help="where a corpus that must be prepared again goes (never taken from the run's metadata)")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("pairs", help="write generated minimal pairs in BLiMP's jsonl format (a substitute where BLiMP is absent)")
     p.add_argument("-o", "--output", required=True, help="folder for the <UID>.jsonl files")
@@ -162,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         args.fn(args)
+    except Preempted as e:  # a SIGTERM / SIGINT stop with a checkpoint (rankscope.preemption)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":
+            print(e, file=sys.stderr, flush=True)
+        return e.exit_code
     except RankscopeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ that names the field and the fix. A resolved config is plain data (`to_dict`), s
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,11 +58,12 @@ class ModelConfig:
     init_std: float = F(0.02, "std of the normal weight init")
 
     def validate(self) -> None:
+        # ranges first: the divisibility checks below divide by these
+        _positive(self, "model", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
+                  "rope_theta", "norm_eps", "init_std")
         _check(self.d_model % self.n_heads == 0, f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}")
         _check(self.n_heads % self.n_kv_heads == 0, f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
         _check((self.d_model // self.n_heads) % 2 == 0, "RoPE needs an even head dimension (d_model / n_heads)")
-        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
-            _check(getattr(self, name) > 0, f"model.{name} must be positive")
 
     @property
     def head_dim(self) -> int:
@@ -90,7 +92,9 @@ class DataConfig:
     def validate(self) -> None:
         _check(0 < self.val_fraction < 0.5 and 0 <= self.test_fraction < 0.5, "data.val_fraction must be in (0, 0.5) and data.test_fraction in [0, 0.5)")
         _check(self.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size must be >= 260 (256 bytes + special tokens)")
-        _check(self.max_bytes_per_source > 0, "data.max_bytes_per_source must be positive")
+        _positive(self, "data", "max_bytes_per_source", "hf_max_docs")
+        _at_least(self, "data", 0, "split_seed")
+        _check(bool(self.cache_dir), "data.cache_dir must name a folder (it is empty)")
         _check(bool(self.sources or self.files or self.hf_dataset or self.pretokenized), "data: name at least one of sources, files, hf_dataset or pretokenized")
         _check(not (self.pretokenized and self.tokenizer == "bpe"), "data.pretokenized needs the tokenizer its ids come from: set data.tokenizer=olmo or a tokenizer.json path")
 
@@ -124,12 +128,14 @@ class TrainConfig:
     wandb_project: str = F("rankscope", "Weights & Biases project name")
 
     def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches"):
-            _check(getattr(self, name) > 0, f"train.{name} must be positive")
-        _check(self.lr > 0, "train.lr must be positive")
-        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
-        _check(0 <= self.warmup_steps <= self.max_steps, "train.warmup_steps must be in [0, train.max_steps]")
-        _check(self.eval_every >= 0 and self.grad_clip >= 0, "train.eval_every and train.grad_clip must be >= 0")
+        _positive(self, "train", "max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches", "lr", "eps")
+        _at_least(self, "train", 0, "warmup_steps", "weight_decay", "grad_clip", "eval_every", "threads")
+        _check(0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32), got {self.seed}")
+        _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        _check(self.warmup_steps <= self.max_steps, f"train.warmup_steps={self.warmup_steps} must be in [0, train.max_steps={self.max_steps}]; "
+               f"lower train.warmup_steps or raise train.max_steps")
 
 
 @dataclass
@@ -141,7 +147,10 @@ class CheckpointConfig:
     save_grads: bool = F(False, "store the gradient the optimiser used at each checkpoint step")
 
     def validate(self) -> None:
-        _check(self.every >= 0 and self.keep_last >= 1 and self.log_spaced >= 0, "checkpoint.every >= 0, checkpoint.keep_last >= 1, checkpoint.log_spaced >= 0")
+        _at_least(self, "checkpoint", 0, "every", "log_spaced")
+        _at_least(self, "checkpoint", 1, "keep_last")
+        bad = [s for s in self.keep_steps if s < 1]
+        _check(not bad, f"checkpoint.keep_steps must hold steps >= 1, got {bad}")
 
 
 @dataclass
@@ -232,7 +241,9 @@ class RunConfig:
             if hasattr(section, "validate"):
                 section.validate()
         _check(self.train.seq_len <= self.model.max_seq_len, f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        _check(self.train.max_steps > self.train.warmup_steps or self.train.warmup_steps == 0, "train.warmup_steps must be below train.max_steps")
+        _check(self.train.max_steps > self.train.warmup_steps or self.train.warmup_steps == 0,
+               f"train.warmup_steps={self.train.warmup_steps} must be below train.max_steps={self.train.max_steps}; "
+               "lower train.warmup_steps or raise train.max_steps")
         if self.train.parallel == "fsdp":
             _check(self.method.name in FSDP_METHODS, f"train.parallel=fsdp supports method.name in {list(FSDP_METHODS)}, not {self.method.name!r}; use train.parallel=ddp")
             _check(self.method.warm_start_steps == 0, "train.parallel=fsdp does not support a ReLoRA warm start (method.warm_start_steps > 0); use train.parallel=ddp")
@@ -244,6 +255,19 @@ class RunConfig:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _positive(obj: Any, section: str, *names: str) -> None:
+    """Range check of numeric fields, up front: each must be > 0."""
+    for name in names:
+        value = getattr(obj, name)
+        _check(value > 0, f"{section}.{name} must be positive, got {value!r}")
+
+
+def _at_least(obj: Any, section: str, low: int, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value >= low, f"{section}.{name} must be >= {low}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -294,7 +318,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     if cls is ModelConfig and data.get("preset") is not None:
         preset = data["preset"]
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"unknown model.preset {preset!r}; valid presets: {', '.join(PRESETS)}")
         data = {**PRESETS[preset], **data}
     kwargs = {}
@@ -309,6 +333,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         value = _coerce_float(value, tp)
         if not _type_ok(value, tp):
             raise ConfigError(f"config key {path!r} must be {_type_name(tp)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {path!r} must be a finite number, got {value!r}")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -344,21 +370,27 @@ def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/micro.yaml")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path} names itself as a base (directly or through others); break the `base:` cycle")
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except (OSError, RecursionError) as e:
+        raise ConfigError(f"config file {path} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, train, ...)")
     base = data.pop("base", None)  # `base: other.yaml` inherits another config, relative to this file
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"config file {path}: `base:` must name a YAML file, got {base!r}")
     if base:
-        data = merge_dicts(read_yaml(path.parent / base), data)
+        data = merge_dicts(read_yaml(path.parent / base, (*_seen, path.resolve())), data)
     return data
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,25 @@ def mean(value: float, info: DistInfo, device: torch.device) -> float:
     return float(t.item()) / info.world_size
 
 
+def mean_and_any(value: float, flag: bool, info: DistInfo, device: torch.device) -> tuple[float, bool]:
+    """Average a float over ranks and learn whether `flag` is set on any rank, in one all-reduce
+    (the train loop's stop request rides on its loss reduction; identity on one process)."""
+    if not info.enabled:
+        return value, flag
+    t = torch.tensor([value, 1.0 if flag else 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0].item()) / info.world_size, bool(t[1].item() > 0)
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's `obj` on every rank (identity on one process); every rank calls it."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def is_main_process() -> bool:
     """Rank 0 of the initialised process group, or a single process."""
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -106,7 +126,10 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
     `nnodes` machines that meet at the c10d rendezvous `rdzv_endpoint` (HOST:PORT; rankscope.slurm
     takes it from the SLURM allocation). Returns the exit code: 128 + N when a signal N stopped it."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
+
+    from rankscope.preemption import exit_code
 
     if nnodes > 1 or rdzv_endpoint:
         where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id or 'rankscope'}"]
@@ -117,9 +140,15 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
         torchrun(args)
     except SystemExit as e:
         return int(e.code or 0)
-    except SignalException as e:  # SIGTERM / SIGINT: torchrun passed it on to the workers and waited for them
-        return 128 + int(e.sigval)
-    except Exception as e:  # torchrun raises ChildFailedError with the failing rank's message
+    except SignalException as e:  # the launcher was signalled: it forwarded the signal, the workers saved and stopped
+        return exit_code(e.sigval)
+    except ChildFailedError as e:  # the workers alone were signalled (and stopped cleanly), or one failed
+        codes = {f.exitcode for f in e.failures.values()}
+        if len(codes) == 1 and codes <= {exit_code(signal.SIGTERM), exit_code(signal.SIGINT)}:
+            return codes.pop()
+        print(f"error: a training process failed ({type(e).__name__}); see the output above", flush=True)
+        return 1
+    except Exception as e:
         print(f"error: a training process failed ({type(e).__name__}); see the output above", flush=True)
         return 1
     return 0

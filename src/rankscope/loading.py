@@ -1,14 +1,19 @@
-"""Open a trained model from a run directory or a checkpoint folder, for evaluation and export."""
+"""Open a trained model from a run directory or a checkpoint folder, for evaluation and export.
+
+Writes stay where the user asked: a corpus that must be prepared again goes to the `cache_dir`
+the caller names (the CLI's --cache-dir, default `data`), never to a folder named in the
+checkpoint's metadata."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.nn as nn
 
 from rankscope.checkpoint import Checkpoint, open_checkpoint
-from rankscope.config import RunConfig, config_from_dict
+from rankscope.config import DataConfig, RunConfig, config_from_dict
 from rankscope.data.corpus import Corpus, prepare
 from rankscope.errors import CheckpointError
 from rankscope.methods import build_method
@@ -27,7 +32,7 @@ class Loaded:
         return self.checkpoint.step
 
 
-def load_trained(path: str | Path, device: str = "cpu") -> Loaded:
+def load_trained(path: str | Path, device: str = "cpu", cache_dir: str | None = None) -> Loaded:
     ck = open_checkpoint(path)
     try:
         cfg = config_from_dict(ck.meta["config"])
@@ -42,13 +47,17 @@ def load_trained(path: str | Path, device: str = "cpu") -> Loaded:
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ck.path} does not fit its own config ({str(e).splitlines()[0][:160]})") from None
     model.to(device).eval()
-    return Loaded(model, cfg, ck, open_corpus(cfg, ck))
+    return Loaded(model, cfg, ck, open_corpus(cfg, ck, cache_dir))
 
 
-def open_corpus(cfg: RunConfig, ck: Checkpoint) -> Corpus:
-    """The run's corpus where it was prepared, else prepared again (deterministic), tokenizer checked."""
+def open_corpus(cfg: RunConfig, ck: Checkpoint, cache_dir: str | None = None) -> Corpus:
+    """The run's corpus where it was prepared (read only), else prepared again (deterministic) in
+    `cache_dir` (default: DataConfig's default), tokenizer checked."""
     root = Path(ck.meta.get("corpus", ""))
-    corpus = Corpus.open(root) if (root / "manifest.json").is_file() else prepare(cfg.data)
+    if (root / "manifest.json").is_file():
+        corpus = Corpus.open(root)
+    else:
+        corpus = prepare(dataclasses.replace(cfg.data, cache_dir=cache_dir or DataConfig().cache_dir))
     if corpus.manifest["tokenizer"]["hash"] != ck.meta.get("tokenizer_hash"):
         raise CheckpointError(f"the corpus at {corpus.root} has another tokenizer than checkpoint {ck.path}; prepare it with the run's own config")
     return corpus

@@ -6,7 +6,10 @@ A run directory holds:
   metrics.jsonl       one JSON object per logged step (train rows, eval rows, method events)
   checkpoints/        step_NNNNNN folders (see rankscope.checkpoint)
   summary.json        final facts: losses, tokens/s, peak memory, method report
-Re-running `train` on an existing run directory resumes from its newest valid checkpoint.
+Re-running `train` on an existing run directory resumes from its newest valid checkpoint; when
+checkpoints exist but none is valid it refuses (`restart=True`, `--restart`, starts from step 0).
+Only rank 0 reads or writes the run directory; the other ranks receive its verdicts by broadcast.
+SIGTERM / SIGINT stop after the current step with a checkpoint (rankscope.preemption).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -30,10 +35,13 @@ from rankscope import distributed, sharding
 from rankscope.config import RunConfig
 from rankscope.data.corpus import Corpus, prepare
 from rankscope.data.stream import BatchStream
-from rankscope.errors import ConfigError, TrainingError
+from rankscope import errors
+from rankscope.errors import CheckpointError, ConfigError, RankscopeError, TrainingError
 from rankscope.methods import build_method
 from rankscope.methods.base import Method
 from rankscope.model import Decoder
+from rankscope.paths import check_output_dir
+from rankscope.preemption import Preempted, StopOnSignal
 from rankscope.runtime import autocast, describe, peak_flops, pick_device, pick_precision
 from rankscope.loggers import build_loggers
 
@@ -91,12 +99,15 @@ class Trainer:
     cfg: RunConfig
     run_dir: Path
     log: Callable[[str], None] = print
+    restart: bool = False  # train from step 0 even if checkpoints exist (they are set aside, not deleted)
     device: torch.device = field(init=False)
     precision: str = field(init=False)
 
     # ------------------------------------------------------------------ set-up
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
+        self.stop = StopOnSignal()  # installed while run() trains
+        self.stop_agreed = False  # every rank's view of "a rank was signalled", from the loss all-reduce
         self.dist = distributed.from_env()
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
@@ -127,19 +138,48 @@ class Trainer:
         t = self.cfg.train
         self.keep_forever = set(self.cfg.checkpoint.keep_steps) | log_spaced_steps(t.max_steps, self.cfg.checkpoint.log_spaced)
 
+    def on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on rank 0 only and hand its result, or its error, to every rank (a broadcast)."""
+        out: Any = None
+        if self.dist.is_main:
+            try:
+                out = ("ok", fn())
+            except RankscopeError as e:
+                if not self.dist.enabled:
+                    raise
+                out = ("error", type(e).__name__, str(e))
+                distributed.broadcast_object(out, self.dist)
+                raise
+            except Exception as e:
+                if self.dist.enabled:
+                    distributed.broadcast_object(("error", "TrainingError", f"rank 0 failed ({type(e).__name__}: {e})"), self.dist)
+                raise
+        out = distributed.broadcast_object(out, self.dist)
+        if out[0] == "error":
+            raise getattr(errors, out[1], TrainingError)(out[2])
+        return out[1]
+
     def build_run_dir(self) -> None:
+        """Rank 0 checks and writes the run directory; the other ranks never read it (a fresh
+        folder's config.yaml may be half-written while they look) and learn the verdict by broadcast."""
+        self.on_rank0(self.write_run_dir)
+
+    def write_run_dir(self) -> None:
+        check_output_dir(self.run_dir, "the run directory (-o)")
         cfg_path = self.run_dir / "config.yaml"
         resolved = self.cfg.to_dict()
         if cfg_path.exists():
-            previous = yaml.safe_load(cfg_path.read_text())
+            try:
+                previous = yaml.safe_load(cfg_path.read_text())
+            except (yaml.YAMLError, OSError, UnicodeDecodeError):
+                previous = None
+            if not isinstance(previous, dict):
+                raise ConfigError(f"{cfg_path} is not a readable rankscope config; restore it, or choose a new -o directory")
             if _without_budget(previous) != _without_budget(resolved):
                 raise ConfigError(f"{self.run_dir} holds a run with a different config; choose a new -o directory (or delete that one)")
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
-            env = {**describe(self.device), "git_commit": git_commit(), "world_size": self.dist.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            (self.run_dir / "env.json").write_text(json.dumps(env, indent=1))
-        distributed.barrier(self.dist)
+        _write_atomic(cfg_path, yaml.safe_dump(resolved, sort_keys=False))
+        env = {**describe(self.device), "git_commit": git_commit(), "world_size": self.dist.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _write_atomic(self.run_dir / "env.json", json.dumps(env, indent=1))
 
     def build_data(self) -> Corpus:
         corpus = prepare(self.cfg.data, log=self.log)
@@ -242,12 +282,30 @@ class Trainer:
                 "corpus": str(self.corpus.root.resolve()), "config": self.cfg.to_dict()}
         root = self.run_dir / "checkpoints"
         ckpt.save_checkpoint(root, self.step, files, meta)
-        ckpt.prune_checkpoints(root, self.cfg.checkpoint.keep_last, self.keep_forever)
+        ckpt.prune_checkpoints(root, self.cfg.checkpoint.keep_last, self.keep_forever, log=self.log)
         distributed.barrier(self.dist)
 
+    def find_checkpoint(self) -> ckpt.Checkpoint | None:
+        """Rank 0: the newest valid checkpoint; None for a fresh start; refuses to start over in
+        silence when checkpoints exist but none is valid."""
+        root = self.run_dir / "checkpoints"
+        folders = ckpt.list_checkpoints(root)
+        if self.restart:
+            for _, path in folders:
+                self.log(f"[train] --restart: {path.name} set aside as {ckpt.set_aside(path, 'restart').name}")
+            return None
+        found = ckpt.latest_valid(root, log=self.log)
+        if found is None and folders:
+            raise CheckpointError(f"{root} holds {len(folders)} checkpoint folder(s) but none is valid (see above); repair one (restore it from a copy) "
+                                  "or re-run with --restart to train from step 0 (the folders are set aside, not deleted)")
+        return found
+
     def resume(self) -> None:
-        found = ckpt.latest_valid(self.run_dir / "checkpoints", log=self.log)
+        """Rank 0 picks the checkpoint; every rank loads that same one."""
+        found = self.on_rank0(self.find_checkpoint)
         if found is None:
+            if self.dist.is_main:
+                self.truncate_metrics(0)  # rows of an attempt that died before its first checkpoint
             return
         if self.method.maybe_switch(found.step, self):  # restructure first if the checkpoint is past a switch
             self.wrap_parallel()
@@ -311,7 +369,8 @@ class Trainer:
                 loss = self.forward_model(x.to(self.device), y.to(self.device)) / t.grad_accum
                 loss.backward()
             total += loss.item()
-        total = distributed.mean(total, self.dist, self.device)  # every rank sees the same loss
+        # every rank sees the same loss, and whether any rank was asked to stop (rankscope.preemption)
+        total, self.stop_agreed = distributed.mean_and_any(total, self.stop.requested, self.dist, self.device)
         if not math.isfinite(total):
             raise TrainingError(f"non-finite loss ({total}) at step {step + 1}; first non-finite gradient: {self.first_bad_grad()}. Lower train.lr or use train.precision=fp32; the last good checkpoint is kept")
         norm = self.clip_grads()
@@ -365,7 +424,15 @@ class Trainer:
                 losses.append(self.model(x.to(self.device), y.to(self.device)).item())
         return float(np.mean(losses))
 
+    def stop_requested(self) -> bool:
+        """Under torchrun the ranks' agreed flag (so all stop at the same step); else the local one."""
+        return self.stop_agreed if self.dist.enabled else self.stop.requested
+
     def run(self) -> dict[str, Any]:
+        with self.stop:
+            return self.train_loop()
+
+    def train_loop(self) -> dict[str, Any]:
         t = self.cfg.train
         self.resume()
         if self.step >= t.max_steps:
@@ -394,11 +461,20 @@ class Trainer:
             row.update(self.run_callbacks(self.step))
             if row:
                 self.log_row(row)
-            if self.will_checkpoint(self.step):
+            saved = self.will_checkpoint(self.step)
+            if saved:
                 self.save()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            if self.stop_requested() and self.step < t.max_steps:
+                if not saved:
+                    self.save()
+                if bar is not None:
+                    bar.close()
+                for logger in self.loggers:
+                    logger.close()
+                raise Preempted(self.step, self.stop.signum or signal.SIGTERM)
         if bar is not None:
             bar.close()
         return self.finish(elapsed)
@@ -455,11 +531,18 @@ def _row_step(line: str) -> int:
         return 1 << 62
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _without_budget(cfg: dict) -> dict:
     """Fields that may change on resume (longer training, logging, progress bar) are ignored."""
     out = json.loads(json.dumps(cfg))
+    train = out.get("train") if isinstance(out.get("train"), dict) else {}
     for key in ("max_steps", "progress", "log_every", "eval_every", "threads", "device", "tensorboard", "wandb", "wandb_project", "parallel", "compile"):
-        out.get("train", {}).pop(key, None)
+        train.pop(key, None)
     out.pop("checkpoint", None)
     out.pop("eval", None)
     out.pop("analysis", None)
@@ -477,10 +560,12 @@ def peak_memory(device: torch.device) -> int:
         return 0
 
 
-def train(cfg: RunConfig, run_dir: str | Path, log=print) -> dict[str, Any]:
+def train(cfg: RunConfig, run_dir: str | Path, log=print, restart: bool = False) -> dict[str, Any]:
+    """Train, or resume, the run in `run_dir`; `restart` sets existing checkpoints aside and starts
+    from step 0. Raises rankscope.preemption.Preempted after a SIGTERM / SIGINT stop."""
     trainer = None
     try:
-        trainer = Trainer(cfg, Path(run_dir), log)
+        trainer = Trainer(cfg, Path(run_dir), log, restart)
         return trainer.run()
     finally:
         trainer = None  # also on errors: the traceback must not keep FSDP state past shutdown

@@ -35,7 +35,8 @@ from safetensors.torch import load_file
 from rankscope.analysis import components as C
 from rankscope.analysis.metrics import AnalysisError, principal_angles, resolve_metrics
 from rankscope.analysis.spectra import Result, analyze_items
-from rankscope.checkpoint import list_checkpoints
+from rankscope.checkpoint import check_meta, list_checkpoints
+from rankscope.errors import CheckpointError
 
 KINDS = ("weight", "lora_update", "grad", "update", "cumulative_update", "cycle_update")
 ROW_COLUMNS = ("run", "method", "step", "layer", "component", "head", "kind", "metric", "value")
@@ -209,10 +210,13 @@ class CheckpointState:
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's meta.json if it passes the checkpoint schema (rankscope.checkpoint.check_meta)
+    and its files exist; None (skipped) otherwise. The tensors' hashes are not re-read here."""
     try:
-        return json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = check_meta(json.loads((path / "meta.json").read_text()), path)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError, CheckpointError):
         return None
+    return meta if all((path / f).is_file() for f in meta["files"]) else None
 
 
 def load_state(path: Path, meta: dict[str, Any], include_embeddings: bool = False, with_grads: bool = True) -> CheckpointState:

@@ -46,14 +46,16 @@ def eval_sets(tok, files: list[str] | None, hf_dataset: str | None, hf_config: s
 def run_eval(path: str | Path, blimp_dir: str | None = None, batch_size: int = 16, max_docs: int = 0, blimp_max_pairs: int = 0,
              split: str = "val", files: list[str] | None = None, hf_dataset: str | None = None, hf_config: str | None = None,
              hf_split: str = "train", text_field: str = "text", hf_max_docs: int = 1000, skip_bad_rows: bool = False,
-             device: str = "cpu", log=print) -> dict:
+             device: str = "cpu", cache_dir: str | None = None, log=print) -> dict:
     """Evaluate a run directory (its newest checkpoint) or a checkpoint folder; prints a table and
     returns {"checkpoint", "step", "perplexity": {set: {domains, macro, all}}, "blimp"?, "metrics"}."""
     from rankscope.evaluate.callback import flat_blimp, flat_perplexity
     from rankscope.loading import load_trained
     from rankscope.runtime import pick_device
 
-    loaded = load_trained(path, str(pick_device(device)))
+    if batch_size < 1:
+        raise DataError(f"the evaluation batch size must be >= 1, got {batch_size}")
+    loaded = load_trained(path, str(pick_device(device)), cache_dir)
     tok = check_tokenizer(loaded)
     seq_len = loaded.cfg.train.seq_len
     sets = {split: corpus_docset(loaded.corpus, split)}
