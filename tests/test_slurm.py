@@ -4,7 +4,6 @@ its signal handlers and requeue); the sbatch script is checked against a golden 
 
 import json
 import os
-import shutil
 import signal
 import stat
 import sys
@@ -108,7 +107,8 @@ def test_dry_run_is_what_submitit_hands_to_sbatch(tmp_path, data_dir, monkeypatc
     for f in bin_dir.iterdir():
         f.chmod(f.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    path = write_study(tmp_path, data_dir, {"train.seed": [0]}, slurm={"nodes": 2, "gpus_per_node": 4, "partition": "gpu", "sbatch": ["--exclusive"]})
+    path = write_study(tmp_path, data_dir, {"train.seed": [0]}, 
+                       slurm={"nodes": 2, "gpus_per_node": 4, "partition": "gpu", "sbatch": ["--exclusive"]})
     study = load_study(path)
     launcher = SlurmLauncher(resources(path))
     rec = launcher.submit(study.points[0], study)
@@ -150,7 +150,8 @@ def test_local_study_is_submitted_finished_reported_and_not_rerun(tmp_path, prep
 
 
 def test_failed_point_is_resubmitted_and_a_running_job_is_left_alone(tmp_path, prepared):
-    path = write_study(tmp_path, prepared, {"data.tokenizer": [str(tmp_path / "missing.json")]}, "train.max_steps=6", slurm={"cpus_per_task": 1})
+    path = write_study(tmp_path, prepared, {"data.tokenizer": [str(tmp_path / "missing.json")]}, "train.max_steps=6",
+                       slurm={"cpus_per_task": 1})
     study = load_study(path)
     launcher = SlurmLauncher(resources(path), cluster="local", poll_s=0.3, show=lambda *_: None)
     run_study(study, launcher=launcher, show=lambda *_: None)
@@ -163,7 +164,8 @@ def test_failed_point_is_resubmitted_and_a_running_job_is_left_alone(tmp_path, p
     from rankscope.slurm import save_jobs
 
     save_jobs(study, jobs)
-    assert SlurmLauncher(resources(path), cluster="local", show=lambda *_: None).refresh(dict(jobs[job_key(p, study)]))["state"] == "RUNNING"
+    other = SlurmLauncher(resources(path), cluster="local", show=lambda *_: None)
+    assert other.refresh(dict(jobs[job_key(p, study)]))["state"] == "RUNNING"
     # once that job is gone, the failed point is submitted again
     jobs[job_key(p, study)]["job_id"] = first
     save_jobs(study, jobs)
@@ -198,5 +200,15 @@ def test_sigterm_requeues_the_job_and_it_ends_bit_identical(tmp_path, prepared):
     out = Path(rec["stdout"]).read_text() + Path(rec["stderr"]).read_text()
     assert "requeueing through submitit" in out and "Requeued job" in out, out[-2000:]
     assert out.count("Starting with JobEnvironment") == 2 and "resumed from" in log, log[-2000:]
+    assert "checkpoint saved; re-run the same command to resume" in log  # rankscope.preemption: saved at the stop step
     assert point_state(point, study) == "done"
     assert_same_final_weights(point.run_dir, tmp_path / "straight", ("model", "optimizer"))
+
+
+def test_the_example_study_file_loads_and_renders(capsys):
+    path = Path(__file__).resolve().parents[1] / "studies" / "slurm-example.yaml"
+    study = load_study(path, "/tmp/rankscope-example-not-created")
+    res = resources(path)
+    assert len(study.points) == 12 and (res.nodes, res.gpus_per_node, res.minutes) == (2, 4, 1440)
+    text = sbatch_script(study.points[0], study, res)
+    assert "#SBATCH --nodes=2" in text and "module load cuda/12.8" in text and "--nproc=4 --nnodes=2" in text

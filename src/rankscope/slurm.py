@@ -42,7 +42,8 @@ from rankscope.errors import ConfigError, TrainingError
 
 # The sbatch script computes the rendezvous once, on the first node, before srun starts one task
 # per node; every task reads it from the environment srun passes on.
-RDZV_SETUP = ['export RANKSCOPE_RDZV_ENDPOINT="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):$((29500 + SLURM_JOB_ID % 10000))"']
+RDZV_SETUP = ['export RANKSCOPE_RDZV_ENDPOINT="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):'
+              '$((29500 + SLURM_JOB_ID % 10000))"']
 # SLURM and submitit states of a job that has not ended (a requeued job is pending again)
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
          "SIGNALING", "STAGE_OUT", "PREEMPTED"}
@@ -337,13 +338,15 @@ class SlurmLauncher:
     """Runs study points as SLURM jobs (or submitit's local executor: cluster="local", for tests and
     single machines). `run(points, study)` blocks until every point has finished and has its status."""
 
-    def __init__(self, res: SlurmResources, cluster: str | None = None, poll_s: float | None = None, show=print, require_sbatch: bool = True):
+    def __init__(self, res: SlurmResources, cluster: str | None = None, poll_s: float | None = None, show=print,
+                 require_sbatch: bool = True):
         if require_sbatch and cluster in (None, "slurm") and shutil.which("sbatch") is None:
             raise ConfigError("--launcher slurm needs SLURM's `sbatch` on PATH and it is not there; run on a login node of the cluster, "
                               "or use --launcher local (or --dry-run to see the job scripts)")
         self.res, self.cluster, self.show = res, cluster or "slurm", show
         self.poll_s = res.poll_s if poll_s is None else poll_s
-        self.live: dict[str, Any] = {}  # jobs submitted by this process (submitit Job objects)
+        self.live: dict[str, Any] = {}  # jobs submitted by this process (submitit Job objects), by run folder
+        self.attached: dict[str, Any] = {}  # jobs of earlier processes, re-attached from sweep.json
 
     # ---- one job
     def executor(self, point, study):
@@ -374,18 +377,22 @@ class SlurmLauncher:
     def _job(self, rec: dict[str, Any]):
         import submitit
 
-        live = self.live.get(str(Path(rec["folder"]).parent.parent.resolve()))
-        if live is not None and live.job_id == rec["job_id"]:
-            return live
+        run = str(Path(rec["folder"]).parent.parent.resolve())
+        for known in (self.live.get(run), self.attached.get(run)):
+            if known is not None and known.job_id == rec["job_id"]:
+                return known
         cls = submitit.SlurmJob if rec["cluster"] == "slurm" else submitit.LocalJob
-        return cls(folder=Path(rec["folder"]).parent / "%j", job_id=rec["job_id"])
+        self.attached[run] = cls(folder=Path(rec["folder"]).parent / "%j", job_id=rec["job_id"])
+        return self.attached[run]
 
     def refresh(self, rec: dict[str, Any]) -> dict[str, Any]:
         """Update a job record's state and node list from SLURM (sacct) or the local process."""
         job = self._job(rec)
         if rec["cluster"] == "slurm":
-            info = job.get_info(mode="standard" if job is self.live.get(str(Path(rec["folder"]).parent.parent.resolve())) else "force")
-            rec["state"] = (info.get("State") or rec.get("state") or "UNKNOWN").split()[0]
+            info = job.get_info(mode="standard")  # one sacct call for all jobs, at most every few seconds
+            rec["state"] = (info.get("State") or "UNKNOWN").split()[0]
+            if rec["state"] == "UNKNOWN" and job in self.live.values():
+                rec["state"] = "PENDING"  # just submitted: sacct does not list it yet
             rec["nodes"] = info.get("NodeList", rec.get("nodes", ""))
         elif getattr(job, "_process", None) is not None:  # a local job of this process
             rec["state"] = job.state  # submitit's words: RUNNING, FINISHED, INTERRUPTED
@@ -480,7 +487,8 @@ def status_rows(study, launcher: SlurmLauncher | None = None) -> list[dict[str, 
 
     jobs = load_jobs(study)
     rows, seen = [], set()
-    items = [(job_key(p, study), p.name, p.run_dir, p.config["train"]["max_steps"], lambda p=p: point_state(p, study)) for p in study.points]
+    items = [(job_key(p, study), p.name, p.run_dir, p.config["train"]["max_steps"], lambda p=p: point_state(p, study))
+             for p in study.points]
     for key, rec in jobs.items():
         if key not in {i[0] for i in items}:
             run_dir = study.runs_dir / key
@@ -520,23 +528,27 @@ def format_status(rows: list[dict[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------- CLI flags (rankscope sweep)
-CLI_FLAGS = [("partition", str), ("account", str), ("time", str), ("nodes", int), ("gpus-per-node", int), ("cpus-per-task", int),
-             ("mem", str), ("constraint", str), ("qos", str)]
+CLI_FLAGS = [("partition", str, "SLURM partition"), ("account", str, "account charged"),
+             ("time", str, "time limit per job: minutes or [D-]HH:MM:SS"), ("nodes", int, "nodes per job"),
+             ("gpus-per-node", int, "GPUs per node"), ("cpus-per-task", int, "CPUs per node"), ("mem", str, "memory per node, e.g. 64G"),
+             ("constraint", str, "node features, e.g. h100"), ("qos", str, "quality of service")]
 
 
 def add_args(p) -> None:
     """`rankscope sweep` flags for SLURM; each overrides the study file's `slurm:` value."""
     g = p.add_argument_group("SLURM (--launcher slurm; each flag overrides the study file's `slurm:` section)")
-    g.add_argument("--launcher", choices=["local", "slurm"], default="local", help="local subprocesses (default) or one SLURM job per point")
+    g.add_argument("--launcher", choices=["local", "slurm"], default="local", 
+                   help="local subprocesses (default) or one SLURM job per point")
     g.add_argument("--dry-run", action="store_true", help="print the sbatch script of every point; submit nothing")
     g.add_argument("--status", action="store_true", help="print points, job ids, states, steps reached and ETA")
-    for flag, tp in CLI_FLAGS:
-        g.add_argument(f"--{flag}", type=tp, default=None)
-    g.add_argument("--sbatch", action="append", default=None, metavar="OPTION", help="extra sbatch option, e.g. --sbatch=--exclusive (repeatable)")
+    for flag, tp, help in CLI_FLAGS:
+        g.add_argument(f"--{flag}", type=tp, default=None, help=help)
+    g.add_argument("--sbatch", action="append", default=None, metavar="OPTION",
+                   help="extra sbatch option, e.g. --sbatch=--exclusive (repeatable)")
 
 
 def resources_from_args(study_path, args) -> SlurmResources:
-    over = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _ in CLI_FLAGS}
+    over = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in CLI_FLAGS}
     over["sbatch"] = args.sbatch
     return resources(study_path, over)
 
