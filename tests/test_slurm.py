@@ -117,6 +117,7 @@ def test_dry_run_is_what_submitit_hands_to_sbatch(tmp_path, data_dir, monkeypatc
     assert submitted.rstrip() == sbatch_script(study.points[0], study, launcher.res).split("\n\n# inside the job")[0].rstrip()
 
 
+@pytest.mark.slow  # ~25 s on 2 loaded cores: two jobs, each a controller, the job and its train process
 def test_local_study_is_submitted_finished_reported_and_not_rerun(tmp_path, prepared, capsys):
     path = write_study(tmp_path, prepared, {"train.seed": [0, 1]}, "train.max_steps=6", slurm={"time": 10, "cpus_per_task": 1})
     study = load_study(path)
@@ -149,6 +150,7 @@ def test_local_study_is_submitted_finished_reported_and_not_rerun(tmp_path, prep
     assert {p.name: (p.run_dir / "summary.json").stat().st_mtime for p in points} == mtimes
 
 
+@pytest.mark.slow  # ~20 s on 2 loaded cores
 def test_failed_point_is_resubmitted_and_a_running_job_is_left_alone(tmp_path, prepared):
     path = write_study(tmp_path, prepared, {"data.tokenizer": [str(tmp_path / "missing.json")]}, "train.max_steps=6",
                        slurm={"cpus_per_task": 1})
@@ -212,3 +214,25 @@ def test_the_example_study_file_loads_and_renders(capsys):
     assert len(study.points) == 12 and (res.nodes, res.gpus_per_node, res.minutes) == (2, 4, 1440)
     text = sbatch_script(study.points[0], study, res)
     assert "#SBATCH --nodes=2" in text and "module load cuda/12.8" in text and "--nproc=4 --nnodes=2" in text
+
+
+@pytest.mark.slow  # ~40 s on 2 loaded cores: two tuning jobs, then the main job
+def test_staged_study_submits_the_main_job_after_every_tuning_job_ended(tmp_path, prepared):
+    tune = {"field": "train.lr", "grid": [1e-3, 3e-3], "widen": 0, "overrides": ["train.max_steps=3"]}
+    path = write_study(tmp_path, prepared, {"train.seed": [0]}, "train.max_steps=4", tune=tune, slurm={"cpus_per_task": 1})
+    study = load_study(path)
+    calls = []
+
+    class Recording(SlurmLauncher):
+        def run(self, points, study):
+            tuned = [p for p in study.points if p.stage == "tune"]
+            calls.append((points[0].stage, [point_state(p, study) for p in tuned], [p.values.get("train.lr") for p in points]))
+            super().run(points, study)
+
+    points = run_study(study, launcher=Recording(resources(path), cluster="local", poll_s=0.3, show=lambda *_: None), show=lambda *_: None)
+    assert [c[0] for c in calls] == ["tune", "main"]
+    assert calls[1][1] == ["done", "done"]  # every tuning job had ended before the main job was submitted
+    chosen = json.loads((study.runs_dir / "sweep.json").read_text())["tuning"]["cells"][0]["chosen"]
+    assert calls[1][2] == [chosen] and all(p.status == "done" for p in points)
+    jobs = load_jobs(study)
+    assert len(jobs) == 3 and sum(k.startswith("tune/") for k in jobs) == 2  # two tuning jobs, one main job
