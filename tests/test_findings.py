@@ -110,7 +110,8 @@ def test_slope_rule_against_linregress(tmp_path):
     half = ss.t.ppf(0.975, 4) * fit.stderr
     assert res["estimate"] == pytest.approx(fit.slope) and (res["lo"], res["hi"]) == pytest.approx((fit.slope - half, fit.slope + half))
     assert res["verdict"] == "confirmed" and res["n"] == 6
-    (one,) = evaluate_findings([r for r in runs if r.size == "micro"], spec({"id": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"}))
+    slope = {"id": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"}
+    (one,) = evaluate_findings([r for r in runs if r.size == "micro"], spec(slope))
     assert one["verdict"] == "not measured" and "2 or more sizes" in one["reason"]
 
 
@@ -139,7 +140,8 @@ def test_rank_rule_uses_the_early_phase_and_log_ratio_per_seed(tmp_path):
     rule = {"id": "d", "finding": "d", "test": "rank", "kind": ["cumulative_update", "grad"], "component": ["wv", "ov"],
             "metric": "per", "phase": "early", "claim": "lower"}
     res = evaluate_findings(runs, spec(rule))
-    assert [(r["kind"], r["component"]) for r in res] == [("cumulative_update", "wv"), ("cumulative_update", "ov"), ("grad", "wv"), ("grad", "ov")]
+    assert [(r["kind"], r["component"]) for r in res] == [("cumulative_update", "wv"), ("cumulative_update", "ov"),
+                                                          ("grad", "wv"), ("grad", "ov")]
     wv = res[0]
     assert [wv["per_seed"][str(k)] for k in range(3)] == pytest.approx(expected)
     assert wv["verdict"] == "confirmed" and "non-finite values left out" in wv["reason"]
@@ -150,7 +152,8 @@ def test_rank_rule_uses_the_early_phase_and_log_ratio_per_seed(tmp_path):
 
 def test_rank_rule_without_analysis_says_so(tmp_path):
     runs = [run(tmp_path, "full", "micro", 0), run(tmp_path, "relora", "micro", 0)]
-    (res,) = evaluate_findings(runs, spec({"id": "d", "test": "rank", "kind": "grad", "component": "wv", "metric": "per", "claim": "lower"}))
+    rule = {"id": "d", "test": "rank", "kind": "grad", "component": "wv", "metric": "per", "claim": "lower"}
+    (res,) = evaluate_findings(runs, spec(rule))
     assert res["verdict"] == "not measured" and "rankscope analyze" in res["reason"]
 
 
@@ -161,7 +164,8 @@ def test_rank_rule_without_analysis_says_so(tmp_path):
     ([{"test": "rank", "metric": "per", "claim": "lower", "component": "wv"}], "needs kind"),
     ([{"test": "paired", "metric": "x", "claim": "lower", "chance": 0.5}], "chance and margin"),
     ([{"test": "paired", "metric": "x", "claim": "lower", "bogus": 1}], "unknown key"),
-    ([{"id": "a", "test": "paired", "metric": "x", "claim": "lower"}, {"id": "a", "test": "paired", "metric": "y", "claim": "lower"}], "used twice"),
+    ([{"id": "a", "test": "paired", "metric": "x", "claim": "lower"},
+      {"id": "a", "test": "paired", "metric": "y", "claim": "lower"}], "used twice"),
 ])
 def test_bad_rules_are_one_line_errors(rules, message):
     with pytest.raises(ConfigError, match=message):
@@ -179,7 +183,8 @@ def test_findings_tables_render_in_the_report_format(tmp_path):
             for m in ("full", "relora") for k in range(3)]
     sweep = {"findings": spec(*PAPER_RULES[:2]),
              "tuning": {"field": "train.lr", "seed": 0, "overrides": ["train.max_steps=150"], "metric": "final_val_loss", "widen": 2,
-                        "cells": [{"label": "method=full", "tried": [{"value": 1e-3, "loss": 4.2, "run_dir": "a"}, {"value": 2e-3, "loss": None, "run_dir": "b"}],
+                        "cells": [{"label": "method=full",
+                                   "tried": [{"value": 1e-3, "loss": 4.2, "run_dir": "a"}, {"value": 2e-3, "loss": None, "run_dir": "b"}],
                                    "chosen": 1e-3, "position": "edge", "edge_side": "low"}]}}
     tables = findings_tables(runs, sweep)
     assert [t["title"].split(":")[0].split(" ")[0] for t in tables] == ["Findings", "Tuned", "Paired"]
@@ -211,19 +216,21 @@ def test_report_puts_findings_first_and_reads_stages_from_sweep_json(tmp_path):
         name = f"method={method},preset={size},seed={seed},lr={rate:g}"
         d = root / {"main": "", "control": "control", "tune": "tune"}[stage] / name
         d.mkdir(parents=True)
-        cfg = {"model": {"preset": size}, "method": {"name": method}, "train": {"seed": seed, "lr": rate, "max_steps": 4 if stage == "tune" else 8}}
+        train = {"seed": seed, "lr": rate, "max_steps": 4 if stage == "tune" else 8}
+        cfg = {"model": {"preset": size}, "method": {"name": method}, "train": train}
         (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-        loss = 4.0 - 0.3 * (size == "mini") + 0.1 * (method == "relora") * (1 + (size == "mini")) + 0.01 * seed + 0.05 * (stage == "control")
+        gap = 0.1 * (method == "relora") * (1 + (size == "mini"))  # a gap that doubles with size
+        loss = 4.0 - 0.3 * (size == "mini") + gap + 0.01 * seed + 0.05 * (stage == "control")
         (d / "summary.json").write_text(json.dumps({"steps": 8, "final_val_loss": loss, "parameters": PARAMS[size]}))
         points.append(Point(name, {"method.name": method}, cfg, d, status="done", stage=stage))
+    control_rule = {"id": "a-control", "finding": "a", "test": "paired", "claim": "higher", "metric": "final_val_loss", "method": "relora (control)"}
     study = Study(root / "study.yaml", "t", points, [], [], [], 1, root,
-                  findings=validate_findings({"rules": [*PAPER_RULES[:3], {"id": "a-control", "finding": "a", "test": "paired",
-                                                                           "metric": "final_val_loss", "claim": "higher", "method": "relora (control)"}]}))
+                  findings=validate_findings({"rules": [*PAPER_RULES[:3], control_rule]}))
     write_sweep_summary(study)
     sweep = json.loads((root / "sweep.json").read_text())
     sweep["tuning"] = {"field": "train.lr", "seed": 0, "overrides": [], "metric": "final_val_loss", "widen": 2,
-                       "cells": [{"label": "method=full", "tried": [{"value": 2e-3, "loss": 4.0, "run_dir": "x"}], "chosen": 2e-3, "position": "interior",
-                                  "edge_side": None}]}
+                       "cells": [{"label": "method=full", "tried": [{"value": 2e-3, "loss": 4.0, "run_dir": "x"}], "chosen": 2e-3,
+                                  "position": "interior", "edge_side": None}]}
     (root / "sweep.json").write_text(json.dumps(sweep))
     out = tmp_path / "report"
     write_report([root], out, log=lambda *_: None)

@@ -104,7 +104,8 @@ class FakeLauncher:
         self.calls.append([str(p.run_dir.relative_to(study.runs_dir)) for p in points])
         for p in points:
             prepare_point(p, study)
-            (p.run_dir / "summary.json").write_text(json.dumps({"steps": p.config["train"]["max_steps"], "final_val_loss": self.loss(p.config)}))
+            summary = {"steps": p.config["train"]["max_steps"], "final_val_loss": self.loss(p.config)}
+            (p.run_dir / "summary.json").write_text(json.dumps(summary))
             for step in _after(p, study):
                 mark_step_done(p, step)
             p.status = "done"
@@ -135,8 +136,10 @@ def test_tuner_picks_the_argmin_and_widens_at_both_edges(tmp_path, data_dir):
     assert len(fake.calls) == 5  # 3 tuning rounds (2 widenings), then one call for main and one for control
     main = [p for p in points if p.stage == "main"]
     assert len(main) == 8 and all(p.status == "done" for p in points)
-    assert {p.values["method.name"]: p.config["train"]["lr"] for p in main} == {"full": 2e-3, "relora": 0.016, "so": 0.032, "galore": 2.5e-4}
-    assert {p.config["train"]["max_steps"] for p in main} == {6} and {p.config["train"]["max_steps"] for p in points if p.stage == "tune"} == {3}
+    lrs = {p.values["method.name"]: p.config["train"]["lr"] for p in main}
+    assert lrs == {"full": 2e-3, "relora": 0.016, "so": 0.032, "galore": 2.5e-4}
+    assert {p.config["train"]["max_steps"] for p in main} == {6}
+    assert {p.config["train"]["max_steps"] for p in points if p.stage == "tune"} == {3}
     control = [p for p in points if p.stage == "control"]
     assert [(p.values["method.name"], p.config["train"]["lr"], p.name) for p in control] == \
         [("relora", 2e-3, "method=relora,seed=0,lr=2e-3"), ("relora", 2e-3, "method=relora,seed=1,lr=2e-3")]
@@ -146,7 +149,8 @@ def test_tuner_picks_the_argmin_and_widens_at_both_edges(tmp_path, data_dir):
     assert summary["tuning"]["field"] == "train.lr" and summary["tuning"]["metric_source"] == "summary.json"
     rows = {c["label"]: c for c in summary["tuning"]["cells"]}
     assert rows["method=so"]["position"] == "edge" and rows["method=so"]["tried"][-1]["loss"] == pytest.approx(4 + math.log(0.32) ** 2)
-    assert sorted({r["stage"] for r in summary["runs"]}) == ["control", "main", "tune"] and summary["control"]["lr_from"] == {"method.name": "full"}
+    assert sorted({r["stage"] for r in summary["runs"]}) == ["control", "main", "tune"]
+    assert summary["control"]["lr_from"] == {"method.name": "full"}
 
     # a second sweep re-uses every finished run and re-derives the same choices
     again_fake = FakeLauncher()
@@ -200,7 +204,8 @@ def test_bad_staged_studies_are_clear_errors(tmp_path, data_dir, extra, message)
 
 def test_control_needs_tuning_and_grid_values(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="needs a `tune:` stage"):
-        load_study(write_study(tmp_path, data_dir, {"method.name": ["full", "relora"]}, control={"where": {"method.name": "relora"}, "lr_from": {"method.name": "full"}}))
+        control = {"where": {"method.name": "relora"}, "lr_from": {"method.name": "full"}}
+        load_study(write_study(tmp_path, data_dir, {"method.name": ["full", "relora"]}, control=control))
     with pytest.raises(ConfigError, match="not a value of the grid"):
         load_study(staged(tmp_path, data_dir, control={"where": {"method.name": "lora"}, "lr_from": {"method.name": "full"}}))
 
@@ -224,7 +229,13 @@ def test_progress_lines_off_a_terminal_count_runs_and_give_an_eta(tmp_path, data
         study.points[0].status = "done"
         progress.refresh()
     assert "\r" not in lines[0] and "1/3 runs finished" in lines[0] and "ETA" in lines[0] and "sweep main [" in lines[0]
-    assert isinstance(LocalLauncher(2).parallel, int)
+    from rich.console import Console
+
+    console = Console(record=True, width=120)
+    console.print(progress.table())  # what a terminal shows: the table and the same line, the bar not eaten as markup
+    text = console.export_text()
+    assert "[######" in text and "seed=1" in text
+    assert LocalLauncher(2).parallel == 2
 
 
 @pytest.mark.slow
@@ -249,8 +260,11 @@ def test_seed_k_gives_every_method_the_same_shared_weights_and_batches(tmp_path,
     from helpers import tiny_config
     from rankscope.train import Trainer
 
-    trainers = {m: Trainer(tiny_config(data_dir, f"method.name={m}", f"train.seed={seed}", "method.rank=4"), tmp_path / m, log=lambda *_: None)
-                for m in ("full", "relora", "lora", "so", "galore")}
+    def build(method):
+        cfg = tiny_config(data_dir, f"method.name={method}", f"train.seed={seed}", "method.rank=4")
+        return Trainer(cfg, tmp_path / method, log=lambda *_: None)
+
+    trainers = {m: build(m) for m in ("full", "relora", "lora", "so", "galore")}
     ref = trainers.pop("full")
     ref_state = ref.model.state_dict()
     other_seed = Trainer(tiny_config(data_dir, f"train.seed={seed + 1}"), tmp_path / "other", log=lambda *_: None).model.state_dict()

@@ -37,6 +37,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pico-medium": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=3072, vocab_size=50304, max_seq_len=2048),
     "pico-large": dict(d_model=1536, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=6144, vocab_size=50304, max_seq_len=2048),
     "micro": dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256, vocab_size=2048, max_seq_len=128),
+    # between micro and mini on a log scale of parameters (1.07M), for a size trend with three points
+    "milli": dict(d_model=96, n_layers=5, n_heads=6, n_kv_heads=2, ffn_dim=384, vocab_size=2048, max_seq_len=256),
     "mini": dict(d_model=128, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=512, vocab_size=4096, max_seq_len=256),
     "small": dict(d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1024, vocab_size=8192, max_seq_len=256),
 }

@@ -92,7 +92,8 @@ def validate_findings(spec: Any, where: str = "findings") -> dict[str, Any]:
 
 def _validate_rule(rule: Any, where: str) -> dict[str, Any]:
     if not isinstance(rule, dict):
-        raise ConfigError(f"{where} must be a mapping such as {{id: a-loss, finding: a, test: paired, metric: final_val_loss, claim: higher}}")
+        raise ConfigError(f"{where} must be a mapping such as "
+                          "{id: a-loss, finding: a, test: paired, metric: final_val_loss, claim: higher}")
     unknown = set(rule) - RULE_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(RULE_KEYS))}")
@@ -190,7 +191,8 @@ def _finish(row: dict[str, Any], diffs: dict[int, float], sources: list[str]) ->
     boot = stats.bootstrap_interval(list(diffs.values()), row["confidence"])
     verdict, reason = decide(iv.lo, iv.hi, row["claim"], row["min_effect"], iv.n)
     row.update({"n": iv.n, "per_seed": {str(k): v for k, v in diffs.items()}, "estimate": iv.estimate, "lo": iv.lo, "hi": iv.hi,
-                "interval": "t", "bootstrap": None if boot is None else {"lo": boot.lo, "hi": boot.hi, "n_resamples": stats.BOOTSTRAP_RESAMPLES},
+                "interval": "t",
+                "bootstrap": None if boot is None else {"lo": boot.lo, "hi": boot.hi, "n_resamples": stats.BOOTSTRAP_RESAMPLES},
                 "verdict": verdict, "reason": reason, "sources": sources})
     return row
 
@@ -284,7 +286,8 @@ def _phase_mean(table, rule, kind, comp, steps: set[int]) -> tuple[float | None,
 
 
 def _steps(table, kind, comp, metric) -> set[int]:
-    return {int(s) for s, k, c, m in zip(table["step"], table["kind"], table["component"], table["metric"]) if k == kind and c == comp and m == metric}
+    rows = zip(table["step"], table["kind"], table["component"], table["metric"])
+    return {int(s) for s, k, c, m in rows if k == kind and c == comp and m == metric}
 
 
 def _rank(runs, rule, row, method, ref, cache) -> dict[str, Any]:
@@ -388,7 +391,8 @@ def findings_tables(runs: list[Any], sweep: dict[str, Any] | None, results: list
             pos = ct["position"] + (f" ({ct['edge_side']} end, widened {tuning['widen']}x)" if ct.get("edge_side") else "")
             rows.append({"label": ct["label"], "cells": [_cell(tried), _cell(losses, [d["run_dir"] for d in ct["tried"]]),
                                                          _cell(ct["chosen"]), _cell(pos)]})
-        tables.append({"title": f"Tuned {tuning['field']} per cell (seed {tuning['seed']}, {' '.join(tuning['overrides']) or 'main budget'}; "
+        budget = " ".join(tuning["overrides"]) or "main budget"
+        tables.append({"title": f"Tuned {tuning['field']} per cell (seed {tuning['seed']}, {budget}; "
                                 f"lowest {tuning['metric']} from summary.json)",
                        "columns": ["cell", "values tried", tuning["metric"], "chosen", "position"], "rows": rows,
                        "formats": [_text, _text, lambda x: f"{x:g}", _text]})
@@ -399,8 +403,8 @@ def findings_tables(runs: list[Any], sweep: dict[str, Any] | None, results: list
         for r in paired:
             boot = (r["bootstrap"]["lo"], r["bootstrap"]["hi"]) if r["bootstrap"] else None
             rows.append({"label": f"{_what(r)} at {r['size']}",
-                         "cells": [_cell(r["per_seed"].get(s)) for s in seeds] + [_cell(r["estimate"]), _cell((r["lo"], r["hi"]) if r["lo"] is not None else None),
-                                                                                   _cell(boot)]})
+                         "cells": [_cell(r["per_seed"].get(s)) for s in seeds]
+                         + [_cell(r["estimate"]), _cell((r["lo"], r["hi"]) if r["lo"] is not None else None), _cell(boot)]})
         tables.append({"title": "Paired differences per seed (method - reference; log ratio for rank metrics)",
                        "columns": ["comparison", *[f"seed {s}" for s in seeds], "mean", "t interval", "bootstrap interval (n >= 5)"],
                        "rows": rows, "formats": [_signed] * len(seeds) + [_signed, _interval, _interval]})

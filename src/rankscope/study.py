@@ -202,7 +202,10 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {path} not found; give a YAML file such as studies/paper-cpu.yaml")
-    spec = yaml.safe_load(path.read_text()) or {}
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"study file {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"study file {path} must hold a mapping (name, base, grid, ...)")
     unknown = set(spec) - STUDY_KEYS
@@ -238,8 +241,8 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     if study.tune is None:
         study.points = [build_point(study, values, "main") for values in grid_values(study)]
     else:
-        for values in grid_values(study):  # validate every main point now, at the grid's first tuned value
-            build_point(study, {**values, study.tune.field: study.tune.grid[0]}, "main")
+        # validate every main point now, at the grid's first tuned value
+        _check_unique([build_point(study, {**values, study.tune.field: study.tune.grid[0]}, "main") for values in grid_values(study)], path)
         study.points = [tune_point(study, c, v) for c in tune_cells(study) for v in study.tune.grid]
     _check_unique(study.points, path)
     return study
@@ -260,7 +263,8 @@ def _load_tune(tune: Any, grid: dict[str, list], base: dict[str, Any], path: Pat
     if fld in grid:
         raise ConfigError(f"{where}.field {fld!r} is also a grid field; take it out of `grid` (the tuning stage chooses it)")
     values = tune.get("grid")
-    if not isinstance(values, list) or len(values) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+    numbers = isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+    if not numbers or len(values) < 2:
         raise ConfigError(f"{where}.grid must list at least 2 positive numbers (a log grid), e.g. [1.0e-3, 2.0e-3, 4.0e-3]")
     values = sorted(float(v) for v in values)
     if len(set(values)) != len(values):
@@ -291,7 +295,8 @@ def _load_control(control: Any, study: Study, path: Path) -> ControlSpec | None:
     where = f"study {path}: control"
     if study.tune is None:
         raise ConfigError(f"{where} needs a `tune:` stage (it runs points at another cell's tuned value)")
-    if not isinstance(control, dict) or set(control) - CONTROL_KEYS or not all(isinstance(control.get(k), dict) and control.get(k) for k in CONTROL_KEYS):
+    shaped = isinstance(control, dict) and not set(control) - CONTROL_KEYS
+    if not shaped or not all(isinstance(control.get(k), dict) and control.get(k) for k in CONTROL_KEYS):
         raise ConfigError(f"{where} must be a mapping with `where: {{field: value}}` and `lr_from: {{field: value}}`, "
                           "e.g. where: {method.name: relora}, lr_from: {method.name: full}")
     for key in ("where", "lr_from"):
@@ -316,7 +321,8 @@ def grid_values(study: Study) -> list[dict[str, Any]]:
     return [dict(zip(study.grid, combo)) for combo in itertools.product(*study.grid.values())]
 
 
-def build_point(study: Study, values: dict[str, Any], stage: str, extra: list[str] | None = None, cell: dict[str, Any] | None = None) -> Point:
+def build_point(study: Study, values: dict[str, Any], stage: str, extra: list[str] | None = None,
+                cell: dict[str, Any] | None = None) -> Point:
     """A validated point: base < grid values < matching `when` < stage overrides (extra)."""
     over = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
     for cond, more in study.when.items():
@@ -367,7 +373,8 @@ def _round(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def tune_decision(initial: list[float], losses: dict[float, float | None], widen: int) -> tuple[float | None, str, float | None, str | None]:
+def tune_decision(initial: list[float], losses: dict[float, float | None],
+                  widen: int) -> tuple[float | None, str, float | None, str | None]:
     """What to do with a cell's results: (next value to run or None, position, chosen, edge side).
 
     `losses` maps each tried value to its loss (None or non-finite: failed / diverged, counts as +inf).
@@ -432,7 +439,8 @@ def run_tuning(study: Study, launcher: Launcher, show=print) -> list[CellTuning]
             break
     study.tuning = cells
     for ct in cells:
-        where = f"{ct.chosen:g} ({ct.position}{', ' + ct.edge_side + ' end' if ct.edge_side else ''})" if ct.chosen is not None else "none (every run failed)"
+        side = f", {ct.edge_side} end" if ct.edge_side else ""
+        where = f"{ct.chosen:g} ({ct.position}{side})" if ct.chosen is not None else "none (every run failed)"
         tried = ", ".join(f"{d['value']:g}" for d in ct.tried)
         show(f"tuned {t.field} for {ct.label}: {where} of {tried}")
     return cells
@@ -667,15 +675,17 @@ class _Progress:
                 f"{_duration(elapsed)} elapsed, {eta}")
 
     def table(self):
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        t = Table(title=f"sweep ({self.stage})", caption=self.line())
+        t = Table(title=f"sweep ({self.stage})")
         for col in ("run", "status", "seconds"):
             t.add_column(col)
         for p in self.points:
             colour = {"done": "green", "running": "yellow", "failed": "red"}.get(p.status, "white")
             t.add_row(p.name, f"[{colour}]{p.status}[/]", f"{p.seconds:.0f}" if p.seconds else "")
-        return t
+        return Group(t, Text(self.line()))  # Text: the [###...] bar is not rich markup
 
     def __enter__(self):
         if sys.stdout.isatty():
