@@ -90,7 +90,8 @@ def cmd_eval(args) -> None:
         at_least(value, 0, flag)
     if args.json:  # before any compute: a bad target must not cost the evaluation
         check_output_file(args.json, "--json")
-    result = run_eval(args.path, cache_dir=args.cache_dir, blimp_dir=args.blimp, batch_size=args.batch_size, max_docs=args.max_docs, blimp_max_pairs=args.blimp_max_pairs,
+    result = run_eval(args.path, cache_dir=args.cache_dir,
+                      blimp_dir=args.blimp, batch_size=args.batch_size, max_docs=args.max_docs, blimp_max_pairs=args.blimp_max_pairs,
                       split=args.split, files=args.files, hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
                       text_field=args.text_field, hf_max_docs=args.hf_max_docs, skip_bad_rows=args.skip_bad_rows, device=args.device)
     if args.json:
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="text column of jsonl/parquet files and HF datasets")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--json", help="also write the results to this JSON file (checked before evaluating)")
-    p.add_argument("--cache-dir", default="data", help="where a corpus that must be prepared again goes (never taken from the run's metadata)")
+    p.add_argument("--cache-dir", default="data",
+                   help="where a corpus that must be prepared again goes (never taken from the run's metadata)")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("pairs", help="write generated minimal pairs in BLiMP's jsonl format (a substitute where BLiMP is absent)")
     p.add_argument("-o", "--output", required=True, help="folder for the <UID>.jsonl files")

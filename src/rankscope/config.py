@@ -136,7 +136,8 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("beta1", "beta2"):
             _check(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
-        _check(self.warmup_steps <= self.max_steps, f"train.warmup_steps={self.warmup_steps} must be in [0, train.max_steps={self.max_steps}]; "
+        _check(self.warmup_steps <= self.max_steps,
+               f"train.warmup_steps={self.warmup_steps} must be in [0, train.max_steps={self.max_steps}]; "
                f"lower train.warmup_steps or raise train.max_steps")
 
 

@@ -178,7 +178,8 @@ class Trainer:
             if _without_budget(previous) != _without_budget(resolved):
                 raise ConfigError(f"{self.run_dir} holds a run with a different config; choose a new -o directory (or delete that one)")
         _write_atomic(cfg_path, yaml.safe_dump(resolved, sort_keys=False))
-        env = {**describe(self.device), "git_commit": git_commit(), "world_size": self.dist.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        env = {**describe(self.device), "git_commit": git_commit(), "world_size": self.dist.world_size,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _write_atomic(self.run_dir / "env.json", json.dumps(env, indent=1))
 
     def build_data(self) -> Corpus:
@@ -296,7 +297,8 @@ class Trainer:
             return None
         found = ckpt.latest_valid(root, log=self.log)
         if found is None and folders:
-            raise CheckpointError(f"{root} holds {len(folders)} checkpoint folder(s) but none is valid (see above); repair one (restore it from a copy) "
+            raise CheckpointError(f"{root} holds {len(folders)} checkpoint folder(s) but none is valid (see above); "
+                                  "repair one (restore it from a copy) "
                                   "or re-run with --restart to train from step 0 (the folders are set aside, not deleted)")
         return found
 
