@@ -236,3 +236,24 @@ def test_staged_study_submits_the_main_job_after_every_tuning_job_ended(tmp_path
     assert calls[1][2] == [chosen] and all(p.status == "done" for p in points)
     jobs = load_jobs(study)
     assert len(jobs) == 3 and sum(k.startswith("tune/") for k in jobs) == 2  # two tuning jobs, one main job
+
+
+@pytest.mark.slow  # ~12 s: torchrun with 2 gloo ranks
+def test_the_rendezvous_launch_each_node_runs_trains(tmp_path, prepared):
+    """What each task of a multi-node job runs (`--nnodes --rdzv-endpoint`, torchrun's c10d rendezvous),
+    here with one node of 2 CPU ranks: the global batch is both ranks' rows."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    over = tiny_overrides(prepared, "train.max_steps=3", "train.threads=1", "train.tensorboard=false")
+    from helpers import REPO
+
+    cmd = [sys.executable, "-m", "rankscope", "train", str(REPO / "configs" / "micro.yaml"), *over, "-o", str(tmp_path / "run"), "--nproc", "2", "--nnodes", "1",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["tokens"] == 3 * 4 * 32 * 2
