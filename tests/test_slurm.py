@@ -176,9 +176,16 @@ def test_failed_point_is_resubmitted_and_a_running_job_is_left_alone(tmp_path, p
     assert list(again.live) == [str(p.run_dir.resolve())] and load_jobs(study)[job_key(p, study)]["job_id"] != first
 
 
-@pytest.mark.slow  # ~45 s on 2 loaded cores: a job, a requeue, a resume
-def test_sigterm_requeues_the_job_and_it_ends_bit_identical(tmp_path, prepared):
+@pytest.mark.slow  # ~25 s each on 2 loaded cores: a job, a requeue, a resume
+@pytest.mark.parametrize("how", ["sigterm", "usr2"])
+def test_a_signalled_job_requeues_and_ends_bit_identical(tmp_path, prepared, how):
+    """sigterm: preemption (SLURM's SIGTERM, here to the job's controller, which passes it to the job);
+    usr2: the time-limit warning of `--signal=USR2@N`, to the job process, whose submitit handler calls
+    checkpoint(). Both: the train process saves its step, the job requeues and resumes."""
+    import psutil
+
     from rankscope.config import config_from_dict
+    from rankscope.slurm import save_jobs
     from rankscope.train import train
 
     path = write_study(tmp_path, prepared, {"train.seed": [0]}, "train.max_steps=60", "checkpoint.every=10", "train.log_every=1",
@@ -187,23 +194,29 @@ def test_sigterm_requeues_the_job_and_it_ends_bit_identical(tmp_path, prepared):
     point = study.points[0]
     launcher = SlurmLauncher(resources(path), cluster="local", show=lambda *_: None)
     rec = launcher.submit(point, study)
+    save_jobs(study, {job_key(point, study): rec})
     job = launcher.live[str(point.run_dir.resolve())]
-    # the same run, unkilled, with the job's thread count (1: cpus_per_task)
-    cfg = config_from_dict(merge_dicts(point.config, parse_overrides(["train.threads=1", "train.progress=false"])))
-    train(cfg, tmp_path / "straight", log=lambda *_: None)
     metrics = point.run_dir / "metrics.jsonl"
     t0 = time.time()
     while not (metrics.exists() and metrics.read_text().count("train_loss") >= 15):
         assert time.time() - t0 < 120 and job.state == "RUNNING", "training did not start"
         time.sleep(0.02)
-    job._process.send_signal(signal.SIGTERM)  # what SLURM sends on preemption, here to the job's controller
+    if how == "sigterm":
+        job._process.send_signal(signal.SIGTERM)
+    else:
+        psutil.Process(job._process.pid).children()[0].send_signal(signal.SIGUSR2)
+    row = status_rows(study, launcher)[0]  # --status while it runs: job id, state, step reached, ETA
+    assert row["job"] == rec["job_id"] and row["state"] == "running" and int(row["step"].split("/")[0]) >= 15 and row["eta"]
     wait_for(job)
     log = (point.run_dir / "sweep.log").read_text()
     out = Path(rec["stdout"]).read_text() + Path(rec["stderr"]).read_text()
-    assert "requeueing through submitit" in out and "Requeued job" in out, out[-2000:]
+    assert "Calling checkpoint method" in out and "Requeued job" in out, out[-2000:]
     assert out.count("Starting with JobEnvironment") == 2 and "resumed from" in log, log[-2000:]
     assert "checkpoint saved; re-run the same command to resume" in log  # rankscope.preemption: saved at the stop step
     assert point_state(point, study) == "done"
+    # the same run, unkilled, with the job's thread count (1: cpus_per_task)
+    cfg = config_from_dict(merge_dicts(point.config, parse_overrides(["train.threads=1", "train.progress=false"])))
+    train(cfg, tmp_path / "straight", log=lambda *_: None)
     assert_same_final_weights(point.run_dir, tmp_path / "straight", ("model", "optimizer"))
 
 
@@ -251,8 +264,8 @@ def test_the_rendezvous_launch_each_node_runs_trains(tmp_path, prepared):
     over = tiny_overrides(prepared, "train.max_steps=3", "train.threads=1", "train.tensorboard=false")
     from helpers import REPO
 
-    cmd = [sys.executable, "-m", "rankscope", "train", str(REPO / "configs" / "micro.yaml"), *over, "-o", str(tmp_path / "run"), "--nproc", "2", "--nnodes", "1",
-           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test"]
+    cmd = [sys.executable, "-m", "rankscope", "train", str(REPO / "configs" / "micro.yaml"), *over, "-o", str(tmp_path / "run"),
+           "--nproc", "2", "--nnodes", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
