@@ -190,7 +190,9 @@ def _ignore_usr2() -> None:
 
 class PointJob:
     """One study point as a submitit job: train (resuming if a checkpoint is there), then the study's
-    `after` steps on the first task. Checkpointable in submitit's sense: `checkpoint()` stops the
+    `after` steps on the first task. Checkpointable in submitit's sense (its signal handler calls a job's
+    `checkpoint()` when it has one; submitit.helpers.Checkpointable is that method's default, not
+    subclassed here so that `rankscope` does not import submitit at start): `checkpoint()` stops the
     train process with SIGTERM (it saves a checkpoint) and returns the same job to requeue."""
 
     def __init__(self, point, study, res: SlurmResources):
@@ -261,7 +263,9 @@ class PointJob:
             raise TrainingError(f"train: {last}")
         print(f"[rankscope] train stopped ({last}); requeueing through submitit", flush=True)
         os.kill(os.getpid(), env._usr_sig())
-        time.sleep(60)  # the handler runs at once and ends the process; this is never reached in practice
+        # the handler runs at once and ends this process; on the other tasks of a multi-node job submitit
+        # leaves the requeue to the first task, whose requeue ends these too
+        time.sleep(60)
         raise TrainingError(f"train: {last}; the job was not requeued")
 
     def checkpoint(self, *args, **kwargs):
