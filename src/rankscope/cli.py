@@ -57,6 +57,7 @@ def cmd_train(args) -> None:
     import os
 
     from rankscope.config import load_config
+    from rankscope.errors import ConfigError
     from rankscope.paths import check_output_dir
     from rankscope.train import train
 
@@ -65,11 +66,13 @@ def cmd_train(args) -> None:
     out = Path(args.output or f"runs/{Path(args.config).stem}")
     if os.environ.get("RANK", "0") == "0":  # the other ranks never touch the run directory before rank 0
         check_output_dir(out, "-o")
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:
         from rankscope.distributed import launch
 
+        if args.nnodes > 1 and not args.rdzv_endpoint:
+            raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node), the same on every node")
         argv = ["train", args.config, *args.overrides, "-o", str(out), *(["--restart"] if args.restart else [])]
-        raise SystemExit(launch(argv, args.nproc))
+        raise SystemExit(launch(argv, args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id))
     summary = train(cfg, out, restart=args.restart)
     if summary.get("run_dir") is None:  # not rank 0
         return
@@ -138,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("-o", "--output", help="run directory (default runs/<config name>)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun for you)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines, each running this command with the same --rdzv-endpoint")
+    p.add_argument("--rdzv-endpoint", help="HOST:PORT of the first machine (torchrun's c10d rendezvous) when --nnodes > 1")
+    p.add_argument("--rdzv-id", help="a run id shared by the machines of one run (e.g. the SLURM job id)")
     p.add_argument("--restart", action="store_true", help="train from step 0 although checkpoints exist (they are set aside, not deleted)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP")

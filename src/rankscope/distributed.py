@@ -121,16 +121,21 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
-def launch(argv: list[str], nproc: int) -> int:
-    """Re-run this command under torchrun with `nproc` processes on this machine."""
-    from torch.distributed.run import main as torchrun
-
-    args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "rankscope", *argv]
+def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> int:
+    """Re-run this command under torchrun with `nproc` processes on this machine, or on each of
+    `nnodes` machines that meet at the c10d rendezvous `rdzv_endpoint` (HOST:PORT; rankscope.slurm
+    takes it from the SLURM allocation). Returns the exit code: 128 + N when a signal N stopped it."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
 
     from rankscope.preemption import exit_code
 
+    if nnodes > 1 or rdzv_endpoint:
+        where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id or 'rankscope'}"]
+    else:
+        where = ["--standalone"]
+    args = [*where, f"--nproc-per-node={nproc}", "-m", "rankscope", *argv]
     try:
         torchrun(args)
     except SystemExit as e:

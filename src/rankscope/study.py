@@ -76,7 +76,7 @@ from rankscope.config import config_from_dict, describe_fields, merge_dicts, par
 from rankscope.errors import ConfigError
 
 STUDY_KEYS = {"name", "base", "overrides", "grid", "when", "after", "eval_args", "analyze_args", "parallel", "runs_dir", "description",
-              "match_memory", "tune", "control", "findings", "run_name"}
+              "match_memory", "tune", "control", "findings", "run_name", "slurm"}
 TUNE_KEYS = {"field", "grid", "cell", "seed", "overrides", "metric", "widen"}
 CONTROL_KEYS = {"where", "lr_from"}
 STEPS = ("eval", "analyze")
@@ -636,6 +636,8 @@ def write_sweep_summary(study: Study) -> Path:
         data["findings"] = study.findings
     study.runs_dir.mkdir(parents=True, exist_ok=True)
     out = study.runs_dir / "sweep.json"
+    if out.exists() and "jobs" in (old := json.loads(out.read_text())):
+        data["jobs"] = old["jobs"]  # SLURM job records of rankscope.slurm, kept across rewrites
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     tmp.replace(out)
@@ -711,6 +713,9 @@ def _sweep_args(p) -> None:
     p.add_argument("--parallel", type=int, help="runs at once (default: the study's `parallel`)")
     p.add_argument("--runs-dir", help="where the runs go (default: the study's runs_dir or runs/<name>)")
     p.add_argument("--list", action="store_true", help="only list the points and their state")
+    from rankscope.slurm import add_args
+
+    add_args(p)
 
 
 def list_points(study: Study, show=print) -> None:
@@ -732,7 +737,14 @@ def _register() -> None:
         if args.list:
             list_points(study)
             return
-        points = run_study(study, parallel=args.parallel)
+        launcher = None
+        if args.launcher == "slurm" or args.dry_run or args.status:
+            from rankscope import slurm
+
+            launcher = slurm.cli_launcher(study, args)
+            if launcher is None:  # --dry-run / --status printed what was asked
+                return
+        points = run_study(study, launcher=launcher, parallel=args.parallel)
         failed = sum(p.status == "failed" for p in points)
         print(f"sweep finished: {len(points) - failed} ok, {failed} failed; summary {study.runs_dir / 'sweep.json'}")
         if failed:
