@@ -62,7 +62,8 @@ def cmd_train(args) -> None:
     if summary.get("run_dir") is None:  # not rank 0
         return
     print(f"\nfinished {summary['steps']} steps ({summary['tokens']:,} tokens): train loss {summary['final_train_loss']:.4f}, "
-          f"val loss {summary['final_val_loss']:.4f}, {summary['tokens_per_s'] or 0:,.0f} tokens/s ({summary['precision']})")
+          f"val loss {summary['final_val_loss']:.4f} (mean of train.eval_batches={cfg.train.eval_batches} val batches; "
+          f"`rankscope eval` scores every held-out document), {summary['tokens_per_s'] or 0:,.0f} tokens/s ({summary['precision']})")
     print(f"run directory: {out}  (metrics.jsonl, summary.json, checkpoints/)")
 
 
@@ -71,7 +72,8 @@ def cmd_eval(args) -> None:
 
     result = run_eval(args.path, blimp_dir=args.blimp, batch_size=args.batch_size, max_docs=args.max_docs, blimp_max_pairs=args.blimp_max_pairs,
                       split=args.split, files=args.files, hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
-                      text_field=args.text_field, hf_max_docs=args.hf_max_docs, skip_bad_rows=args.skip_bad_rows, device=args.device)
+                      text_field=args.text_field, hf_max_docs=args.hf_max_docs, skip_bad_rows=args.skip_bad_rows, device=args.device,
+                      progress=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")

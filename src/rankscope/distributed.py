@@ -105,6 +105,9 @@ def launch(argv: list[str], nproc: int) -> int:
     """Re-run this command under torchrun with `nproc` processes on this machine."""
     from torch.distributed.run import main as torchrun
 
+    # torchrun prints a multi-line OMP_NUM_THREADS banner and sets 1 when the variable is unset;
+    # setting it ourselves (the training config's train.threads still applies per process) keeps it quiet
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "rankscope", *argv]
     try:
         torchrun(args)
