@@ -153,11 +153,12 @@ def _plain(v: float, _pos=None) -> str:
 
 
 def log_axis(axis) -> None:
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator
 
     axis.set_major_locator(LogLocator(base=10, numticks=6))
     axis.set_major_formatter(FuncFormatter(_plain))
-    axis.set_minor_formatter(NullFormatter())  # minor labels collide on short decades
+    # minor ticks are labelled only where the axis spans less than about one decade (else no label at all)
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 def _restarts(ax, runs, groups, size: str, x: str) -> bool:
