@@ -88,7 +88,7 @@ def format_table(result: dict) -> str:
             lines.append(f"{name[:10]:10s} {dom[:24]:24s} {d['docs']:6d} {d['tokens']:10,d} {d['bytes']:11,d} {d['loss']:8.4f} {d['ppl']:10.2f} {d['bpb']:7.4f}")
         m = r["macro"]
         a = r["all"]
-        lines.append(f"{name[:10]:10s} {'macro (domains equal)':24s} {'':6s} {'':10s} {'':11s} {m['loss']:8.4f} {m['ppl']:10.2f} {m['bpb']:7.4f}")
+        lines.append(f"{name[:10]:10s} {'macro average':24s} {'':6s} {'':10s} {'':11s} {m['loss']:8.4f} {m['ppl']:10.2f} {m['bpb']:7.4f}")
         lines.append(f"{name[:10]:10s} {'all (tokens pooled)':24s} {'':6s} {a['tokens']:10,d} {a['bytes']:11,d} {a['loss']:8.4f} {a['ppl']:10.2f} {a['bpb']:7.4f}")
     if "blimp" in result:
         b = result["blimp"]
