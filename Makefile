@@ -3,6 +3,7 @@ PY := .venv/bin/python
 RS := .venv/bin/rankscope
 DEMO_CONFIG ?= configs/micro.yaml
 DEMO_RUN ?= runs/demo
+DEMO_REPORT ?= reports/$(notdir $(DEMO_RUN))
 # BLiMP: the real files where ../shared/data/blimp exists, else the built-in generated pairs
 BLIMP ?= $(if $(wildcard ../shared/data/blimp/*.jsonl),../shared/data/blimp,builtin)
 
@@ -16,7 +17,9 @@ demo: setup
 	$(RS) train $(DEMO_CONFIG) -o $(DEMO_RUN)
 	$(RS) eval $(DEMO_RUN) --blimp $(BLIMP) --blimp-max-pairs 50 --json $(DEMO_RUN)/eval.json
 	@echo "\nrun directory: $(DEMO_RUN) (config.yaml, metrics.jsonl, summary.json, eval.json, checkpoints/, tensorboard/)"
-	@echo "next: rankscope analyze $(DEMO_RUN)   |   rankscope report $(DEMO_RUN) -o reports/demo"
+	@echo "next (or 'source .venv/bin/activate' once, then drop the .venv/bin/ prefix):"
+	@echo "  $(RS) analyze $(DEMO_RUN)"
+	@echo "  $(RS) report $(DEMO_RUN) -o $(DEMO_REPORT)      # then open $(DEMO_REPORT)/report.html"
 
 test: setup
 	$(PY) -m pytest -q

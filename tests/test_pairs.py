@@ -61,3 +61,19 @@ def test_written_files_load_with_the_blimp_loader_and_cli(tmp_path):
         assert (tmp_path / "b" / f.name).read_text() == f.read_text()
         json.loads(f.read_text().splitlines()[0])
     assert len(load_pairs("builtin", max_pairs=10)) == len(pairs)
+
+
+def test_every_paradigm_gives_the_default_200_or_a_clear_error(monkeypatch):
+    import pytest
+
+    from rankscope.errors import DataError
+    from rankscope.evaluate import pairs as module
+
+    assert {uid: len(rows) for uid, rows in generate_pairs().items()} == {uid: 200 for uid in PARADIGMS}
+    def three(r):  # 3 distinct pairs only
+        x = r.choice("abc")
+        return f"The man saw {x}.", f"The man seen {x}."
+
+    monkeypatch.setattr(module, "PARADIGMS", {"gen_tiny": ("syntax", "tiny", three, False)})
+    with pytest.raises(DataError, match=r"gen_tiny: .* gave only 3 distinct pairs .* use -n 3 or fewer"):
+        generate_pairs(5)

@@ -77,7 +77,8 @@ def cmd_train(args) -> None:
     if summary.get("run_dir") is None:  # not rank 0
         return
     print(f"\nfinished {summary['steps']} steps ({summary['tokens']:,} tokens): train loss {summary['final_train_loss']:.4f}, "
-          f"val loss {summary['final_val_loss']:.4f}, {summary['tokens_per_s'] or 0:,.0f} tokens/s ({summary['precision']})")
+          f"val loss {summary['final_val_loss']:.4f} (mean of train.eval_batches={cfg.train.eval_batches} val batches; "
+          f"`rankscope eval` scores every held-out document), {summary['tokens_per_s'] or 0:,.0f} tokens/s ({summary['precision']})")
     print(f"run directory: {out}  (metrics.jsonl, summary.json, checkpoints/)")
 
 
@@ -97,7 +98,8 @@ def cmd_eval(args) -> None:
                       paloma=args.paloma, paloma_opts=dict(split=args.paloma_split, source_field=args.paloma_source_field,
                                                            ids_field=args.paloma_ids_field, text_field=args.paloma_text_field,
                                                            use_text=args.paloma_use_text, max_rows=args.paloma_max_rows,
-                                                           max_length=args.paloma_max_length))
+                                                           max_length=args.paloma_max_length),
+                      progress=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")

@@ -131,6 +131,9 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
 
     from rankscope.preemption import exit_code
 
+    # torchrun prints a multi-line OMP_NUM_THREADS banner and sets 1 when the variable is unset;
+    # setting it ourselves (the training config's train.threads still applies per process) keeps it quiet
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if nnodes > 1 or rdzv_endpoint:
         where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id or 'rankscope'}"]
     else:

@@ -188,6 +188,9 @@ def check_export(out: Path, dense: dict[str, torch.Tensor], cfg: RunConfig, n_to
 
     ours = Decoder(cfg.model)
     ours.load_state_dict(dense)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would fill logs; our own lines say what happens
     hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = torch.randint(0, cfg.model.vocab_size, (1, min(n_tokens, cfg.model.max_seq_len)), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -11,14 +11,17 @@ size (method.name x model.preset; mean ± sample std over seeds) and writes into
   *.png         loss vs tokens, BLiMP per phenomenon, PER / condition number vs step, spectra
 
 Evaluation values (val_*, blimp*) come from RUN/eval.json (the post-training `rankscope eval`)
-where it exists, else from summary.json (the in-training evaluation at the last step).
-The paper's own numbers (Weiss et al. 2025, at pico scale) are shown in a separate, labelled
-table and figure, never mixed into this study's numbers.
+where it exists, else from summary.json (the in-training evaluation at the last step, over the
+first eval.max_docs documents per domain); a line under each table names which. The headline's one
+validation loss is `val_loss_all` (every scored token pooled) where every run has it, else the
+8-batch in-training estimate `final_val_loss`, and says so. The page opens with the study's
+findings tables (rankscope.findings, where present) beside the paper's own numbers (Weiss et al.
+2025, at pico scale), which are labelled and never mixed into this study's numbers. Every value
+reaches report.html through one escaping path, the jinja2 template in rankscope.report_html.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import statistics
@@ -229,7 +232,7 @@ def _int(x: float) -> str:
 
 HEADLINE = [
     ("final train loss", "final_train_loss", _f(4)),
-    ("val loss", "final_val_loss", _f(4)),
+    ("val loss", "val_loss_all", _f(4)),
     ("val bits/byte (macro)", "val_bpb_macro", _f(4)),
     ("BLiMP overall", "blimp_overall", _f(4)),
     ("tokens/s", "tokens_per_s", _int),
@@ -262,25 +265,61 @@ def build_tables(runs: list[Run]) -> list[dict[str, Any]]:
     by_group = {g: [r for r in runs if r.group == g] for g in groups}
     glabel = {g: f"{g[0]} / {g[1]}" for g in groups}
     tables = []
-    head = [(lab, key, f) for lab, key, f in HEADLINE if any(r.value(key)[0] is not None for r in runs)]
+    val_key = headline_val_key(runs)
+    head = [(lab, val_key if key == "val_loss_all" else key, f) for lab, key, f in HEADLINE]
+    head = [(lab, key, f) for lab, key, f in head if any(r.value(key)[0] is not None for r in runs)]
     tables.append({"title": "Headline: method x size (mean ± std over seeds)", "columns": ["method / size", "seeds", *[h[0] for h in head]],
                    "rows": [{"label": glabel[g], "n": len(by_group[g]), "cells": [cell(by_group[g], key) for _, key, _ in head]} for g in groups],
-                   "formats": [h[2] for h in head]})
+                   "formats": [h[2] for h in head], "note": val_source(runs, val_key)})
     for prefix, title, f in (("val_bpb", "Validation bits per byte per domain", _f(4)), ("val_loss", "Validation loss per domain", _f(4)),
                              ("blimp", "BLiMP accuracy per phenomenon (mean over its paradigms)", _f(4))):
         keys = [k for k in _keys_with(runs, prefix) if k not in ("val_loss",)]
         if prefix == "val_loss":
-            keys = [k for k in keys if k.startswith("val_loss/") or k == "val_loss_macro"]
+            keys = [k for k in keys if k.startswith("val_loss/") or k in ("val_loss_macro", "val_loss_all")]
         if not keys:
             continue
-        keys = sorted(keys, key=lambda k: (not k.endswith(("_macro", "_overall")) and "/" not in k, k.endswith(("_macro", "overall")), k))
+        keys = sorted(keys, key=lambda k: (not k.endswith(("_macro", "_overall", "_all")) and "/" not in k, k.endswith(("_macro", "overall", "_all")), k))
         tables.append({"title": title, "columns": ["metric", *[glabel[g] for g in groups]],
-                       "rows": [{"label": k, "cells": [cell(by_group[g], k) for g in groups]} for k in keys], "formats": [f] * len(groups)})
-    per_run = [("final_train_loss", _f(4)), ("final_val_loss", _f(4)), ("val_bpb_macro", _f(4)), ("blimp_overall", _f(4)), ("tokens_per_s", _int)]
+                       "rows": [{"label": k, "cells": [cell(by_group[g], k) for g in groups]} for k in keys], "formats": [f] * len(groups),
+                       "note": eval_source(runs, keys[0])})
+    per_run = [("final_train_loss", _f(4)), ("final_val_loss", _f(4)), ("val_loss_all", _f(4)), ("val_bpb_macro", _f(4)), ("blimp_overall", _f(4)),
+               ("tokens_per_s", _int)]
     tables.append({"title": "Every run", "columns": ["run", *[k for k, _ in per_run]],
                    "rows": [{"label": r.name, "cells": [cell([r], k) for k, _ in per_run]} for g in groups for r in by_group[g]],
                    "formats": [f for _, f in per_run]})
     return tables
+
+
+def headline_val_key(runs: list[Run]) -> str:
+    """One validation loss for the headline: every scored token pooled where every run has it."""
+    return "val_loss_all" if all(r.value("val_loss_all")[0] is not None for r in runs) else "final_val_loss"
+
+
+def _estimate(r: Run, key: str) -> str:
+    src = r.value(key)[1] or ""
+    if key == "final_val_loss":
+        return f"summary.json: the in-training estimate, mean loss of train.eval_batches={r.config.get('train', {}).get('eval_batches', '?')} val batches"
+    if "eval.json" in src:
+        return "eval.json: `rankscope eval`, every held-out document scored"
+    cap = r.summary.get("eval_max_docs", r.config.get("eval", {}).get("max_docs", "?"))
+    return f"summary.json: the in-training evaluation, first eval.max_docs={cap} documents per domain (0: all)"
+
+
+def val_source(runs: list[Run], key: str) -> str:
+    """The line under the headline naming where its validation loss comes from."""
+    kinds: dict[str, list[str]] = {}
+    for r in runs:
+        kinds.setdefault(_estimate(r, key), []).append(r.name)
+    what = "every scored token pooled (val_loss_all)" if key == "val_loss_all" else "final_val_loss"
+    parts = [f"{k} ({len(v)} runs)" for k, v in kinds.items()]
+    warn = " These are different estimates: compare cells of one source only." if len(kinds) > 1 else ""
+    return f"val loss = {what}; source: {'; '.join(parts)}.{warn}"
+
+
+def eval_source(runs: list[Run], key: str) -> str:
+    kinds = {_estimate(r, key) for r in runs if r.value(key)[0] is not None}
+    warn = " Different estimates are mixed here." if len(kinds) > 1 else ""
+    return "Source: " + "; ".join(sorted(kinds)) + "." + warn
 
 
 def findings(runs: list[Run], rank_curves: dict) -> list[dict[str, Any]]:
@@ -313,18 +352,20 @@ def findings(runs: list[Run], rank_curves: dict) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- output
-def _html_table(t: dict[str, Any]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in t["columns"])
-    body = []
+def table_view(t: dict[str, Any]) -> dict[str, Any]:
+    """A table as plain strings for the template: rows of {text, title} (title: the cells' source files)."""
+    rows = []
     for row in t["rows"]:
-        tds = [f"<td>{html.escape(row['label'])}</td>"] + ([f"<td>{row['n']}</td>"] if "n" in row else [])
-        tds += [f"<td title=\"{html.escape('; '.join(v['source'] for v in c['values']) if c else '')}\">{html.escape(fmt(c, f))}</td>" for c, f in zip(row["cells"], t["formats"])]
-        body.append("<tr>" + "".join(tds) + "</tr>")
-    return f"<h3>{html.escape(t['title'])}</h3><table><tr>{head}</tr>{''.join(body)}</table>"
+        cells = [{"text": str(row["label"]), "title": ""}] + ([{"text": str(row["n"]), "title": ""}] if "n" in row else [])
+        cells += [{"text": fmt(c, f), "title": "; ".join(str(v.get("source", "")) for v in c.get("values", [])) if c else ""}
+                  for c, f in zip(row["cells"], t["formats"])]
+        rows.append(cells)
+    return {"title": str(t["title"]), "note": str(t.get("note") or ""), "columns": [str(c) for c in t["columns"]], "rows": rows}
 
 
 def _md_table(t: dict[str, Any]) -> str:
-    lines = [f"### {t['title']}", "", "| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
+    lines = [f"### {t['title']}", "", *([t["note"], ""] if t.get("note") else []), "| " + " | ".join(t["columns"]) + " |",
+             "|" + "---|" * len(t["columns"])]
     for row in t["rows"]:
         cells = [row["label"], *([str(row["n"])] if "n" in row else []), *[fmt(c, f) for c, f in zip(row["cells"], t["formats"])]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -332,25 +373,41 @@ def _md_table(t: dict[str, Any]) -> str:
 
 
 def paper_table() -> dict[str, Any]:
+    """The paper's reference numbers as a report table (cells sourced to the paper)."""
     ref = PAPER_REFERENCE
-    rows = [{"label": f"{m} / {s}", "blimp": v, "paloma_ppl": ref["paloma_ppl_relora"].get(s) if m == "relora" else None} for (m, s), v in ref["blimp_step_20k"].items()]
-    return {"title": f"Reference — the PAPER's numbers, not this study's: {ref['citation']}; {ref['scale']}", "rows": rows}
+
+    def c(v):
+        return None if v is None else {"mean": v, "std": None, "n": 1, "values": [{"value": v, "source": ref["citation"]}]}
+
+    rows = [{"label": f"{m} / {s} (paper)", "cells": [c(v), c(ref["paloma_ppl_relora"].get(s) if m == "relora" else None)]}
+            for (m, s), v in ref["blimp_step_20k"].items()]
+    return {"title": f"Reference — the PAPER's numbers, not this study's: {ref['citation']}; {ref['scale']}",
+            "columns": ["method / size (paper)", "BLiMP at step 20k", "Paloma perplexity at step 20k"], "rows": rows,
+            "formats": [_f(4), _f(2)], "note": "Paloma perplexity of full-rank models is not published in the paper's repository (–)."}
 
 
-def _paper_md(t: dict[str, Any]) -> str:
-    lines = [f"### {t['title']}", "", "| method / size (paper) | BLiMP at step 20k | Paloma perplexity |", "|---|---|---|"]
-    lines += [f"| {r['label']} | {r['blimp']:.4f} | {r['paloma_ppl'] if r['paloma_ppl'] is not None else 'not reported here'} |" for r in t["rows"]]
-    return "\n".join(lines)
+def _c(v: Any) -> dict[str, Any]:
+    return {"mean": v, "std": None, "values": []}
 
 
-def _findings_md(items: list[dict[str, Any]]) -> str:
-    lines = ["| check | size | value | full | ReLoRA |", "|---|---|---|---|---|"]
+def claims_table(items: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The paper's claims checked on these runs (see findings()), as a report table."""
+    rows = []
     for it in items:
         if "full" in it:
-            lines.append(f"| {it['claim']} | {it['size']} | {it['value']:+.4f} | {fmt(it['full'], _f(4))} | {fmt(it['relora'], _f(4))} |")
+            rows.append({"label": it["claim"], "cells": [_c(it["size"]), _c(it["value"]), it["full"], it["relora"]]})
         elif it["value"] is not None:
-            lines.append(f"| {it['claim']} | {it['size']} | {it['value']:.3f} (at the end: {it['final_ratio']:.3f}) | {it['full_value']:.4g} | {it['relora_value']:.4g} |")
-    return "\n".join(lines)
+            rows.append({"label": it["claim"], "cells": [_c(it["size"]), {**_c(it["value"]), "final": it["final_ratio"]},
+                                                         _c(it["full_value"]), _c(it["relora_value"])]})
+    if not rows:
+        return None
+    text = lambda x: str(x)  # noqa: E731
+    g = lambda x: f"{x:.4g}"  # noqa: E731
+    for row in rows:  # the value column: a signed gap or a ratio (with the final ratio)
+        v = row["cells"][1]
+        v["mean"] = f"{v['mean']:+.4f}" if "final" not in v else f"{v['mean']:.3f} (at the end: {v['final']:.3f})" if v["final"] is not None else f"{v['mean']:.3f}"
+    return {"title": "The paper's claims, checked on these runs", "columns": ["check", "size", "value", "full", "ReLoRA"], "rows": rows,
+            "formats": [text, text, g, g]}
 
 
 def _jsonable(tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -358,6 +415,7 @@ def _jsonable(tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: list[int] | None = None, log=print) -> dict[str, Path]:
+    from rankscope import report_html
     from rankscope import report_plots as P
 
     from rankscope.findings import findings_tables, read_sweep, study_findings
@@ -367,71 +425,52 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
     out.mkdir(parents=True, exist_ok=True)
     sweep = read_sweep(paths)
     verdicts = study_findings(runs, sweep)  # the study's pre-registered rules; their tables come first
-    tables = findings_tables(runs, sweep, verdicts) + build_tables(runs)
+    top = findings_tables(runs, sweep, verdicts)
+    tables = build_tables(runs)
     groups = group_order(runs)
-    figures: list[tuple[str, Path, str]] = []  # (title, png, caption)
-    for title, fn, caption in P.figures(runs, groups, out, spectra_steps):
-        if fn is not None:
-            figures.append((title, fn, caption))
-    curves = P.rank_summary(runs, groups)
-    found = findings(runs, curves)
+    figures = [(title, fn, caption) for title, fn, caption in P.figures(runs, groups, out, spectra_steps) if fn is not None]
+    found = findings(runs, P.rank_summary(runs, groups))
+    claims = claims_table(found)
     ref = paper_table()
     ref_png = P.plot_paper_reference(out / "paper_reference.png")
     stamp = time.strftime("%Y-%m-%d %H:%M")
     intro = (f"{len(runs)} finished runs in {len(groups)} groups (method / size), {len(problems)} failed or unfinished. "
-             "Cells: mean ± sample std over seeds; evaluation values from each run's eval.json where present, else summary.json. "
+             "Cells: mean ± sample std over seeds; the line under each table names the file its values come from. "
              "report.json lists every cell's per-run values and the file each came from.")
+    no_findings = "This study pre-registered no findings (a `findings:` block in the study file); the paper's claims are checked below."
+    paper_note = ("The paper's numbers are at pico scale (11-66M parameters, 41.9B tokens); a CPU study is orders of magnitude smaller, "
+                  "so compare directions, not values.")
+    body = [*top, *([claims] if claims else []), *tables]
 
     # Markdown
     md = [f"# rankscope report ({stamp})", "", "Inputs: " + ", ".join(map(str, paths)), "", intro, ""]
-    md += [_md_table(t) + "\n" for t in tables]
-    if found:
-        md += ["### The paper's findings, checked on these runs", "", _findings_md(found), ""]
+    md += [_md_table(t) + "\n" for t in top] or [f"### Findings\n\n{no_findings}\n"]
+    md += [_md_table(ref), "", paper_note, "", f"![paper reference]({ref_png.name})", ""]
+    md += [_md_table(t) + "\n" for t in body[len(top):]]
     if problems:
         md += ["### Failed or unfinished runs", "", "| run | status | error | log |", "|---|---|---|---|"]
         md += [f"| {p['run']} | {p['status']} | {(p['error'] or '').replace('|', '/')} | {p['log'] or ''} |" for p in problems] + [""]
     for title, fn, caption in figures:
         md += [f"### {title}", "", f"![{title}]({fn.name})", "", caption, ""]
-    md += [_paper_md(ref), "", f"![paper reference]({ref_png.name})", ""]
     (out / "report.md").write_text("\n".join(md))
 
-    # HTML (self-contained)
-    css = "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px;text-align:right}td:first-child{text-align:left}img{max-width:100%}.paper{background:#fff6e0;border:2px dashed #c90;padding:8px}.bad{color:#b00}"
-    body = [f"<h1>rankscope report</h1><p>{html.escape(stamp)} — inputs: {html.escape(', '.join(map(str, paths)))}</p><p>{html.escape(intro)}</p>"]
-    body += [_html_table(t) for t in tables]
-    if found:
-        body.append("<h3>The paper's findings, checked on these runs</h3>" + _md_to_html_table(_findings_md(found)))
-    if problems:
-        body.append("<h3 class=bad>Failed or unfinished runs</h3><table><tr><th>run</th><th>status</th><th>error</th><th>log</th></tr>"
-                    + "".join(f"<tr class=bad><td>{html.escape(p['run'])}</td><td>{p['status']}</td><td>{html.escape(p['error'] or '')}</td><td>{html.escape(p['log'] or '')}</td></tr>" for p in problems) + "</table>")
-    for title, fn, caption in figures:
-        body.append(f"<h3>{html.escape(title)}</h3><img alt=\"{html.escape(title)}\" src=\"{P.data_uri(fn)}\"><p>{html.escape(caption)}</p>")
-    body.append(f"<div class=paper>{_md_to_html_table(_paper_md(ref))}<img alt=\"paper reference\" src=\"{P.data_uri(ref_png)}\"></div>")
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset=utf-8><title>rankscope report</title><style>{css}</style></head><body>{''.join(body)}</body></html>")
+    # HTML (self-contained): every value goes through the template's autoescape
+    page = report_html.render(
+        stamp=stamp, inputs=", ".join(map(str, paths)), intro=intro, findings=[table_view(t) for t in top], no_findings=no_findings,
+        paper=table_view(ref), paper_note=paper_note, paper_png=P.data_uri(ref_png), tables=[table_view(t) for t in body[len(top):]],
+        problems=[{k: str(p.get(k) or "") for k in ("run", "status", "error", "log")} for p in problems],
+        figures=[{"title": t, "src": P.data_uri(fn), "caption": c} for t, fn, c in figures])
+    (out / "report.html").write_text(page)
 
     data = {"generated": stamp, "inputs": [str(p) for p in paths],
             "runs": [{"name": r.name, "dir": str(r.dir), "method": r.method, "size": r.size, "seed": r.seed} for r in runs],
-            "failed": problems, "tables": _jsonable(tables), "findings": found, "study_findings": verdicts,
-            "tuning": (sweep or {}).get("tuning"),
-            "paper_reference": {"citation": PAPER_REFERENCE["citation"], "scale": PAPER_REFERENCE["scale"], "rows": ref["rows"]},
+            "failed": problems, "findings_tables": _jsonable(top), "tables": _jsonable(tables), "findings": found,
+            "study_findings": verdicts, "tuning": (sweep or {}).get("tuning"),
+            "paper_reference": {"citation": PAPER_REFERENCE["citation"], "scale": PAPER_REFERENCE["scale"], "table": _jsonable([ref])[0]},
             "figures": [{"title": t, "file": fn.name, "caption": c} for t, fn, c in figures]}
     (out / "report.json").write_text(json.dumps(data, indent=1, default=str))
     log(f"report of {len(runs)} runs ({len(problems)} failed/unfinished): {out / 'report.html'}, {out / 'report.md'}")
     return {"html": out / "report.html", "md": out / "report.md", "json": out / "report.json"}
-
-
-def _md_to_html_table(md: str) -> str:
-    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
-    out, title = [], [ln for ln in md.splitlines() if ln.startswith("### ")]
-    if title:
-        out.append(f"<h3>{html.escape(title[0][4:])}</h3>")
-    out.append("<table>")
-    for i, ln in enumerate(lines):
-        if i == 1:
-            continue
-        tag = "th" if i == 0 else "td"
-        out.append("<tr>" + "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in ln.strip("|").split("|")) + "</tr>")
-    return "".join(out) + "</table>"
 
 
 # --------------------------------------------------------------------------- CLI verb

@@ -1,8 +1,12 @@
-"""Plots of `rankscope report` (matplotlib, Agg): one PNG per figure, grouped by method and size.
+"""Plots of `rankscope report` (matplotlib, Agg): small-multiple grids as in Weiss et al. (2025).
 
-Curves are the mean over seeds with a min–max band; ReLoRA merge-and-restarts are dotted
-vertical lines on every time axis. The paper's reference numbers get their own figure, titled as
-the paper's (Weiss et al. 2025), never drawn on the same axes as this study's runs.
+One figure per metric family: loss and bits-per-byte against tokens; PER against step; condition
+number against step. In the rank figures rows are model sizes and columns are components (V, O,
+the OV circuits and w2 first, the rest in a second figure); component names are data, so columns
+are whatever the runs hold, in COMPONENT_ORDER. One colour per method; the line is the mean over
+seeds and the band spans min to max over seeds; ReLoRA merge-and-restarts are dotted vertical
+lines. Constrained layout keeps every label inside the canvas (tested). The paper's reference
+numbers get their own figure, titled as the paper's, never drawn on the same axes as this study's.
 """
 
 from __future__ import annotations
@@ -15,13 +19,18 @@ from typing import Iterator
 
 import numpy as np
 
-PAPER_COMPONENTS = ("wv", "wo", "ov", "w2")  # Weiss et al. 2025, §4: attention V, O, OV circuit, SwiGLU down
-OTHER_COMPONENTS = ("wq", "wk", "w1", "w3")
-COMPONENT_NAMES = {"wv": "attn V", "wo": "attn O", "ov": "OV circuit (per head, hd x hd)",
-                   "ov_layer": "OV circuit (per layer)", "ov_product": "O_h V_g (d x d)", "w2": "SwiGLU down (w2)", "wq": "attn Q", "wk": "attn K", "w1": "SwiGLU gate (w1)", "w3": "SwiGLU up (w3)"}
-METHOD_COLOURS = {"full": "tab:blue", "relora": "tab:orange", "lora": "tab:green"}
+# the paper's components first (Weiss et al. 2025, §4: attention V, O, the OV circuit, SwiGLU down)
+PAPER_COMPONENTS = ("wv", "wo", "ov", "ov_layer", "w2")
+COMPONENT_ORDER = (*PAPER_COMPONENTS, "wq", "wk", "w1", "w3", "ov_product", "embed", "lm_head")
+COMPONENT_NAMES = {"wv": "V", "wo": "O", "ov": "OV (per head)", "ov_layer": "OV (per layer)", "ov_product": "OV (d x d product)",
+                   "w2": "w2 (SwiGLU down)", "wq": "Q", "wk": "K", "w1": "w1 (SwiGLU gate)", "w3": "w3 (SwiGLU up)"}
+METHOD_COLOURS = {"full": "tab:blue", "relora": "tab:orange", "lora": "tab:green", "so": "tab:red", "so_single": "tab:olive", "galore": "tab:purple",
+                  "adaptive": "tab:brown", "hybrid": "tab:pink"}
 METRIC_NAMES = {"per": "PER", "cond": "condition number"}
-FLOOR = 1e-4  # spectra plots: smaller s_i / s_max drawn here (the OV circuit's beyond rank head_dim are ~1e-16)
+BAND = "min–max over seeds"
+FLOOR = 1e-4  # spectra plots: smaller s_i / s_max drawn here (a d x d OV product beyond rank head_dim is ~1e-16)
+DPI = 100  # the report shows PNGs at their pixel size up to 1200 px wide
+MAX_WIDTH = 11.8  # inches at DPI: the page's 1200 px
 
 
 def _plt():
@@ -37,14 +46,29 @@ def colour(method: str) -> str:
     return METHOD_COLOURS.get(method, "tab:gray")
 
 
+def component_name(comp: str) -> str:
+    return COMPONENT_NAMES.get(comp, comp)
+
+
+def order_components(components) -> list[str]:
+    comps = set(components)
+    return [c for c in COMPONENT_ORDER if c in comps] + sorted(comps - set(COMPONENT_ORDER))
+
+
 def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=80)
+def save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
     _plt().close(fig)
     return path
+
+
+def grid(nrows: int, ncols: int, panel: tuple[float, float] = (2.7, 2.1)):
+    """A constrained-layout figure of nrows x ncols panels, no wider than the report's page."""
+    width = min(MAX_WIDTH, panel[0] * ncols + 0.8)
+    return _plt().subplots(nrows, ncols, figsize=(width, panel[1] * nrows + 0.9), squeeze=False, layout="constrained")
 
 
 # --------------------------------------------------------------------------- series
@@ -58,7 +82,17 @@ def mean_band(series: list[dict[float, float]]) -> tuple[np.ndarray, np.ndarray,
 
 
 def loss_series(run, key: str) -> dict[float, float]:
-    return {float(r["tokens"]): float(r[key]) for r in run.rows if key in r and "tokens" in r and r[key] is not None and math.isfinite(r[key])}
+    return {float(r["tokens"]): float(r[key]) for r in run.rows
+            if isinstance(r.get(key), (int, float)) and "tokens" in r and math.isfinite(r[key]) and r["tokens"] > 0}
+
+
+def _cond_of(values: dict[str, dict[int, list[float]]]) -> dict[int, list[float]]:
+    """The plain condition number where every value is finite; else the one over the numerical rank
+    (a d x d OV product has rank <= head_dim, so its s_min is ~0)."""
+    plain = values.get("condition_number", {})
+    if plain and all(math.isfinite(v) for vs in plain.values() for v in vs):
+        return plain
+    return values.get("condition_number_numerical", {})
 
 
 def rank_series(run, use_analysis: bool = True) -> tuple[dict[tuple[str, str], dict[float, float]], str]:
@@ -71,15 +105,15 @@ def rank_series(run, use_analysis: bool = True) -> tuple[dict[tuple[str, str], d
         from rankscope.analysis.run import load_table
 
         t = load_table(path)
-        acc: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        acc: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
         for name, step, comp, kind, metric, v in zip(t["run"], t["step"], t["component"], t["kind"], t["metric"], t["value"]):
-            if name != run.name or kind != "weight" or v is None or not math.isfinite(v):
-                continue
-            cond = "condition_number_numerical" if comp == "ov_product" else "condition_number"  # O_h V_g: rank <= head_dim
-            m = "per" if metric == "per" else "cond" if metric == cond else None
-            if m:
-                acc[(m, comp)][step].append(v)
-        out = {k: {float(s): float(np.mean(v)) for s, v in d.items()} for k, d in acc.items()}
+            if name == run.name and kind == "weight" and v is not None and metric in ("per", "condition_number", "condition_number_numerical"):
+                acc[comp][metric][step].append(v)
+        for comp, by_metric in acc.items():
+            for m, values in (("per", by_metric.get("per", {})), ("cond", _cond_of(by_metric))):
+                finite = {float(s): float(np.mean(v)) for s, v in values.items() if all(math.isfinite(x) for x in v)}
+                if finite:
+                    out[(m, comp)] = finite
         if out:
             return out, str(path)
     for r in run.rows:
@@ -108,94 +142,142 @@ def rank_summary(runs, groups) -> dict[str, dict[tuple[str, str], dict[str, tupl
     return {k: dict(v) for k, v in out.items()}
 
 
-def _restarts(ax, runs, groups, size: str, x: str) -> None:
-    """Dotted vertical lines at the ReLoRA merges of this size (x = 'step' or 'tokens')."""
-    for method, s in groups:
-        if s != size:
-            continue
-        members = [r for r in runs if r.group == (method, s)]
-        marks = members[0].merge_steps() if members else []
-        for i, (step, tokens) in enumerate(marks):
-            ax.axvline(step if x == "step" else tokens, color=colour(method), ls=":", lw=0.8, alpha=0.6, label=f"{method} restart" if i == 0 else None)
-
-
-# --------------------------------------------------------------------------- figures
+# --------------------------------------------------------------------------- axes helpers
 def _tokens(v: float, _pos=None) -> str:
     return f"{v / 1e9:g}B" if abs(v) >= 1e9 else f"{v / 1e6:g}M" if abs(v) >= 1e6 else f"{v / 1e3:g}k" if abs(v) >= 1e3 else f"{v:g}"
 
 
-def plot_losses(runs, groups, path: Path) -> Path | None:
-    sizes = list(dict.fromkeys(g[1] for g in groups))
-    plt = _plt()
-    width = 5.2 * len(sizes) + 0.6
-    fig, axes = plt.subplots(2, len(sizes), figsize=(width, 6.4), squeeze=False)
+def _plain(v: float, _pos=None) -> str:
+    """Log-axis tick labels as plain numbers (10, 100, 1k, 10k, 1M) instead of 10^k or 7.75x10^1."""
+    return _tokens(v) if v >= 1000 else f"{v:g}"
+
+
+def log_axis(axis) -> None:
+    from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator
+
+    axis.set_major_locator(LogLocator(base=10, numticks=6))
+    axis.set_major_formatter(FuncFormatter(_plain))
+    # minor ticks are labelled only where the axis spans less than about one decade (else no label at all)
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
+def _restarts(ax, runs, groups, size: str, x: str) -> bool:
+    """Dotted vertical lines at the ReLoRA merges of this size (x = 'step' or 'tokens')."""
     drawn = False
-    for c, size in enumerate(sizes):
-        for r, (key, label) in enumerate((("train_loss", "train loss"), ("val_loss", "validation loss"))):
+    for method, s in groups:
+        members = [r for r in runs if r.group == (method, s)] if s == size else []
+        for step, tokens in members[0].merge_steps() if members else []:
+            ax.axvline(step if x == "step" else tokens, color=colour(method), ls=":", lw=0.8, alpha=0.7)
+            drawn = True
+    return drawn
+
+
+def _legend(fig, methods: list[str], restarts: bool, counts: dict[str, str]) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Line2D([], [], color=colour(m), lw=1.6, label=f"{m} {counts.get(m, '')}".strip()) for m in methods]
+    handles.append(Patch(color="gray", alpha=0.25, label=BAND))
+    if restarts:
+        handles.append(Line2D([], [], color="gray", ls=":", lw=0.8, label="ReLoRA merge"))
+    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=8, frameon=False)
+
+
+def _counts(runs, groups) -> dict[str, str]:
+    seeds: dict[str, set[int]] = defaultdict(set)
+    for r in runs:
+        seeds[r.method].add(len([m for m in runs if m.group == r.group]))
+    return {m: "(n=" + "/".join(map(str, sorted(s))) + ")" for m, s in seeds.items()}
+
+
+def _draw(ax, series: list[dict[float, float]], method: str) -> bool:
+    x, mean, lo, hi = mean_band(series)
+    if not len(x):
+        return False
+    ax.plot(x, mean, color=colour(method), lw=1.3, marker="." if len(x) <= 12 else None, ms=3)
+    ax.fill_between(x, lo, hi, color=colour(method), alpha=0.25, lw=0)
+    return True
+
+
+# --------------------------------------------------------------------------- figures
+LOSS_PANELS = (("train_loss", "train loss"), ("val_loss", "val loss (8-batch est.)"), ("val_bpb_macro", "val bits/byte (macro)"))
+
+
+def loss_figure(runs, groups):
+    """Rows = sizes, columns = train loss, validation loss, validation bits per byte; x = tokens (log)."""
+    sizes = list(dict.fromkeys(g[1] for g in groups))
+    panels = [(k, lab) for k, lab in LOSS_PANELS if any(loss_series(r, k) for r in runs)]
+    if not panels:
+        return None
+    fig, axes = grid(len(sizes), len(panels), (3.4, 2.2))
+    restarts = False
+    for r, size in enumerate(sizes):
+        for c, (key, label) in enumerate(panels):
             ax = axes[r][c]
             tail = []
             for method, s in groups:
-                if s != size:
-                    continue
-                members = [m for m in runs if m.group == (method, s)]
-                x, mean, lo, hi = mean_band([loss_series(m, key) for m in members])
-                if not len(x):
-                    continue
-                drawn = True
-                ax.plot(x, mean, color=colour(method), lw=1.4, label=f"{method} (n={len(members)})")
-                ax.fill_between(x, lo, hi, color=colour(method), alpha=0.2, lw=0)
-                tail.extend(hi[x >= 0.1 * x[-1]].tolist() + lo.tolist())
-            _restarts(ax, runs, groups, size, "tokens")
-            if tail:  # the first 10% of training (loss ~ ln V) would flatten the rest of the curve
-                ax.set_ylim(min(tail) - 0.05, max(tail) + 0.05)
-            ax.set_title(f"{size}: {label}", fontsize=10)
-            ax.xaxis.set_major_formatter(_plt().FuncFormatter(_tokens))
-            ax.set_xlabel("tokens")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    if not drawn:
-        plt.close(fig)
-        return None
-    fig.subplots_adjust(left=0.75 / width, right=0.98, top=0.94, bottom=0.08, hspace=0.35, wspace=0.22)
-    return _save(fig, path)
+                if s == size and _draw(ax, [loss_series(m, key) for m in runs if m.group == (method, s)], method):
+                    x, _, lo, hi = mean_band([loss_series(m, key) for m in runs if m.group == (method, s)])
+                    tail += hi[x >= x[-1] / 10].tolist() + lo.tolist()
+            restarts |= _restarts(ax, runs, groups, size, "tokens")
+            if tail:  # the first tenth of training (loss ~ ln V) would flatten the rest
+                pad = 0.05 * (max(tail) - min(tail) or 1)
+                ax.set_ylim(min(tail) - pad, max(tail) + pad)
+            ax.set_xscale("log")
+            log_axis(ax.xaxis)
+            ax.grid(alpha=0.3, which="major")
+            ax.tick_params(labelsize=8)
+            if r == 0:
+                ax.set_title(label, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(size, fontsize=9)
+            if r == len(sizes) - 1:
+                ax.set_xlabel("tokens", fontsize=8)
+    _legend(fig, list(dict.fromkeys(g[0] for g in groups)), restarts, _counts(runs, groups))
+    return fig
 
 
-def plot_rank(runs, groups, metric: str, components: tuple[str, ...], path: Path) -> tuple[Path | None, str]:
-    series = {r.name: rank_series(r, analysed(runs)) for r in runs}
-    present = [c for c in components if any((metric, c) in s[0] for s in series.values())]
+def rank_figure(runs, groups, metric: str, components: list[str]):
+    """Rows = sizes, columns = components present; PER on a linear axis, condition number on a log axis."""
+    use = analysed(runs)
+    series = {r.name: rank_series(r, use)[0] for r in runs}
+    present = [c for c in components if any((metric, c) in s for s in series.values())]
     sizes = list(dict.fromkeys(g[1] for g in groups))
     if not present:
-        return None, ""
-    sources = sorted({"analysis tables (checkpoint weights)" if src.endswith(".parquet") else "in-loop metrics.jsonl rows" for s, src in series.values()})
-    plt = _plt()
-    width, height = 5.2 * len(sizes) + 0.6, 2.5 * len(present) + 0.6
-    fig, axes = plt.subplots(len(present), len(sizes), figsize=(width, height), squeeze=False, sharex="col")
-    for c, size in enumerate(sizes):
-        for r, comp in enumerate(present):
+        return None
+    fig, axes = grid(len(sizes), len(present))
+    restarts = False
+    for r, size in enumerate(sizes):
+        for c, comp in enumerate(present):
             ax = axes[r][c]
             for method, s in groups:
-                if s != size:
-                    continue
-                members = [series[m.name][0][(metric, comp)] for m in runs if m.group == (method, s) and (metric, comp) in series[m.name][0]]
-                x, mean, lo, hi = mean_band(members)
-                if len(x):
-                    ax.plot(x, mean, color=colour(method), lw=1.4, marker=".", ms=3, label=method)
-                    ax.fill_between(x, lo, hi, color=colour(method), alpha=0.2, lw=0)
-            _restarts(ax, runs, groups, size, "step")
+                if s == size:
+                    _draw(ax, [series[m.name][(metric, comp)] for m in runs if m.group == (method, s) and (metric, comp) in series[m.name]], method)
+            restarts |= _restarts(ax, runs, groups, size, "step")
             if metric == "cond":
                 ax.set_yscale("log")
-            ax.set_title(f"{size}: {COMPONENT_NAMES.get(comp, comp)}", fontsize=9)
-            ax.set_ylabel(METRIC_NAMES[metric], fontsize=8)
-            ax.grid(alpha=0.3)
-            if r == 0 and c == 0:
-                ax.legend(fontsize=7)
-        axes[-1][c].set_xlabel("step")
-    fig.subplots_adjust(left=0.8 / width, right=0.98, top=1 - 0.35 / height, bottom=0.6 / height, hspace=0.45, wspace=0.22)
-    return _save(fig, path), ", ".join(sources)
+                log_axis(ax.yaxis)
+            ax.grid(alpha=0.3, which="major")
+            ax.tick_params(labelsize=8)
+            ax.xaxis.set_major_formatter(_plt().FuncFormatter(_tokens))
+            if r == 0:
+                ax.set_title(component_name(comp), fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{size}\n{METRIC_NAMES[metric]}", fontsize=8)
+            if r == len(sizes) - 1:
+                ax.set_xlabel("step", fontsize=8)
+    _legend(fig, list(dict.fromkeys(g[0] for g in groups)), restarts, _counts(runs, groups))
+    return fig
 
 
-def plot_blimp(runs, groups, path: Path) -> Path | None:
+def rank_components(runs) -> tuple[list[str], list[str]]:
+    """(the paper's components present, the others present), each in COMPONENT_ORDER."""
+    use = analysed(runs)
+    comps = order_components({k[1] for r in runs for k in rank_series(r, use)[0]})
+    return [c for c in comps if c in PAPER_COMPONENTS], [c for c in comps if c not in PAPER_COMPONENTS]
+
+
+def blimp_figure(runs, groups):
     from rankscope.report import cell
 
     phen = sorted({k for r in runs for k in (*r.summary, *r.eval) if k.startswith("blimp/")})
@@ -203,82 +285,49 @@ def plot_blimp(runs, groups, path: Path) -> Path | None:
     if not keys:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(keys) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(min(MAX_WIDTH, max(8, 0.75 * len(keys) + 2)), 4.4), layout="constrained")
     width = 0.8 / len(groups)
     hatches = ["", "//", "..", "xx"]
     sizes = list(dict.fromkeys(g[1] for g in groups))
     for i, g in enumerate(groups):
-        members = [r for r in runs if r.group == g]
-        cells = [cell(members, k) for k in keys]
+        cells = [cell([r for r in runs if r.group == g], k) for k in keys]
         x = np.arange(len(keys)) + (i - (len(groups) - 1) / 2) * width
-        mean = [c["mean"] if c else np.nan for c in cells]
-        err = [c["std"] if c and c["std"] is not None else 0 for c in cells]
-        ax.bar(x, mean, width, yerr=err, color=colour(g[0]), hatch=hatches[sizes.index(g[1]) % len(hatches)], edgecolor="black", lw=0.4,
-               alpha=0.85, capsize=1.5, label=f"{g[0]} / {g[1]}")
+        ax.bar(x, [c["mean"] if c else np.nan for c in cells], width, yerr=[c["std"] if c and c["std"] is not None else 0 for c in cells],
+               color=colour(g[0]), hatch=hatches[sizes.index(g[1]) % len(hatches)], edgecolor="black", lw=0.4, alpha=0.85, capsize=1.5,
+               label=f"{g[0]} / {g[1]}")
     ax.axhline(0.5, color="k", lw=0.8, ls="--", label="chance")
-    ax.set_xticks(np.arange(len(keys)), [k.removeprefix("blimp/").replace("_", " ") if k != "blimp_overall" else "OVERALL" for k in keys], rotation=35, ha="right", fontsize=8)
+    labels = [k.removeprefix("blimp/").replace("_", " ") if k != "blimp_overall" else "OVERALL" for k in keys]
+    ax.set_xticks(np.arange(len(keys)), labels, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.set_title("BLiMP per phenomenon (this study; mean over seeds, bars = std)", fontsize=10)
-    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    ax.legend(fontsize=7, ncol=min(4, len(groups) + 1), loc="upper left")
     ax.grid(axis="y", alpha=0.3)
-    fig.subplots_adjust(left=0.07, right=0.99, top=0.92, bottom=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def plot_spectra(runs, groups, path: Path, steps: list[int] | None = None) -> Path | None:
+def spectra_figure(runs, groups, steps: list[int] | None = None):
+    """s_i / s_max of the paper's components at chosen steps; rows = method / size, columns = components."""
+    from rankscope.analysis.plots import spectra_figure as draw, spectra_panels
     from rankscope.analysis.run import load_table
 
-    acc: dict[tuple, list[np.ndarray]] = defaultdict(list)  # (group, comp, step) -> normalised spectra
+    acc: dict[tuple, list[np.ndarray]] = defaultdict(list)
     for r in runs:
         p = r.dir / "analysis" / "spectra.parquet"
-        if not p.is_file():
-            continue
-        t = load_table(p)
-        cur: dict[tuple, list[float]] = defaultdict(list)
-        for name, step, layer, comp, head, kind, v in zip(t["run"], t["step"], t["layer"], t["component"], t["head"], t["kind"], t["value"]):
-            if name == r.name and kind == "weight" and comp in PAPER_COMPONENTS:
-                cur[(comp, step, layer, head)].append(v)
-        for (comp, step, _, _), s in cur.items():
-            s = np.asarray(s)
-            if s[0] > 0:
-                acc[(r.group, comp, step)].append(s / s[0])
-    if not acc:
-        return None
-    have = sorted({k[2] for k in acc})
-    chosen = [min(have, key=lambda h: abs(h - s)) for s in steps] if steps else [have[int(i)] for i in np.linspace(0, len(have) - 1, min(3, len(have)))]
-    chosen = sorted(set(chosen))
-    comps = [c for c in PAPER_COMPONENTS if any(k[1] == c for k in acc)]
-    plt = _plt()
-    width, height = 3.4 * len(groups) + 0.8, 2.3 * len(comps) + 0.7
-    fig, axes = plt.subplots(len(comps), len(groups), figsize=(width, height), squeeze=False)
-    cmap = plt.get_cmap("viridis")
-    for c, g in enumerate(groups):
-        for r, comp in enumerate(comps):
-            ax = axes[r][c]
-            for j, step in enumerate(chosen):
-                ss = acc.get((g, comp, step))
-                if ss and len({len(s) for s in ss}) == 1:
-                    mean = np.mean(np.stack(ss), axis=0)
-                    ax.plot(np.arange(1, len(mean) + 1), np.clip(mean, FLOOR, None), color=cmap(j / max(1, len(chosen) - 1) * 0.9), lw=1.3, label=f"step {step}")
-            ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.set_title(f"{g[0]} / {g[1]}: {COMPONENT_NAMES[comp]}", fontsize=8)
-            if c == 0:
-                ax.set_ylabel("s_i / s_max", fontsize=8)
-            if r == len(comps) - 1:
-                ax.set_xlabel("index i", fontsize=8)
-            if r == 0 and c == 0:
-                ax.legend(fontsize=7)
-    fig.subplots_adjust(left=0.75 / width, right=0.99, top=1 - 0.4 / height, bottom=0.5 / height, hspace=0.5, wspace=0.35)
-    return _save(fig, path)
+        if p.is_file():
+            group = f"{r.method} / {r.size}"
+            for (_, comp, step), ss in spectra_panels(load_table(p), "weight", lambda run, _m, name=r.name, g=group: g if run == name else None).items():
+                if comp in PAPER_COMPONENTS:
+                    acc[(group, comp, step)].extend(ss)
+    labels = [f"{m} / {s}" for m, s in groups]
+    return draw(acc, sorted({k[0] for k in acc}, key=labels.index), steps, max_steps=3, floor=FLOOR, title=None) if acc else None
 
 
 def plot_paper_reference(path: Path) -> Path:
     from rankscope.report import PAPER_REFERENCE as ref
 
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.4), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.4), gridspec_kw={"width_ratios": [2, 1]}, layout="constrained")
     sizes = ["pico-tiny", "pico-small"]
     for i, method in enumerate(("full", "relora")):
         vals = [ref["blimp_step_20k"][(method, s)] for s in sizes]
@@ -296,19 +345,32 @@ def plot_paper_reference(path: Path) -> Path:
     b.set_ylabel("perplexity")
     b.set_title("ReLoRA Paloma perplexity", fontsize=9)
     fig.suptitle("THE PAPER'S numbers (Weiss et al. 2025), pico scale, 20k steps — not this study's runs", fontsize=9, color="darkred")
-    fig.subplots_adjust(left=0.09, right=0.98, top=0.83, bottom=0.1, wspace=0.35)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def figures(runs, groups, out: Path, spectra_steps: list[int] | None = None) -> Iterator[tuple[str, Path | None, str]]:
     """(title, png or None, caption) of every figure of the report."""
-    band = "Mean over seeds, band = min–max over seeds; dotted vertical lines: ReLoRA merge-and-restarts."
-    yield "Loss vs tokens", plot_losses(runs, groups, out / "loss_vs_tokens.png"), band + " Y-axis starts after the first 10% of training."
-    yield "BLiMP per phenomenon", plot_blimp(runs, groups, out / "blimp_phenomena.png"), "Accuracy per BLiMP phenomenon (mean over its paradigms) and overall; error bars: std over seeds; dashed: chance (0.5). Hatching marks the model size."
+    band = f"Rows: model size. Line: mean over seeds; band: {BAND}; dotted vertical lines: ReLoRA merge-and-restarts."
+
+    def png(fig, name: str) -> Path | None:
+        return save(fig, out / name) if fig is not None else None
+
+    yield ("Loss vs tokens", png(loss_figure(runs, groups), "loss_vs_tokens.png"),
+           f"{band} Log token axis; the y-axis starts after the first tenth of training. The validation loss here is the in-training "
+           "estimate (mean of train.eval_batches batches), the bits per byte the in-training per-domain evaluation (macro average).")
+    yield ("BLiMP per phenomenon", png(blimp_figure(runs, groups), "blimp_phenomena.png"),
+           "Accuracy per BLiMP phenomenon (mean over its paradigms) and overall; error bars: std over seeds; dashed: chance (0.5). "
+           "Hatching marks the model size.")
+    paper, other = rank_components(runs)
+    sources = sorted({"analysis tables (checkpoint weights)" if rank_series(r, analysed(runs))[1].endswith(".parquet") else "in-loop metrics.jsonl rows"
+                      for r in runs})
     for metric in ("per", "cond"):
-        for label, comps in (("the paper's components (V, O, OV, w2)", PAPER_COMPONENTS), ("the other components (Q, K, w1, w3)", OTHER_COMPONENTS)):
-            tag = "paper" if comps is PAPER_COMPONENTS else "other"
-            png, src = plot_rank(runs, groups, metric, comps, out / f"rank_{metric}_{tag}.png")
-            extra = " OV: condition number over its numerical rank (the d x d circuit has rank <= head_dim)." if metric == "cond" else ""
-            yield f"{METRIC_NAMES[metric]} vs step: {label}", png, f"{band} Mean over layers (and heads). Source: {src}.{extra}"
-    yield "Singular-value spectra", plot_spectra(runs, groups, out / "spectra.png", spectra_steps), f"s_i / s_max of the weights at chosen checkpoints, mean over layers, heads and seeds (from RUN/analysis/spectra.parquet); values below {FLOOR:g} are drawn at {FLOOR:g} (the OV circuit has rank <= head_dim)."
+        for label, comps, tag in (("the paper's components (V, O, OV, w2)", paper, "paper"), ("the other components", other, "other")):
+            fig = rank_figure(runs, groups, metric, comps)
+            extra = (" Log y-axis; over the numerical rank where the plain condition number is infinite (a d x d OV product has "
+                     "rank <= head_dim).") if metric == "cond" else ""
+            yield (f"{METRIC_NAMES[metric]} vs step: {label}", png(fig, f"rank_{metric}_{tag}.png"),
+                   f"{band} Columns: components; mean over layers (and heads). Source: {', '.join(sources)}.{extra}")
+    yield ("Singular-value spectra", png(spectra_figure(runs, groups, spectra_steps), "spectra.png"),
+           f"s_i / s_max of the weights at chosen checkpoints, mean over layers, heads and seeds (from RUN/analysis/spectra.parquet); "
+           f"values below {FLOOR:g} are drawn at {FLOOR:g}.")

@@ -42,6 +42,7 @@ from rankscope.methods.base import Method
 from rankscope.model import Decoder
 from rankscope.paths import check_output_dir
 from rankscope.preemption import Preempted, StopOnSignal
+from rankscope.progress import Progress
 from rankscope.runtime import autocast, describe, peak_flops, pick_device, pick_precision
 from rankscope.loggers import build_loggers
 
@@ -478,27 +479,21 @@ class Trainer:
             saved = self.will_checkpoint(self.step)
             if saved:
                 self.save()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            bar.update(1, loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
             if self.stop_requested() and self.step < t.max_steps:
                 if not saved:
                     self.save()
-                if bar is not None:
-                    bar.close()
+                bar.close()
                 for logger in self.loggers:
                     logger.close()
                 raise Preempted(self.step, self.stop.signum or signal.SIGTERM)
-        if bar is not None:
-            bar.close()
+        bar.close()
         return self.finish(elapsed)
 
-    def progress_bar(self):
-        if not self.cfg.train.progress or not self.dist.is_main:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.cfg.train.max_steps, initial=self.step, desc=f"train {self.method.name}", unit="step", dynamic_ncols=True)
+    def progress_bar(self) -> Progress:
+        """A tqdm bar on a terminal; off one (a log file), a plain line at every 10% of the steps left."""
+        return Progress(self.cfg.train.max_steps, f"train {self.method.name}", initial=self.step,
+                        enabled=self.cfg.train.progress and self.dist.is_main)
 
     def finish(self, elapsed: float) -> dict[str, Any]:
         for logger in self.loggers:

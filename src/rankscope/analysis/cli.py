@@ -1,4 +1,5 @@
-"""`rankscope analyze RUN_DIR [RUN_DIR ...] [-o OUT]`: rank metrics table, spectra and plots."""
+"""`rankscope analyze RUN_DIR [RUN_DIR ...] [-o OUT]`: rank metrics table, spectra and plots; prints a
+compact table of the final PER and condition number of each component."""
 
 from __future__ import annotations
 
@@ -33,5 +34,48 @@ def cmd_analyze(args) -> None:
     written = analyze_runs(args.runs, args.output, plots=not args.no_plots, spectra_steps=args.spectra_steps, cache=not args.no_cache,
                            kinds=tuple(args.kinds), metrics=args.metrics, dtype="float32" if args.fp32 else "float64", device=args.device,
                            include_embeddings=args.embeddings, cumulative_from=args.cumulative_from, workers=args.workers, steps=args.steps)
-    for name, path in written.items():
-        print(f"{name:32s} {path}")
+    print_final_table(written["rows"])
+    print("files: " + ", ".join(str(p) for p in written.values()))
+
+
+def final_table(rows: dict[str, list]) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows of the compact summary: per run and component, PER and condition number of
+    the weights at the run's last analysed step (mean over layers and heads; the condition number
+    over the numerical rank where the plain one is infinite, as for a d x d OV product)."""
+    import math
+    from collections import defaultdict
+
+    from rankscope.report_plots import order_components
+
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    last: dict[str, int] = {}
+    for run, step, kind in zip(rows["run"], rows["step"], rows["kind"]):
+        if kind == "weight":
+            last[run] = max(step, last.get(run, step))
+    for run, step, comp, kind, metric, v in zip(rows["run"], rows["step"], rows["component"], rows["kind"], rows["metric"], rows["value"]):
+        if kind == "weight" and step == last.get(run) and v is not None and metric in ("per", "condition_number", "condition_number_numerical"):
+            acc[(run, comp, metric)].append(v)
+    out = []
+    for run in sorted(last):
+        for comp in order_components({c for r, c, _ in acc if r == run}):
+            per = acc.get((run, comp, "per"), [])
+            cond = acc.get((run, comp, "condition_number"), [])
+            if not cond or not all(math.isfinite(x) for x in cond):
+                cond = [x for x in acc.get((run, comp, "condition_number_numerical"), []) if math.isfinite(x)]
+            out.append([run, str(last[run]), comp, f"{sum(per) / len(per):.4f}" if per else "–", f"{sum(cond) / len(cond):.4g}" if cond else "–"])
+    return ["run", "step", "component", "PER", "condition number"], out
+
+
+def print_final_table(path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rankscope.analysis.run import load_table
+
+    columns, body = final_table(load_table(path))
+    table = Table(title="final rank metrics of the weights (mean over layers and heads)", box=None, pad_edge=False)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="right" if i in (1, 3, 4) else "left")
+    for row in body:
+        table.add_row(*row)
+    Console(highlight=False).print(table)

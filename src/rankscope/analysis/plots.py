@@ -4,7 +4,8 @@
                         (methods side by side), one line per layer (per-head OV forms: mean over
                         heads; ov_product: condition number over the numerical rank)
   spectra_{kind}.png    s_i / s_max at chosen steps: one row per component, one column per run,
-                        one line per step (mean over layers and heads)
+                        one line per step (mean over layers and heads); `rankscope report` draws
+                        its spectra with the same spectra_figure
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ PLOT_METRICS = ("per", "condition_number")
 # over its numerical rank instead (as the in-loop callback logs it). pico-analyze's ov (hd x hd) and
 # ov_layer (hd x d) are full rank in general and keep the plain condition number.
 SUBSTITUTE = {("condition_number", "ov_product"): "condition_number_numerical"}
-COMPONENT_ORDER = ("wq", "wk", "wv", "wo", "ov", "ov_layer", "ov_product", "w1", "w3", "w2", "embed", "lm_head")
+COMPONENT_ORDER = ("wv", "wo", "ov", "ov_layer", "w2", "wq", "wk", "w1", "w3", "ov_product", "embed", "lm_head")
 
 
 def _plt():
@@ -56,7 +57,8 @@ def plot_metric(rows: dict[str, list], metric: str, kind: str, path: Path) -> Pa
     plt = _plt()
     runs = sorted({k[0] for k in data})
     comps = _ordered({k[1] for k in data})
-    fig, axes = plt.subplots(len(comps), len(runs), figsize=(4.5 * len(runs), 2.6 * len(comps)), squeeze=False, sharex="col", sharey="row")
+    fig, axes = plt.subplots(len(comps), len(runs), figsize=(min(11.8, 3.2 * len(runs) + 0.8), 2.0 * len(comps) + 0.9), squeeze=False,
+                             sharex="col", sharey="row", layout="constrained")
     cmap = plt.get_cmap("viridis")
     layers = sorted({k[2] for k in data})
     for (run, comp, layer), (x, y) in sorted(data.items()):
@@ -76,55 +78,75 @@ def plot_metric(rows: dict[str, list], metric: str, kind: str, path: Path) -> Pa
         axes[-1][c].set_xlabel("step")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="upper right", fontsize=7, ncol=2)
-    fig.suptitle(f"{metric} of {kind} matrices", y=0.995)
-    fig.subplots_adjust(left=0.12, right=0.88, top=0.94, bottom=0.06, hspace=0.35, wspace=0.25)  # tight_layout costs seconds
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    fig.suptitle(f"{metric} of {kind} matrices", fontsize=10)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
-def plot_spectra(spectra: dict[str, list], kind: str, path: Path, steps: list[int] | None = None, max_steps: int = 4) -> Path | None:
-    acc: dict[tuple, list[np.ndarray]] = defaultdict(list)
+def spectra_panels(spectra: dict[str, list], kind: str, label=lambda run, method: f"{run} ({method})") -> dict[tuple, list[np.ndarray]]:
+    """(column label, component, step) -> the s / s_max arrays of each (layer, head) matrix.
+    `label(run, method)` names the column a run's rows go to (None leaves them out)."""
     cur: dict[tuple, list[float]] = defaultdict(list)
-    for run, method, step, layer, comp, head, k, v in zip(spectra["run"], spectra["method"], spectra["step"], spectra["layer"], spectra["component"], spectra["head"], spectra["kind"], spectra["value"]):
-        if k == kind:
-            cur[(f"{run} ({method})", comp, step, layer, head)].append(v)
-    for (run, comp, step, _, _), s in cur.items():
+    for run, method, step, layer, comp, head, k, v in zip(spectra["run"], spectra["method"], spectra["step"], spectra["layer"], spectra["component"],
+                                                         spectra["head"], spectra["kind"], spectra["value"]):
+        if k == kind and (col := label(run, method)) is not None:
+            cur[(col, comp, step, layer, head)].append(v)
+    acc: dict[tuple, list[np.ndarray]] = defaultdict(list)
+    for (col, comp, step, _, _), s in cur.items():
         s = np.asarray(s)
         if s[0] > 0:
-            acc[(run, comp, step)].append(s / s[0])
-    if not acc:
-        return None
+            acc[(col, comp, step)].append(s / s[0])
+    return dict(acc)
+
+
+def spectra_figure(acc: dict[tuple, list[np.ndarray]], columns: list[str], steps: list[int] | None = None, max_steps: int = 4,
+                   floor: float = 1e-12, title: str | None = None):
+    """Rows = components, columns = `columns`, one line per step (mean over the arrays of a panel);
+    values below `floor` are drawn at `floor`. The one spectra plot of `analyze` and `report`."""
     plt = _plt()
-    runs = sorted({k[0] for k in acc})
     comps = _ordered({k[1] for k in acc})
     all_steps = sorted({k[2] for k in acc})
-    chosen = sorted(set(steps)) if steps else sorted({all_steps[int(i)] for i in np.linspace(0, len(all_steps) - 1, min(max_steps, len(all_steps)))})
-    fig, axes = plt.subplots(len(comps), len(runs), figsize=(4.5 * len(runs), 2.6 * len(comps)), squeeze=False)
-    cmap = plt.get_cmap("plasma")
-    for (run, comp, step), ss in sorted(acc.items()):
-        if step not in chosen:
+    chosen = sorted({min(all_steps, key=lambda h: abs(h - s)) for s in steps}) if steps else \
+        sorted({all_steps[int(i)] for i in np.linspace(0, len(all_steps) - 1, min(max_steps, len(all_steps)))})
+    width = min(11.8, 2.7 * len(columns) + 0.8)
+    fig, axes = plt.subplots(len(comps), len(columns), figsize=(width, 2.0 * len(comps) + 0.9), squeeze=False, layout="constrained")
+    cmap = plt.get_cmap("viridis")
+    for (col, comp, step), ss in sorted(acc.items()):
+        if step not in chosen or col not in columns or len({len(x) for x in ss}) != 1:
             continue
-        ax = axes[comps.index(comp)][runs.index(run)]
+        ax = axes[comps.index(comp)][columns.index(col)]
         mean = np.mean(np.stack(ss), axis=0)
-        ax.plot(np.arange(1, len(mean) + 1), np.clip(mean, 1e-12, None), color=cmap(chosen.index(step) / max(1, len(chosen) - 1) * 0.85), lw=1.2, label=f"step {step}")
-        ax.set_yscale("log")
+        ax.plot(np.arange(1, len(mean) + 1), np.clip(mean, floor, None), color=cmap(chosen.index(step) / max(1, len(chosen) - 1) * 0.9),
+                lw=1.2, label=f"step {step}")
     for r, comp in enumerate(comps):
-        axes[r][0].set_ylabel(f"{comp}\ns_i / s_max")
-        for c, run in enumerate(runs):
+        for c, col in enumerate(columns):
+            ax = axes[r][c]
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
             if r == 0:
-                axes[r][c].set_title(run, fontsize=9)
-            axes[r][c].grid(alpha=0.3)
-    for c in range(len(runs)):
-        axes[-1][c].set_xlabel("index i")
+                ax.set_title(col, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{comp}\ns_i / s_max", fontsize=8)
+            if r == len(comps) - 1:
+                ax.set_xlabel("index i", fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="upper right", fontsize=7)
-    fig.suptitle(f"singular value spectra of {kind} matrices (mean over layers)", y=0.995)
-    fig.subplots_adjust(left=0.12, right=0.88, top=0.94, bottom=0.06, hspace=0.35, wspace=0.25)  # tight_layout costs seconds
+        fig.legend(handles, labels, loc="outside upper center", ncol=len(handles), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_spectra(spectra: dict[str, list], kind: str, path: Path, steps: list[int] | None = None, max_steps: int = 4) -> Path | None:
+    acc = spectra_panels(spectra, kind)
+    if not acc:
+        return None
+    fig = spectra_figure(acc, sorted({k[0] for k in acc}), steps, max_steps, title=f"singular value spectra of {kind} matrices (mean over layers)")
     fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 

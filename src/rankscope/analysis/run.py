@@ -355,6 +355,9 @@ def analyze_run(run_dir: str | Path, options: AnalysisOptions | None = None, ste
         todo_idx = {p[0]: p for p in todo}
         states: dict[int, CheckpointState] = {}
         load = lambda i: load_state(found[i][1], found[i][2], opts.include_embeddings, "grad" in opts.kinds)  # noqa: E731
+        from rankscope.progress import Progress
+
+        bar = Progress(len(todo), f"analyze {Path(run).name}", unit="checkpoint", enabled=log is not None)
         for i, state in zip(need, prefetch(load, need, opts.workers)):
             states[i] = state
             states.pop(i - 2, None)
@@ -367,8 +370,8 @@ def analyze_run(run_dir: str | Path, options: AnalysisOptions | None = None, ste
             store.put(f"step_{step:06d}", key, r, s)
             extend(rows, r)
             extend(spectra, s)
-            if log:
-                log(f"[analyze] {run} step {step}: {len(items)} matrices")
+            bar.update(1, step=step, matrices=len(items))
+        bar.close()
 
     # 3. ReLoRA cycle updates, each with the angles to the previous cycle's update
     prev_key, prev_t = None, None

@@ -48,17 +48,22 @@ def run_eval(path: str | Path, blimp_dir: str | None = None, batch_size: int = 1
              split: str = "val", files: list[str] | None = None, hf_dataset: str | None = None, hf_config: str | None = None,
              hf_split: str = "train", text_field: str = "text", hf_max_docs: int = 1000, skip_bad_rows: bool = False,
              device: str = "cpu", paloma: str | None = None, paloma_opts: dict | None = None, cache_dir: str | None = None,
-             log=print) -> dict:
+             log=print, progress: bool = False) -> dict:
     """Evaluate a run directory (its newest checkpoint) or a checkpoint folder; prints a table and
     returns {"checkpoint", "step", "perplexity": {set: {domains, macro, all}}, "blimp"?, "paloma"?, "metrics"}.
+    `val_loss` (and metrics `val_loss_all`) pools every scored token; `val_loss_macro` averages the
+    domains with equal weight (Paloma's macro average): two different numbers, both labelled.
     `paloma` is a Paloma-style set (rankscope.evaluate.paloma.load_paloma); `paloma_opts` holds
-    load_paloma's keyword arguments and "max_length" (default: the model's max_seq_len, as pico-train)."""
+    load_paloma's keyword arguments and "max_length" (default: the model's max_seq_len, as pico-train).
+    `progress`: show progress (a bar on a terminal, plain lines otherwise)."""
     from rankscope.evaluate.callback import flat_blimp, flat_perplexity
     from rankscope.loading import load_trained
     from rankscope.runtime import pick_device
 
     if batch_size < 1:
         raise DataError(f"the evaluation batch size must be >= 1, got {batch_size}")
+    # inputs first: a wrong --blimp folder fails before the (minutes-long) perplexity pass, not after
+    pairs = load_pairs(blimp_dir, blimp_max_pairs, skip_bad_rows, log=log) if blimp_dir else None
     loaded = load_trained(path, str(pick_device(device)), cache_dir)
     tok = check_tokenizer(loaded)
     seq_len = loaded.cfg.train.seq_len
@@ -69,13 +74,12 @@ def run_eval(path: str | Path, blimp_dir: str | None = None, batch_size: int = 1
     result: dict[str, Any] = {"checkpoint": str(loaded.checkpoint.path), "step": loaded.step, "tokens": loaded.checkpoint.meta.get("tokens"),
                               "scoring": SCORING, "seq_len": seq_len, "perplexity": {}, "metrics": {}}
     for name, docset in sets.items():
-        r = domain_perplexity(loaded.model, docset, seq_len, batch_size, max_docs)
+        r = domain_perplexity(loaded.model, docset, seq_len, batch_size, max_docs, progress=f"eval {name}" if progress else None)
         result["perplexity"][name] = r
         result["metrics"].update(flat_perplexity(r, name))
     result["val_loss"] = result["perplexity"][split]["all"]["loss"]  # pooled over every held-out token
-    if blimp_dir:
-        pairs = load_pairs(blimp_dir, blimp_max_pairs, skip_bad_rows, log=log)
-        result["blimp"] = {"source": str(blimp_dir), **evaluate_blimp(loaded.model, tok, pairs, batch_size)}
+    if pairs is not None:
+        result["blimp"] = {"source": str(blimp_dir), **evaluate_blimp(loaded.model, tok, pairs, batch_size, progress="eval BLiMP" if progress else None)}
         result["metrics"].update(flat_blimp(result["blimp"]))
     if paloma:
         from rankscope.evaluate.paloma import flat_paloma, format_paloma, load_paloma, paloma_perplexity
@@ -101,7 +105,9 @@ def format_table(result: dict) -> str:
         for dom, d in r["domains"].items():
             lines.append(f"{name[:10]:10s} {dom[:24]:24s} {d['docs']:6d} {d['tokens']:10,d} {d['bytes']:11,d} {d['loss']:8.4f} {d['ppl']:10.2f} {d['bpb']:7.4f}")
         m = r["macro"]
-        lines.append(f"{name[:10]:10s} {'macro average':24s} {'':6s} {r['all']['tokens']:10,d} {r['all']['bytes']:11,d} {m['loss']:8.4f} {m['ppl']:10.2f} {m['bpb']:7.4f}")
+        a = r["all"]
+        lines.append(f"{name[:10]:10s} {'macro average':24s} {'':6s} {'':10s} {'':11s} {m['loss']:8.4f} {m['ppl']:10.2f} {m['bpb']:7.4f}")
+        lines.append(f"{name[:10]:10s} {'all (tokens pooled)':24s} {'':6s} {a['tokens']:10,d} {a['bytes']:11,d} {a['loss']:8.4f} {a['ppl']:10.2f} {a['bpb']:7.4f}")
     if "blimp" in result:
         b = result["blimp"]
         o = b["overall"]

@@ -106,7 +106,8 @@ def load_pairs(folder: str | Path, max_pairs: int = 0, skip_bad: bool = False, l
     return pairs
 
 
-def sentence_logprobs(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 32, precision: str = "fp32") -> np.ndarray:
+def sentence_logprobs(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 32, precision: str = "fp32",
+                      progress: str | None = None) -> np.ndarray:
     """log P(sentence) in nats: EOS + tokens, summed next-token log-probs, batched with right padding.
     Each distinct sentence is scored once."""
     unique = sorted(set(sentences))
@@ -120,7 +121,7 @@ def sentence_logprobs(model: nn.Module, tokenizer, sentences: list[str], batch_s
     was_training = model.training
     model.eval()
     try:
-        nll = score_sequences(model, seqs, batch_size, tokenizer.eos_id, precision)
+        nll = score_sequences(model, seqs, batch_size, tokenizer.eos_id, precision, progress)
     finally:
         model.train(was_training)
     lookup = dict(zip(unique, -nll))
@@ -150,6 +151,7 @@ def accuracy(pairs: list[Pair], logp_good: np.ndarray, logp_bad: np.ndarray) -> 
     return {"overall": overall, "phenomena": phenomena, "uids": uids}
 
 
-def evaluate_blimp(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int = 32, precision: str = "fp32") -> dict:
-    lp = sentence_logprobs(model, tokenizer, [p.good for p in pairs] + [p.bad for p in pairs], batch_size, precision)
+def evaluate_blimp(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int = 32, precision: str = "fp32",
+                   progress: str | None = None) -> dict:
+    lp = sentence_logprobs(model, tokenizer, [p.good for p in pairs] + [p.bad for p in pairs], batch_size, precision, progress)
     return accuracy(pairs, lp[: len(pairs)], lp[len(pairs) :])

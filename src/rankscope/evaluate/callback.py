@@ -1,9 +1,12 @@
 """In-training evaluation: per-domain perplexity / bits-per-byte and BLiMP on a cadence.
 
 Rows go into metrics.jsonl with the step (keys `val_loss/<domain>`, `val_ppl/<domain>`,
-`val_bpb/<domain>`, `val_{loss,ppl,bpb}_macro`, `blimp_overall`, `blimp/<phenomenon>`; `test_`
+`val_bpb/<domain>`, `val_{loss,ppl,bpb}_macro` (domains weighted equally), `val_{loss,ppl,bpb}_all`
+(every scored token pooled), `blimp_overall`, `blimp/<phenomenon>`; `test_`
 instead of `val_` when eval.split=test) and the final values into summary.json. eval.every and
-eval.blimp_every set the cadence; 0 means only at the end of training.
+eval.blimp_every set the cadence; 0 means only at the end of training. The in-training evaluation
+scores the first eval.max_docs documents of each domain (summary.json records the cap as
+`eval_max_docs`), so it is a different estimate from `rankscope eval`'s (all documents by default).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def flat_perplexity(result: dict, prefix: str = "val") -> dict[str, float]:
             row[f"{prefix}_{k}/{dom}"] = r[k]
     for k in ("loss", "ppl", "bpb"):
         row[f"{prefix}_{k}_macro"] = result["macro"][k]
+        row[f"{prefix}_{k}_all"] = result["all"][k]  # every scored token pooled (`rankscope eval`'s val_loss)
     return row
 
 
@@ -80,7 +84,7 @@ class EvalCallback:
             self.latest.update(self.perplexity(trainer, trainer.step))
         if e.blimp_dir and self.latest_step["blimp"] != trainer.step:
             self.latest.update(self.blimp(trainer, trainer.step))
-        return dict(self.latest) or None
+        return {**self.latest, "eval_max_docs": e.max_docs} if self.latest else None
 
 
 @register_callback

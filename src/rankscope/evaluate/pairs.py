@@ -20,6 +20,8 @@ from typing import Callable
 import inflect
 from lemminflect import getInflection
 
+from rankscope.errors import DataError
+
 MALE = ["man", "boy", "king", "father", "brother", "son", "uncle", "husband"]
 FEMALE = ["woman", "girl", "queen", "mother", "sister", "daughter", "aunt", "wife"]
 MALE_NAMES = ["John", "David", "Michael", "Robert", "James", "Thomas", "Peter", "Paul"]
@@ -120,10 +122,12 @@ def irregular_past(r: random.Random) -> tuple[str, str]:
 
 
 def irregular_participle(r: random.Random) -> tuple[str, str]:
-    """Passive participle (good) vs simple past (bad)."""
-    lemma = r.choice(IRREGULAR)
+    """Passive participle (good) vs simple past (bad), with an agent: the bare `the X was V-ed` has
+    only ~150 distinct sentences in this lexicon, fewer than the default 200 pairs."""
+    lemma, agent = r.choice(IRREGULAR), r.choice(PEOPLE)
     obj = r.choice(IRREGULAR_OBJECTS[lemma])
-    return sentence("the", obj, "was", verb(lemma, "VBN")), sentence("the", obj, "was", verb(lemma, "VBD"))
+    return (sentence("the", obj, "was", verb(lemma, "VBN"), "by the", agent),
+            sentence("the", obj, "was", verb(lemma, "VBD"), "by the", agent))
 
 
 def transitive(r: random.Random) -> tuple[str, str]:
@@ -162,8 +166,10 @@ PARADIGMS: dict[str, tuple[str, str, Callable[[random.Random], tuple[str, str]],
 
 
 def generate_pairs(n_per_paradigm: int = 200, seed: int = 0) -> dict[str, list[dict]]:
-    """UID -> up to `n_per_paradigm` distinct rows in BLiMP's jsonl schema (fewer only if the
-    lexicon runs out of distinct pairs)."""
+    """UID -> exactly `n_per_paradigm` distinct rows in BLiMP's jsonl schema; a DataError naming the
+    paradigm and the most it can give when its lexicon runs out of distinct pairs."""
+    if n_per_paradigm < 1:
+        raise DataError(f"pairs per paradigm must be at least 1, not {n_per_paradigm}")
     out = {}
     for k, (uid, (field, term, gen, identical)) in enumerate(PARADIGMS.items()):
         r = random.Random(seed * 1_000_003 + k)
@@ -179,6 +185,9 @@ def generate_pairs(n_per_paradigm: int = 200, seed: int = 0) -> dict[str, list[d
             rows.append({"sentence_good": good, "sentence_bad": bad, "field": field, "linguistics_term": term, "UID": uid,
                          "simple_LM_method": True, "one_prefix_method": False, "two_prefix_method": False,
                          "lexically_identical": identical, "pairID": str(len(rows)), "source": "rankscope generated (not BLiMP)"})
+        if len(rows) < n_per_paradigm:
+            raise DataError(f"paradigm {uid}: the built-in lexicon gave only {len(rows)} distinct pairs in {50 * n_per_paradigm:,} draws, "
+                            f"fewer than the {n_per_paradigm} asked for; use -n {len(rows)} or fewer")
         out[uid] = rows
     return out
 

@@ -107,10 +107,15 @@ def token_nll(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, pre
 
 
 @torch.no_grad()
-def score_sequences(model: nn.Module, seqs: list[np.ndarray], batch_size: int, pad_id: int, precision: str = "fp32") -> np.ndarray:
+def score_sequences(model: nn.Module, seqs: list[np.ndarray], batch_size: int, pad_id: int, precision: str = "fp32",
+                    progress: str | None = None) -> np.ndarray:
     """Total NLL (nats, float64) of each sequence's tokens 1.. given the ones before it.
 
-    Sequences are sorted by length and batched with right padding; padded targets are masked."""
+    Sequences are sorted by length and batched with right padding; padded targets are masked.
+    `progress` names a progress display (rankscope.progress) counting the sequences; None shows none."""
+    from rankscope.progress import Progress
+
+    bar = Progress(len(seqs), progress or "", unit="sequence", enabled=progress is not None)
     device = next(model.parameters()).device
     vocab = model.lm_head.out_features if hasattr(model, "lm_head") else 1
     cap = MAX_LOGITS.get(device.type, MAX_LOGITS["default"])
@@ -130,14 +135,17 @@ def score_sequences(model: nn.Module, seqs: list[np.ndarray], batch_size: int, p
         nll = token_nll(model, x.to(device), y.to(device), precision)
         out[idx] = nll.double().sum(1).cpu().numpy()
         i += rows
+        bar.update(len(idx))
+    bar.close()
     return out
 
 
-def score_documents(model: nn.Module, docset: DocSet, rows: np.ndarray, seq_len: int, batch_size: int = 16, precision: str = "fp32") -> np.ndarray:
+def score_documents(model: nn.Module, docset: DocSet, rows: np.ndarray, seq_len: int, batch_size: int = 16, precision: str = "fp32",
+                    progress: str | None = None) -> np.ndarray:
     """Total NLL (nats) per document row, scored in non-overlapping windows (module docstring)."""
     windows = doc_windows(docset.tokens, rows, seq_len)
     pad = int(docset.tokens[rows[0, 0] - 1]) if len(rows) else 0  # the EOS id
-    nll = score_sequences(model, [w for _, w in windows], batch_size, pad, precision)
+    nll = score_sequences(model, [w for _, w in windows], batch_size, pad, precision, progress)
     per_doc = np.zeros(len(rows), dtype=np.float64)
     np.add.at(per_doc, np.array([d for d, _ in windows], dtype=np.int64), nll)
     return per_doc
@@ -149,7 +157,8 @@ def summarize(nll: float, tokens: int, nbytes: int) -> dict:
             "ppl": float(math.exp(min(loss, 700.0))), "bpb": float(nll / math.log(2) / max(nbytes, 1))}
 
 
-def domain_perplexity(model: nn.Module, docset: DocSet, seq_len: int, batch_size: int = 16, max_docs: int = 0, precision: str = "fp32") -> dict:
+def domain_perplexity(model: nn.Module, docset: DocSet, seq_len: int, batch_size: int = 16, max_docs: int = 0, precision: str = "fp32",
+                      progress: str | None = None) -> dict:
     """{"domains": {name: {docs, tokens, bytes, nll, loss, ppl, bpb}}, "macro": {loss, ppl, bpb},
     "all": {...}}. "macro" averages the domains' loss, ppl and bpb with equal weight (Paloma's macro
     average); "all" pools every token and byte. A corpus with eval-only domains also gets each
@@ -161,7 +170,7 @@ def domain_perplexity(model: nn.Module, docset: DocSet, seq_len: int, batch_size
     was_training = model.training
     model.eval()
     try:
-        nll = score_documents(model, docset, rows, seq_len, batch_size, precision)
+        nll = score_documents(model, docset, rows, seq_len, batch_size, precision, progress)
     finally:
         model.train(was_training)
     ntok = rows[:, 1] - rows[:, 0]
@@ -170,7 +179,7 @@ def domain_perplexity(model: nn.Module, docset: DocSet, seq_len: int, batch_size
         sel = rows[:, 2] == d
         domains[docset.domains[d]] = {"docs": int(sel.sum()), **summarize(nll[sel].sum(), ntok[sel].sum(), rows[sel, 3].sum())}
     macro = {k: float(np.mean([v[k] for v in domains.values()])) for k in ("loss", "ppl", "bpb")}
-    out = {"domains": domains, "macro": macro, "all": summarize(nll.sum(), ntok.sum(), rows[:, 3].sum())}
+    out = {"domains": domains, "macro": macro, "all": summarize(nll.sum(), ntok.sum(), rows[:, 3].sum()), "max_docs": int(max_docs)}
     if docset.roles:
         for name, r in domains.items():
             r["role"] = docset.roles.get(name, "train")

@@ -1,0 +1,54 @@
+"""report.html: one jinja2 template with autoescape, the only path by which values reach the page.
+
+Every run name, status, error, config value, metric name and number is passed to the template as
+data and escaped by jinja2; nothing is pasted into HTML by string formatting. Layout: the study's
+findings tables first, the paper's reference numbers beside them (labelled as the paper's, at
+pico scale), then the other tables, failed runs and the figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+
+CSS = """body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 8px}
+table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px;text-align:right}
+td:first-child,th:first-child{text-align:left}img{max-width:100%}.top{display:flex;gap:16px;align-items:flex-start;flex-wrap:wrap}
+.top>div{flex:1 1 480px}.paper{background:#fff6e0;border:2px dashed #c90;padding:8px}.bad{color:#b00}.note{color:#555;font-size:13px}"""
+
+TEMPLATE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>rankscope report</title><style>{{ css }}</style></head><body>
+{%- macro table(t) %}
+<h3>{{ t.title }}</h3>{% if t.note %}<p class="note">{{ t.note }}</p>{% endif %}
+<table><tr>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr>
+{%- for row in t.rows %}<tr>{% for c in row %}<td title="{{ c.title }}">{{ c.text }}</td>{% endfor %}</tr>{% endfor %}</table>
+{%- endmacro %}
+<h1>rankscope report</h1>
+<p>{{ stamp }} — inputs: {{ inputs }}</p>
+<p>{{ intro }}</p>
+<div class="top">
+<div class="findings">
+{%- for t in findings %}{{ table(t) }}{% else %}<h3>Findings</h3><p class="note">{{ no_findings }}</p>{% endfor %}
+</div>
+<div class="paper">{{ table(paper) }}<p class="note">{{ paper_note }}</p><img alt="paper reference" src="{{ paper_png }}"></div>
+</div>
+{%- for t in tables %}{{ table(t) }}{% endfor %}
+{%- if problems %}
+<h3 class="bad">Failed or unfinished runs</h3>
+<table><tr><th>run</th><th>status</th><th>error</th><th>log</th></tr>
+{%- for p in problems %}<tr class="bad"><td>{{ p.run }}</td><td>{{ p.status }}</td><td>{{ p.error }}</td><td>{{ p.log }}</td></tr>{% endfor %}
+</table>
+{%- endif %}
+{%- for f in figures %}
+<h3>{{ f.title }}</h3><img alt="{{ f.title }}" src="{{ f.src }}"><p class="note">{{ f.caption }}</p>
+{%- endfor %}
+</body></html>
+"""
+
+_ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+def render(**context: Any) -> str:
+    """The page; `context` holds plain strings and lists (see TEMPLATE), all escaped on output."""
+    return _ENV.from_string(TEMPLATE).render(css=jinja2.utils.markupsafe.Markup(CSS), **context)
