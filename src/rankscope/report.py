@@ -464,7 +464,7 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
 
     data = {"generated": stamp, "inputs": [str(p) for p in paths],
             "runs": [{"name": r.name, "dir": str(r.dir), "method": r.method, "size": r.size, "seed": r.seed} for r in runs],
-            "failed": problems, "findings_tables": _jsonable(top), "tables": _jsonable(tables), "findings": found,
+            "failed": problems, "findings_tables": _jsonable(top), "tables": _jsonable(top + tables), "findings": found,
             "study_findings": verdicts, "tuning": (sweep or {}).get("tuning"),
             "paper_reference": {"citation": PAPER_REFERENCE["citation"], "scale": PAPER_REFERENCE["scale"], "table": _jsonable([ref])[0]},
             "figures": [{"title": t, "file": fn.name, "caption": c} for t, fn, c in figures]}
