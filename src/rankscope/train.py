@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from rankscope import autotune
 from rankscope import checkpoint as ckpt
 from rankscope import distributed, sharding
 from rankscope.config import RunConfig
@@ -115,6 +116,7 @@ class Trainer:
         elif self.cfg.train.parallel == "fsdp":
             self.log("[train] train.parallel=fsdp on one process: nothing to shard, training unsharded")
         self.optimizer = self.method.build_optimizer(self.model, self.device)
+        self.choose_settings()
         self.wrap_parallel()
         load_callback_modules()
         # evaluation and analysis run on rank 0 only; the other ranks wait at the next all-reduce
@@ -137,9 +139,21 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+            env_path = self.run_dir / "env.json"
+            self.previous_settings = json.loads(env_path.read_text()).get("settings") if env_path.exists() else None
             env = {**describe(self.device), "git_commit": git_commit(), "world_size": self.dist.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            (self.run_dir / "env.json").write_text(json.dumps(env, indent=1))
+            env_path.write_text(json.dumps(env, indent=1))
         distributed.barrier(self.dist)
+
+    def choose_settings(self) -> None:
+        """precision / compile: as configured, or for `auto` by timing this model (rankscope.autotune);
+        the choice and its timings go into env.json."""
+        self.settings, self.compiled = autotune.choose(self.cfg, self.model, self.device, self.dist.enabled,
+                                                       getattr(self, "previous_settings", None), log=self.log)
+        self.precision = self.settings["precision"]
+        if self.dist.is_main:
+            env_path = self.run_dir / "env.json"
+            env_path.write_text(json.dumps({**json.loads(env_path.read_text()), "settings": self.settings}, indent=1))
 
     def build_data(self) -> Corpus:
         corpus = prepare(self.cfg.data, log=self.log)
@@ -162,7 +176,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.forward_model = torch.compile(module) if self.cfg.train.compile else module
+        compiled, self.compiled = self.compiled if module is self.model else None, None  # autotune's, used once
+        self.forward_model = (compiled if compiled is not None else torch.compile(module)) if self.settings["compile"] else module
 
     def build_model(self) -> tuple[nn.Module, Method]:
         torch.manual_seed(self.cfg.train.seed)
@@ -458,7 +473,8 @@ def _row_step(line: str) -> int:
 def _without_budget(cfg: dict) -> dict:
     """Fields that may change on resume (longer training, logging, progress bar) are ignored."""
     out = json.loads(json.dumps(cfg))
-    for key in ("max_steps", "progress", "log_every", "eval_every", "threads", "device", "tensorboard", "wandb", "wandb_project", "parallel", "compile"):
+    for key in ("max_steps", "progress", "log_every", "eval_every", "threads", "device", "tensorboard", "wandb", "wandb_project", "parallel", "compile",
+                "autotune_min_steps", "autotune_cache"):
         out.get("train", {}).pop(key, None)
     out.pop("checkpoint", None)
     out.pop("eval", None)
