@@ -56,13 +56,18 @@ def seeded_generator(*key: int) -> torch.Generator:
 THIN_PENALTY = 3.0
 
 
-def choose_path(tokens: int, d_in: int, d_out: int, rank: int) -> str:
-    """'merged' or 'factored', whichever the cost model says is cheaper for a training step (the
-    frozen W's input gradient and forward matmul are common to both and left out).
-    merged: dense dW' = g^T x (2 N in out) + W' = W + sBA and the dA, dB products (6 r in out);
-    factored: x A^T, (xA) B^T forward and their four backward products (6 N r (in + out)), thin."""
-    merged = 2 * tokens * d_in * d_out + 6 * rank * d_in * d_out
-    factored = THIN_PENALTY * 6 * tokens * rank * (d_in + d_out)
+def choose_path(tokens: int, d_in: int, d_out: int, rank: int, backward: bool = True) -> str:
+    """'merged' or 'factored', whichever the FLOP cost model says is cheaper (the frozen W's forward
+    matmul and input gradient are common to both and left out). With a backward pass:
+      merged: dense dW' = g^T x (2 N in out) + W' = W + sBA and the dA, dB products (6 r in out);
+      factored: x A^T, (xA) B^T forward and their four backward products (6 N r (in + out)), thin.
+    Forward only (evaluation): merged builds W' (2 r in out); factored runs 2 N r (in + out), thin."""
+    if backward:
+        merged = 2 * tokens * d_in * d_out + 6 * rank * d_in * d_out
+        factored = THIN_PENALTY * 6 * tokens * rank * (d_in + d_out)
+    else:
+        merged = 2 * rank * d_in * d_out
+        factored = THIN_PENALTY * 2 * tokens * rank * (d_in + d_out)
     return "merged" if merged <= factored else "factored"
 
 
@@ -99,7 +104,8 @@ class LoRALinear(nn.Module):
             return "factored"
         if self.forward_path != "auto":
             return self.forward_path
-        return choose_path(x.numel() // x.shape[-1], self.base.in_features, self.base.out_features, self.rank)
+        backward = torch.is_grad_enabled() and (x.requires_grad or self.lora_A.requires_grad)
+        return choose_path(x.numel() // x.shape[-1], self.base.in_features, self.base.out_features, self.rank, backward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path(x) == "merged":
