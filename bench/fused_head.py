@@ -77,14 +77,16 @@ def main() -> None:
         return child(a.child, a.batch, a.seq, a.steps, a.threads)
     out = {}
     for variant in ("unfused", "fused"):
-        cmd = [sys.executable, __file__, "--child", variant, "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads)]
+        cmd = [sys.executable, __file__, "--child", variant, "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps),
+               "--threads", str(a.threads)]
         out[variant] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     u, f = out["unfused"], out["fused"]
     print(f"pico-tiny {a.batch} x {a.seq}, fp32, {a.threads} thread(s)")
     for r in (u, f):
         print(f"  {r['variant']:8s} peak RSS above import {r['peak_above_import_mib']:7.1f} MiB   step {r['step_s'] * 1e3:7.1f} ms   "
               f"tokens/s {a.batch * a.seq / r['step_s']:8.0f}")
-    print(f"  fused / unfused: peak memory {f['peak_above_import_mib'] / u['peak_above_import_mib']:.2f}x, tokens/s {u['step_s'] / f['step_s']:.2f}x; "
+    mem = f["peak_above_import_mib"] / u["peak_above_import_mib"]
+    print(f"  fused / unfused: peak memory {mem:.2f}x, tokens/s {u['step_s'] / f['step_s']:.2f}x; "
           f"max |loss difference| {max(abs(p - q) for p, q in zip(u['losses'], f['losses'])):.2e}")
 
 

@@ -36,7 +36,8 @@ def test_auto_settings_are_measured_cached_recorded_and_leave_the_run_unchanged(
 
 
 def test_short_runs_take_the_static_choice_and_resumes_keep_theirs(data_dir, tmp_path):
-    cfg = tiny_config(data_dir, "train.precision=auto", "train.compile=auto", "train.max_steps=3", f"train.autotune_cache={tmp_path / 'c.json'}")
+    cfg = tiny_config(data_dir, "train.precision=auto", "train.compile=auto", "train.max_steps=3",
+                      f"train.autotune_cache={tmp_path / 'c.json'}")
     tr = Trainer(cfg, tmp_path / "run", log=lambda *_: None)
     assert tr.settings["chosen_by"].startswith("static") and tr.settings["compile"] is False
     again = Trainer(cfg, tmp_path / "run", log=lambda *_: None)  # the same run directory: a resume
@@ -47,7 +48,8 @@ def test_short_runs_take_the_static_choice_and_resumes_keep_theirs(data_dir, tmp
 def test_the_compiled_candidate_is_timed_and_reused(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(autotune, "COMPILE_MIN_RUN_S", 0.0)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # dynamo only: fast
-    cfg = tiny_config(data_dir, "train.precision=fp32", "train.compile=auto", "train.autotune_min_steps=0", f"train.autotune_cache={tmp_path / 'c.json'}")
+    cfg = tiny_config(data_dir, "train.precision=fp32", "train.compile=auto", "train.autotune_min_steps=0",
+                      f"train.autotune_cache={tmp_path / 'c.json'}")
     tr = Trainer(cfg, tmp_path / "run", log=lambda *_: None)
     assert set(tr.settings["timings_s"]) == {"fp32_eager", "fp32_compiled"}
     assert (tr.forward_model is not tr.model) == tr.settings["compile"]

@@ -62,7 +62,8 @@ def device_model(device_type: str, index: int | None = None) -> str:
 def cache_key(cfg, device: torch.device) -> str:
     m, t = cfg.method, cfg.train
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "preset"}
-    key = {"device": device_model(device.type, device.index), "threads": torch.get_num_threads(), "torch": torch.__version__, "model": model,
+    key = {"device": device_model(device.type, device.index), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "model": model,
            "batch": [t.batch_size, t.seq_len], "method": [m.name, m.rank, m.dropout, sorted(m.targets)] if m.name != "full" else ["full"]}
     return json.dumps(key, sort_keys=True)
 
@@ -107,7 +108,8 @@ def time_steps(module: nn.Module, params: list[nn.Parameter], device: torch.devi
 
 
 def choose(cfg, model: nn.Module, device: torch.device, distributed: bool, previous: dict[str, Any] | None = None,
-           compile_fn: Callable[[nn.Module], nn.Module] = torch.compile, log: Callable[[str], None] = print) -> tuple[dict[str, Any], nn.Module | None]:
+           compile_fn: Callable[[nn.Module], nn.Module] = torch.compile,
+           log: Callable[[str], None] = print) -> tuple[dict[str, Any], nn.Module | None]:
     """(settings, compiled module or None). settings: precision, compile, chosen_by and, where
     measured, timings_s (seconds per forward + backward per candidate) and the cache path."""
     t = cfg.train
@@ -115,7 +117,8 @@ def choose(cfg, model: nn.Module, device: torch.device, distributed: bool, previ
     if not (auto_p or auto_c):
         return {"precision": t.precision, "compile": bool(t.compile), "chosen_by": "config"}, None
     if previous and "precision" in previous and "compile" in previous:
-        keep = {"precision": previous["precision"] if auto_p else t.precision, "compile": previous["compile"] if auto_c else bool(t.compile)}
+        keep = {"precision": previous["precision"] if auto_p else t.precision,
+                "compile": previous["compile"] if auto_c else bool(t.compile)}
         return {**previous, **keep, "chosen_by": "resumed run (its env.json)"}, None
     static = {"precision": pick_precision(device, t.precision), "compile": bool(t.compile) if not auto_c else False}
     if distributed or t.max_steps < t.autotune_min_steps:
@@ -134,7 +137,8 @@ def choose(cfg, model: nn.Module, device: torch.device, distributed: bool, previ
     return {**settings, "chosen_by": "measured", "cache": str(path)}, compiled
 
 
-def measure(cfg, model: nn.Module, device: torch.device, auto_p: bool, auto_c: bool, compile_fn, log) -> tuple[dict[str, Any], nn.Module | None]:
+def measure(cfg, model: nn.Module, device: torch.device, auto_p: bool, auto_c: bool, compile_fn,
+            log) -> tuple[dict[str, Any], nn.Module | None]:
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     batch = (t.batch_size, t.seq_len, cfg.model.vocab_size)
