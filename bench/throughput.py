@@ -1,6 +1,6 @@
 """Training throughput of rankscope's Decoder vs the machine's matmul peak and vs Hugging Face Llama.
 
-Run: `.venv/bin/python bench/throughput.py [--quick] [--no-compile] [--presets micro mini pico-tiny]`
+Run: `.venv/bin/python bench/throughput.py [--rounds 3] [--no-compile] [--no-memory] [--presets micro mini pico-tiny]`
 
 In one run it measures, on this CPU:
   (a) the matmul peak, fp32 and bf16: square n x n matmuls (n in 1024, 2048, 4096), best of 5,
@@ -15,8 +15,10 @@ In one run it measures, on this CPU:
       report VmHWM (peak resident set, /proc/self/status) minus the RSS right after `import
       torch`: weights + grads + AdamW moments + activations + allocator slack. tracemalloc does
       not see torch's allocations, so it cannot be used.
-and, for one preset, whether `torch.compile` (inductor, CPU) of our Decoder helps (steady state,
-compile time excluded).
+Ours runs with the settings `train.precision: auto` / `train.compile: auto` pick (rankscope.autotune's
+measurement, run here for each preset, compile trial included), HF at the same precision both eager
+and under `torch.compile` of its forward + loss (inductor; compile time excluded by two warm-up
+steps): the ratios ours / HF-eager and ours / HF-compiled, side by side in one run.
 
 Model FLOPs per token = 6 * N + 12 * L * d * T (Kaplan et al. 2020 / PaLM appendix B), where N
 counts every matmul weight (attention, MLP and the lm_head; norms too, which are negligible) but
@@ -118,7 +120,24 @@ def build_ours(cfg: ModelConfig, compile: bool = False):
     return model, opt, loss_fn
 
 
-def build_hf(cfg: ModelConfig):
+def auto_settings(cfg: ModelConfig, shape: Shape) -> dict:
+    """What `train.precision: auto` + `train.compile: auto` pick for this preset and batch
+    (rankscope.autotune's own measurement, with the compile trial always run)."""
+    import rankscope.autotune as autotune
+    from rankscope.config import RunConfig
+
+    run = RunConfig()
+    run.model, run.train.batch_size, run.train.seq_len = cfg, shape.batch, shape.seq
+    model, _, _ = build_ours(cfg)
+    old, autotune.COMPILE_MIN_RUN_S = autotune.COMPILE_MIN_RUN_S, 0.0
+    try:
+        settings, _ = autotune.measure(run, model, CPU, True, True, torch.compile, log=lambda *_: None)
+    finally:
+        autotune.COMPILE_MIN_RUN_S = old
+    return settings
+
+
+def build_hf(cfg: ModelConfig, compile: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
@@ -130,10 +149,12 @@ def build_hf(cfg: ModelConfig):
     tcfg = TrainConfig()
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps, weight_decay=tcfg.weight_decay)
 
-    def loss_fn(x, y):
+    def loss_of(x, y):
         logits = model(input_ids=x, use_cache=False).logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))  # the same loss as ours
 
+    # the best a user of the peer would do: compile the model's forward and the loss together
+    loss_fn = torch.compile(loss_of) if compile else loss_of
     return model, opt, loss_fn
 
 
@@ -219,8 +240,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="*", default=[s.preset for s in SHAPES], help="subset of micro, mini, pico-tiny")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (best is kept)")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile trial")
-    ap.add_argument("--compile-preset", default="mini", help="preset for the torch.compile trial")
+    ap.add_argument("--no-compile", action="store_true", help="skip HF compiled (ours still compiles where auto picks it)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--memory-probe", nargs=5, metavar=("IMPL", "PRESET", "BATCH", "SEQ", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -244,40 +264,31 @@ def main() -> None:
         x, y = batch(cfg, shape)
         fpt = flops_per_token(cfg, shape.seq)
         tokens = shape.batch * shape.seq
-        for prec in ("fp32", "bf16"):
-            ours, hf = build_ours(cfg), build_hf(cfg)
-            steps = {"ours": make_step(*ours, prec), "hf": make_step(*hf, prec)}
-            best = interleaved(steps, x, y, args.rounds, shape.per_round)
-            del ours, hf, steps
-            gc.collect()
-            mem = {impl: (None if args.no_memory else peak_memory(impl, shape, prec)) for impl in ("ours", "hf")}
-            row = {"preset": shape.preset, "batch": shape.batch, "seq": shape.seq, "precision": prec,
-                   "ours_tok_s": tokens / best["ours"], "hf_tok_s": tokens / best["hf"], "flops_per_token": fpt,
-                   "ours_mem": mem["ours"], "hf_mem": mem["hf"]}
-            row["ratio"] = row["ours_tok_s"] / row["hf_tok_s"]
-            rows.append(row)
-            print(f"{shape.preset:9s} {prec}: ours {row['ours_tok_s']:9,.0f} tok/s ({row['ours_tok_s'] * fpt / 1e9:.1f} GFLOP/s), "
-                  f"HF {row['hf_tok_s']:9,.0f} tok/s, ours/HF {row['ratio']:.2f}x, "
-                  f"peak mem ours {_mib(row['ours_mem'])} HF {_mib(row['hf_mem'])}", flush=True)
+        auto = auto_settings(cfg, shape)
+        prec = auto["precision"]
+        ours = build_ours(cfg, compile=auto["compile"])
+        hf, hfc = build_hf(cfg), (None if args.no_compile else build_hf(cfg, compile=True))
+        steps = {"ours": make_step(*ours, prec), "hf": make_step(*hf, prec)}
+        if not args.no_compile:
+            steps["hf_compiled"] = make_step(*hfc, prec)
+        best = interleaved(steps, x, y, args.rounds, shape.per_round, warmup=2)  # warm-up 2: compile (forward, backward)
+        del ours, hf, hfc, steps
+        gc.collect()
+        mem = {impl: (None if args.no_memory else peak_memory(impl, shape, "fp32")) for impl in ("ours", "hf")}
+        row = {"preset": shape.preset, "batch": shape.batch, "seq": shape.seq, "precision": prec, "compile": auto["compile"],
+               "auto_timings": auto["timings_s"], "ours_tok_s": tokens / best["ours"], "hf_tok_s": tokens / best["hf"],
+               "hfc_tok_s": tokens / best["hf_compiled"] if "hf_compiled" in best else None, "flops_per_token": fpt,
+               "ours_mem": mem["ours"], "hf_mem": mem["hf"]}
+        row["ratio"] = row["ours_tok_s"] / row["hf_tok_s"]
+        row["ratio_c"] = row["ours_tok_s"] / row["hfc_tok_s"] if row["hfc_tok_s"] else None
+        rows.append(row)
+        print(f"{shape.preset:9s} auto picked {prec}, {'compiled' if auto['compile'] else 'eager'} "
+              f"(s per fwd+bwd: {', '.join(f'{k} {v:.3f}' for k, v in auto['timings_s'].items())})\n"
+              f"          ours {row['ours_tok_s']:9,.0f} tok/s, HF eager {row['hf_tok_s']:9,.0f}, HF compiled {_tok(row['hfc_tok_s'])}; "
+              f"ours/HF-eager {row['ratio']:.2f}x, ours/HF-compiled {_ratio(row['ratio_c'])}; "
+              f"peak mem (fp32 eager) ours {_mib(row['ours_mem'])} HF {_mib(row['hf_mem'])}", flush=True)
         update_peak(peak)  # the peak is the best seen all run: load from other processes only lowers it
-
     compile_line = None
-    if not args.no_compile and args.compile_preset in args.presets:
-        shape = next(s for s in SHAPES if s.preset == args.compile_preset)
-        cfg = model_config(shape.preset, shape.seq)
-        x, y = batch(cfg, shape)
-        prec = "fp32"
-        eager, compiled = build_ours(cfg), build_ours(cfg, compile=True)
-        t0 = time.perf_counter()
-        cstep = make_step(*compiled, prec)
-        cstep(x, y)
-        cstep(x, y)
-        compile_s = time.perf_counter() - t0
-        best = interleaved({"eager": make_step(*eager, prec), "compiled": cstep}, x, y, args.rounds, shape.per_round, warmup=1)
-        tokens = shape.batch * shape.seq
-        compile_line = (f"torch.compile ({shape.preset}, {prec}, batch {shape.batch} x seq {shape.seq}): eager {tokens / best['eager']:,.0f} tok/s, "
-                        f"compiled {tokens / best['compiled']:,.0f} tok/s ({best['eager'] / best['compiled']:.2f}x), first two steps incl. compile {compile_s:.0f} s")
-        print(compile_line)
 
     update_peak(peak, verbose=True)
     for r in rows:
@@ -285,8 +296,17 @@ def main() -> None:
         r["ours_mfu"], r["hf_mfu"] = achieved / peak[r["precision"]], r["flops_per_token"] * r["hf_tok_s"] / peak[r["precision"]]
         r["ours_of_best_peak"] = achieved / max(peak.values())
     print_table(rows, peak, threads, compile_line)
-    print(f"\nload average at end {os.getloadavg()[0]:.1f} (above {threads}: other processes shared the cores; tokens/s are then low, ratios still fair)")
+    print(f"\nload average at end {os.getloadavg()[0]:.1f} (above {threads}: other processes shared the cores; tokens/s are then low and "
+          "ratios only indicative, although interleaving spreads the load over both sides)")
     print(f"\n(bench took {time.perf_counter() - t_start:.0f} s)")
+
+
+def _tok(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:9,.0f}"
+
+
+def _ratio(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
 
 
 def _mib(b: int | None) -> str:
@@ -299,11 +319,13 @@ def print_table(rows: list[dict], peak: dict[str, float], threads: int, compile_
     print(f"Matmul peak: fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s. "
           f"MFU = (6N + 12LdT) x tokens/s / peak of the same precision; 'of best peak' divides by the {best_prec} peak. "
           "Step = forward + backward + AdamW step, best of interleaved rounds. Peak memory = peak RSS above the after-import baseline.\n")
-    print("| preset | batch x seq | precision | rankscope tok/s | HF Llama tok/s | ours / HF | MFU ours | MFU HF | ours of best peak | peak mem ours | peak mem HF |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| preset | batch x seq | auto picked | rankscope tok/s | HF eager tok/s | HF compiled tok/s | ours / HF eager | ours / HF compiled "
+          "| MFU ours | ours of best peak | peak mem ours | peak mem HF |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['preset']} | {r['batch']} x {r['seq']} | {r['precision']} | {r['ours_tok_s']:,.0f} | {r['hf_tok_s']:,.0f} | {r['ratio']:.2f}x | "
-              f"{r['ours_mfu']:.1%} | {r['hf_mfu']:.1%} | {r['ours_of_best_peak']:.1%} | {_mib(r['ours_mem'])} | {_mib(r['hf_mem'])} |")
+        print(f"| {r['preset']} | {r['batch']} x {r['seq']} | {r['precision']}, {'compiled' if r['compile'] else 'eager'} | {r['ours_tok_s']:,.0f} "
+              f"| {r['hf_tok_s']:,.0f} | {_tok(r['hfc_tok_s']).strip()} | {r['ratio']:.2f}x | {_ratio(r['ratio_c'])} | "
+              f"{r['ours_mfu']:.1%} | {r['ours_of_best_peak']:.1%} | {_mib(r['ours_mem'])} | {_mib(r['hf_mem'])} |")
     if compile_line:
         print(f"\n{compile_line}")
 

@@ -156,3 +156,40 @@ def test_lora_method_optimizer_groups(data_dir):
     rep = method.report(model, opt)
     assert rep["lora_params"] == sum(4 * (m.base.in_features + m.base.out_features) for m in lora_modules(model).values())
     assert rep["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_merged_and_factored_paths_agree_in_outputs_and_gradients(bias):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 20, bias=bias).double(), rank=4, alpha=8.0, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_A.data = layer.lora_A.double().normal_()
+        layer.lora_B.data = layer.lora_B.double().normal_()
+    x = torch.randn(3, 7, 12, dtype=torch.float64)
+    results = {}
+    for path in ("merged", "factored"):
+        layer.forward_path = path
+        assert layer.path(x) == path
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+        results[path] = (y.detach(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+        layer.lora_A.grad = layer.lora_B.grad = None
+        assert layer.base.weight.grad is None  # the frozen weight gets no gradient on either path
+    for merged, factored in zip(results["merged"], results["factored"]):
+        torch.testing.assert_close(merged, factored, rtol=0, atol=1e-10)
+
+
+def test_dropout_forces_the_factored_path_only_while_training():
+    layer = LoRALinear(nn.Linear(8, 8, bias=False), rank=2, alpha=4.0, dropout=0.1)
+    layer.forward_path = "merged"
+    x = torch.randn(5, 8)
+    assert layer.train().path(x) == "factored"  # the mask acts on x: no merged form exists
+    assert layer.eval().path(x) == "merged"  # dropout is the identity in eval mode
+
+
+def test_cost_model_prefers_merged_for_narrow_layers_and_factored_for_wide():
+    from rankscope.methods.lora import choose_path
+
+    assert choose_path(4096, 128, 128, 16) == "merged"  # mini: dense dW is cheaper than 4 thin matmuls
+    assert choose_path(1024, 1536, 1536, 16) == "factored"  # wide layers: the dense dW dominates

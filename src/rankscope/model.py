@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rankscope.config import ModelConfig
+from rankscope.losses import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -112,7 +113,8 @@ class Decoder(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std * scale)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, V), or the mean next-token loss if targets given."""
+        """idx (B, T) token ids -> logits (B, T, V), or the mean next-token loss if targets given
+        (head and loss fused in chunks of tokens: the (B*T, V) logits are never materialised)."""
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -120,10 +122,10 @@ class Decoder(nn.Module):
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
+        h = self.norm(x)  # (B, T, d)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            return self.lm_head(h)
+        return linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
 
     def num_params(self, trainable_only: bool = False) -> int:
         seen, n = set(), 0

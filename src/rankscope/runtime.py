@@ -1,8 +1,10 @@
 """Device and precision choice, by what the hardware does well (never assumed).
 
-`precision: auto` picks bf16 autocast on a CUDA device with bf16 support and on CPUs whose flags
-advertise native bf16 dot products (avx512_bf16 or amx_bf16); elsewhere fp32. On AVX2-only CPUs a
-bf16 matmul is ~100x slower than fp32, so the flag check matters. Master weights stay fp32.
+`pick_precision(device, "auto")` is the static choice: bf16 autocast on a CUDA device with bf16
+support and on CPUs whose flags advertise native bf16 dot products (avx512_bf16 or amx_bf16);
+elsewhere fp32 (on AVX2-only CPUs a bf16 matmul is ~100x slower). Flags say what a CPU can do, not
+what is fastest for a given model: runs long enough to repay it time both candidates instead
+(rankscope.autotune), and only shorter runs use this static choice. Master weights stay fp32.
 """
 
 from __future__ import annotations

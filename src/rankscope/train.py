@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from rankscope import autotune
 from rankscope import checkpoint as ckpt
 from rankscope import distributed, sharding
 from rankscope.config import RunConfig
@@ -127,6 +128,7 @@ class Trainer:
         elif self.cfg.train.parallel == "fsdp":
             self.log("[train] train.parallel=fsdp on one process: nothing to shard, training unsharded")
         self.optimizer = self.method.build_optimizer(self.model, self.device)
+        self.choose_settings()
         self.wrap_parallel()
         load_callback_modules()
         # evaluation and analysis run on rank 0 only; the other ranks wait at the next all-reduce
@@ -181,7 +183,19 @@ class Trainer:
         _write_atomic(cfg_path, yaml.safe_dump(resolved, sort_keys=False))
         env = {**describe(self.device), "git_commit": git_commit(), "world_size": self.dist.world_size,
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        _write_atomic(self.run_dir / "env.json", json.dumps(env, indent=1))
+        env_path = self.run_dir / "env.json"
+        self.previous_settings = _read_settings(env_path)  # a resumed run keeps its measured precision / compile
+        _write_atomic(env_path, json.dumps(env, indent=1))
+
+    def choose_settings(self) -> None:
+        """precision / compile: as configured, or for `auto` by timing this model (rankscope.autotune);
+        the choice and its timings go into env.json."""
+        self.settings, self.compiled = autotune.choose(self.cfg, self.model, self.device, self.dist.enabled,
+                                                       getattr(self, "previous_settings", None), log=self.log)
+        self.precision = self.settings["precision"]
+        if self.dist.is_main:
+            env_path = self.run_dir / "env.json"
+            _write_atomic(env_path, json.dumps({**json.loads(env_path.read_text()), "settings": self.settings}, indent=1))
 
     def build_data(self) -> Corpus:
         corpus = prepare(self.cfg.data, log=self.log)
@@ -204,7 +218,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.forward_model = torch.compile(module) if self.cfg.train.compile else module
+        compiled, self.compiled = self.compiled if module is self.model else None, None  # autotune's, used once
+        self.forward_model = (compiled if compiled is not None else torch.compile(module)) if self.settings["compile"] else module
 
     def build_model(self) -> tuple[nn.Module, Method]:
         torch.manual_seed(self.cfg.train.seed)
@@ -546,11 +561,21 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _read_settings(env_path: Path) -> dict | None:
+    """The precision / compile a previous attempt of this run chose (env.json `settings`), if readable."""
+    try:
+        settings = json.loads(env_path.read_text()).get("settings") if env_path.exists() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
 def _without_budget(cfg: dict) -> dict:
     """Fields that may change on resume (longer training, logging, progress bar) are ignored."""
     out = json.loads(json.dumps(cfg))
     train = out.get("train") if isinstance(out.get("train"), dict) else {}
-    for key in ("max_steps", "progress", "log_every", "eval_every", "threads", "device", "tensorboard", "wandb", "wandb_project", "parallel", "compile"):
+    for key in ("max_steps", "progress", "log_every", "eval_every", "threads", "device", "tensorboard", "wandb", "wandb_project", "parallel", "compile",
+                "autotune_min_steps", "autotune_cache"):
         train.pop(key, None)
     out.pop("checkpoint", None)
     out.pop("eval", None)

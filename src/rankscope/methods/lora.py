@@ -6,6 +6,13 @@ step 1 (A from step 2, once B is non-zero). `delta_weight()` is the only place
 dW = (alpha / r) * B @ A is computed, always in fp32; `merge()` adds exactly that dW to the fp32
 master weight and refuses non-finite results (peft's `safe_merge`).
 
+Two ways to compute the same function (`forward_path`): the factored form above, and, where dropout
+is off (p = 0, or eval mode), the merged form `F.linear(x, W + dW)` with dW = `delta_weight(grad=True)`.
+Through autograd the merged form costs one dense weight gradient (which full-rank training computes
+too) plus two thin (out x in x r) products for dA and dB, instead of four thin matmuls over the
+(tokens x features) activations and the saved low-rank activations. `choose_path` picks per layer
+and per call by a FLOP cost model (thin matmuls weighted by THIN_PENALTY, calibrated on CPU).
+
 Effective-weight gradients (checkpoint.save_grads): the base weight is frozen, so autograd gives
 it no gradient. At snapshot steps only, `capture_effective_grads(model, True)` makes each wrapped
 layer accumulate dL/dW = sum over tokens of grad_out x^T (a hook on its output, all micro-batches),
@@ -52,6 +59,26 @@ def seeded_generator(*key: int) -> torch.Generator:
     return g
 
 
+# A thin matmul (one dimension r) runs at a fraction of a dense matmul's FLOP rate: measured
+# 2026-12-01 on the 2-core Xeon (torch 2.13, fp32), fwd+bwd of one layer at mini and pico-tiny shapes.
+THIN_PENALTY = 3.0
+
+
+def choose_path(tokens: int, d_in: int, d_out: int, rank: int, backward: bool = True) -> str:
+    """'merged' or 'factored', whichever the FLOP cost model says is cheaper (the frozen W's forward
+    matmul and input gradient are common to both and left out). With a backward pass:
+      merged: dense dW' = g^T x (2 N in out) + W' = W + sBA and the dA, dB products (6 r in out);
+      factored: x A^T, (xA) B^T forward and their four backward products (6 N r (in + out)), thin.
+    Forward only (evaluation): merged builds W' (2 r in out); factored runs 2 N r (in + out), thin."""
+    if backward:
+        merged = 2 * tokens * d_in * d_out + 6 * rank * d_in * d_out
+        factored = THIN_PENALTY * 6 * tokens * rank * (d_in + d_out)
+    else:
+        merged = 2 * rank * d_in * d_out
+        factored = THIN_PENALTY * 2 * tokens * rank * (d_in + d_out)
+    return "merged" if merged <= factored else "factored"
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, generator: torch.Generator | None = None):
         super().__init__()
@@ -68,6 +95,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.capture_grad = False  # accumulate dL/dW of the base weight (snapshot steps only)
         self.effective_grad: torch.Tensor | None = None
+        self.forward_path: str = "auto"  # 'auto' (choose_path), 'merged' or 'factored'
         self.reset_adapter(generator)
 
     @torch.no_grad()
@@ -80,10 +108,24 @@ class LoRALinear(nn.Module):
         assign_(self.lora_A, a)  # under FSDP each rank keeps its rows of the same draw
         self.lora_B.zero_()
 
+    def path(self, x: torch.Tensor) -> str:
+        """The form this call uses: factored whenever dropout is active (its mask acts on x)."""
+        if isinstance(self.dropout, nn.Dropout) and self.training:
+            return "factored"
+        if self.forward_path != "auto":
+            return self.forward_path
+        backward = torch.is_grad_enabled() and (x.requires_grad or self.lora_A.requires_grad)
+        return choose_path(x.numel() // x.shape[-1], self.base.in_features, self.base.out_features, self.rank, backward)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the scale is folded into B (r columns) rather than applied to the (B, T, out) activations:
-        # one full-size elementwise pass less per call. Under bf16 autocast F.linear casts the factors.
-        out = self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
+        if self.path(x) == "merged":
+            # exactly the same function; autograd reaches A and B through delta_weight's B @ A.
+            # Under bf16 autocast F.linear casts the fp32 sum W + dW once.
+            out = F.linear(x, self.base.weight + self.delta_weight(grad=True), self.base.bias)
+        else:
+            # the scale is folded into B (r columns) rather than applied to the (B, T, out) activations:
+            # one full-size elementwise pass less per call. Under bf16 autocast F.linear casts the factors.
+            out = self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
         if self.capture_grad and out.requires_grad:
             out.register_hook(partial(self._accumulate_grad, x.detach()))
         return out
@@ -100,14 +142,16 @@ class LoRALinear(nn.Module):
         """fp32, or the master weight's dtype where it is wider (float64 in exactness tests)."""
         return torch.promote_types(self.base.weight.dtype, torch.float32)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, grad: bool = False) -> torch.Tensor:
         """dW = (alpha / r) * B @ A, (out, in), in fp32 — the only place it is computed. Always the
-        full matrix: under FSDP the thin factors are all-gathered first (collective)."""
+        full matrix: under FSDP the thin factors are all-gathered first (collective). With
+        `grad` (the merged forward) the factors stay in the autograd graph: inside forward FSDP has
+        already unsharded them, so nothing is gathered."""
         dt = self.merge_dtype()
-        b, a = full(self.lora_B), full(self.lora_A)
+        b, a = (self.lora_B, self.lora_A) if grad else (full(self.lora_B), full(self.lora_A))
         # autocast off: inside a bf16 autocast region the matmul would silently run in bf16
         with torch.autocast(a.device.type, enabled=False):
-            return self.scaling * (b.detach().to(dt) @ a.detach().to(dt))
+            return self.scaling * (b.to(dt) @ a.to(dt))
 
     def effective_weight(self) -> torch.Tensor:
         """The dense weight this layer applies: W + dW, fp32 (full, also under FSDP)."""
@@ -126,7 +170,7 @@ class LoRALinear(nn.Module):
         local(w).copy_(merged.to(w.dtype))
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling}"
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling}, forward_path={self.forward_path}"
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
