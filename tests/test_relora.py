@@ -136,7 +136,7 @@ def test_merge_keeps_function_and_is_exact(data_dir, mode, dtype):
             p = next(q for q in model.parameters() if id(q) == pid)
             assert all(torch.equal(st[k], opt.state[p][k]) for k in st) and opt.state[p]["step"].item() == 3 * cycle
     assert method.state_dict()["merges"] == 3
-    rows = method.after_step(12, model, opt)
+    rows = method.after_step(12, model, opt, listener)
     assert rows["relora_merge"] == 4 and rows["probe_before_merge"] == 1 and rows["relora_optimizer_reset"] == 4
 
 

@@ -176,26 +176,33 @@ class MethodConfig:
     rank: 8}`, or `method.rank=8` overrides) is still read, with a deprecation line.
 
     Reading `cfg.method.rank` (and setting it) goes to the options; setting `name` switches to the
-    new method's options, keeping the values of the options both methods have."""
+    new method's options, keeping the values of the options both methods have. Flat options of the
+    earlier form that belong to other methods only are kept in `extra` (checked, unused by this
+    method, written back flat) so a study point keeps them when its method changes."""
 
-    def __init__(self, name: str = "full", options: Any = None):
+    def __init__(self, name: str = "full", options: Any = None, extra: dict[str, Any] | None = None):
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "options", options if options is not None else _method_class(name).config_class())
+        object.__setattr__(self, "extra", dict(extra or {}))
 
     def __getattr__(self, key: str) -> Any:
-        options = self.__dict__.get("options")
-        if key.startswith("__") or options is None or not hasattr(options, key):
-            raise AttributeError(f"method {self.__dict__.get('name')!r} has no option {key!r}")
-        return getattr(options, key)
+        options, extra = self.__dict__.get("options"), self.__dict__.get("extra") or {}
+        if not key.startswith("__") and options is not None and hasattr(options, key):
+            return getattr(options, key)
+        if not key.startswith("__") and key in extra:
+            return extra[key]
+        raise AttributeError(f"method {self.__dict__.get('name')!r} has no option {key!r}")
 
     def __setattr__(self, key: str, value: Any) -> None:
         if key == "name":
             if value != self.name:
                 old, new_cls = self.options, _method_class(value).config_class
-                kept = {f.name: getattr(old, f.name) for f in dataclasses.fields(new_cls) if hasattr(old, f.name)}
-                object.__setattr__(self, "options", new_cls(**kept))
+                names = {f.name for f in dataclasses.fields(new_cls)}
+                pool = {**self.extra, **{f.name: getattr(old, f.name) for f in dataclasses.fields(old)}}
+                object.__setattr__(self, "options", new_cls(**{k: v for k, v in pool.items() if k in names}))
+                object.__setattr__(self, "extra", {k: v for k, v in pool.items() if k not in names and k in self.extra})
             object.__setattr__(self, "name", value)
-        elif key == "options":
+        elif key in ("options", "extra"):
             object.__setattr__(self, key, value)
         elif dataclasses.is_dataclass(self.options) and key in {f.name for f in dataclasses.fields(self.options)}:
             setattr(self.options, key, value)
@@ -203,7 +210,7 @@ class MethodConfig:
             raise AttributeError(f"method {self.name!r} has no option {key!r}")
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, MethodConfig) and (self.name, self.options) == (other.name, other.options)
+        return isinstance(other, MethodConfig) and (self.name, self.options, self.extra) == (other.name, other.options, other.extra)
 
     def __repr__(self) -> str:
         return f"MethodConfig(name={self.name!r}, options={self.options!r})"
@@ -213,7 +220,11 @@ class MethodConfig:
             self.options.validate()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, self.name: dataclasses.asdict(self.options)}
+        return {"name": self.name, self.name: dataclasses.asdict(self.options), **json_copy(self.extra)}
+
+
+def json_copy(value: Any) -> Any:
+    return yaml.safe_load(yaml.safe_dump(value))
 
 
 def _method_class(name: str):
@@ -245,6 +256,11 @@ def _build_method(data: Any, where: str) -> MethodConfig:
     if unknown:
         raise ConfigError(f"unknown config key '{where}.{unknown[0]}'; valid keys here: name, {', '.join(sorted(METHODS))} "
                           f"(the options of method {name!r}: {', '.join(sorted(own))})")
+    for key in sorted(set(flat) - own):  # ignored, but still checked as the method that has it checks it
+        owner = next(m.config_class for m in METHODS.values() if key in {f.name for f in dataclasses.fields(m.config_class)})
+        ignored = _build(owner, {key: flat[key]}, where)
+        if hasattr(ignored, "validate"):
+            ignored.validate()
     mapped = {k: v for k, v in flat.items() if k in own}
     both = sorted(k for k in mapped if k in section and section[k] != mapped[k])
     if both:
@@ -252,9 +268,9 @@ def _build_method(data: Any, where: str) -> MethodConfig:
     if flat:
         warnings.warn(f"flat method options ({', '.join(sorted(flat))}) are deprecated: write them under {where}.{name} "
                       f"(e.g. {where}.{name}.{sorted(flat)[0]}=...)"
-                      + (f"; {', '.join(sorted(set(flat) - own))} do not apply to {name} and are ignored" if set(flat) - own else ""),
+                      + (f"; {', '.join(sorted(set(flat) - own))} do not apply to {name} (kept, unused)" if set(flat) - own else ""),
                       FutureWarning, stacklevel=4)
-    return MethodConfig(name, _build(cls, {**mapped, **section}, f"{where}.{name}"))
+    return MethodConfig(name, _build(cls, {**mapped, **section}, f"{where}.{name}"), {k: v for k, v in flat.items() if k not in own})
 
 
 def method_options(method: dict[str, Any]) -> dict[str, Any]:

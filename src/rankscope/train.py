@@ -217,7 +217,7 @@ class Trainer:
         for rel, (tensors, metadata) in self.method.take_files().items():
             if self.dist.is_main:
                 ckpt.save_tensors_atomic(self.run_dir / rel, tensors, metadata)
-        return events.rows
+        return dict(events)
 
     # ------------------------------------------------------------------ callbacks
     @property

@@ -31,13 +31,13 @@ class FullConfig:
         pass
 
 
-@dataclass
-class StepEvents:
-    """What `after_step` tells the trainer: rows to log, and whether the model changed shape so the
-    optimiser must be rebuilt (`Method.rebuild_optimizer`) and the parallel wrapper re-made."""
+class StepEvents(dict):
+    """What `after_step` tells the trainer: the rows to log (the dict itself), and whether the model
+    changed shape so the optimiser must be rebuilt (`Method.rebuild_optimizer`) and re-wrapped."""
 
-    rows: dict[str, Any]
-    rebuild_optimizer: bool = False
+    def __init__(self, rows: dict[str, Any] | None = None, rebuild_optimizer: bool = False):
+        super().__init__(rows or {})
+        self.rebuild_optimizer = rebuild_optimizer
 
 
 class Method:
