@@ -191,6 +191,12 @@ class MethodConfig:
             return getattr(options, key)
         if not key.startswith("__") and key in extra:
             return extra[key]
+        if not key.startswith("__") and options is not None:  # the earlier flat form had every option: its default
+            from rankscope.methods import METHODS
+
+            for m in METHODS.values():
+                if key in {f.name for f in dataclasses.fields(m.config_class)}:
+                    return getattr(m.config_class(), key)
         raise AttributeError(f"method {self.__dict__.get('name')!r} has no option {key!r}")
 
     def __setattr__(self, key: str, value: Any) -> None:
@@ -256,11 +262,13 @@ def _build_method(data: Any, where: str) -> MethodConfig:
     if unknown:
         raise ConfigError(f"unknown config key '{where}.{unknown[0]}'; valid keys here: name, {', '.join(sorted(METHODS))} "
                           f"(the options of method {name!r}: {', '.join(sorted(own))})")
-    for key in sorted(set(flat) - own):  # ignored, but still checked as the method that has it checks it
-        owner = next(m.config_class for m in METHODS.values() if key in {f.name for f in dataclasses.fields(m.config_class)})
-        ignored = _build(owner, {key: flat[key]}, where)
-        if hasattr(ignored, "validate"):
-            ignored.validate()
+    ignored = set(flat) - own
+    for m in METHODS.values():  # kept but unused: still checked, together, by each method that has them
+        theirs = {k: flat[k] for k in ignored & {f.name for f in dataclasses.fields(m.config_class)}}
+        if theirs:
+            built = _build(m.config_class, theirs, where)
+            if hasattr(built, "validate"):
+                built.validate()
     mapped = {k: v for k, v in flat.items() if k in own}
     both = sorted(k for k in mapped if k in section and section[k] != mapped[k])
     if both:
