@@ -18,7 +18,7 @@ alpha * r_i / rank), so a layer's per-direction step does not jump when its rank
 checkpoint stores every layer's rank and scaling (`adapters` in its metadata) for analysis and export.
 A restart with new ranks replaces each LoRALinear by a new one around the merged base weight
 (A re-drawn from (seed, cycle, layer index), B = 0) — the model function is unchanged — and
-`after_step` asks the trainer to rebuild the optimiser (full-rank parameters keep their AdamW
+`after_step` asks the training loop to rebuild the optimiser (full-rank parameters keep their AdamW
 state; LoRA moments start from zero, since the factors changed shape). The per-layer ranks are part
 of the method state in each checkpoint: a model built after `load_state_dict` has the saved ranks.
 """

@@ -2,7 +2,7 @@
 
 A method is one module in `rankscope.methods`: a config dataclass (`config_class`, the YAML section
 `method.<name>`), its capabilities (`supports_fsdp`, `memory_knob`) and the hooks below. A method
-never sees the trainer: it changes the model and the optimiser it is handed, and tells the trainer
+never sees the training loop: it changes the model and the optimiser it is handed, and tells the training loop
 what it needs (rebuild the optimiser) through the events `after_step` returns.
 """
 
@@ -18,7 +18,7 @@ from rankscope.errors import ConfigError
 from rankscope.optim import build_adamw, check_coverage, optimizer_state_bytes, param_groups
 from rankscope.schedules import cosine_with_warmup
 
-# notify(event, step, model) -> rows: how the trainer lets callbacks look at the model around a
+# notify(event, step, model) -> rows: how the training loop lets callbacks look at the model around a
 # method's events ('before_merge', 'after_merge'); a method calls it, never the callbacks themselves
 Notify = Callable[[str, int, nn.Module], "dict[str, Any] | None"]
 
@@ -32,7 +32,7 @@ class FullConfig:
 
 
 class StepEvents(dict):
-    """What `after_step` tells the trainer: the rows to log (the dict itself), and whether the model
+    """What `after_step` tells the training loop: the rows to log (the dict itself), and whether the model
     changed shape so the optimiser must be rebuilt (`Method.rebuild_optimizer`) and re-wrapped."""
 
     def __init__(self, rows: dict[str, Any] | None = None, rebuild_optimizer: bool = False):
@@ -88,7 +88,7 @@ class Method:
 
     def take_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
         """(tensors, metadata) the method wants written to the run folder as safetensors files, by
-        path relative to it; handed over once (the trainer writes them, on rank 0)."""
+        path relative to it; handed over once (the training loop writes them, on rank 0)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -104,5 +104,5 @@ class Method:
 
 
 def emit(notify: Notify | None, event: str, step: int, model: nn.Module) -> dict[str, Any]:
-    """Tell the trainer's `notify` about an event; the rows it returns (or none)."""
+    """Tell the training loop's `notify` about an event; the rows it returns (or none)."""
     return (notify(event, step, model) or {}) if notify is not None else {}

@@ -18,7 +18,7 @@ analysis and the Hugging Face export rely on these names and on `delta_weight` /
 
 ReLoRA (Lialin et al. 2023) trains embeddings, norms and the LM head full-rank; only the targeted
 linears get adapters. An optional full-rank warm start trains everything for `warm_start_steps`
-before the adapters are attached (`after_step` then asks the trainer to rebuild the optimiser).
+before the adapters are attached (`after_step` then asks the training loop to rebuild the optimiser).
 
 Each checkpoint's method state holds every adapted layer's rank and scaling (`adapters`), so a
 model is rebuilt from the checkpoint alone and `merged_state_dict` merges any of them exactly.

@@ -182,7 +182,7 @@ class ReLoRAMethod(LoRAMethod):
         return {"relora_optimizer_reset": self.optimizer_resets, "relora_state_kept": kept / max(total, 1)}
 
     def save_update(self, cycle: int, step: int, deltas: dict[str, torch.Tensor]) -> None:
-        """Hand this cycle's update to the trainer, which writes it (atomically: a resumed run
+        """Hand this cycle's update to the training loop, which writes it (atomically: a resumed run
         rewrites the same bytes) to RUN/relora_updates/cycle_NNNN_step_NNNNNN.safetensors."""
         c = self.config
         meta = {"cycle": str(cycle), "step": str(step), "rank": str(c.rank), "scaling": str(c.alpha / c.rank)}
