@@ -146,7 +146,7 @@ class AdaptiveReLoRAMethod(ReLoRAMethod):
 
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, notify: Notify | None = None) -> StepEvents:
         """ReLoRA's step; when a merge chose new ranks, re-wrap the layers to them and ask the
-        trainer for a new optimiser."""
+        training loop for a new optimiser."""
         events = super().after_step(step, model, optimizer, notify)
         if self.pending:
             self.pending = False
