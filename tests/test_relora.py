@@ -85,7 +85,7 @@ def build(data_dir, *overrides):
     return cfg, model, method, method.build_optimizer(model, torch.device("cpu"))
 
 
-def train_steps(model, opt, method, steps, first=0):
+def train_steps(model, opt, method, steps, first=0, notify=None):
     g = torch.Generator().manual_seed(first)
     for step in range(first, first + steps):
         idx = torch.randint(0, 512, (2, 17), generator=g)
@@ -93,7 +93,7 @@ def train_steps(model, opt, method, steps, first=0):
         model(idx[:, :-1], idx[:, 1:]).backward()
         opt.step()
         opt.zero_grad()
-        method.after_step(step + 1, model, opt)
+        method.after_step(step + 1, model, opt, notify)
 
 
 @pytest.mark.parametrize("mode,dtype", [("zero", torch.float32), ("random_prune", torch.float32), ("magnitude_prune", torch.float32), ("random_prune", torch.float64)])
@@ -112,9 +112,8 @@ def test_merge_keeps_function_and_is_exact(data_dir, mode, dtype):
                            "full": {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in [m.embed.weight, m.lm_head.weight]}}
         return {f"probe_{event}": 1}
 
-    method.listeners.append(listener)
     for cycle in (1, 2, 3):
-        train_steps(model, opt, method, 3, first=3 * (cycle - 1))
+        train_steps(model, opt, method, 3, first=3 * (cycle - 1), notify=listener)
         assert method.merges == cycle
         b, a = seen["before_merge"], seen["after_merge"]
         # function unchanged. In float64 the merge is exact to rounding (1e-12). In fp32 the outputs
@@ -137,7 +136,7 @@ def test_merge_keeps_function_and_is_exact(data_dir, mode, dtype):
             p = next(q for q in model.parameters() if id(q) == pid)
             assert all(torch.equal(st[k], opt.state[p][k]) for k in st) and opt.state[p]["step"].item() == 3 * cycle
     assert method.state_dict()["merges"] == 3
-    rows = method.after_step(12, model, opt)
+    rows = method.after_step(12, model, opt, listener)
     assert rows["relora_merge"] == 4 and rows["probe_before_merge"] == 1 and rows["relora_optimizer_reset"] == 4
 
 

@@ -68,6 +68,14 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return out, aliases
 
 
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file, written to a temporary name and renamed: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
 def canonical_sha256(meta: dict[str, Any]) -> str:
     """SHA-256 of `meta` without its own `meta_sha256`, in canonical JSON (sorted keys, no spaces)."""
     body = {k: v for k, v in meta.items() if k != "meta_sha256"}
@@ -155,6 +163,9 @@ META_SCHEMA: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
     "optimizer": (False, lambda v: isinstance(v, dict), "a mapping"),
     "method": (False, lambda v: isinstance(v, dict), "a mapping"),
     "method_name": (False, lambda v: isinstance(v, str), "a string"),
+    "adapters": (False, lambda v: isinstance(v, dict) and all(isinstance(f, dict) and _is_int(f.get("rank")) and isinstance(f.get("scaling"), (int, float))
+                                                              for f in v.values()),
+                 "a mapping of layer -> {rank, scaling}"),
     "world_size": (False, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "tokens": (False, lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "tokenizer_hash": (False, lambda v: isinstance(v, str), "a string"),

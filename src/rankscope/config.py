@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,7 @@ import yaml
 from rankscope.errors import ConfigError
 
 
-def F(default: Any, help: str) -> Any:
+def option(default: Any, help: str) -> Any:
     """A dataclass field with a default and a one-line help text."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
@@ -48,18 +49,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class ModelConfig:
-    preset: str | None = F(None, "named shape (see `rankscope info`); explicit fields override it")
-    d_model: int = F(64, "hidden size")
-    n_layers: int = F(4, "number of decoder blocks")
-    n_heads: int = F(4, "attention heads")
-    n_kv_heads: int = F(2, "key/value heads (grouped-query attention); divides n_heads")
-    ffn_dim: int = F(256, "SwiGLU hidden size")
-    vocab_size: int = F(2048, "embedding rows; must be >= the tokenizer's vocabulary")
-    max_seq_len: int = F(128, "longest sequence RoPE is precomputed for")
-    rope_theta: float = F(10000.0, "RoPE base frequency")
-    norm_eps: float = F(1e-6, "RMSNorm epsilon")
-    tie_embeddings: bool = F(False, "share input embedding and LM head (Pico unties them)")
-    init_std: float = F(0.02, "std of the normal weight init")
+    preset: str | None = option(None, "named shape (see `rankscope info`); explicit fields override it")
+    d_model: int = option(64, "hidden size")
+    n_layers: int = option(4, "number of decoder blocks")
+    n_heads: int = option(4, "attention heads")
+    n_kv_heads: int = option(2, "key/value heads (grouped-query attention); divides n_heads")
+    ffn_dim: int = option(256, "SwiGLU hidden size")
+    vocab_size: int = option(2048, "embedding rows; must be >= the tokenizer's vocabulary")
+    max_seq_len: int = option(128, "longest sequence RoPE is precomputed for")
+    rope_theta: float = option(10000.0, "RoPE base frequency")
+    norm_eps: float = option(1e-6, "RMSNorm epsilon")
+    tie_embeddings: bool = option(False, "share input embedding and LM head (Pico unties them)")
+    init_std: float = option(0.02, "std of the normal weight init")
 
     def validate(self) -> None:
         # ranges first: the divisibility checks below divide by these
@@ -76,24 +77,24 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    sources: list[str] = F(["shakespeare", "python", "fortunes", "jargon", "gcide"], "embedded corpus sources (see rankscope.data.sources)")
-    files: list[str] = F([], "local files or globs (.txt, .jsonl, .parquet) added as their own domain(s)")
-    text_field: str = F("text", "text column of jsonl/parquet files and HF datasets")
-    hf_dataset: str | None = F(None, "Hugging Face dataset name or local path, streamed")
-    hf_config: str | None = F(None, "Hugging Face dataset config name")
-    hf_split: str = F("train", "Hugging Face split to read")
-    hf_max_docs: int = F(10000, "documents read from the HF dataset")
-    pretokenized: str | None = F(None, "Pico-style pretokenized data: parquet file/glob or HF dataset with a token-id column (needs a loaded tokenizer, e.g. olmo)")
-    pretokenized_column: str = F("input_ids", "token-id column of the pretokenized data")
-    max_bytes_per_source: int = F(4_000_000, "cap on UTF-8 bytes read from each embedded source")
-    eval_only_domains: list[str] = F([], "domains held out of training (Paloma-style): all their documents go to val/test, none to train")
-    eval_only_max_bytes: int = F(400_000, "cap on UTF-8 bytes read from each embedded source whose domain is eval-only")
-    val_fraction: float = F(0.05, "share of documents held out for validation (per domain)")
-    test_fraction: float = F(0.05, "share of documents held out for test (per domain)")
-    split_seed: int = F(0, "seed of the deterministic document split")
-    tokenizer: str = F("bpe", "'bpe' trains a byte-level BPE; 'olmo' or a tokenizer.json path loads one")
-    tokenizer_vocab_size: int = F(2048, "vocabulary of a trained BPE")
-    cache_dir: str = F("data", "where prepared corpora live (one folder per data fingerprint)")
+    sources: list[str] = option(["shakespeare", "python", "fortunes", "jargon", "gcide"], "embedded corpus sources (see rankscope.data.sources)")
+    files: list[str] = option([], "local files or globs (.txt, .jsonl, .parquet) added as their own domain(s)")
+    text_field: str = option("text", "text column of jsonl/parquet files and HF datasets")
+    hf_dataset: str | None = option(None, "Hugging Face dataset name or local path, streamed")
+    hf_config: str | None = option(None, "Hugging Face dataset config name")
+    hf_split: str = option("train", "Hugging Face split to read")
+    hf_max_docs: int = option(10000, "documents read from the HF dataset")
+    pretokenized: str | None = option(None, "Pico-style pretokenized data: parquet file/glob or HF dataset with a token-id column (needs a loaded tokenizer, e.g. olmo)")
+    pretokenized_column: str = option("input_ids", "token-id column of the pretokenized data")
+    max_bytes_per_source: int = option(4_000_000, "cap on UTF-8 bytes read from each embedded source")
+    eval_only_domains: list[str] = option([], "domains held out of training (Paloma-style): all their documents go to val/test, none to train")
+    eval_only_max_bytes: int = option(400_000, "cap on UTF-8 bytes read from each embedded source whose domain is eval-only")
+    val_fraction: float = option(0.05, "share of documents held out for validation (per domain)")
+    test_fraction: float = option(0.05, "share of documents held out for test (per domain)")
+    split_seed: int = option(0, "seed of the deterministic document split")
+    tokenizer: str = option("bpe", "'bpe' trains a byte-level BPE; 'olmo' or a tokenizer.json path loads one")
+    tokenizer_vocab_size: int = option(2048, "vocabulary of a trained BPE")
+    cache_dir: str = option("data", "where prepared corpora live (one folder per data fingerprint)")
 
     def validate(self) -> None:
         _check(0 < self.val_fraction < 0.5 and 0 <= self.test_fraction < 0.5, "data.val_fraction must be in (0, 0.5) and data.test_fraction in [0, 0.5)")
@@ -114,33 +115,33 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = F(0, "seed of weights, batches and adapters")
-    max_steps: int = F(300, "optimiser steps")
-    batch_size: int = F(16, "sequences per micro-batch (per process)")
-    grad_accum: int = F(1, "micro-batches per optimiser step")
-    seq_len: int = F(128, "tokens per sequence")
-    lr: float = F(3e-3, "peak learning rate")
-    min_lr_ratio: float = F(0.1, "cosine decays to lr * min_lr_ratio")
-    warmup_steps: int = F(30, "linear warm-up steps")
-    weight_decay: float = F(0.1, "AdamW decoupled weight decay (2-D weights only)")
-    beta1: float = F(0.9, "AdamW beta1")
-    beta2: float = F(0.95, "AdamW beta2")
-    eps: float = F(1e-8, "AdamW epsilon")
-    grad_clip: float = F(1.0, "max global gradient norm; 0 disables clipping")
-    precision: Literal["auto", "fp32", "bf16"] = F("auto", "auto: the faster of fp32 and bf16 autocast, timed on this model (autotune)")
-    device: str = F("auto", "auto, cpu, cuda or cuda:N")
-    compile: bool | Literal["auto"] = F("auto", "wrap the model in torch.compile; auto: where timing says it is faster")
-    autotune_min_steps: int = F(300, "auto precision/compile are timed only for runs of >= this many steps (else static)")
-    autotune_cache: str = F("", "JSON cache of auto choices; empty: $XDG_CACHE_HOME or ~/.cache, rankscope/autotune.json")
-    parallel: Literal["ddp", "fsdp"] = F("ddp", "under torchrun: ddp replicates the model; fsdp (FSDP2) shards weights, gradients and optimiser state (full, lora, relora)")
-    threads: int = F(0, "torch CPU threads; 0 keeps torch's default")
-    log_every: int = F(10, "steps between metrics.jsonl rows")
-    eval_every: int = F(100, "steps between validation; 0 only at the end")
-    eval_batches: int = F(8, "validation batches per evaluation")
-    progress: bool = F(True, "show a progress bar")
-    tensorboard: bool = F(True, "also write TensorBoard event files to RUN/tensorboard")
-    wandb: bool = F(False, "also log to Weights & Biases (needs the wandb package and a login)")
-    wandb_project: str = F("rankscope", "Weights & Biases project name")
+    seed: int = option(0, "seed of weights, batches and adapters")
+    max_steps: int = option(300, "optimiser steps")
+    batch_size: int = option(16, "sequences per micro-batch (per process)")
+    grad_accum: int = option(1, "micro-batches per optimiser step")
+    seq_len: int = option(128, "tokens per sequence")
+    lr: float = option(3e-3, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = option(30, "linear warm-up steps")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay (2-D weights only)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    grad_clip: float = option(1.0, "max global gradient norm; 0 disables clipping")
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto: the faster of fp32 and bf16 autocast, timed on this model (autotune)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    compile: bool | Literal["auto"] = option("auto", "wrap the model in torch.compile; auto: where timing says it is faster")
+    autotune_min_steps: int = option(300, "auto precision/compile are timed only for runs of >= this many steps (else static)")
+    autotune_cache: str = option("", "JSON cache of auto choices; empty: $XDG_CACHE_HOME or ~/.cache, rankscope/autotune.json")
+    parallel: Literal["ddp", "fsdp"] = option("ddp", "under torchrun: ddp replicates the model; fsdp (FSDP2) shards weights, gradients and optimiser state (full, lora, relora)")
+    threads: int = option(0, "torch CPU threads; 0 keeps torch's default")
+    log_every: int = option(10, "steps between metrics.jsonl rows")
+    eval_every: int = option(100, "steps between validation; 0 only at the end")
+    eval_batches: int = option(8, "validation batches per evaluation")
+    progress: bool = option(True, "show a progress bar")
+    tensorboard: bool = option(True, "also write TensorBoard event files to RUN/tensorboard")
+    wandb: bool = option(False, "also log to Weights & Biases (needs the wandb package and a login)")
+    wandb_project: str = option("rankscope", "Weights & Biases project name")
 
     def validate(self) -> None:
         _positive(self, "train", "max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches", "lr", "eps")
@@ -156,11 +157,11 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = F(100, "steps between checkpoints (0: only the last)")
-    keep_last: int = F(2, "rolling checkpoints kept")
-    keep_steps: list[int] = F([], "steps whose checkpoints are kept forever")
-    log_spaced: int = F(0, "also save and keep this many log-spaced steps (dense early in training)")
-    save_grads: bool = F(False, "store each checkpoint step's loss gradients (grads.safetensors, before clipping; "
+    every: int = option(100, "steps between checkpoints (0: only the last)")
+    keep_last: int = option(2, "rolling checkpoints kept")
+    keep_steps: list[int] = option([], "steps whose checkpoints are kept forever")
+    log_spaced: int = option(0, "also save and keep this many log-spaced steps (dense early in training)")
+    save_grads: bool = option(False, "store each checkpoint step's loss gradients (grads.safetensors, before clipping; "
                                 "LoRA-wrapped linears: w.r.t. the effective weight)")
 
     def validate(self) -> None:
@@ -170,65 +171,137 @@ class CheckpointConfig:
         _check(not bad, f"checkpoint.keep_steps must hold steps >= 1, got {bad}")
 
 
-@dataclass
 class MethodConfig:
-    name: str = F("full", "training method: full, lora, relora, so, so_single, galore, adaptive, hybrid (see rankscope.methods)")
-    rank: int = F(16, "LoRA rank r")
-    alpha: float = F(32.0, "LoRA alpha; the update is scaled by alpha / rank")
-    dropout: float = F(0.1, "dropout on the LoRA input")
-    targets: list[str] = F(["wq", "wk", "wv", "wo", "w1", "w2", "w3"], "linear layers that get adapters (by name)")
-    reset_every: int = F(2000, "ReLoRA: steps between merge-and-restart")
-    optimizer_reset_every: int = F(0, "ReLoRA: steps between optimiser resets (0: same as reset_every)")
-    restart_warmup_steps: int = F(100, "ReLoRA: re-warm-up steps after each restart")
-    optimizer_reset: Literal["zero", "random_prune", "magnitude_prune"] = F("random_prune", "ReLoRA: how LoRA optimiser state is reset")
-    prune_fraction: float = F(0.999, "ReLoRA: fraction of optimiser moments pruned (random_prune, magnitude_prune)")
-    warm_start_steps: int = F(0, "ReLoRA: full-rank steps before switching to adapters")
-    save_cycle_updates: bool = F(False, "ReLoRA: save each cycle's merged update dW to RUN/relora_updates/")
-    # so (the authors' SO) and so_single (the single-support variant); docs/methods.md
-    density: float = F(0.05, "so, so_single: support size k per targeted weight = floor(density * numel) (so; must be >= 1) "
-                                   "or round, at least 1 (so_single)")
-    support_every: int = F(50, "so: steps between re-draws of the random gradient support (the authors' T); so_single: of its one support")
-    moment_keep: float = F(0.25, "so_single: fraction of the support kept at a re-draw, the entries of largest |first moment| "
-                                  "(with their moments)")
-    so_betas: list[float] = F([0.9, 0.999], "so, so_single: Adam (beta1, beta2) of the sparse weights (the authors' defaults); "
-                                             "other weights use train.beta1/2")
-    so_weight_decay: float = F(0.0, "so, so_single: weight decay of the sparse weights (the authors' default 0); "
-                                     "other weights use train.weight_decay")
-    so_weight_decay_mode: Literal["coupled", "decoupled"] = F("coupled", "so, so_single: coupled = L2 added to the gradient "
-                                                              "(the authors'); decoupled = AdamW's, on the entries that move")
-    update_proj_gap: int = F(200, "galore: steps between SVD refreshes of the gradient projector (rank: method.rank)")
-    galore_scale: float = F(0.25, "galore: scale of the projected-back update")
-    rank_budget: int = F(0, "adaptive: total adapter parameters sum r_i (m_i + n_i) (0: what uniform method.rank uses)")
-    rank_schedule: Literal["adaptive", "grow"] = F("adaptive", "adaptive: per-layer ranks from each cycle's update effective rank, or uniform ranks growing per cycle")
-    rank_min: int = F(1, "adaptive: smallest per-layer rank (and grow's first-cycle rank)")
-    full_rank_targets: list[str] = F([], "hybrid: linears trained full-rank (name like wv, or module pattern like blocks.0.*); the rest of method.targets get ReLoRA")
+    """`method.name` picks a training method; its options are that method's own config dataclass
+    (`method.<name>` in the YAML, e.g. `method: {name: relora, relora: {rank: 8}}`), defined in its
+    module under rankscope.methods. The flat form of earlier releases (`method: {name: relora,
+    rank: 8}`, or `method.rank=8` overrides) is still read, with a deprecation line.
+
+    Reading `cfg.method.rank` (and setting it) goes to the options; setting `name` switches to the
+    new method's options, keeping the values of the options both methods have. Flat options of the
+    earlier form that belong to other methods only are kept in `extra` (checked, unused by this
+    method, written back flat) so a study point keeps them when its method changes."""
+
+    def __init__(self, name: str = "full", options: Any = None, extra: dict[str, Any] | None = None):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "options", options if options is not None else _method_class(name).config_class())
+        object.__setattr__(self, "extra", dict(extra or {}))
+
+    def __getattr__(self, key: str) -> Any:
+        options, extra = self.__dict__.get("options"), self.__dict__.get("extra") or {}
+        if not key.startswith("__") and options is not None and hasattr(options, key):
+            return getattr(options, key)
+        if not key.startswith("__") and key in extra:
+            return extra[key]
+        if not key.startswith("__") and options is not None:  # the earlier flat form had every option: its default
+            from rankscope.methods import METHODS
+
+            for m in METHODS.values():
+                if key in {f.name for f in dataclasses.fields(m.config_class)}:
+                    return getattr(m.config_class(), key)
+        raise AttributeError(f"method {self.__dict__.get('name')!r} has no option {key!r}")
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "name":
+            if value != self.name:
+                old, new_cls = self.options, _method_class(value).config_class
+                names = {f.name for f in dataclasses.fields(new_cls)}
+                pool = {**self.extra, **{f.name: getattr(old, f.name) for f in dataclasses.fields(old)}}
+                object.__setattr__(self, "options", new_cls(**{k: v for k, v in pool.items() if k in names}))
+                object.__setattr__(self, "extra", {k: v for k, v in pool.items() if k not in names and k in self.extra})
+            object.__setattr__(self, "name", value)
+        elif key in ("options", "extra"):
+            object.__setattr__(self, key, value)
+        elif dataclasses.is_dataclass(self.options) and key in {f.name for f in dataclasses.fields(self.options)}:
+            setattr(self.options, key, value)
+        else:
+            raise AttributeError(f"method {self.name!r} has no option {key!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MethodConfig) and (self.name, self.options, self.extra) == (other.name, other.options, other.extra)
+
+    def __repr__(self) -> str:
+        return f"MethodConfig(name={self.name!r}, options={self.options!r})"
 
     def validate(self) -> None:
-        _check(self.rank > 0 and self.alpha > 0, "method.rank and method.alpha must be positive")
-        _check(0 <= self.dropout < 1 and 0 <= self.prune_fraction <= 1, "method.dropout in [0, 1), method.prune_fraction in [0, 1]")
-        _check(self.reset_every > 0 and self.restart_warmup_steps >= 0 and self.warm_start_steps >= 0, "method.reset_every > 0, restart_warmup_steps >= 0, warm_start_steps >= 0")
-        _check(self.optimizer_reset_every >= 0, "method.optimizer_reset_every must be >= 0")
-        _check(0 < self.density <= 1 and 0 <= self.moment_keep <= 1, "method.density in (0, 1], method.moment_keep in [0, 1]")
-        _check(len(self.so_betas) == 2 and all(0 <= b < 1 for b in self.so_betas),
-               f"method.so_betas={self.so_betas} must be two values in [0, 1), e.g. [0.9, 0.999]")
-        _check(self.so_weight_decay >= 0, "method.so_weight_decay must be >= 0")
-        _check(self.support_every > 0 and self.update_proj_gap > 0 and self.galore_scale > 0, "method.support_every, update_proj_gap and galore_scale must be positive")
-        _check(self.rank_budget >= 0 and 1 <= self.rank_min <= self.rank, "method.rank_budget >= 0 and 1 <= method.rank_min <= method.rank")
-        _check(self.name not in ("adaptive", "hybrid") or self.restart_warmup_steps <= (self.optimizer_reset_every or self.reset_every), "method.restart_warmup_steps must not exceed the optimiser-reset period")
-        _check(self.name != "relora" or self.restart_warmup_steps <= (self.optimizer_reset_every or self.reset_every), "method.restart_warmup_steps must not exceed the optimiser-reset period (method.optimizer_reset_every or method.reset_every)")
+        if hasattr(self.options, "validate"):
+            self.options.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, self.name: dataclasses.asdict(self.options), **json_copy(self.extra)}
+
+
+def json_copy(value: Any) -> Any:
+    return yaml.safe_load(yaml.safe_dump(value))
+
+
+def _method_class(name: str):
+    from rankscope.methods import method_class  # the registry imports torch: only when a method is named
+
+    return method_class(name)
+
+
+def _build_method(data: Any, where: str) -> MethodConfig:
+    """`method: {name, <name>: {...}}`; flat keys (the earlier form) are mapped to the section of
+    `name`, keys that belong to other methods only are dropped, other keys are refused."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    from rankscope.methods import METHODS
+
+    name = data.get("name", "full")
+    if not isinstance(name, str):
+        raise ConfigError(f"config key '{where}.name' must be str, got {name!r}")
+    cls = _method_class(name).config_class
+    own = {f.name for f in dataclasses.fields(cls)}
+    anyone = {f.name for m in METHODS.values() for f in dataclasses.fields(m.config_class)}
+    section = data.get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}.{name} must be a mapping of {name}'s options, got {type(section).__name__}")
+    for other in set(data) & set(METHODS) - {name}:  # sections of other methods (a study may name several): checked, unused
+        _build(METHODS[other].config_class, data[other] or {}, f"{where}.{other}")
+    flat = {k: v for k, v in data.items() if k != "name" and k not in METHODS}
+    unknown = sorted(set(flat) - anyone)
+    if unknown:
+        raise ConfigError(f"unknown config key '{where}.{unknown[0]}'; valid keys here: name, {', '.join(sorted(METHODS))} "
+                          f"(the options of method {name!r}: {', '.join(sorted(own))})")
+    ignored = set(flat) - own
+    for m in METHODS.values():  # kept but unused: still checked, together, by each method that has them
+        theirs = {k: flat[k] for k in ignored & {f.name for f in dataclasses.fields(m.config_class)}}
+        if theirs:
+            built = _build(m.config_class, theirs, where)
+            if hasattr(built, "validate"):
+                built.validate()
+    mapped = {k: v for k, v in flat.items() if k in own}
+    both = sorted(k for k in mapped if k in section and section[k] != mapped[k])
+    if both:
+        raise ConfigError(f"{where}.{both[0]} and {where}.{name}.{both[0]} disagree; keep only {where}.{name}.{both[0]}")
+    if flat:
+        warnings.warn(f"flat method options ({', '.join(sorted(flat))}) are deprecated: write them under {where}.{name} "
+                      f"(e.g. {where}.{name}.{sorted(flat)[0]}=...)"
+                      + (f"; {', '.join(sorted(set(flat) - own))} do not apply to {name} (kept, unused)" if set(flat) - own else ""),
+                      FutureWarning, stacklevel=4)
+    return MethodConfig(name, _build(cls, {**mapped, **section}, f"{where}.{name}"), {k: v for k, v in flat.items() if k not in own})
+
+
+def method_options(method: dict[str, Any]) -> dict[str, Any]:
+    """The options of a stored `method` dict as one flat mapping, in either form (nested or flat),
+    without validation: for readers of old and new run folders."""
+    name = method.get("name", "full")
+    nested = method.get(name) if isinstance(method.get(name), dict) else {}
+    return {**{k: v for k, v in method.items() if not isinstance(v, dict) and k != "name"}, **nested}
 
 
 @dataclass
 class EvalConfig:
-    blimp_dir: str | None = F(None, "folder of BLiMP-format jsonl files scored during and after training ('builtin': generated substitute pairs)")
-    blimp_every: int = F(0, "steps between BLiMP evaluations during training (0: only at the end)")
-    blimp_max_pairs: int = F(0, "pairs per BLiMP file (0: all)")
-    blimp_skip_bad_rows: bool = F(False, "skip malformed BLiMP rows (logged) instead of stopping")
-    batch_size: int = F(32, "sequences per evaluation batch")
-    per_domain: bool = F(True, "score per-domain loss, perplexity and bits-per-byte on held-out documents during and after training")
-    every: int = F(0, "steps between per-domain evaluations during training (0: only at the end)")
-    split: Literal["val", "test"] = F("val", "held-out split the per-domain evaluation scores")
-    max_docs: int = F(32, "documents per domain in the in-training evaluation (0: all)")
+    blimp_dir: str | None = option(None, "folder of BLiMP-format jsonl files scored during and after training ('builtin': generated substitute pairs)")
+    blimp_every: int = option(0, "steps between BLiMP evaluations during training (0: only at the end)")
+    blimp_max_pairs: int = option(0, "pairs per BLiMP file (0: all)")
+    blimp_skip_bad_rows: bool = option(False, "skip malformed BLiMP rows (logged) instead of stopping")
+    batch_size: int = option(32, "sequences per evaluation batch")
+    per_domain: bool = option(True, "score per-domain loss, perplexity and bits-per-byte on held-out documents during and after training")
+    every: int = option(0, "steps between per-domain evaluations during training (0: only at the end)")
+    split: Literal["val", "test"] = option("val", "held-out split the per-domain evaluation scores")
+    max_docs: int = option(32, "documents per domain in the in-training evaluation (0: all)")
 
     def validate(self) -> None:
         _check(self.batch_size > 0, "eval.batch_size must be positive")
@@ -238,21 +311,17 @@ class EvalConfig:
 
 @dataclass
 class AnalysisConfig:
-    every: int = F(0, "steps between in-loop rank metrics into metrics.jsonl (0: off)")
-    components: list[str] = F(["wv", "wo", "ov", "w2"], "in-loop: components measured (wq wk wv wo ov ov_layer ov_product w1 w2 w3; "
+    every: int = option(0, "steps between in-loop rank metrics into metrics.jsonl (0: off)")
+    components: list[str] = option(["wv", "wo", "ov", "w2"], "in-loop: components measured (wq wk wv wo ov ov_layer ov_product w1 w2 w3; "
                               "ov = pico-analyze's per-head OV, see docs/metrics.md); the paper's are V, O, OV and the SwiGLU down projection")
-    per_layer: bool = F(False, "in-loop: also log each layer's value (rank/per/wv/L3), not only the mean over layers")
-    dtype: Literal["float64", "float32"] = F("float64", "dtype of the singular value decompositions")
+    per_layer: bool = option(False, "in-loop: also log each layer's value (rank/per/wv/L3), not only the mean over layers")
+    dtype: Literal["float64", "float32"] = option("float64", "dtype of the singular value decompositions")
 
     def validate(self) -> None:
         _check(self.every >= 0, "analysis.every must be >= 0")
         valid = ("wq", "wk", "wv", "wo", "ov", "ov_layer", "ov_product", "w1", "w2", "w3")
         bad = [c for c in self.components if c not in valid]
         _check(not bad, f"analysis.components: unknown {bad}; valid components: {', '.join(valid)}")
-
-
-# methods whose optimiser and weight surgery work on FSDP2 shards (rankscope.sharding)
-FSDP_METHODS = ("full", "lora", "relora")
 
 
 @dataclass
@@ -274,17 +343,20 @@ class RunConfig:
         _check(self.train.max_steps > self.train.warmup_steps or self.train.warmup_steps == 0,
                f"train.warmup_steps={self.train.warmup_steps} must be below train.max_steps={self.train.max_steps}; "
                "lower train.warmup_steps or raise train.max_steps")
-        if self.train.parallel == "fsdp":
-            _check(self.method.name in FSDP_METHODS, f"train.parallel=fsdp supports method.name in {list(FSDP_METHODS)}, not {self.method.name!r}; use train.parallel=ddp")
-            _check(self.method.warm_start_steps == 0, "train.parallel=fsdp does not support a ReLoRA warm start (method.warm_start_steps > 0); use train.parallel=ddp")
+        _method_class(self.method.name).check_run(self)  # what the method allows across sections (FSDP, ...)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "method"}
+        return {**{k: out[k] for k in ("model", "data", "train", "checkpoint")}, "method": self.method.to_dict(),
+                **{k: out[k] for k in ("eval", "analysis")}}
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+check = _check  # for the config classes of method modules
 
 
 def _positive(obj: Any, section: str, *names: str) -> None:
@@ -357,6 +429,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(names)}")
         tp = hints[key]
+        if tp is MethodConfig:
+            kwargs[key] = _build_method(value or {}, path)
+            continue
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, path)
             continue
@@ -443,7 +518,13 @@ def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if tp is MethodConfig:
+            from rankscope.methods import METHODS
+
+            rows.append((f"{prefix}method.name", "str", "full", f"training method: {', '.join(METHODS)} (see rankscope.methods)"))
+            for name, m in METHODS.items():
+                rows += describe_fields(m.config_class, f"{prefix}method.{name}.")
+        elif dataclasses.is_dataclass(tp):
             rows += describe_fields(tp, f"{prefix}{f.name}.")
         else:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

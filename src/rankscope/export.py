@@ -26,6 +26,7 @@ from rankscope.cli import verb
 from rankscope.config import ModelConfig, RunConfig, config_from_dict
 from rankscope.data.tokenizer import EOS, PAD, TextTokenizer
 from rankscope.errors import CheckpointError, RankscopeError
+from rankscope.methods.lora import merged_state_dict, stored_adapters
 
 
 class ExportError(RankscopeError):
@@ -43,51 +44,18 @@ EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
 
 
 # --------------------------------------------------------------------------- weights
-def merge_adapters(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """Dense fp32 weights under our own names: every `X.base.weight` + `X.lora_A` + `X.lora_B`
-    becomes `X.weight = base + scaling * B @ A`; plain tensors pass through."""
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for key, t in state.items():
-        if not key.endswith(".base.weight"):
-            continue
-        prefix = key[: -len(".base.weight")]
-        a, b = _factor(state, prefix, "lora_A"), _factor(state, prefix, "lora_B")
-        if a is None or b is None:
-            raise ExportError(f"{prefix} has a base weight but no lora_A/lora_B factors; the checkpoint is not a LoRA checkpoint rankscope knows")
-        base, a, b = t.float(), a.float(), b.float()
-        if a.shape[1] != base.shape[1] or b.shape[0] != base.shape[0] or a.shape[0] != b.shape[1]:
-            raise ExportError(f"{prefix}: LoRA factors A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the {tuple(base.shape)} base weight")
-        merged = base + scaling * (b @ a)
-        if not torch.isfinite(merged).all():
-            raise ExportError(f"merging the LoRA update of {prefix} gives non-finite weights; the checkpoint has diverged")
-        out[f"{prefix}.weight"] = merged
-        used |= {key, *(k for k in state if k.startswith(prefix + ".lora_"))}
-    for key, t in state.items():
-        if key in used:
-            continue
-        if ".lora_" in key or ".base." in key:
-            raise ExportError(f"checkpoint tensor {key} is an adapter without its base weight; cannot merge it")
-        out[key] = t.float()
-    return out
-
-
-def _factor(state: dict[str, torch.Tensor], prefix: str, name: str) -> torch.Tensor | None:
-    return state.get(f"{prefix}.{name}", state.get(f"{prefix}.{name}.weight"))
-
-
-def adapter_scaling(cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> float:
-    """alpha / r from the run's method config; r is checked against the stored factors."""
-    method = cfg.get("method", {})
-    rank, alpha = method.get("rank"), method.get("alpha")
-    ranks = {t.shape[0] for k, t in state.items() if k.endswith((".lora_A", ".lora_A.weight"))}
-    if not ranks:
-        return 1.0  # no adapters: nothing is scaled
-    if rank is None or alpha is None:
-        raise ExportError("the checkpoint holds LoRA factors but its config has no method.rank / method.alpha")
-    if ranks != {int(rank)}:
-        raise ExportError(f"the checkpoint's LoRA factors have rank {sorted(ranks)} but its config says method.rank={rank}")
-    return float(alpha) / float(rank)
+def merge_adapters(state: dict[str, torch.Tensor], adapters: dict[str, dict[str, float]]) -> dict[str, torch.Tensor]:
+    """Dense fp32 weights under our own names: each adapted layer (`X.base.weight` + `X.lora_A` +
+    `X.lora_B`, its rank and scaling in `adapters`) becomes `X.weight` (lora.merged_state_dict);
+    plain tensors pass through. Non-finite merged weights are refused."""
+    try:
+        merged = merged_state_dict(state, adapters)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    for name in adapters:
+        if not torch.isfinite(merged[f"{name}.weight"]).all():
+            raise ExportError(f"merging the LoRA update of {name} gives non-finite weights; the checkpoint has diverged")
+    return {k: t.float() for k, t in merged.items()}
 
 
 def to_hf_names(dense: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
@@ -115,8 +83,11 @@ def dense_state_dict(ck: Checkpoint) -> tuple[dict[str, torch.Tensor], RunConfig
         raise CheckpointError(f"checkpoint {ck.path} has no config in meta.json; it was not written by rankscope train")
     raw = ck.meta["config"]
     state = ck.load("model")
-    dense = merge_adapters(state, adapter_scaling(raw, state))
-    return dense, config_from_dict(raw)
+    try:
+        adapters = stored_adapters(ck.meta, state)  # per-layer rank and scaling (older checkpoints: from the config)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    return merge_adapters(state, adapters), config_from_dict(raw)
 
 
 # --------------------------------------------------------------------------- config and tokenizer

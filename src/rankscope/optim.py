@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -63,3 +66,76 @@ def targeted_groups(model: nn.Module, cfg: TrainConfig, targets: list[str], name
     groups.append({"params": special, "weight_decay": cfg.weight_decay, "name": name, **flags})
     check_coverage(model, groups)
     return groups
+
+
+# --------------------------------------------------------------------------- split AdamW
+@torch.no_grad()
+def adamw_update_(value: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int,
+                  lr: float, beta1: float, beta2: float, eps: float, wd: float) -> None:
+    """One AdamW step (step number t >= 1) in place: torch.optim.AdamW's single-tensor arithmetic,
+    in the same order (decoupled decay, lerp first moment, bias-corrected denominator)."""
+    value.mul_(1 - lr * wd)
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1**t)
+    denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+    value.addcdiv_(m, denom, value=-step_size)
+
+
+def dense_adamw_(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """Plain AdamW on a whole parameter: the groups SO and GaLore leave dense (embeddings, norms, head)."""
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["step"] += 1
+    (beta1, beta2) = group["betas"]
+    adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()), group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+
+
+class SplitAdamW(torch.optim.Optimizer):
+    """AdamW over param groups, where groups whose option `flag` is set take `special_step` instead
+    (SO's sparse supports, GaLore's projection); the loop, the step counter and the dense groups
+    (embeddings, norms, head: `dense_adamw_`) are shared. Parameters are numbered in group order.
+    State keys in `index_keys` hold int64 indices and stay int64 through `load_state_dict`."""
+
+    flag = ""
+    index_keys: tuple[str, ...] = ()
+
+    def param_index(self) -> dict[int, int]:
+        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def special_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = self.param_index()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                if group[self.flag]:
+                    self.special_step(p, state, group, index[id(p)])
+                else:
+                    dense_adamw_(p, state, group)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts every floating-point parameter's state to the parameter's dtype, which would
+        # turn int64 supports into floats: keep them aside and restore them as int64
+        kept = {(k, key): s.pop(key) for k, s in state_dict["state"].items() for key in self.index_keys if key in s}
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for (k, key), s in kept.items():
+                state_dict["state"][k][key] = s
+        params = [p for g in self.param_groups for p in g["params"]]
+        for (k, key), s in kept.items():
+            self.state[params[int(k)]][key] = s.to(device=params[int(k)].device, dtype=torch.long)

@@ -38,9 +38,7 @@ from rankscope.data.corpus import Corpus, prepare
 from rankscope.data.stream import BatchStream
 from rankscope import errors
 from rankscope.errors import CheckpointError, ConfigError, RankscopeError, TrainingError
-from rankscope.methods import build_method, lora
-from rankscope.methods.base import Method
-from rankscope.model import Decoder
+from rankscope.methods import build_model, lora
 from rankscope.paths import check_output_dir
 from rankscope.preemption import Preempted, StopOnSignal
 from rankscope.progress import Progress
@@ -121,21 +119,14 @@ class Trainer:
         self.precision = pick_precision(self.device, self.cfg.train.precision)
         self.corpus = self.build_data()
         self.sharded = self.dist.enabled and self.cfg.train.parallel == "fsdp"
-        self.model, self.method = self.build_model()
-        self.method.run_dir = self.run_dir
-        if self.sharded:  # before the optimiser: it must hold the sharded parameters
-            sharding.shard_model(self.model, self.precision, self.device)
-        elif self.cfg.train.parallel == "fsdp":
+        if self.cfg.train.parallel == "fsdp" and not self.sharded:
             self.log("[train] train.parallel=fsdp on one process: nothing to shard, training unsharded")
-        self.optimizer = self.method.build_optimizer(self.model, self.device)
-        self.choose_settings()
-        self.wrap_parallel()
+        self.setup_model(None)
         load_callback_modules()
         # evaluation and analysis run on rank 0 only; the other ranks wait at the next all-reduce
         self.callbacks = [cb for f in CALLBACK_FACTORIES if (cb := f(self.cfg)) is not None] if self.dist.is_main else []
         self.loggers = build_loggers(self.cfg, self.run_dir) if self.dist.is_main else []
         self.replica: nn.Module | None = None  # rank 0's unsharded copy for callbacks under FSDP
-        self.method.listeners.append(self.on_method_event)
         self.step = 0
         self.last_grads: dict[str, torch.Tensor] | None = None
         t = self.cfg.train
@@ -178,7 +169,7 @@ class Trainer:
                 previous = None
             if not isinstance(previous, dict):
                 raise ConfigError(f"{cfg_path} is not a readable rankscope config; restore it, or choose a new -o directory")
-            if _without_budget(previous) != _without_budget(resolved):
+            if _without_budget(_normalised(previous)) != _without_budget(resolved):
                 raise ConfigError(f"{self.run_dir} holds a run with a different config; choose a new -o directory (or delete that one)")
         _write_atomic(cfg_path, yaml.safe_dump(resolved, sort_keys=False))
         env = {**describe(self.device), "git_commit": git_commit(), "world_size": self.dist.world_size,
@@ -221,14 +212,31 @@ class Trainer:
         compiled, self.compiled = self.compiled if module is self.model else None, None  # autotune's, used once
         self.forward_model = (compiled if compiled is not None else torch.compile(module)) if self.settings["compile"] else module
 
-    def build_model(self) -> tuple[nn.Module, Method]:
-        torch.manual_seed(self.cfg.train.seed)
-        model = Decoder(self.cfg.model)
-        method = build_method(self.cfg)
-        method.prepare_model(model)
-        if not self.sharded:  # under FSDP only the shards move to the device (sharding.shard_model)
-            model.to(self.device)
-        return model, method
+    def setup_model(self, method_state: dict[str, Any] | None) -> None:
+        """Model, method (in `method_state`: a checkpoint's, or None), shards, optimiser, wrappers."""
+        # under FSDP only the shards move to the device (sharding.shard_model)
+        self.model, self.method = build_model(self.cfg, method_state, None if self.sharded else self.device)
+        self.replica = None
+        if self.sharded:  # before the optimiser: it must hold the sharded parameters
+            sharding.shard_model(self.model, self.precision, self.device)
+        self.optimizer = self.method.build_optimizer(self.model, self.device)
+        if not hasattr(self, "settings"):
+            self.choose_settings()
+        else:  # a rebuild (resume with a restructured method): autotune's compiled module wraps the old model
+            self.compiled = None
+        self.wrap_parallel()
+
+    def after_method_step(self) -> dict[str, Any]:
+        """The method's after_step: callbacks see the model around its events, a restructured model
+        gets a new optimiser, files it hands over are written (rank 0). Returns the rows to log."""
+        events = self.method.after_step(self.step, self.model, self.optimizer, self.on_method_event)
+        if events.rebuild_optimizer:
+            self.optimizer = self.method.rebuild_optimizer(self.model, self.device, self.optimizer)
+            self.wrap_parallel()
+        for rel, (tensors, metadata) in self.method.take_files().items():
+            if self.dist.is_main:
+                ckpt.save_tensors_atomic(self.run_dir / rel, tensors, metadata)
+        return dict(events)
 
     # ------------------------------------------------------------------ callbacks
     @property
@@ -243,9 +251,7 @@ class Trainer:
             return
         if self.replica is None:
             with torch.random.fork_rng(devices=[]):  # building it must not move the dropout stream
-                self.replica = Decoder(self.cfg.model)
-                self.method.prepare_model(self.replica)
-            self.replica.to(self.device)
+                self.replica, _ = build_model(self.cfg, self.method.state_dict(), self.device)
         self.replica.load_state_dict(state)
 
     def callbacks_need_model(self, wanted: bool) -> bool:
@@ -294,7 +300,8 @@ class Trainer:
         files = {"model": model_state, "optimizer": opt_tensors, "extra": extra}
         if self.cfg.checkpoint.save_grads and self.last_grads:
             files["grads"] = self.last_grads
-        meta = {"optimizer": opt_meta, "method": self.method.state_dict(), "method_name": self.method.name, "world_size": self.dist.world_size,
+        meta = {"optimizer": opt_meta, "method": self.method.state_dict(), "method_name": self.method.name,
+                "adapters": lora.adapter_layout(self.model), "world_size": self.dist.world_size,
                 "tokens": self.tokens_seen(self.step), "tokenizer_hash": self.corpus.manifest["tokenizer"]["hash"],
                 "corpus": str(self.corpus.root.resolve()), "config": self.cfg.to_dict()}
         root = self.run_dir / "checkpoints"
@@ -325,8 +332,8 @@ class Trainer:
             if self.dist.is_main:
                 self.truncate_metrics(0)  # rows of an attempt that died before its first checkpoint
             return
-        if self.method.maybe_switch(found.step, self):  # restructure first if the checkpoint is past a switch
-            self.wrap_parallel()
+        if found.meta["method"] != self.method.state_dict():  # e.g. past a switch to adapters, or new ranks
+            self.setup_model(found.meta["method"])
         # under FSDP the full tensors stay on the CPU; each rank moves only its shards to the device
         where = "cpu" if self.sharded else str(self.device)
         sharding.load_full_model_state(self.model, found.load("model", where))
@@ -476,9 +483,7 @@ class Trainer:
         while self.step < t.max_steps:
             loss, norm = self.train_step(self.step)
             self.step += 1
-            events = self.method.after_step(self.step, self.model, self.optimizer) or {}
-            if self.method.maybe_switch(self.step, self):  # replaced the optimiser (and the layers)
-                self.wrap_parallel()
+            events = self.after_method_step()
             now = time.perf_counter()
             elapsed = now - t0
             tps = (self.tokens_seen(self.step) - tok_win) / max(now - t_win, 1e-9)
@@ -568,6 +573,20 @@ def _read_settings(env_path: Path) -> dict | None:
     except (OSError, ValueError, AttributeError):
         return None
     return settings if isinstance(settings, dict) else None
+
+
+def _normalised(previous: dict) -> dict:
+    """A stored config as this version resolves it (e.g. flat method options of earlier releases)."""
+    import warnings
+
+    from rankscope.config import config_from_dict
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return config_from_dict(json.loads(json.dumps(previous))).to_dict()
+    except RankscopeError:
+        return previous
 
 
 def _without_budget(cfg: dict) -> dict:

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from rankscope.analysis import components as C
 from rankscope.analysis.spectra import analyze_items
+from rankscope.methods.lora import adapter_layout
 from rankscope.train import register_callback
 
 MERGE_EVENTS = ("before_merge", "after_merge")
@@ -51,7 +52,8 @@ class RankCallback:
                     if parsed and parsed[1] in want and t.dim() == 2:
                         state[key] = t.detach()
                     break
-        weights, _ = C.effective_weights(state, C.lora_scaling(self.config))
+        adapters = {n.removeprefix("_orig_mod.").removeprefix("module."): f for n, f in adapter_layout(model).items()}
+        weights, _ = C.effective_weights(state, adapters)
         items = [it for it in C.weight_items(weights, self.layout, ov) if it.component in self.components]
         device = next(iter(weights.values())).device if weights else "cpu"
         results = analyze_items(items, ["per", "condition_number", "condition_number_numerical"], self.cfg.analysis.dtype, device, keep_spectra=False)

@@ -119,37 +119,26 @@ def read_tensors(path: Path, include_embeddings: bool = False, aliases: Mapping[
     return out
 
 
-def lora_scaling(config: Mapping[str, Any] | None) -> float | None:
-    """alpha / rank from a run config dict (checkpoint meta['config']), None when absent."""
-    method = (config or {}).get("method") or {}
-    if "alpha" in method and "rank" in method:
-        return float(method["alpha"]) / float(method["rank"])
-    return None
+def effective_weights(state: Mapping[str, torch.Tensor], adapters: Mapping[str, Mapping[str, float]]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """module -> effective weight (fp32), and module -> LoRA update factors (scaling B, A).
 
+    A LoRA-wrapped linear (keys X.base.weight, X.lora_A (r x in), X.lora_B (out x r)) with its rank
+    and scaling in `adapters` (rankscope.methods.lora.stored_adapters / adapter_layout) has the
+    effective weight W0 + dW, merged by rankscope.methods.lora.merged_state_dict (the one ΔW code)."""
+    from rankscope.methods.lora import merged_state_dict, update_factors
 
-def effective_weights(state: Mapping[str, torch.Tensor], scaling: float | None) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """module -> effective weight (fp32), and module -> LoRA update factors ((alpha/r) B, A).
-
-    A LoRA-wrapped linear (keys X.base.weight, X.lora_A (r x in), X.lora_B (out x r)) has the
-    effective weight W0 + (alpha/r) B A, the same delta the method merges (peft's get_delta_weight)."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in state.items():
+    present = {n: f for n, f in adapters.items() if f"{n}.base.weight" in state}
+    loose = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k} - set(present))
+    if loose:
+        raise AnalysisError(f"{loose[0]} has LoRA adapters but the checkpoint records no rank/scaling for it (method.alpha/method.rank)")
+    plain = {(k[: -len(".base.weight")] + ".weight" if k.endswith(".base.weight") and k[: -len(".base.weight")] not in present else k): t
+             for k, t in state.items() if t.dim() == 2}
+    weights = {}
+    for key, t in merged_state_dict(plain, present).items():
         mod = _module_of(key)
-        if mod is not None and t.dim() == 2:
-            parts.setdefault(mod[0], {})[mod[1]] = t.float()
-    weights, lora = {}, {}
-    for name, p in parts.items():
-        if "base" in p and "lora_A" in p and "lora_B" in p:
-            if scaling is None:
-                raise AnalysisError(f"{name} has LoRA adapters but the checkpoint config has no method.alpha/method.rank")
-            B_scaled, A = p["lora_B"] * scaling, p["lora_A"]
-            lora[name] = (B_scaled, A)
-            weights[name] = p["base"] + B_scaled @ A
-        elif "weight" in p:
-            weights[name] = p["weight"]
-        elif "base" in p:
-            weights[name] = p["base"]
-    return weights, lora
+        if mod is not None and mod[1] == "weight":
+            weights[mod[0]] = t.float()
+    return weights, update_factors(plain, present)
 
 
 # --------------------------------------------------------------------------- items

@@ -44,7 +44,9 @@ from rankscope.analysis import components as C
 from rankscope.analysis.metrics import AnalysisError, principal_angles, resolve_metrics
 from rankscope.analysis.spectra import Result, analyze_items
 from rankscope.checkpoint import check_meta, list_checkpoints
+from rankscope.config import method_options
 from rankscope.errors import CheckpointError
+from rankscope.methods.lora import stored_adapters
 
 KINDS = ("weight", "lora_update", "grad", "update", "cumulative_update", "cycle_update")
 ROW_COLUMNS = ("run", "method", "step", "layer", "component", "head", "kind", "metric", "value")
@@ -235,7 +237,11 @@ def load_state(path: Path, meta: dict[str, Any], include_embeddings: bool = Fals
     """Effective weights, LoRA factors and gradients of one checkpoint folder (lazy reads)."""
     aliases = meta.get("aliases", {})
     model = C.read_tensors(path / "model.safetensors", include_embeddings, aliases.get("model"))
-    weights, lora = C.effective_weights(model, C.lora_scaling(meta.get("config")))
+    try:
+        adapters = stored_adapters(meta, model)
+    except CheckpointError as e:
+        raise AnalysisError(f"checkpoint {path}: {e}") from None
+    weights, lora = C.effective_weights(model, adapters)
     grads = {}
     if with_grads and (path / "grads.safetensors").is_file():
         grads = C.read_tensors(path / "grads.safetensors", include_embeddings, aliases.get("grads"))
@@ -351,7 +357,7 @@ def analyze_run(run_dir: str | Path, options: AnalysisOptions | None = None, ste
         layout = C.head_layout(config, {})
         need = sorted({p[0] for p in todo} | ({p[0] - 1 for p in todo if p[0] > 0} if "update" in opts.kinds else set()))
         base = _base_state(opts, config, found, use_init)
-        init_is_lora_base = use_init and int(((config or {}).get("method") or {}).get("warm_start_steps", 0) or 0) == 0
+        init_is_lora_base = use_init and int(method_options((config or {}).get("method") or {}).get("warm_start_steps", 0) or 0) == 0
         todo_idx = {p[0]: p for p in todo}
         states: dict[int, CheckpointState] = {}
         load = lambda i: load_state(found[i][1], found[i][2], opts.include_embeddings, "grad" in opts.kinds)  # noqa: E731

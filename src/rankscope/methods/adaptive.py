@@ -14,64 +14,45 @@ when 0, what uniform method.rank uses. `method.rank_schedule`:
   grow      uniform ranks growing linearly per cycle from method.rank_min (cycle 0) to method.rank
             (last cycle), capped by the budget: more rank as training goes on.
 Every adapted layer uses the scaling alpha / method.rank whatever its own rank r_i (alpha_i =
-alpha * r_i / rank): the analysis, which reads alpha / rank from the config, then reconstructs
-W + dW exactly, and a layer's per-direction step does not jump when its rank changes.
+alpha * r_i / rank), so a layer's per-direction step does not jump when its rank changes; each
+checkpoint stores every layer's rank and scaling (`adapters` in its metadata) for analysis and export.
 A restart with new ranks replaces each LoRALinear by a new one around the merged base weight
-(A re-drawn from (seed, cycle, layer index), B = 0) — the model function is unchanged — and the
-trainer rebuilds the optimiser through `maybe_switch` (full-rank parameters keep their AdamW state;
-LoRA moments start from zero, since the factors changed shape). The per-layer ranks are part of
-the method state in each checkpoint; on resume `maybe_switch` (called by the trainer before it loads
-the checkpoint) re-wraps the layers with the checkpoint's ranks first.
+(A re-drawn from (seed, cycle, layer index), B = 0) — the model function is unchanged — and
+`after_step` asks the training loop to rebuild the optimiser (full-rank parameters keep their AdamW
+state; LoRA moments start from zero, since the factors changed shape). The per-layer ranks are part
+of the method state in each checkpoint: a model built after `load_state_dict` has the saved ranks.
 """
 
 from __future__ import annotations
 
 import math
-from fnmatch import fnmatch
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
+from rankscope.config import check, option
 from rankscope.errors import ConfigError
-from rankscope.methods import register_method
-from rankscope.methods.lora import LoRALinear, adapter_generator, lora_modules
-from rankscope.methods.relora import ReLoRAMethod
+from rankscope.methods.base import Notify, StepEvents
+from rankscope.methods.common import matches, target_linears  # noqa: F401  (matches: re-exported)
+from rankscope.methods.lora import LoRALinear, lora_modules, wrap_layers
+from rankscope.methods.relora import ReLoRAConfig, ReLoRAMethod
 
 
-# --------------------------------------------------------------------------- layers and ranks
-def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
-    """Targeted linears by module name in model order; a wrapped one is given by its base linear."""
-    out = {}
-    for name, m in model.named_modules():
-        attr = name.rsplit(".", 1)[-1]
-        if isinstance(m, LoRALinear) and attr in targets:
-            out[name] = m.base
-        elif isinstance(m, nn.Linear) and attr in targets and not name.endswith(".base"):
-            out[name] = m
-    if not out:
-        raise ConfigError(f"method.targets={targets} matches no linear layer; valid names: wq, wk, wv, wo, w1, w2, w3")
-    return out
+@dataclass
+class AdaptiveConfig(ReLoRAConfig):
+    rank_budget: int = option(0, "total adapter parameters sum r_i (m_i + n_i) (0: what uniform method.rank uses)")
+    rank_schedule: Literal["adaptive", "grow"] = option("adaptive", "adaptive: per-layer ranks from each cycle's update "
+                                                        "effective rank, or uniform ranks growing per cycle")
+    rank_min: int = option(1, "smallest per-layer rank (and grow's first-cycle rank)")
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.rank_budget >= 0 and 1 <= self.rank_min <= self.rank, "method.rank_budget >= 0 and 1 <= method.rank_min <= method.rank")
 
 
-def matches(name: str, patterns: list[str]) -> bool:
-    """`wv` matches any `...wv`; `blocks.0.*` (fnmatch) matches module names."""
-    return any(name.rsplit(".", 1)[-1] == p or fnmatch(name, p) for p in patterns)
-
-
-def wrap_with_ranks(model: nn.Module, ranks: dict[str, int], scaling: float, dropout: float, seed: int, cycle: int) -> dict[str, LoRALinear]:
-    """(Re)place each named layer (an nn.Linear or a LoRALinear, whose base is kept) by a LoRALinear
-    of the given rank and the common `scaling` (alpha_i = scaling * r_i); layer index = position in
-    `ranks` (model order), as ReLoRA's restarts use."""
-    for index, (name, rank) in enumerate(ranks.items()):
-        m = model.get_submodule(name)
-        base = m.base if isinstance(m, LoRALinear) else m
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, LoRALinear(base, int(rank), scaling * int(rank), dropout, adapter_generator(seed, cycle, index)))
-    return lora_modules(model)
-
-
+# --------------------------------------------------------------------------- ranks
 def allocate_ranks(scores: dict[str, float], costs: dict[str, int], caps: dict[str, int], budget: int, rank_min: int) -> dict[str, int]:
     """Integer ranks r_i ∝ scores_i with sum r_i * costs_i <= budget, rank_min <= r_i <= caps_i."""
     if sum(min(rank_min, caps[n]) * costs[n] for n in scores) > budget:
@@ -104,8 +85,11 @@ def update_effective_rank(m: LoRALinear) -> float:
     return float(effective_rank(Spectra(s, Bm.shape[1], m.lora_A.shape[1], torch.finfo(torch.float64).eps))[0])
 
 
-@register_method("adaptive")
 class AdaptiveReLoRAMethod(ReLoRAMethod):
+    name = "adaptive"
+    config_class = AdaptiveConfig
+    supports_fsdp = False
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.ranks: dict[str, int] = {}
@@ -114,15 +98,15 @@ class AdaptiveReLoRAMethod(ReLoRAMethod):
 
     # ------------------------------------------------------------------ budget and schedules
     def budget(self, layers: dict[str, nn.Linear]) -> int:
-        m = self.cfg.method
+        m = self.config
         return m.rank_budget or sum(min(m.rank, lin.in_features, lin.out_features) * (lin.in_features + lin.out_features) for lin in layers.values())
 
     def n_cycles(self) -> int:
-        t, m = self.cfg.train, self.cfg.method
+        t, m = self.cfg.train, self.config
         return max(1, math.ceil((t.max_steps - m.warm_start_steps) / m.reset_every))
 
     def ranks_for(self, layers: dict[str, nn.Linear], cycle: int, scores: dict[str, float] | None = None) -> dict[str, int]:
-        m = self.cfg.method
+        m = self.config
         costs = {n: lin.in_features + lin.out_features for n, lin in layers.items()}
         caps = {n: min(lin.in_features, lin.out_features) for n, lin in layers.items()}
         if m.rank_schedule == "grow":
@@ -137,73 +121,38 @@ class AdaptiveReLoRAMethod(ReLoRAMethod):
 
     # ------------------------------------------------------------------ wrapping
     def attach(self, model: nn.Module) -> None:
-        m = self.cfg.method
+        m = self.config
         layers = target_linears(model, m.targets)
         if not self.ranks:
             self.ranks = self.ranks_for(layers, self.merges)
-        wrap_with_ranks(model, {n: self.ranks[n] for n in layers}, m.alpha / m.rank, m.dropout, self.cfg.train.seed, self.merges)
+        wrap_layers(model, {n: self.ranks[n] for n in layers}, m.alpha / m.rank, m.dropout, self.cfg.train.seed, self.merges)
         self.switched = True
-        if not getattr(model, "_adaptive_rank_hook", False):
-            model.register_load_state_dict_pre_hook(self.match_loaded_ranks)
-            model._adaptive_rank_hook = True
-
-    def match_loaded_ranks(self, model: nn.Module, state_dict, prefix: str, *args) -> None:
-        """Before a state dict is loaded into the model, re-wrap layers whose saved `lora_A` has
-        another rank, so a model built from the config alone (rankscope.loading.load_trained) can
-        load an adaptive checkpoint. In training, resume has re-wrapped already: a no-op."""
-        mods = lora_modules(model)
-        saved = {n: int(state_dict[f"{prefix}{n}.lora_A"].shape[0]) for n in mods if f"{prefix}{n}.lora_A" in state_dict}
-        if any(mods[n].rank != r for n, r in saved.items()):
-            m = self.cfg.method
-            self.ranks.update(saved)
-            wrap_with_ranks(model, {n: self.ranks[n] for n in mods}, m.alpha / m.rank, m.dropout, self.cfg.train.seed, self.merges)
 
     @torch.no_grad()
-    def merge_and_restart(self, step: int, model: nn.Module) -> dict[str, Any]:
+    def merge_and_restart(self, step: int, model: nn.Module, notify: Notify | None = None) -> dict[str, Any]:
         modules = lora_modules(model)
         self.last_effective_ranks = {n: update_effective_rank(mod) for n, mod in modules.items()}
-        rows = super().merge_and_restart(step, model)
+        rows = super().merge_and_restart(step, model, notify)
         layers = {n: mod.base for n, mod in modules.items()}
         new = self.ranks
         if step < self.cfg.train.max_steps:  # no re-wrap after the last step: nothing would train the new adapters
-            new = self.ranks_for(layers, self.merges, self.last_effective_ranks if self.cfg.method.rank_schedule == "adaptive" else None)
+            new = self.ranks_for(layers, self.merges, self.last_effective_ranks if self.config.rank_schedule == "adaptive" else None)
         self.pending = new != self.ranks
         self.ranks = new
-        rows.update({"adaptive_rank_mean": sum(new.values()) / len(new), "adaptive_rank_min": min(new.values()), "adaptive_rank_max": max(new.values()),
+        rows.update({"adaptive_rank_mean": sum(new.values()) / len(new), "adaptive_rank_min": min(new.values()),
+                     "adaptive_rank_max": max(new.values()),
                      "adaptive_update_erank_mean": sum(self.last_effective_ranks.values()) / len(new)})
         return rows
 
-    def rebuild(self, trainer) -> None:
-        """Re-wrap with self.ranks and rebuild the optimiser, keeping the full-rank parameters' state."""
-        old = trainer.optimizer
-        self.attach(trainer.model)
-        trainer.model.to(trainer.device)
-        trainer.optimizer = self.build_optimizer(trainer.model, trainer.device)
-        for group in trainer.optimizer.param_groups:
-            for p in group["params"]:
-                if p in old.state:
-                    trainer.optimizer.state[p] = old.state[p]
-
-    def maybe_switch(self, step: int, trainer) -> bool:
-        if trainer.step != step:
-            # Trainer.resume asks before it loads the checkpoint of `step` (and before it restores the
-            # method state): take the per-layer ranks from that checkpoint and re-wrap to them
-            from rankscope.checkpoint import latest_valid
-
-            found = latest_valid(trainer.run_dir / "checkpoints", log=lambda s: None)
-            if found is not None and found.step == step:
-                self.load_state_dict(found.meta["method"])
-            if self.switched:
-                self.rebuild(trainer)
-                return True
-            return super().maybe_switch(step, trainer)
-        if not self.switched:
-            return super().maybe_switch(step, trainer)  # full-rank warm start
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, notify: Notify | None = None) -> StepEvents:
+        """ReLoRA's step; when a merge chose new ranks, re-wrap the layers to them and ask the
+        training loop for a new optimiser."""
+        events = super().after_step(step, model, optimizer, notify)
         if self.pending:
             self.pending = False
-            self.rebuild(trainer)
-            return True
-        return False
+            self.attach(model)
+            events.rebuild_optimizer = True
+        return events
 
     # ------------------------------------------------------------------ bookkeeping
     def state_dict(self) -> dict[str, Any]:
@@ -215,6 +164,6 @@ class AdaptiveReLoRAMethod(ReLoRAMethod):
         self.pending = bool(state.get("pending", False))
 
     def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        layers = target_linears(model, self.cfg.method.targets)
+        layers = target_linears(model, self.config.targets)
         used = sum(self.ranks[n] * (lin.in_features + lin.out_features) for n, lin in layers.items()) if self.ranks else 0
         return {**super().report(model, optimizer), "adaptive_ranks": dict(self.ranks), "adaptive_adapter_params": used, "adaptive_rank_budget": self.budget(layers)}

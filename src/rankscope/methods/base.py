@@ -1,55 +1,94 @@
-"""The full-rank method, and the interface every other method overrides."""
+"""The full-rank method, and the interface every other method overrides.
+
+A method is one module in `rankscope.methods`: a config dataclass (`config_class`, the YAML section
+`method.<name>`), its capabilities (`supports_fsdp`, `memory_knob`) and the hooks below. A method
+never sees the training loop: it changes the model and the optimiser it is handed, and tells the training loop
+what it needs (rebuild the optimiser) through the events `after_step` returns.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from rankscope.optim import build_adamw, check_coverage, param_groups
+from rankscope.errors import ConfigError
+from rankscope.optim import build_adamw, check_coverage, optimizer_state_bytes, param_groups
 from rankscope.schedules import cosine_with_warmup
+
+# notify(event, step, model) -> rows: how the training loop lets callbacks look at the model around a
+# method's events ('before_merge', 'after_merge'); a method calls it, never the callbacks themselves
+Notify = Callable[[str, int, nn.Module], "dict[str, Any] | None"]
+
+
+@dataclass
+class FullConfig:
+    """Full-rank training has no options."""
+
+    def validate(self) -> None:
+        pass
+
+
+class StepEvents(dict):
+    """What `after_step` tells the training loop: the rows to log (the dict itself), and whether the model
+    changed shape so the optimiser must be rebuilt (`Method.rebuild_optimizer`) and re-wrapped."""
+
+    def __init__(self, rows: dict[str, Any] | None = None, rebuild_optimizer: bool = False):
+        super().__init__(rows or {})
+        self.rebuild_optimizer = rebuild_optimizer
 
 
 class Method:
     """Full-rank training: every parameter trained by AdamW, warm-up + cosine schedule."""
 
     name = "full"
+    config_class: type = FullConfig
+    supports_fsdp = True  # the optimiser and weight surgery work on FSDP2 shards (rankscope.sharding)
+    memory_knob: str | None = None  # the option methods.memory sets to match optimiser memory (rank, density)
 
     def __init__(self, cfg):
         self.cfg = cfg
-        # listeners(event, step, model) -> dict | None; the trainer attaches callbacks here so that
-        # e.g. the analysis can measure weights just before and just after a ReLoRA merge
-        self.listeners: list = []
-        # the run directory, set by the Trainer (methods that write files, e.g. ReLoRA's per-cycle updates)
-        self.run_dir = None
+        self.config = cfg.method.options  # this method's own section, method.<name>
 
-    def emit(self, event: str, step: int, model: nn.Module) -> dict[str, Any]:
-        """Tell listeners about a method event ('before_merge', 'after_merge', ...); merge their rows."""
-        rows: dict[str, Any] = {}
-        for listener in self.listeners:
-            rows.update(listener(event, step, model) or {})
-        return rows
+    @classmethod
+    def check_run(cls, cfg) -> None:
+        """Checks across config sections, at load time (e.g. what train.parallel=fsdp allows)."""
+        if cfg.train.parallel == "fsdp" and not cls.supports_fsdp:
+            from rankscope.methods import fsdp_methods
+
+            raise ConfigError(f"train.parallel=fsdp supports method.name in {fsdp_methods()}, not {cls.name!r}; use train.parallel=ddp")
 
     def prepare_model(self, model: nn.Module) -> None:
-        """Wrap or freeze layers before the optimiser is built (full-rank: nothing to do)."""
+        """Wrap or freeze layers before the optimiser is built (full-rank: nothing to do). Also used
+        to rebuild a model from a checkpoint: after `load_state_dict`, it gives the saved structure."""
 
     def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
         groups = param_groups(model, self.cfg.train.weight_decay)
         check_coverage(model, groups)
         return build_adamw(groups, self.cfg.train, device)
 
-    def maybe_switch(self, step: int, trainer) -> bool:
-        """Called after each completed step and before loading a checkpoint of `step`: a method may
-        restructure the model and replace `trainer.optimizer` (ReLoRA's full-rank warm start)."""
-        return False
+    def rebuild_optimizer(self, model: nn.Module, device: torch.device, old: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """A new optimiser for a restructured model; parameters that survived keep their state."""
+        new = self.build_optimizer(model, device)
+        for group in new.param_groups:
+            for p in group["params"]:
+                if p in old.state:
+                    new.state[p] = old.state[p]
+        return new
 
     def lr_multiplier(self, step: int) -> float:
         t = self.cfg.train
         return cosine_with_warmup(step, t.max_steps, t.warmup_steps, t.min_lr_ratio)
 
-    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Called after optimiser step `step` (1-based count of completed steps); returns loggable facts."""
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, notify: Notify | None = None) -> StepEvents:
+        """Called after optimiser step `step` (1-based count of completed steps)."""
+        return StepEvents({})
+
+    def take_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+        """(tensors, metadata) the method wants written to the run folder as safetensors files, by
+        path relative to it; handed over once (the training loop writes them, on rank 0)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -60,7 +99,10 @@ class Method:
         pass
 
     def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        from rankscope.optim import optimizer_state_bytes
-
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return {"method": self.name, "trainable_params": trainable, "optimizer_state_bytes": optimizer_state_bytes(optimizer)}
+
+
+def emit(notify: Notify | None, event: str, step: int, model: nn.Module) -> dict[str, Any]:
+    """Tell the training loop's `notify` about an event; the rows it returns (or none)."""
+    return (notify(event, step, model) or {}) if notify is not None else {}

@@ -19,15 +19,28 @@ projector is a plain tensor `projector` in the state, so checkpoints resume bit-
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from rankscope.methods import register_method
-from rankscope.methods.base import Method
-from rankscope.methods.sparse import SplitAdamW
-from rankscope.optim import optimizer_state_bytes, targeted_groups
+from rankscope.config import check, option
+from rankscope.methods.base import Method, Notify, StepEvents
+from rankscope.methods.lora import DEFAULT_TARGETS
+from rankscope.optim import SplitAdamW, optimizer_state_bytes, targeted_groups
+
+
+@dataclass
+class GaLoreConfig:
+    rank: int = option(16, "rank of the gradient projection")
+    targets: list[str] = option(DEFAULT_TARGETS, "linear layers whose weights get projected gradients (by name)")
+    update_proj_gap: int = option(200, "steps between SVD refreshes of the gradient projector")
+    galore_scale: float = option(0.25, "scale of the projected-back update")
+
+    def validate(self) -> None:
+        check(self.rank > 0, "method.rank and method.alpha must be positive")
+        check(self.update_proj_gap > 0 and self.galore_scale > 0, "method.support_every, update_proj_gap and galore_scale must be positive")
 
 
 def projection_side(shape: torch.Size) -> str:
@@ -85,23 +98,27 @@ class GaLoreAdamW(SplitAdamW):
             p.add_(p, alpha=-lr * wd)
 
 
-@register_method("galore")
 class GaLoreMethod(Method):
     """GaLore on the targeted linears' weights (rank method.rank); embeddings, norms, head: AdamW."""
 
+    name = "galore"
+    config_class = GaLoreConfig
+    supports_fsdp = False
+    memory_knob = "rank"
+
     def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-        t, m = self.cfg.train, self.cfg.method
+        t, m = self.cfg.train, self.config
         groups = targeted_groups(model, t, m.targets, "galore", galore=True)
         return GaLoreAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, rank=m.rank,
                            update_proj_gap=m.update_proj_gap, scale=m.galore_scale)
 
-    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        gap = self.cfg.method.update_proj_gap
-        return {"galore_projector_refresh": step // gap} if step % gap == 0 else {}
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, notify: Notify | None = None) -> StepEvents:
+        gap = self.config.update_proj_gap
+        return StepEvents({"galore_projector_refresh": step // gap} if step % gap == 0 else {})
 
     def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         low = [p for g in optimizer.param_groups if g.get("galore") for p in g["params"]]
         proj = sum(optimizer.state[p]["projector"].numel() * optimizer.state[p]["projector"].element_size() for p in low if "projector" in optimizer.state.get(p, {}))
         return {"method": self.name, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "optimizer_state_bytes": optimizer_state_bytes(optimizer), "galore_rank": self.cfg.method.rank,
+                "optimizer_state_bytes": optimizer_state_bytes(optimizer), "galore_rank": self.config.rank,
                 "galore_projector_bytes": proj, "galore_params": sum(p.numel() for p in low)}

@@ -11,16 +11,23 @@ ReLoRA's: the adapted layers are indexed in model order, as ReLoRA's restarts ex
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from rankscope.config import option
 from rankscope.errors import ConfigError
-from rankscope.methods import register_method
-from rankscope.methods.adaptive import matches, target_linears, wrap_with_ranks
-from rankscope.methods.lora import LoRALinear
-from rankscope.methods.relora import ReLoRAMethod
+from rankscope.methods.common import matches, target_linears
+from rankscope.methods.lora import LoRALinear, wrap_layers
+from rankscope.methods.relora import ReLoRAConfig, ReLoRAMethod
+
+
+@dataclass
+class HybridConfig(ReLoRAConfig):
+    full_rank_targets: list[str] = option([], "linears trained full-rank (name like wv, or module pattern like blocks.0.*); "
+                                          "the rest of method.targets get ReLoRA")
 
 
 def split_targets(model: nn.Module, targets: list[str], full_rank: list[str]) -> tuple[list[str], list[str]]:
@@ -36,15 +43,18 @@ def split_targets(model: nn.Module, targets: list[str], full_rank: list[str]) ->
     return adapted, full
 
 
-@register_method("hybrid")
 class HybridReLoRAMethod(ReLoRAMethod):
+    name = "hybrid"
+    config_class = HybridConfig
+    supports_fsdp = False
+
     def attach(self, model: nn.Module) -> None:
-        m = self.cfg.method
+        m = self.config
         adapted, _ = split_targets(model, m.targets, m.full_rank_targets)
-        wrap_with_ranks(model, {n: m.rank for n in adapted}, m.alpha / m.rank, m.dropout, self.cfg.train.seed, 0)
+        wrap_layers(model, {n: m.rank for n in adapted}, m.alpha / m.rank, m.dropout, self.cfg.train.seed, 0)
         self.switched = True
 
     def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        full = [n for n, mod in target_linears(model, self.cfg.method.targets).items() if not isinstance(model.get_submodule(n), LoRALinear)]
+        full = [n for n, mod in target_linears(model, self.config.targets).items() if not isinstance(model.get_submodule(n), LoRALinear)]
         return {**super().report(model, optimizer), "full_rank_layers": len(full),
                 "full_rank_params": sum(model.get_submodule(n).weight.numel() for n in full)}

@@ -25,38 +25,52 @@ analysis and the Hugging Face export rely on these names and on `delta_weight` /
 
 ReLoRA (Lialin et al. 2023) trains embeddings, norms and the LM head full-rank; only the targeted
 linears get adapters. An optional full-rank warm start trains everything for `warm_start_steps`
-before the adapters are attached (the trainer calls `maybe_switch` after every step).
+before the adapters are attached (`after_step` then asks the training loop to rebuild the optimiser).
+
+Each checkpoint's method state holds every adapted layer's rank and scaling (`adapters`), so a
+model is rebuilt from the checkpoint alone and `merged_state_dict` merges any of them exactly.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rankscope.errors import RankscopeError
-from rankscope.methods import register_method
-from rankscope.methods.base import Method
-from rankscope.optim import build_adamw, check_coverage, optimizer_state_bytes, param_groups
+from rankscope.config import check, option
 from rankscope.distributed import all_ranks_true
+from rankscope.errors import CheckpointError, ConfigError, RankscopeError
+from rankscope.methods.base import Method, Notify, StepEvents
+from rankscope.methods.common import replace_module, seeded_generator
+from rankscope.optim import build_adamw, check_coverage, optimizer_state_bytes, param_groups
 from rankscope.sharding import assign_, full, local, shard_of
+
+__all__ = ["LoRAConfig", "LoRALinear", "LoRAMethod", "MergeError", "seeded_generator", "lora_modules", "merged_state_dict"]
+
+DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = option(16, "LoRA rank r")
+    alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = option(0.1, "dropout on the LoRA input")
+    targets: list[str] = option(DEFAULT_TARGETS, "linear layers that get adapters (by name)")
+    warm_start_steps: int = option(0, "full-rank steps before switching to adapters")
+
+    def validate(self) -> None:
+        check(self.rank > 0 and self.alpha > 0, "method.rank and method.alpha must be positive")
+        check(0 <= self.dropout < 1, "method.dropout in [0, 1), method.prune_fraction in [0, 1]")
+        check(self.warm_start_steps >= 0, "method.reset_every > 0, restart_warmup_steps >= 0, warm_start_steps >= 0")
 
 
 class MergeError(RankscopeError):
     """A LoRA merge would write non-finite values into the base weight."""
-
-
-def seeded_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded from integers (seed, purpose, cycle, index): identical on every
-    process and device, so re-drawn adapters and pruning masks agree across distributed ranks."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1))
-    return g
 
 
 # A thin matmul (one dimension r) runs at a fraction of a dense matmul's FLOP rate: measured
@@ -97,6 +111,19 @@ class LoRALinear(nn.Module):
         self.effective_grad: torch.Tensor | None = None
         self.forward_path: str = "auto"  # 'auto' (choose_path), 'merged' or 'factored'
         self.reset_adapter(generator)
+
+    @classmethod
+    def from_tensors(cls, base: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> "LoRALinear":
+        """A layer around stored tensors (no global RNG drawn), with exactly the stored `scaling`."""
+        lin = nn.utils.skip_init(nn.Linear, base.shape[1], base.shape[0], bias=False, device=base.device, dtype=base.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(base)
+        layer = cls(lin, lora_A.shape[0], scaling * lora_A.shape[0], generator=seeded_generator(0))
+        layer.scaling = scaling
+        with torch.no_grad():
+            layer.lora_A.copy_(lora_A)
+            layer.lora_B.copy_(lora_B)
+        return layer
 
     @torch.no_grad()
     def reset_adapter(self, generator: torch.Generator | None = None) -> None:
@@ -194,39 +221,121 @@ def adapter_generator(seed: int, cycle: int, index: int) -> torch.Generator:
     return seeded_generator(seed, 1, cycle, index)
 
 
+def wrap_layers(model: nn.Module, ranks: dict[str, int], scaling: float, dropout: float, seed: int, cycle: int) -> dict[str, LoRALinear]:
+    """(Re)place each named layer (an nn.Linear, or a LoRALinear whose base is kept) by a LoRALinear
+    of the given rank and the common `scaling` (alpha_i = scaling * r_i); layer index = position in
+    `ranks` (model order), as ReLoRA's restarts use."""
+    for index, (name, rank) in enumerate(ranks.items()):
+        m = model.get_submodule(name)
+        base = m.base if isinstance(m, LoRALinear) else m
+        replace_module(model, name, LoRALinear(base, int(rank), scaling * int(rank), dropout, adapter_generator(seed, cycle, index)))
+    return lora_modules(model)
+
+
 def wrap_linears(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, seed: int) -> dict[str, LoRALinear]:
     """Replace each nn.Linear whose attribute name is in `targets` by a LoRALinear wrapping it."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets and not isinstance(m, LoRALinear)]
+    found = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets and not isinstance(m, LoRALinear)]
     if not found:
         raise RankscopeError(f"method.targets={targets} matches no linear layer; valid names: wq, wk, wv, wo, w1, w2, w3")
-    for index, (name, lin) in enumerate(found):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, LoRALinear(lin, rank, alpha, dropout, adapter_generator(seed, 0, index)))
-    return lora_modules(model)
+    return wrap_layers(model, {name: rank for name in found}, alpha / rank, dropout, seed, 0)
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
 
 
-@register_method("lora")
+# --------------------------------------------------------------------------- per-layer adapter facts
+def adapter_layout(model: nn.Module) -> dict[str, dict[str, float]]:
+    """{module name: {"rank": r, "scaling": alpha / r}} of every LoRALinear: saved in each
+    checkpoint's method state (`adapters`), so a checkpoint is read without its config's rank."""
+    return {name: {"rank": m.rank, "scaling": m.scaling} for name, m in lora_modules(model).items()}
+
+
+def merged_state_dict(state: dict[str, torch.Tensor], adapters: dict[str, dict[str, float]]) -> dict[str, torch.Tensor]:
+    """A plain dense state dict from a stored one: each layer of `adapters` ({name: {rank,
+    scaling}}, `adapter_layout`) stored as `<name>.base.weight` + `lora_A` + `lora_B` becomes
+    `<name>.weight` = its LoRALinear's `effective_weight()` (fp32: W + delta_weight()); other
+    tensors pass through. The one merge analysis and export use."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name, facts in adapters.items():
+        keys = {k: next((c for c in (f"{name}.{k}", f"{name}.{k}.weight") if c in state), None) for k in ("base.weight", "lora_A", "lora_B")}
+        if None in keys.values():
+            raise CheckpointError(f"{name} is listed as a LoRA layer but the checkpoint lacks its base weight or lora_A/lora_B factors")
+        base, a, b = (state[keys[k]] for k in ("base.weight", "lora_A", "lora_B"))
+        rank = int(facts["rank"])
+        if a.shape != (rank, base.shape[1]) or b.shape != (base.shape[0], rank):
+            raise CheckpointError(f"{name}: LoRA factors A {tuple(a.shape)} and B {tuple(b.shape)} do not fit rank {rank} "
+                                  f"on the {tuple(base.shape)} base weight")
+        layer = LoRALinear.from_tensors(base, a, b, float(facts["scaling"]))
+        out[f"{name}.weight"] = layer.effective_weight()
+        used |= set(keys.values())
+        if f"{name}.base.bias" in state:
+            out[f"{name}.bias"] = state[f"{name}.base.bias"]
+            used.add(f"{name}.base.bias")
+    for key, t in state.items():
+        if key in used:
+            continue
+        if ".lora_" in key or ".base." in key:
+            raise CheckpointError(f"checkpoint tensor {key} is an adapter without its base weight or rank; cannot merge it")
+        out[key] = t
+    return out
+
+
+def update_factors(state: dict[str, torch.Tensor], adapters: dict[str, dict[str, float]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (scaling * B, A)} in fp32: the thin factors of each layer's delta_weight(), for
+    factored spectra (dW = (scaling B) A)."""
+    return {n: (state[f"{n}.lora_B"].float() * float(f["scaling"]), state[f"{n}.lora_A"].float()) for n, f in adapters.items()}
+
+
+def stored_adapters(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per-layer rank and scaling of a checkpoint: its `adapters` metadata, or (checkpoints written
+    before it existed) the config's alpha / method.rank for every stored lora_A, whose rank must then
+    be method.rank (adaptive runs: any rank, scaling alpha / method.rank, as they train)."""
+    if isinstance(meta.get("adapters"), dict) and meta["adapters"]:
+        return meta["adapters"]
+    stored = {k.rsplit(".lora_A", 1)[0]: int(t.shape[0]) for k, t in state.items() if k.endswith((".lora_A", ".lora_A.weight"))}
+    if not stored:
+        return {}
+    from rankscope.config import method_options
+
+    cfg = meta.get("config") or {}
+    method = method_options(cfg.get("method") or {})
+    rank, alpha = method.get("rank"), method.get("alpha")
+    if rank is None or alpha is None:
+        raise CheckpointError("the checkpoint holds LoRA factors but its config has no method.rank / method.alpha")
+    if (cfg.get("method") or {}).get("name") != "adaptive" and set(stored.values()) != {int(rank)}:
+        raise CheckpointError(f"the checkpoint's LoRA factors have rank {sorted(set(stored.values()))} but its config says method.rank={rank}")
+    return {n: {"rank": r, "scaling": float(alpha) / float(rank)} for n, r in stored.items()}
+
+
 class LoRAMethod(Method):
     """LoRA on the targeted linears; embeddings, norms and the LM head trained full-rank."""
+
+    name = "lora"
+    config_class = LoRAConfig
+    memory_knob = "rank"
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.switched = False  # adapters attached (immediately unless warm_start_steps > 0)
 
+    @classmethod
+    def check_run(cls, cfg) -> None:
+        super().check_run(cfg)
+        if cfg.train.parallel == "fsdp" and cfg.method.options.warm_start_steps > 0:
+            raise ConfigError("train.parallel=fsdp does not support a ReLoRA warm start (method.warm_start_steps > 0); use train.parallel=ddp")
+
     # ------------------------------------------------------------------ model and optimiser
     def prepare_model(self, model: nn.Module) -> None:
         # adapters now, unless a warm start comes first (or a loaded state says it is already over)
-        if self.cfg.method.warm_start_steps == 0 or self.switched:
+        if self.config.warm_start_steps == 0 or self.switched:
             self.attach(model)
 
     def attach(self, model: nn.Module) -> None:
-        m = self.cfg.method
-        wrap_linears(model, m.targets, m.rank, m.alpha, m.dropout, self.cfg.train.seed)
+        c = self.config
+        wrap_linears(model, c.targets, c.rank, c.alpha, c.dropout, self.cfg.train.seed)
         self.switched = True
 
     def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -239,19 +348,13 @@ class LoRAMethod(Method):
         check_coverage(model, groups)
         return build_adamw(groups, self.cfg.train, device)
 
-    def maybe_switch(self, step: int, trainer) -> bool:
-        """After `warm_start_steps` full-rank steps, attach adapters and rebuild the optimiser;
-        parameters that stay trainable (embeddings, norms, head) keep their AdamW state."""
-        if self.switched or step < self.cfg.method.warm_start_steps:
-            return False
-        old = trainer.optimizer
-        self.attach(trainer.model)
-        trainer.optimizer = self.build_optimizer(trainer.model, trainer.device)
-        for group in trainer.optimizer.param_groups:
-            for p in group["params"]:
-                if p in old.state:
-                    trainer.optimizer.state[p] = old.state[p]
-        return True
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, notify: Notify | None = None) -> StepEvents:
+        """After `warm_start_steps` full-rank steps, attach adapters and ask for a new optimiser
+        (parameters that stay trainable, embeddings, norms, head, keep their AdamW state)."""
+        if self.switched or step < self.config.warm_start_steps:
+            return StepEvents({})
+        self.attach(model)
+        return StepEvents({}, rebuild_optimizer=True)
 
     # ------------------------------------------------------------------ bookkeeping
     def state_dict(self) -> dict[str, Any]:
@@ -262,7 +365,8 @@ class LoRAMethod(Method):
 
     def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         lora_ids = {id(p) for p in lora_parameters(model)}
-        lora_state = sum(t.numel() * t.element_size() for p, s in optimizer.state.items() if id(p) in lora_ids for t in s.values() if torch.is_tensor(t))
+        lora_state = sum(t.numel() * t.element_size() for p, s in optimizer.state.items() if id(p) in lora_ids
+                         for t in s.values() if torch.is_tensor(t))
         return {"method": self.name, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "lora_params": sum(p.numel() for p in lora_parameters(model)), "adapted_layers": len(lora_modules(model)),
                 "optimizer_state_bytes": optimizer_state_bytes(optimizer), "lora_optimizer_state_bytes": lora_state}

@@ -15,7 +15,7 @@ import math
 import torch
 
 from rankscope.errors import ConfigError
-from rankscope.methods.adaptive import target_linears
+from rankscope.methods.common import target_linears
 
 
 def measured_state_bytes(cfg) -> int:
@@ -38,8 +38,17 @@ def measured_state_bytes(cfg) -> int:
     return optimizer_state_bytes(opt)
 
 
-RANKED = ("lora", "relora", "adaptive", "hybrid", "galore")
-SPARSE = ("so", "so_single")
+def memory_knob(name: str) -> str | None:
+    """The option a method declares for memory matching (`Method.memory_knob`: rank, density or None)."""
+    from rankscope.methods import method_class
+
+    return method_class(name).memory_knob
+
+
+def matchable() -> list[str]:
+    from rankscope.methods import METHODS
+
+    return [n for n, cls in METHODS.items() if cls.memory_knob]
 
 
 def sparse_state_bytes(name: str):
@@ -71,14 +80,16 @@ def match_memory(cfg, target_bytes: int):
     sizes). Other methods raise ConfigError."""
     out = copy.deepcopy(cfg)
     name = cfg.method.name
-    if name in RANKED:
+    knob = memory_knob(name)
+    if knob == "rank":
         from rankscope.model import Decoder
 
         lo, hi = 1, max(min(lin.in_features, lin.out_features) for lin in target_linears(Decoder(cfg.model), cfg.method.targets).values())
 
         def bytes_at(r: int) -> int:
-            out.method.rank = r
-            out.method.rank_min = min(out.method.rank_min, r)
+            out.method.options.rank = r
+            if hasattr(out.method.options, "rank_min"):
+                out.method.options.rank_min = min(out.method.options.rank_min, r)
             return measured_state_bytes(out)
 
         if bytes_at(lo) > target_bytes:
@@ -92,7 +103,7 @@ def match_memory(cfg, target_bytes: int):
             lo, hi = (mid, hi) if fits else (lo, mid - 1)
         bytes_at(lo)
         return out
-    if name in SPARSE:
+    if knob == "density":
         from rankscope.model import Decoder
         from rankscope.optim import targeted_weights
 
@@ -115,7 +126,7 @@ def match_memory(cfg, target_bytes: int):
         out.method.density = lo
         assert measured_state_bytes(out) == need(lo), "sparse state accounting differs from what the optimiser allocates"
         return out
-    raise ConfigError(f"method.name={name} has no memory knob; match_memory works for {', '.join(RANKED + SPARSE)}")
+    raise ConfigError(f"method.name={name} has no memory knob; match_memory works for {', '.join(matchable())}")
 
 
 def apply_memory_match(cfg, target: int | str):
@@ -132,6 +143,6 @@ def apply_memory_match(cfg, target: int | str):
         target_bytes = measured_state_bytes(ref)
     else:
         target_bytes = int(target)
-    if name not in RANKED + SPARSE:
+    if memory_knob(name) is None:
         return cfg
     return match_memory(cfg, target_bytes)

@@ -26,21 +26,44 @@ With `save_cycle_updates`, each cycle's merged update dW (fp32; keys = module na
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
-from rankscope.methods import register_method
-from rankscope.methods.lora import LoRAMethod, adapter_generator, lora_modules, lora_parameters, seeded_generator
+from rankscope.config import check, option
 from rankscope.distributed import is_main_process
+from rankscope.methods.base import Notify, StepEvents, emit
+from rankscope.methods.common import seeded_generator
+from rankscope.methods.lora import LoRAConfig, LoRAMethod, adapter_generator, lora_modules, lora_parameters
 from rankscope.schedules import jagged_cosine
 from rankscope.sharding import full, local, shard_of
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+@dataclass
+class ReLoRAConfig(LoRAConfig):
+    reset_every: int = option(2000, "steps between merge-and-restart")
+    optimizer_reset_every: int = option(0, "steps between optimiser resets (0: same as reset_every)")
+    restart_warmup_steps: int = option(100, "re-warm-up steps after each restart")
+    optimizer_reset: Literal["zero", "random_prune", "magnitude_prune"] = option("random_prune", "how LoRA optimiser state is reset")
+    prune_fraction: float = option(0.999, "fraction of optimiser moments pruned (random_prune, magnitude_prune)")
+    save_cycle_updates: bool = option(False, "save each cycle's merged update dW to RUN/relora_updates/")
+
+    @property
+    def optimizer_period(self) -> int:
+        """Steps between optimiser resets: optimizer_reset_every, or reset_every when 0."""
+        return self.optimizer_reset_every or self.reset_every
+
+    def validate(self) -> None:
+        super().validate()
+        check(0 <= self.prune_fraction <= 1, "method.dropout in [0, 1), method.prune_fraction in [0, 1]")
+        check(self.reset_every > 0 and self.restart_warmup_steps >= 0, "method.reset_every > 0, restart_warmup_steps >= 0, warm_start_steps >= 0")
+        check(self.optimizer_reset_every >= 0, "method.optimizer_reset_every must be >= 0")
+        check(self.restart_warmup_steps <= self.optimizer_period,
+              "method.restart_warmup_steps must not exceed the optimiser-reset period (method.optimizer_reset_every or method.reset_every)")
 
 
 def keep_count(n: int, keep_fraction: float) -> int:
@@ -102,39 +125,37 @@ def reset_state_(state: dict[str, Any], mode: str, prune_fraction: float, genera
     raise ValueError(f"unknown optimizer_reset mode {mode!r}")
 
 
-@register_method("relora")
 class ReLoRAMethod(LoRAMethod):
+    name = "relora"
+    config_class = ReLoRAConfig
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.merges = 0  # merge-and-restarts done (the cycle number of the adapters now training)
         self.optimizer_resets = 0
-
-    @property
-    def optimizer_period(self) -> int:
-        m = self.cfg.method
-        return m.optimizer_reset_every or m.reset_every
+        self.pending_files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
 
     def lr_multiplier(self, step: int) -> float:
-        t, m = self.cfg.train, self.cfg.method
-        return jagged_cosine(step, t.max_steps, t.warmup_steps, t.min_lr_ratio, self.optimizer_period, m.restart_warmup_steps, m.warm_start_steps)
+        t, c = self.cfg.train, self.config
+        return jagged_cosine(step, t.max_steps, t.warmup_steps, t.min_lr_ratio, c.optimizer_period, c.restart_warmup_steps, c.warm_start_steps)
 
-    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        since = step - self.cfg.method.warm_start_steps  # completed adapter steps
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, notify: Notify | None = None) -> StepEvents:
+        since = step - self.config.warm_start_steps  # completed adapter steps
         if not self.switched or since <= 0:
-            return {}
+            return super().after_step(step, model, optimizer, notify)  # the warm start's switch
         rows: dict[str, Any] = {}
-        if since % self.cfg.method.reset_every == 0:
-            rows.update(self.merge_and_restart(step, model))
-        if since % self.optimizer_period == 0:
+        if since % self.config.reset_every == 0:
+            rows.update(self.merge_and_restart(step, model, notify))
+        if since % self.config.optimizer_period == 0:
             rows.update(self.reset_optimizer(model, optimizer))
-        return rows
+        return StepEvents(rows)
 
     # ------------------------------------------------------------------ ReLoRA §3
     @torch.no_grad()
-    def merge_and_restart(self, step: int, model: nn.Module) -> dict[str, Any]:
-        rows = self.emit("before_merge", step, model)
+    def merge_and_restart(self, step: int, model: nn.Module, notify: Notify | None = None) -> dict[str, Any]:
+        rows = emit(notify, "before_merge", step, model)
         cycle = self.merges + 1
-        keep = self.cfg.method.save_cycle_updates and is_main_process()
+        keep = self.config.save_cycle_updates and is_main_process()
         deltas = {}
         for index, (name, m) in enumerate(lora_modules(model).items()):
             delta = m.delta_weight()  # computed once: saved and merged
@@ -145,12 +166,12 @@ class ReLoRAMethod(LoRAMethod):
         if keep:
             self.save_update(cycle, step, deltas)
         self.merges = cycle
-        rows.update(self.emit("after_merge", step, model))
+        rows.update(emit(notify, "after_merge", step, model))
         rows["relora_merge"] = cycle
         return rows
 
     def reset_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        m = self.cfg.method
+        m = self.config
         self.optimizer_resets += 1
         kept = total = 0
         for index, p in enumerate(lora_parameters(model)):
@@ -161,15 +182,16 @@ class ReLoRAMethod(LoRAMethod):
         return {"relora_optimizer_reset": self.optimizer_resets, "relora_state_kept": kept / max(total, 1)}
 
     def save_update(self, cycle: int, step: int, deltas: dict[str, torch.Tensor]) -> None:
-        if self.run_dir is None:
-            return
-        folder = Path(self.run_dir) / "relora_updates"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"cycle_{cycle:04d}_step_{step:06d}.safetensors"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        meta = {"cycle": str(cycle), "step": str(step), "rank": str(self.cfg.method.rank), "scaling": str(self.cfg.method.alpha / self.cfg.method.rank)}
-        save_file({k: v.contiguous().cpu() for k, v in deltas.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # atomic: a resumed run rewrites the same bytes
+        """Hand this cycle's update to the training loop, which writes it (atomically: a resumed run
+        rewrites the same bytes) to RUN/relora_updates/cycle_NNNN_step_NNNNNN.safetensors."""
+        c = self.config
+        meta = {"cycle": str(cycle), "step": str(step), "rank": str(c.rank), "scaling": str(c.alpha / c.rank)}
+        path = f"relora_updates/cycle_{cycle:04d}_step_{step:06d}.safetensors"
+        self.pending_files[path] = ({k: v.contiguous().cpu() for k, v in deltas.items()}, meta)
+
+    def take_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+        out, self.pending_files = self.pending_files, {}
+        return out
 
     # ------------------------------------------------------------------ bookkeeping
     def state_dict(self) -> dict[str, Any]:

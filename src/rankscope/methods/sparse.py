@@ -45,16 +45,51 @@ in the same optimiser.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
+from rankscope.config import check, option
 from rankscope.errors import ConfigError
-from rankscope.methods import register_method
-from rankscope.methods.base import Method
-from rankscope.methods.lora import seeded_generator
-from rankscope.optim import optimizer_state_bytes, targeted_groups
+from rankscope.methods.base import Method, Notify, StepEvents
+from rankscope.methods.common import seeded_generator
+from rankscope.methods.lora import DEFAULT_TARGETS
+from rankscope.optim import SplitAdamW, adamw_update_, optimizer_state_bytes, targeted_groups
+
+__all__ = ["SOConfig", "SingleSupportConfig", "SOAdam", "SparseAdamW", "SplitAdamW"]
+
+
+
+@dataclass
+class SOConfig:
+    targets: list[str] = option(DEFAULT_TARGETS, "linear layers whose weights are trained sparsely (by name)")
+    density: float = option(0.05, "support size k per targeted weight = floor(density * numel) (so; must be >= 1) "
+                                  "or round, at least 1 (so_single)")
+    support_every: int = option(50, "steps between re-draws of the random gradient support (the authors' T); so_single: of its one support")
+    so_betas: list[float] = option([0.9, 0.999], "Adam (beta1, beta2) of the sparse weights (the authors' defaults); "
+                                                 "other weights use train.beta1/2")
+    so_weight_decay: float = option(0.0, "weight decay of the sparse weights (the authors' default 0); other weights use train.weight_decay")
+    so_weight_decay_mode: Literal["coupled", "decoupled"] = option("coupled", "coupled = L2 added to the gradient (the authors'); "
+                                                                   "decoupled = AdamW's, on the entries that move")
+
+    def validate(self) -> None:
+        check(0 < self.density <= 1, "method.density in (0, 1], method.moment_keep in [0, 1]")
+        check(len(self.so_betas) == 2 and all(0 <= b < 1 for b in self.so_betas),
+              f"method.so_betas={self.so_betas} must be two values in [0, 1), e.g. [0.9, 0.999]")
+        check(self.so_weight_decay >= 0, "method.so_weight_decay must be >= 0")
+        check(self.support_every > 0, "method.support_every, update_proj_gap and galore_scale must be positive")
+
+
+@dataclass
+class SingleSupportConfig(SOConfig):
+    moment_keep: float = option(0.25, "fraction of the support kept at a re-draw, the entries of largest |first moment| (with their moments)")
+
+    def validate(self) -> None:
+        super().validate()
+        check(0 <= self.moment_keep <= 1, "method.density in (0, 1], method.moment_keep in [0, 1]")
+
 
 INDEX_BYTES = 8  # int64 support indices
 SO_STREAM, SINGLE_STREAM = 5, 3  # purpose keys of seeded_generator for the two variants' draws
@@ -119,78 +154,6 @@ def check_support_sizes(model: nn.Module, params: list[torch.Tensor], density: f
         raise ConfigError(f"method.density={density} gives k = floor(density * numel) = 0 entries for {names.get(id(empty[0]), 'a weight')} "
                           f"({empty[0].numel()} entries) and {len(empty) - 1} other weights, which would never be trained; "
                           f"raise method.density to at least {need:.3g}")
-
-
-@torch.no_grad()
-def adamw_update_(value: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int,
-                  lr: float, beta1: float, beta2: float, eps: float, wd: float) -> None:
-    """One AdamW step (step number t >= 1) in place: torch.optim.AdamW's single-tensor arithmetic,
-    in the same order (decoupled decay, lerp first moment, bias-corrected denominator)."""
-    value.mul_(1 - lr * wd)
-    m.lerp_(grad, 1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step_size = lr / (1 - beta1**t)
-    denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-    value.addcdiv_(m, denom, value=-step_size)
-
-
-def dense_adamw_(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """Plain AdamW on a whole parameter: the groups SO and GaLore leave dense (embeddings, norms, head)."""
-    if "exp_avg" not in state:
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    state["step"] += 1
-    (beta1, beta2) = group["betas"]
-    adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()), group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-
-
-class SplitAdamW(torch.optim.Optimizer):
-    """AdamW over param groups, where groups whose option `flag` is set take `special_step` instead
-    (SO's sparse supports, GaLore's projection); the loop, the step counter and the dense groups
-    (embeddings, norms, head: `dense_adamw_`) are shared. Parameters are numbered in group order.
-    State keys in `index_keys` hold int64 indices and stay int64 through `load_state_dict`."""
-
-    flag = ""
-    index_keys: tuple[str, ...] = ()
-
-    def param_index(self) -> dict[int, int]:
-        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-
-    def special_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> None:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        index = self.param_index()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                if group[self.flag]:
-                    self.special_step(p, state, group, index[id(p)])
-                else:
-                    dense_adamw_(p, state, group)
-        return loss
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch casts every floating-point parameter's state to the parameter's dtype, which would
-        # turn int64 supports into floats: keep them aside and restore them as int64
-        kept = {(k, key): s.pop(key) for k, s in state_dict["state"].items() for key in self.index_keys if key in s}
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            for (k, key), s in kept.items():
-                state_dict["state"][k][key] = s
-        params = [p for g in self.param_groups for p in g["params"]]
-        for (k, key), s in kept.items():
-            self.state[params[int(k)]][key] = s.to(device=params[int(k)].device, dtype=torch.long)
 
 
 def support_grad(p: torch.Tensor, idx: torch.Tensor, value: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
@@ -337,44 +300,51 @@ class SparseMethodBase(Method):
     """Targeted linears' weights: a sparse optimiser group (so_betas, so_weight_decay,
     so_weight_decay_mode); everything else: dense AdamW with the train.* settings."""
 
+    supports_fsdp = False
+    memory_knob = "density"
+
     def sparse_groups(self, model: nn.Module) -> list[dict]:
-        t, m = self.cfg.train, self.cfg.method
+        t, m = self.cfg.train, self.config
         groups = targeted_groups(model, t, m.targets, "sparse", sparse=True)
         groups[-1].update(betas=tuple(m.so_betas), weight_decay=m.so_weight_decay, weight_decay_mode=m.so_weight_decay_mode)
         return groups
 
-    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, notify: Notify | None = None) -> StepEvents:
         # the (gradient) support is re-drawn at the start of the next step; log it at the boundary
-        every = self.cfg.method.support_every
-        return {"so_support_refresh": step // every} if step % every == 0 else {}
+        every = self.config.support_every
+        return StepEvents({"so_support_refresh": step // every} if step % every == 0 else {})
 
     def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         sparse = [p for g in optimizer.param_groups if g.get("sparse") for p in g["params"]]
         states = [optimizer.state[p] for p in sparse if "support" in optimizer.state.get(p, {})]
         key = "grad_support" if self.name == "so" else "support"
         return {"method": self.name, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "optimizer_state_bytes": optimizer_state_bytes(optimizer), "so_density": self.cfg.method.density,
+                "optimizer_state_bytes": optimizer_state_bytes(optimizer), "so_density": self.config.density,
                 "so_support_entries": sum(s[key].numel() for s in states), "so_moment_slots": sum(s["exp_avg"].numel() for s in states),
                 "so_sparse_params": sum(p.numel() for p in sparse)}
 
 
-@register_method("so")
 class SparseMethod(SparseMethodBase):
     """The authors' SO (two supports, importance-pruned momentum) on the targeted linears' weights."""
 
+    name = "so"
+    config_class = SOConfig
+
     def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-        t, m = self.cfg.train, self.cfg.method
+        t, m = self.cfg.train, self.config
         groups = self.sparse_groups(model)
         check_support_sizes(model, groups[-1]["params"], m.density)
         return SOAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, density=m.density,
                       support_every=m.support_every, seed=t.seed)
 
 
-@register_method("so_single")
 class SingleSupportMethod(SparseMethodBase):
     """rankscope's single-support variant (one support, moment_keep carry-over at re-draws)."""
 
+    name = "so_single"
+    config_class = SingleSupportConfig
+
     def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-        t, m = self.cfg.train, self.cfg.method
+        t, m = self.cfg.train, self.config
         return SparseAdamW(self.sparse_groups(model), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, density=m.density,
                            support_every=m.support_every, moment_keep=m.moment_keep, seed=t.seed)
