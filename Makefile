@@ -22,6 +22,7 @@ demo: setup
 	@echo "  $(RS) report $(DEMO_RUN) -o $(DEMO_REPORT)      # then open $(DEMO_REPORT)/report.html"
 
 test: setup
+	.venv/bin/ruff check src tests bench
 	$(PY) -m pytest -q
 
 test-slow: setup

@@ -5,7 +5,6 @@ import json
 import math
 
 import matplotlib
-import pytest
 
 matplotlib.use("Agg")
 

@@ -271,7 +271,7 @@ def test_so_moves_at_most_2k_entries_and_exactly_k_while_m_equals_g():
     w = torch.nn.Parameter(w0.clone())
     T, k = 5, int(0.1 * w0.numel())
     opt = SOAdam([{"params": [w], "sparse": True}], lr=1e-2, density=0.1, support_every=T, seed=2)
-    moved_counts = []
+    moved_counts, prev_M = [], []
     for step in range(3 * T):
         before = w.detach().clone()
         run_steps(opt, [w], target, 1)

@@ -315,7 +315,7 @@ def _rank(runs, rule, row, method, ref, cache) -> dict[str, Any]:
             phase = "the last common checkpoint"
         if not steps:
             return _not_measured(row, f"not measured: no checkpoint with {phase} analysed in both runs of seed {seed}")
-        (mm, nm, bad_m), (mr, nr, bad_r) = _phase_mean(tm, rule, kind, comp, steps), _phase_mean(tr, rule, kind, comp, steps)
+        (mm, _, bad_m), (mr, _, bad_r) = _phase_mean(tm, rule, kind, comp, steps), _phase_mean(tr, rule, kind, comp, steps)
         if bad_m or bad_r:
             notes.append(f"seed {seed}: {bad_m + bad_r} non-finite values left out")
         if mm is None or mr is None or mm <= 0 or mr <= 0:
