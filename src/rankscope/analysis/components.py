@@ -119,7 +119,19 @@ def read_tensors(path: Path, include_embeddings: bool = False, aliases: Mapping[
     return out
 
 
-def effective_weights(state: Mapping[str, torch.Tensor], adapters: Mapping[str, Mapping[str, float]]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def lora_scaling(config: Mapping[str, Any] | None) -> float | None:
+    """alpha / rank from a run config dict (either method form), None when absent: one scaling for
+    every layer, as runs with a fixed rank store it (per-layer facts: lora.stored_adapters)."""
+    from rankscope.config import method_options
+
+    opts = method_options(dict((config or {}).get("method") or {}))
+    if "alpha" in opts and "rank" in opts:
+        return float(opts["alpha"]) / float(opts["rank"])
+    return None
+
+
+def effective_weights(state: Mapping[str, torch.Tensor], adapters: Mapping[str, Mapping[str, float]] | float | None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """module -> effective weight (fp32), and module -> LoRA update factors (scaling B, A).
 
     A LoRA-wrapped linear (keys X.base.weight, X.lora_A (r x in), X.lora_B (out x r)) with its rank
@@ -127,6 +139,9 @@ def effective_weights(state: Mapping[str, torch.Tensor], adapters: Mapping[str, 
     effective weight W0 + dW, merged by rankscope.methods.lora.merged_state_dict (the one ΔW code)."""
     from rankscope.methods.lora import merged_state_dict, update_factors
 
+    if adapters is None or isinstance(adapters, (int, float)):  # one scaling for every wrapped layer (or none known)
+        ranks = {k[: -len(".lora_A")]: int(t.shape[0]) for k, t in state.items() if k.endswith(".lora_A")}
+        adapters = {} if adapters is None else {n: {"rank": r, "scaling": float(adapters)} for n, r in ranks.items()}
     present = {n: f for n, f in adapters.items() if f"{n}.base.weight" in state}
     loose = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k} - set(present))
     if loose:
