@@ -23,7 +23,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ import yaml
 from rankscope import autotune
 from rankscope import checkpoint as ckpt
 from rankscope import distributed, sharding
+from rankscope.callbacks import Callback, build_callbacks
 from rankscope.config import RunConfig
 from rankscope.data.corpus import Corpus, prepare
 from rankscope.data.stream import BatchStream
@@ -44,40 +45,6 @@ from rankscope.preemption import Preempted, StopOnSignal
 from rankscope.progress import Progress
 from rankscope.runtime import autocast, describe, peak_flops, pick_device, pick_precision
 from rankscope.loggers import build_loggers
-
-
-class Callback(Protocol):
-    """Hooks other parts (evaluation, analysis) attach to the loop; each returns rows to log."""
-
-    def on_step_end(self, trainer: "Trainer", step: int) -> dict[str, Any] | None: ...
-
-    def on_train_end(self, trainer: "Trainer") -> dict[str, Any] | None: ...
-
-    # optional: on_method_event(trainer, event, step, model) -> dict | None, for events a method
-    # emits mid-step (e.g. ReLoRA's 'before_merge' / 'after_merge'); rows are logged with the step
-    # optional: wants(trainer, step) -> bool, whether on_step_end will read the model at `step`
-    # (under FSDP the full weights are gathered only then; without it, every step). Callbacks
-    # read the model as `trainer.eval_model`.
-
-
-CALLBACK_FACTORIES: list[Callable[[RunConfig], Callback | None]] = []
-
-
-def register_callback(factory: Callable[[RunConfig], Callback | None]):
-    """Register a factory that builds a callback from the config (or None when it is off)."""
-    CALLBACK_FACTORIES.append(factory)
-    return factory
-
-
-# modules that register callbacks on import (imported when a Trainer is built, to avoid a cycle)
-CALLBACK_MODULES = ["rankscope.evaluate.callback", "rankscope.analysis.callback"]
-
-
-def load_callback_modules() -> None:
-    import importlib
-
-    for mod in CALLBACK_MODULES:
-        importlib.import_module(mod)
 
 
 def log_spaced_steps(max_steps: int, n: int) -> set[int]:
@@ -100,6 +67,7 @@ class Trainer:
     run_dir: Path
     log: Callable[[str], None] = print
     restart: bool = False  # train from step 0 even if checkpoints exist (they are set aside, not deleted)
+    callbacks: list[Callback] | None = None  # None: build_callbacks(cfg), the ones the config turns on
     device: torch.device = field(init=False)
     precision: str = field(init=False)
 
@@ -122,9 +90,9 @@ class Trainer:
         if self.cfg.train.parallel == "fsdp" and not self.sharded:
             self.log("[train] train.parallel=fsdp on one process: nothing to shard, training unsharded")
         self.setup_model(None)
-        load_callback_modules()
         # evaluation and analysis run on rank 0 only; the other ranks wait at the next all-reduce
-        self.callbacks = [cb for f in CALLBACK_FACTORIES if (cb := f(self.cfg)) is not None] if self.dist.is_main else []
+        callbacks = build_callbacks(self.cfg) if self.callbacks is None else self.callbacks
+        self.callbacks = list(callbacks) if self.dist.is_main else []
         self.loggers = build_loggers(self.cfg, self.run_dir) if self.dist.is_main else []
         self.replica: nn.Module | None = None  # rank 0's unsharded copy for callbacks under FSDP
         self.step = 0
@@ -613,12 +581,14 @@ def peak_memory(device: torch.device) -> int:
         return 0
 
 
-def train(cfg: RunConfig, run_dir: str | Path, log=print, restart: bool = False) -> dict[str, Any]:
+def train(cfg: RunConfig, run_dir: str | Path, log=print, restart: bool = False,
+          callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Train, or resume, the run in `run_dir`; `restart` sets existing checkpoints aside and starts
-    from step 0. Raises rankscope.preemption.Preempted after a SIGTERM / SIGINT stop."""
+    from step 0; `callbacks` (default `rankscope.callbacks.build_callbacks(cfg)`) run on rank 0.
+    Raises rankscope.preemption.Preempted after a SIGTERM / SIGINT stop."""
     trainer = None
     try:
-        trainer = Trainer(cfg, Path(run_dir), log, restart)
+        trainer = Trainer(cfg, Path(run_dir), log, restart, callbacks)
         return trainer.run()
     finally:
         trainer = None  # also on errors: the traceback must not keep FSDP state past shutdown
