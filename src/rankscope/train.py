@@ -32,13 +32,13 @@ import yaml
 
 from rankscope import autotune
 from rankscope import checkpoint as ckpt
-from rankscope import distributed, sharding
+from rankscope import distributed, run_state, sharding
 from rankscope.callbacks import Callback, build_callbacks
 from rankscope.config import RunConfig
 from rankscope.data.corpus import Corpus, prepare
 from rankscope.data.stream import BatchStream
 from rankscope import errors
-from rankscope.errors import CheckpointError, ConfigError, RankscopeError, TrainingError
+from rankscope.errors import ConfigError, RankscopeError, TrainingError
 from rankscope.methods import build_model, lora
 from rankscope.paths import check_output_dir
 from rankscope.preemption import Preempted, StopOnSignal
@@ -251,84 +251,12 @@ class Trainer:
             rows.update(cb.on_method_event(self, event, step, self.replica if self.sharded else model) or {})
         return rows
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (rankscope.run_state)
     def save(self) -> None:
-        """Rank 0 writes; every rank's dropout RNG is gathered into the one checkpoint. Under FSDP
-        the shards are gathered first, so the files are the same as an unsharded run's."""
-        rngs = distributed.gather_objects(torch.get_rng_state(), self.dist)
-        model_state = sharding.full_model_state(self.model)
-        opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer)
-        opt_tensors = sharding.full_optimizer_tensors(opt_tensors, keep=self.dist.is_main)
-        if not self.dist.is_main:
-            distributed.barrier(self.dist)
-            return
-        extra = {"rng.torch": rngs[0], **{f"rng.torch.{r}": t for r, t in enumerate(rngs)}}
-        if self.device.type == "cuda":
-            extra["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        files = {"model": model_state, "optimizer": opt_tensors, "extra": extra}
-        if self.cfg.checkpoint.save_grads and self.last_grads:
-            files["grads"] = self.last_grads
-        meta = {"optimizer": opt_meta, "method": self.method.state_dict(), "method_name": self.method.name,
-                "adapters": lora.adapter_layout(self.model), "world_size": self.dist.world_size,
-                "tokens": self.tokens_seen(self.step), "tokenizer_hash": self.corpus.manifest["tokenizer"]["hash"],
-                "corpus": str(self.corpus.root.resolve()), "config": self.cfg.to_dict()}
-        root = self.run_dir / "checkpoints"
-        ckpt.save_checkpoint(root, self.step, files, meta)
-        ckpt.prune_checkpoints(root, self.cfg.checkpoint.keep_last, self.keep_forever, log=self.log)
-        distributed.barrier(self.dist)
-
-    def find_checkpoint(self) -> ckpt.Checkpoint | None:
-        """Rank 0: the newest valid checkpoint; None for a fresh start; refuses to start over in
-        silence when checkpoints exist but none is valid."""
-        root = self.run_dir / "checkpoints"
-        folders = ckpt.list_checkpoints(root)
-        if self.restart:
-            for _, path in folders:
-                self.log(f"[train] --restart: {path.name} set aside as {ckpt.set_aside(path, 'restart').name}")
-            return None
-        found = ckpt.latest_valid(root, log=self.log)
-        if found is None and folders:
-            raise CheckpointError(f"{root} holds {len(folders)} checkpoint folder(s) but none is valid (see above); "
-                                  "repair one (restore it from a copy) "
-                                  "or re-run with --restart to train from step 0 (the folders are set aside, not deleted)")
-        return found
+        run_state.save(self)
 
     def resume(self) -> None:
-        """Rank 0 picks the checkpoint; every rank loads that same one."""
-        found = self.on_rank0(self.find_checkpoint)
-        if found is None:
-            if self.dist.is_main:
-                self.truncate_metrics(0)  # rows of an attempt that died before its first checkpoint
-            return
-        if found.meta["method"] != self.method.state_dict():  # e.g. past a switch to adapters, or new ranks
-            self.setup_model(found.meta["method"])
-        # under FSDP the full tensors stay on the CPU; each rank moves only its shards to the device
-        where = "cpu" if self.sharded else str(self.device)
-        sharding.load_full_model_state(self.model, found.load("model", where))
-        opt_tensors = sharding.shard_optimizer_tensors(self.optimizer, found.load("optimizer", where))
-        ckpt.optimizer_from_tensors(self.optimizer, opt_tensors, found.meta["optimizer"])
-        extra = found.load("extra")
-        own = f"rng.torch.{self.dist.rank}"
-        if found.meta.get("world_size", 1) == self.dist.world_size and own in extra:
-            torch.set_rng_state(extra[own])
-        elif self.dist.is_main:
-            torch.set_rng_state(extra["rng.torch"])
-        else:  # resumed on more ranks than it was saved with: a fresh, deterministic dropout stream
-            torch.manual_seed(self.cfg.train.seed * 100_003 + found.step * 101 + self.dist.rank)
-        if "rng.cuda" in extra and self.device.type == "cuda":
-            torch.cuda.set_rng_state(extra["rng.cuda"], self.device)
-        self.method.load_state_dict(found.meta["method"])
-        self.step = found.step
-        if self.dist.is_main:
-            self.truncate_metrics(found.step)
-        self.log(f"[train] resumed from {found.path} (step {found.step})")
-
-    def truncate_metrics(self, step: int) -> None:
-        """Drop rows logged after the checkpoint we resume from, so the log has no duplicates."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and _row_step(ln) <= step]
-            path.write_text("".join(r + "\n" for r in rows))
+        run_state.resume(self)
 
     def log_row(self, row: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -519,13 +447,6 @@ class Trainer:
             summary = {**json.loads(prev.read_text()), **{k: v for k, v in summary.items() if v is not None and k not in ("tokens_per_s", "peak_memory_bytes")}}
         prev.write_text(json.dumps(summary, indent=2))
         return summary
-
-
-def _row_step(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-        return 1 << 62
 
 
 def _write_atomic(path: Path, text: str) -> None:
