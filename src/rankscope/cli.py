@@ -1,4 +1,6 @@
-"""`rankscope VERB ...`: one plain function per verb. Errors a user can cause print one line, exit 2."""
+"""`rankscope VERB ...`: one plain function per verb, listed in the table `VERBS` (verb -> help, function,
+arguments). The modules that own a verb (analysis, studies, reports, export, lm-eval tasks) define
+`cmd_*` and `add_*_args` and never import this module. Errors a user can cause print one line, exit 2."""
 
 from __future__ import annotations
 
@@ -8,21 +10,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from rankscope import export, report, study
+from rankscope.analysis import cli as analysis_cli
 from rankscope.errors import ConfigError, RankscopeError
+from rankscope.evaluate import harness
 from rankscope.preemption import Preempted
-
-VERBS: dict[str, tuple[str, Callable, Callable]] = {}
-
-
-def verb(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None]):
-    """Register `fn(args)` as the sub-command `name`; `add_args(parser)` declares its arguments.
-    Modules that add verbs (analysis, studies, reports, export) call this on import."""
-
-    def wrap(fn):
-        VERBS[name] = (help, fn, add_args)
-        return fn
-
-    return wrap
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -58,6 +50,7 @@ def cmd_train(args) -> None:
 
     from rankscope.config import load_config
     from rankscope.errors import ConfigError
+    from rankscope.callbacks import build_callbacks
     from rankscope.paths import check_output_dir
     from rankscope.train import train
 
@@ -73,7 +66,7 @@ def cmd_train(args) -> None:
             raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node), the same on every node")
         argv = ["train", args.config, *args.overrides, "-o", str(out), *(["--restart"] if args.restart else [])]
         raise SystemExit(launch(argv, args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id))
-    summary = train(cfg, out, restart=args.restart)
+    summary = train(cfg, out, restart=args.restart, callbacks=build_callbacks(cfg))
     if summary.get("run_dir") is None:  # not rank 0
         return
     print(f"\nfinished {summary['steps']} steps ({summary['tokens']:,} tokens): train loss {summary['final_train_loss']:.4f}, "
@@ -132,14 +125,12 @@ def cmd_info(args) -> None:
         print(f"{name:12s} {shape['d_model']:7d} {shape['n_layers']:6d} {shape['n_heads']:5d} {shape['n_kv_heads']:3d} {shape['ffn_dim']:5d} {shape['vocab_size']:6d} {n:12,d}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rankscope", description="Pretrain small decoders with full-rank and low-rank methods; measure what they learn.")
-    sub = parser.add_subparsers(dest="verb", required=True)
-    p = sub.add_parser("prepare", help="gather the corpus, train the tokenizer, write token shards")
+def _prepare_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even if prepared")
-    p.set_defaults(fn=cmd_prepare)
-    p = sub.add_parser("train", help="train (or resume) a run")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     p.add_argument("-o", "--output", help="run directory (default runs/<config name>)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun for you)")
@@ -147,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-endpoint", help="HOST:PORT of the first machine (torchrun's c10d rendezvous) when --nnodes > 1")
     p.add_argument("--rdzv-id", help="a run id shared by the machines of one run (e.g. the SLURM job id)")
     p.add_argument("--restart", action="store_true", help="train from step 0 although checkpoints exist (they are set aside, not deleted)")
-    p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("eval", help="evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="run directory or checkpoints/step_N folder")
     p.add_argument("--blimp", help="folder of BLiMP jsonl files (e.g. ../shared/data/blimp), or 'builtin' for generated substitute pairs")
     p.add_argument("--blimp-max-pairs", type=int, default=0, help="pairs per BLiMP file (0: all)")
@@ -175,15 +167,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file (checked before evaluating)")
     p.add_argument("--cache-dir", default="data",
                    help="where a corpus that must be prepared again goes (never taken from the run's metadata)")
-    p.set_defaults(fn=cmd_eval)
-    p = sub.add_parser("pairs", help="write generated minimal pairs in BLiMP's jsonl format (a substitute where BLiMP is absent)")
+
+
+def _pairs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="folder for the <UID>.jsonl files")
     p.add_argument("-n", type=int, default=200, help="pairs per paradigm")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=cmd_pairs)
-    p = sub.add_parser("info", help="list model presets and their parameter counts")
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fields", action="store_true", help="list every config field with its type, default and help")
-    p.set_defaults(fn=cmd_info)
+
+
+# --------------------------------------------------------------------------- the verb table
+VERBS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None]]] = {
+    "prepare": ("gather the corpus, train the tokenizer, write token shards", cmd_prepare, _prepare_args),
+    "train": ("train (or resume) a run", cmd_train, _train_args),
+    "eval": ("evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP", cmd_eval, _eval_args),
+    "pairs": ("write generated minimal pairs in BLiMP's jsonl format (a substitute where BLiMP is absent)", cmd_pairs, _pairs_args),
+    "info": ("list model presets and their parameter counts", cmd_info, _info_args),
+    "analyze": ("rank metrics (PER, condition numbers, ...) of every checkpoint: table, spectra, plots",
+                analysis_cli.cmd_analyze, analysis_cli.add_analyze_args),
+    "sweep": ("run every point of a study grid (skips finished runs, resumes interrupted ones)", study.cmd_sweep, study.add_sweep_args),
+    "report": ("compare runs and studies side by side: tables, plots, self-contained HTML + Markdown",
+               report.cmd_report, report.add_report_args),
+    "export": ("write a run or checkpoint as a Hugging Face LlamaForCausalLM folder (LoRA merged)",
+               export.cmd_export, export.add_export_args),
+    "lm-eval-tasks": ("write BLiMP as lm-evaluation-harness tasks that score an exported model as `rankscope eval` does",
+                      harness.cmd_lm_eval_tasks, harness.add_lm_eval_args),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankscope", description="Pretrain small decoders with full-rank and low-rank methods; measure what they learn.")
+    sub = parser.add_subparsers(dest="verb", required=True)
     for name, (help, fn, add_args) in VERBS.items():
         p = sub.add_parser(name, help=help)
         add_args(p)
@@ -192,7 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _load_extra_verbs()
     parser = build_parser()
     # overrides may follow options too: `rankscope train CFG -o DIR train.lr=1e-3`
     args, extra = parser.parse_known_args(argv)
@@ -215,16 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     return 0
-
-
-def _load_extra_verbs() -> None:
-    """Modules that add verbs (analyze, sweep, report, export, lm-eval-tasks) register them on import."""
-    for mod in ("rankscope.analysis.cli", "rankscope.study", "rankscope.report", "rankscope.export", "rankscope.evaluate.harness"):
-        try:
-            __import__(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import save_file
 
 from rankscope.checkpoint import Checkpoint, open_checkpoint
-from rankscope.cli import verb
 from rankscope.config import ModelConfig, RunConfig, config_from_dict
 from rankscope.data.tokenizer import EOS, PAD, TextTokenizer
 from rankscope.errors import CheckpointError, RankscopeError
@@ -168,7 +167,7 @@ def check_export(out: Path, dense: dict[str, torch.Tensor], cfg: RunConfig, n_to
         return float((hf(ids).logits - ours.eval()(ids)).abs().max())
 
 
-def _export_args(p: argparse.ArgumentParser) -> None:
+def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="run directory (its newest valid checkpoint) or checkpoints/step_N folder")
     p.add_argument("-o", "--output", required=True, help="folder to write the Hugging Face model into")
     p.add_argument("--force", action="store_true", help="overwrite files in a non-empty output folder")
@@ -176,7 +175,6 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="load the export with transformers and compare logits with ours")
 
 
-@verb("export", "write a run or checkpoint as a Hugging Face LlamaForCausalLM folder (LoRA merged)", _export_args)
 def cmd_export(args) -> None:
     out = export(args.path, args.output, force=args.force, dtype=args.dtype)
     print(f"wrote {out} ({', '.join(f for f in EXPORT_FILES if (out / f).exists())})")

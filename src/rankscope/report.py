@@ -474,20 +474,13 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
 
 
 # --------------------------------------------------------------------------- CLI verb
-def _args(p) -> None:
+def add_report_args(p) -> None:
     p.add_argument("paths", nargs="+", help="run directories and/or study directories (with sweep.json, or holding runs)")
     p.add_argument("-o", "--output", required=True, help="report folder (report.html, report.md, report.json, PNGs)")
     p.add_argument("--spectra-steps", nargs="+", type=int, help="steps whose singular-value spectra are plotted (default: up to 3 analysed steps)")
 
 
-def _register() -> None:
-    from rankscope.cli import verb
-
-    @verb("report", "compare runs and studies side by side: tables, plots, self-contained HTML + Markdown", _args)
-    def cmd_report(args) -> None:
-        written = write_report(args.paths, args.output, args.spectra_steps)
-        for name, path in written.items():
-            print(f"{name:5s} {path}")
-
-
-_register()
+def cmd_report(args) -> None:
+    written = write_report(args.paths, args.output, args.spectra_steps)
+    for name, path in written.items():
+        print(f"{name:5s} {path}")

@@ -708,7 +708,7 @@ class _Progress:
 
 
 # --------------------------------------------------------------------------- CLI verb
-def _sweep_args(p) -> None:
+def add_sweep_args(p) -> None:
     p.add_argument("study", help="study YAML, e.g. studies/paper-cpu.yaml (format: docs/studies.md)")
     p.add_argument("--parallel", type=int, help="runs at once (default: the study's `parallel`)")
     p.add_argument("--runs-dir", help="where the runs go (default: the study's runs_dir or runs/<name>)")
@@ -728,27 +728,20 @@ def list_points(study: Study, show=print) -> None:
              f"(tuning may add up to {study.tune.widen} values per edge and cell)")
 
 
-def _register() -> None:
-    from rankscope.cli import verb
+def cmd_sweep(args) -> None:
+    study = load_study(args.study, args.runs_dir)
+    if args.list:
+        list_points(study)
+        return
+    launcher = None
+    if args.launcher == "slurm" or args.dry_run or args.status:
+        from rankscope import slurm
 
-    @verb("sweep", "run every point of a study grid (skips finished runs, resumes interrupted ones)", _sweep_args)
-    def cmd_sweep(args) -> None:
-        study = load_study(args.study, args.runs_dir)
-        if args.list:
-            list_points(study)
+        launcher = slurm.cli_launcher(study, args)
+        if launcher is None:  # --dry-run / --status printed what was asked
             return
-        launcher = None
-        if args.launcher == "slurm" or args.dry_run or args.status:
-            from rankscope import slurm
-
-            launcher = slurm.cli_launcher(study, args)
-            if launcher is None:  # --dry-run / --status printed what was asked
-                return
-        points = run_study(study, launcher=launcher, parallel=args.parallel)
-        failed = sum(p.status == "failed" for p in points)
-        print(f"sweep finished: {len(points) - failed} ok, {failed} failed; summary {study.runs_dir / 'sweep.json'}")
-        if failed:
-            raise SystemExit(1)
-
-
-_register()
+    points = run_study(study, launcher=launcher, parallel=args.parallel)
+    failed = sum(p.status == "failed" for p in points)
+    print(f"sweep finished: {len(points) - failed} ok, {failed} failed; summary {study.runs_dir / 'sweep.json'}")
+    if failed:
+        raise SystemExit(1)

@@ -23,7 +23,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,52 +32,19 @@ import yaml
 
 from rankscope import autotune
 from rankscope import checkpoint as ckpt
-from rankscope import distributed, sharding
+from rankscope import distributed, run_state, sharding
+from rankscope.callbacks import Callback, build_callbacks
 from rankscope.config import RunConfig
 from rankscope.data.corpus import Corpus, prepare
 from rankscope.data.stream import BatchStream
 from rankscope import errors
-from rankscope.errors import CheckpointError, ConfigError, RankscopeError, TrainingError
+from rankscope.errors import ConfigError, RankscopeError, TrainingError
 from rankscope.methods import build_model, lora
 from rankscope.paths import check_output_dir
 from rankscope.preemption import Preempted, StopOnSignal
 from rankscope.progress import Progress
 from rankscope.runtime import autocast, describe, peak_flops, pick_device, pick_precision
 from rankscope.loggers import build_loggers
-
-
-class Callback(Protocol):
-    """Hooks other parts (evaluation, analysis) attach to the loop; each returns rows to log."""
-
-    def on_step_end(self, trainer: "Trainer", step: int) -> dict[str, Any] | None: ...
-
-    def on_train_end(self, trainer: "Trainer") -> dict[str, Any] | None: ...
-
-    # optional: on_method_event(trainer, event, step, model) -> dict | None, for events a method
-    # emits mid-step (e.g. ReLoRA's 'before_merge' / 'after_merge'); rows are logged with the step
-    # optional: wants(trainer, step) -> bool, whether on_step_end will read the model at `step`
-    # (under FSDP the full weights are gathered only then; without it, every step). Callbacks
-    # read the model as `trainer.eval_model`.
-
-
-CALLBACK_FACTORIES: list[Callable[[RunConfig], Callback | None]] = []
-
-
-def register_callback(factory: Callable[[RunConfig], Callback | None]):
-    """Register a factory that builds a callback from the config (or None when it is off)."""
-    CALLBACK_FACTORIES.append(factory)
-    return factory
-
-
-# modules that register callbacks on import (imported when a Trainer is built, to avoid a cycle)
-CALLBACK_MODULES = ["rankscope.evaluate.callback", "rankscope.analysis.callback"]
-
-
-def load_callback_modules() -> None:
-    import importlib
-
-    for mod in CALLBACK_MODULES:
-        importlib.import_module(mod)
 
 
 def log_spaced_steps(max_steps: int, n: int) -> set[int]:
@@ -100,6 +67,7 @@ class Trainer:
     run_dir: Path
     log: Callable[[str], None] = print
     restart: bool = False  # train from step 0 even if checkpoints exist (they are set aside, not deleted)
+    callbacks: list[Callback] | None = None  # None: build_callbacks(cfg), the ones the config turns on
     device: torch.device = field(init=False)
     precision: str = field(init=False)
 
@@ -122,9 +90,9 @@ class Trainer:
         if self.cfg.train.parallel == "fsdp" and not self.sharded:
             self.log("[train] train.parallel=fsdp on one process: nothing to shard, training unsharded")
         self.setup_model(None)
-        load_callback_modules()
         # evaluation and analysis run on rank 0 only; the other ranks wait at the next all-reduce
-        self.callbacks = [cb for f in CALLBACK_FACTORIES if (cb := f(self.cfg)) is not None] if self.dist.is_main else []
+        callbacks = build_callbacks(self.cfg) if self.callbacks is None else self.callbacks
+        self.callbacks = list(callbacks) if self.dist.is_main else []
         self.loggers = build_loggers(self.cfg, self.run_dir) if self.dist.is_main else []
         self.replica: nn.Module | None = None  # rank 0's unsharded copy for callbacks under FSDP
         self.step = 0
@@ -283,84 +251,12 @@ class Trainer:
             rows.update(cb.on_method_event(self, event, step, self.replica if self.sharded else model) or {})
         return rows
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (rankscope.run_state)
     def save(self) -> None:
-        """Rank 0 writes; every rank's dropout RNG is gathered into the one checkpoint. Under FSDP
-        the shards are gathered first, so the files are the same as an unsharded run's."""
-        rngs = distributed.gather_objects(torch.get_rng_state(), self.dist)
-        model_state = sharding.full_model_state(self.model)
-        opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer)
-        opt_tensors = sharding.full_optimizer_tensors(opt_tensors, keep=self.dist.is_main)
-        if not self.dist.is_main:
-            distributed.barrier(self.dist)
-            return
-        extra = {"rng.torch": rngs[0], **{f"rng.torch.{r}": t for r, t in enumerate(rngs)}}
-        if self.device.type == "cuda":
-            extra["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        files = {"model": model_state, "optimizer": opt_tensors, "extra": extra}
-        if self.cfg.checkpoint.save_grads and self.last_grads:
-            files["grads"] = self.last_grads
-        meta = {"optimizer": opt_meta, "method": self.method.state_dict(), "method_name": self.method.name,
-                "adapters": lora.adapter_layout(self.model), "world_size": self.dist.world_size,
-                "tokens": self.tokens_seen(self.step), "tokenizer_hash": self.corpus.manifest["tokenizer"]["hash"],
-                "corpus": str(self.corpus.root.resolve()), "config": self.cfg.to_dict()}
-        root = self.run_dir / "checkpoints"
-        ckpt.save_checkpoint(root, self.step, files, meta)
-        ckpt.prune_checkpoints(root, self.cfg.checkpoint.keep_last, self.keep_forever, log=self.log)
-        distributed.barrier(self.dist)
-
-    def find_checkpoint(self) -> ckpt.Checkpoint | None:
-        """Rank 0: the newest valid checkpoint; None for a fresh start; refuses to start over in
-        silence when checkpoints exist but none is valid."""
-        root = self.run_dir / "checkpoints"
-        folders = ckpt.list_checkpoints(root)
-        if self.restart:
-            for _, path in folders:
-                self.log(f"[train] --restart: {path.name} set aside as {ckpt.set_aside(path, 'restart').name}")
-            return None
-        found = ckpt.latest_valid(root, log=self.log)
-        if found is None and folders:
-            raise CheckpointError(f"{root} holds {len(folders)} checkpoint folder(s) but none is valid (see above); "
-                                  "repair one (restore it from a copy) "
-                                  "or re-run with --restart to train from step 0 (the folders are set aside, not deleted)")
-        return found
+        run_state.save(self)
 
     def resume(self) -> None:
-        """Rank 0 picks the checkpoint; every rank loads that same one."""
-        found = self.on_rank0(self.find_checkpoint)
-        if found is None:
-            if self.dist.is_main:
-                self.truncate_metrics(0)  # rows of an attempt that died before its first checkpoint
-            return
-        if found.meta["method"] != self.method.state_dict():  # e.g. past a switch to adapters, or new ranks
-            self.setup_model(found.meta["method"])
-        # under FSDP the full tensors stay on the CPU; each rank moves only its shards to the device
-        where = "cpu" if self.sharded else str(self.device)
-        sharding.load_full_model_state(self.model, found.load("model", where))
-        opt_tensors = sharding.shard_optimizer_tensors(self.optimizer, found.load("optimizer", where))
-        ckpt.optimizer_from_tensors(self.optimizer, opt_tensors, found.meta["optimizer"])
-        extra = found.load("extra")
-        own = f"rng.torch.{self.dist.rank}"
-        if found.meta.get("world_size", 1) == self.dist.world_size and own in extra:
-            torch.set_rng_state(extra[own])
-        elif self.dist.is_main:
-            torch.set_rng_state(extra["rng.torch"])
-        else:  # resumed on more ranks than it was saved with: a fresh, deterministic dropout stream
-            torch.manual_seed(self.cfg.train.seed * 100_003 + found.step * 101 + self.dist.rank)
-        if "rng.cuda" in extra and self.device.type == "cuda":
-            torch.cuda.set_rng_state(extra["rng.cuda"], self.device)
-        self.method.load_state_dict(found.meta["method"])
-        self.step = found.step
-        if self.dist.is_main:
-            self.truncate_metrics(found.step)
-        self.log(f"[train] resumed from {found.path} (step {found.step})")
-
-    def truncate_metrics(self, step: int) -> None:
-        """Drop rows logged after the checkpoint we resume from, so the log has no duplicates."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and _row_step(ln) <= step]
-            path.write_text("".join(r + "\n" for r in rows))
+        run_state.resume(self)
 
     def log_row(self, row: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -553,13 +449,6 @@ class Trainer:
         return summary
 
 
-def _row_step(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-        return 1 << 62
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -613,12 +502,14 @@ def peak_memory(device: torch.device) -> int:
         return 0
 
 
-def train(cfg: RunConfig, run_dir: str | Path, log=print, restart: bool = False) -> dict[str, Any]:
+def train(cfg: RunConfig, run_dir: str | Path, log=print, restart: bool = False,
+          callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Train, or resume, the run in `run_dir`; `restart` sets existing checkpoints aside and starts
-    from step 0. Raises rankscope.preemption.Preempted after a SIGTERM / SIGINT stop."""
+    from step 0; `callbacks` (default `rankscope.callbacks.build_callbacks(cfg)`) run on rank 0.
+    Raises rankscope.preemption.Preempted after a SIGTERM / SIGINT stop."""
     trainer = None
     try:
-        trainer = Trainer(cfg, Path(run_dir), log, restart)
+        trainer = Trainer(cfg, Path(run_dir), log, restart, callbacks)
         return trainer.run()
     finally:
         trainer = None  # also on errors: the traceback must not keep FSDP state past shutdown

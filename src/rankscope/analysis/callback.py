@@ -26,7 +26,6 @@ import torch.nn as nn
 from rankscope.analysis import components as C
 from rankscope.analysis.spectra import analyze_items
 from rankscope.methods.lora import adapter_layout
-from rankscope.train import register_callback
 
 MERGE_EVENTS = ("before_merge", "after_merge")
 
@@ -91,6 +90,5 @@ class RankCallback:
         return {f"{k}/{event}": v for k, v in self.measure(model).items()}
 
 
-@register_callback
 def build_rank_callback(cfg) -> RankCallback | None:
     return RankCallback(cfg) if cfg.analysis.every > 0 else None

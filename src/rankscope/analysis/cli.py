@@ -1,14 +1,12 @@
 """`rankscope analyze RUN_DIR [RUN_DIR ...] [-o OUT]`: rank metrics table, spectra and plots; prints a
-compact table of the final PER and condition number of each component."""
+compact table of the final PER and condition number of each component. Listed in rankscope.cli.VERBS."""
 
 from __future__ import annotations
 
 import argparse
 
-from rankscope.cli import verb
 
-
-def _args(p: argparse.ArgumentParser) -> None:
+def add_analyze_args(p: argparse.ArgumentParser) -> None:
     from rankscope.analysis.metrics import METRICS
     from rankscope.analysis.run import KINDS
 
@@ -27,7 +25,6 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
 
 
-@verb("analyze", "rank metrics (PER, condition numbers, ...) of every checkpoint: table, spectra, plots", _args)
 def cmd_analyze(args) -> None:
     from rankscope.analysis.run import analyze_runs
 

@@ -16,7 +16,6 @@ from typing import Any
 from rankscope.config import RunConfig
 from rankscope.evaluate.blimp import evaluate_blimp, load_pairs
 from rankscope.evaluate.perplexity import corpus_docset, domain_perplexity
-from rankscope.train import register_callback
 
 
 def flat_perplexity(result: dict, prefix: str = "val") -> dict[str, float]:
@@ -87,6 +86,5 @@ class EvalCallback:
         return {**self.latest, "eval_max_docs": e.max_docs} if self.latest else None
 
 
-@register_callback
 def build_eval_callback(cfg: RunConfig) -> EvalCallback | None:
     return EvalCallback(cfg) if (cfg.eval.per_domain or cfg.eval.blimp_dir) else None

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import yaml
 
-from rankscope.cli import verb
 from rankscope.evaluate.blimp import SHARED_BLIMP
 from rankscope.errors import DataError
 
@@ -63,12 +62,11 @@ def write_blimp_tasks(blimp_dir: str | Path, out: str | Path) -> list[str]:
     return names
 
 
-def _args(p) -> None:
+def add_lm_eval_args(p) -> None:
     p.add_argument("-o", "--output", required=True, help="folder for the task yaml files (pass it to lm_eval --include_path)")
     p.add_argument("--blimp", default=str(SHARED_BLIMP), help="folder of BLiMP jsonl files (default ../shared/data/blimp beside the repository)")
 
 
-@verb("lm-eval-tasks", "write BLiMP as lm-evaluation-harness tasks that score an exported model as `rankscope eval` does", _args)
 def cmd_lm_eval_tasks(args) -> None:
     names = write_blimp_tasks(args.blimp, args.output)
     print(f"wrote {len(names)} tasks and the group '{GROUP}' to {args.output}")
