@@ -150,6 +150,21 @@ def test_rank_rule_uses_the_early_phase_and_log_ratio_per_seed(tmp_path):
     assert end["per_seed"]["0"] == pytest.approx(math.log(0.1 / 9.0))  # the last common checkpoint, step 200
 
 
+@pytest.mark.parametrize("bound, verdict", [(0.25, "confirmed (implied by the rank bound)"), (0.6, "confirmed")])
+def test_rank_rule_reports_the_rank_bound_and_flags_a_result_it_forces(tmp_path, bound, verdict):
+    """A rank-r update has PER <= r / min(m, n): where that bound lies below full-rank's PER at every seed,
+    a lower PER is implied by construction and the verdict says so; a looser bound leaves it plain."""
+    runs = []
+    for k in range(3):
+        f, r = run(tmp_path, "full", "micro", k), run(tmp_path, "relora", "micro", k)
+        runs += [f, r]
+        write_rank(f, [(40, 0, "wv", "update", "per", 0.5 + 0.01 * k)])
+        write_rank(r, [(40, 0, "wv", "update", "per", 0.2 + 0.002 * k), (40, 0, "wv", "update", "rank_bound", bound)])
+    rule = {"id": "d", "test": "rank", "kind": "update", "component": "wv", "metric": "per", "phase": "early", "claim": "lower"}
+    (res,) = evaluate_findings(runs, spec(rule))
+    assert res["verdict"] == verdict and f"PER <= {bound:g} by construction" in res["reason"]
+
+
 def test_rank_rule_without_analysis_says_so(tmp_path):
     runs = [run(tmp_path, "full", "micro", 0), run(tmp_path, "relora", "micro", 0)]
     rule = {"id": "d", "test": "rank", "kind": "grad", "component": "wv", "metric": "per", "claim": "lower"}

@@ -48,7 +48,7 @@ PHASES = ("early", "end")
 RULE_KEYS = {"id", "finding", "test", "metric", "claim", "min_effect", "chance", "margin", "kind", "component", "phase", "method",
              "reference", "description"}
 SPEC_KEYS = {"method", "reference", "confidence", "rules"}
-VERDICTS = ("confirmed", "refuted", "inconclusive", "not measured")
+VERDICTS = ("confirmed", "confirmed (implied by the rank bound)", "refuted", "inconclusive", "not measured")
 
 # Weiss et al. (2025): ReLoRA (a) has higher loss / bits-per-byte, (b) more so at the larger size, (c) lower BLiMP,
 # (d) lower PER and higher condition numbers early in training, for updates and for gradients.
@@ -295,7 +295,7 @@ def _rank(runs, rule, row, method, ref, cache) -> dict[str, Any]:
     if why:
         return _not_measured(row, why)
     kind, comp, metric = row["kind"], row["component"], rule["metric"]
-    diffs, sources, notes = {}, [], []
+    diffs, sources, notes, bounds = {}, [], [], []
     for seed, rm, rr in pairs:
         (tm, pm), (tr, pr) = _rank_table(rm, cache), _rank_table(rr, cache)
         if tm is None or tr is None:
@@ -322,12 +322,21 @@ def _rank(runs, rule, row, method, ref, cache) -> dict[str, Any]:
             notes.append(f"seed {seed}: no positive finite mean, pair left out")
             continue
         diffs[seed] = math.log(mm / mr)
+        if metric == "per":  # a rank-r update has PER <= r / min(m, n) by construction (analysis metric rank_bound)
+            bound, _, _ = _phase_mean(tm, {**rule, "metric": "rank_bound"}, kind, comp, steps)
+            if bound is not None:
+                bounds.append((min(bound, 1.0), mr))
         sources += [f"{pm}#{kind}/{comp}/{metric}@steps {sorted(steps)}", f"{pr}#{kind}/{comp}/{metric}@steps {sorted(steps)}"]
     if not diffs:
         return _not_measured(row, "not measured: " + "; ".join(notes))
     row = _finish(row, diffs, sources)
     ratio = math.exp(row["estimate"])
     row["reason"] += f"; {method} / {ref} = {ratio:.3g}x (geometric mean over seeds)" + ("; " + "; ".join(notes) if notes else "")
+    if bounds:
+        b, r = sum(x for x, _ in bounds) / len(bounds), sum(y for _, y in bounds) / len(bounds)
+        row["reason"] += f"; {method}'s PER <= {b:.3g} by construction (rank bound; {ref}'s PER {r:.3g})"
+        if row["verdict"] == "confirmed" and all(x < y for x, y in bounds):
+            row["verdict"] = "confirmed (implied by the rank bound)"
     return row
 
 
