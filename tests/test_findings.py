@@ -165,6 +165,19 @@ def test_rank_rule_reports_the_rank_bound_and_flags_a_result_it_forces(tmp_path,
     assert res["verdict"] == verdict and f"PER <= {bound:g} by construction" in res["reason"]
 
 
+def test_condition_number_of_a_rank_deficient_update_is_flagged(tmp_path):
+    runs = []
+    for k in range(3):
+        f, r = run(tmp_path, "full", "micro", k), run(tmp_path, "relora", "micro", k)
+        runs += [f, r]
+        write_rank(f, [(40, 0, "wv", "update", "condition_number", 30.0 + k)])
+        write_rank(r, [(40, 0, "wv", "update", "condition_number", 1e15 * (1 + k)), (40, 0, "wv", "update", "rank_bound", 0.25)])
+    rule = {"id": "d", "test": "rank", "kind": "update", "component": "wv", "metric": "condition_number", "phase": "early",
+            "claim": "higher"}
+    (res,) = evaluate_findings(runs, spec(rule))
+    assert res["verdict"] == "confirmed (implied by the rank bound)" and "rank-deficient by construction" in res["reason"]
+
+
 def test_rank_rule_without_analysis_says_so(tmp_path):
     runs = [run(tmp_path, "full", "micro", 0), run(tmp_path, "relora", "micro", 0)]
     rule = {"id": "d", "test": "rank", "kind": "grad", "component": "wv", "metric": "per", "claim": "lower"}
