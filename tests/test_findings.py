@@ -220,6 +220,7 @@ def test_findings_tables_render_in_the_report_format(tmp_path):
         assert all(len(r["cells"]) == len(t["formats"]) == len(t["columns"]) - 1 for r in t["rows"])
         table_view(t), _md_table(t)  # both renderers take every table
     md = _md_table(tables[0])
+    assert tables[0]["note"].startswith("At a glance") and "confirmed 1" in tables[0]["note"]
     assert "confirmed" in md and "not measured" in md  # bits-per-byte was not measured in these runs
     assert "failed" in _md_table(tables[1]) and "edge (low end" in _md_table(tables[1])
     assert findings_tables(runs, None) == []

@@ -381,6 +381,17 @@ def study_findings(runs: list[Any], sweep: dict[str, Any] | None) -> list[dict[s
     return evaluate_findings(runs, spec) if spec else []
 
 
+def verdict_counts(results: list[dict[str, Any]]) -> str:
+    """One line per rule id: how many of its rows got each verdict, e.g. `a-val-loss (a): refuted 2, inconclusive 1`."""
+    by_rule: dict[str, dict[str, int]] = {}
+    for r in results:
+        counts = by_rule.setdefault(f"{r['id']} ({r['finding']})", {})
+        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    order = {v: i for i, v in enumerate(VERDICTS)}
+    return "; ".join(f"{rule}: " + ", ".join(f"{v} {n}" for v, n in sorted(c.items(), key=lambda kv: order.get(kv[0], 99)))
+                     for rule, c in by_rule.items())
+
+
 def findings_tables(runs: list[Any], sweep: dict[str, Any] | None, results: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The findings table, the tuned-value table and the per-seed paired differences, as report.py tables.
 
@@ -396,6 +407,7 @@ def findings_tables(runs: list[Any], sweep: dict[str, Any] | None, results: list
                                                       _cell(iv), _cell(r["verdict"]), _cell(r["reason"])]})
         conf = f"{results[0]['confidence']:.0%}"
         tables.append({"title": f"Findings: pre-registered rules, {conf} intervals over paired seeds (rankscope.findings)",
+                       "note": "At a glance (rows per verdict, by rule): " + verdict_counts(results),
                        "columns": ["finding", "size", "claim", "n", "estimate", f"{conf} interval", "verdict", "why"], "rows": rows,
                        "formats": [_text, _text, _text, _signed, _interval, _text, _text]})
     tuning = (sweep or {}).get("tuning")
