@@ -208,7 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    """Warnings a user can act on (e.g. the flat method form's deprecation) as one line, without source."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     # overrides may follow options too: `rankscope train CFG -o DIR train.lr=1e-3`
     args, extra = parser.parse_known_args(argv)

@@ -278,7 +278,7 @@ def _build_method(data: Any, where: str) -> MethodConfig:
     if flat:
         warnings.warn(f"flat method options ({', '.join(sorted(flat))}) are deprecated: write them under {where}.{name} "
                       f"(e.g. {where}.{name}.{sorted(flat)[0]}=...)"
-                      + (f"; {', '.join(sorted(set(flat) - own))} do not apply to {name} (kept, unused)" if set(flat) - own else ""),
+                      + (f"; {', '.join(sorted(set(flat) - own))} (options of other methods) are kept, unused by {name}" if set(flat) - own else ""),
                       FutureWarning, stacklevel=4)
     return MethodConfig(name, _build(cls, {**mapped, **section}, f"{where}.{name}"), {k: v for k, v in flat.items() if k not in own})
 
