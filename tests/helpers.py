@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rankscope.config import RunConfig, load_config
+import yaml
+
+from rankscope.config import RunConfig, load_config, merge_dicts, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 BLIMP_DIR = REPO.parent / "shared" / "data" / "blimp"
@@ -89,3 +91,15 @@ def assert_same_final_weights(a: Path, b: Path, files: tuple[str, ...] = ("model
         assert wa.keys() == wb.keys(), name
         for k in wa:
             assert torch.equal(wa[k], wb[k]), f"{name}: {k} differs"
+
+
+def write_study(tmp_path: Path, data_dir: str | Path, grid: dict, *overrides: str, **extra) -> Path:
+    """A study file over tiny runs (checkpoints every 3 steps, plus `overrides`) in tmp_path/runs."""
+    base: dict = {}
+    for o in tiny_overrides(data_dir, "checkpoint.every=3", *overrides):
+        base = merge_dicts(base, parse_overrides([o]))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": "t", "base": "base.yaml", "grid": grid, "runs_dir": str(tmp_path / "runs"), **extra}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

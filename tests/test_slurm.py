@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import assert_same_final_weights, tiny_overrides
+from helpers import assert_same_final_weights, tiny_overrides, write_study
 
 from rankscope.cli import main
 from rankscope.config import merge_dicts, parse_overrides
@@ -21,17 +20,6 @@ from rankscope.slurm import SlurmLauncher, SlurmResources, job_key, load_jobs, r
 from rankscope.study import load_study, point_state, run_study
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm-2node-4gpu.sbatch"
-
-
-def write_study(tmp_path, data_dir, grid, *overrides, **extra):
-    base = {}
-    for o in tiny_overrides(data_dir, "checkpoint.every=3", *overrides):
-        base = merge_dicts(base, parse_overrides([o]))
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    spec = {"name": "t", "base": "base.yaml", "grid": grid, "runs_dir": str(tmp_path / "runs"), **extra}
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
 
 
 @pytest.fixture()

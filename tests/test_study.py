@@ -1,23 +1,14 @@
 import json
 
 import pytest
-import yaml
-from helpers import tiny_overrides
+import helpers
 
-from rankscope.config import parse_overrides, merge_dicts
 from rankscope.errors import ConfigError
 from rankscope.study import load_study, point_state, run_study
 
 
 def write_study(tmp_path, data_dir, grid, **extra):
-    base = {}
-    for o in tiny_overrides(data_dir, "train.max_steps=6", "checkpoint.every=3", "train.threads=1"):
-        base = merge_dicts(base, parse_overrides([o]))
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    spec = {"name": "t", "base": "base.yaml", "grid": grid, "runs_dir": str(tmp_path / "runs"), **extra}
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
+    return helpers.write_study(tmp_path, data_dir, grid, "train.max_steps=6", "train.threads=1", **extra)
 
 
 def test_grid_expands_to_the_cartesian_product(tmp_path, data_dir):
