@@ -273,3 +273,20 @@ def test_report_puts_findings_first_and_reads_stages_from_sweep_json(tmp_path):
     assert verdicts[("a-control", "micro")] == "confirmed" and verdicts[("a-control", "mini")] == "not measured"
     html = (out / "report.html").read_text()
     assert html.index("Findings: pre-registered") < html.index("Headline")
+
+
+def test_a_pair_of_different_estimates_is_flagged(tmp_path):
+    """eval.json (every held-out document) for one run and the in-training summary.json for its partner: the row says so."""
+    runs = []
+    for k in range(3):
+        f, r = run(tmp_path, "full", "micro", k, val_bpb_macro=3.0 + 0.01 * k), run(tmp_path, "relora", "micro", k, val_bpb_macro=2.9)
+        if k == 0:
+            r.eval = {"val_bpb_macro": 2.95}
+        runs += [f, r]
+    rule = {"id": "a", "test": "paired", "metric": "val_bpb_macro", "claim": "higher"}
+    (res,) = evaluate_findings(runs, spec(rule))
+    assert "WARNING: values mix estimates from eval.json and summary.json" in res["reason"]
+    for r in runs:
+        r.eval = {}
+    (res,) = evaluate_findings(runs, spec(rule))
+    assert "WARNING" not in res["reason"]

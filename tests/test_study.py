@@ -34,7 +34,7 @@ def test_sweep_runs_skips_finished_resumes_partial_and_reports_failures(tmp_path
     study = load_study(path)
     # a run interrupted earlier: train the first point to step 3 only
     from rankscope.config import config_from_dict
-    from rankscope.study import _start
+    from rankscope.study import prepare_point as _start
     from rankscope.train import Trainer
 
     first = study.points[0]

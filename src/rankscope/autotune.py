@@ -64,8 +64,14 @@ def cache_key(cfg, device: torch.device) -> str:
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "preset"}
     key = {"device": device_model(device.type, device.index), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "model": model,
-           "batch": [t.batch_size, t.seq_len], "method": [m.name, m.rank, m.dropout, sorted(m.targets)] if m.name != "full" else ["full"]}
+           "batch": [t.batch_size, t.seq_len], "method": [m.name, _options(m)]}
     return json.dumps(key, sort_keys=True)
+
+
+def _options(m) -> Any:
+    """The method's own options (any of them can change the step time: rank, density, projection gap ...)."""
+    opts = getattr(m, "options", None)
+    return json.loads(json.dumps(dataclasses.asdict(opts), default=str)) if dataclasses.is_dataclass(opts) else str(opts)
 
 
 def read_cache(path: Path) -> dict[str, Any]:
@@ -153,9 +159,10 @@ def measure(cfg, model: nn.Module, device: torch.device, auto_p: bool, auto_c: b
             timings[f"{p}_eager"] = time_steps(model, params, device, p, batch)
         best_p = min(precisions, key=lambda p: timings[f"{p}_eager"])
         want_compile = auto_c or bool(t.compile)
-        if auto_c and t.max_steps * timings[f"{best_p}_eager"] < COMPILE_MIN_RUN_S:
+        run_s = t.max_steps * t.grad_accum * timings[f"{best_p}_eager"]  # a step is grad_accum timed micro-batches
+        if auto_c and run_s < COMPILE_MIN_RUN_S:
             want_compile = False
-            timings["compile_skipped_run_s"] = t.max_steps * timings[f"{best_p}_eager"]
+            timings["compile_skipped_run_s"] = run_s
         elif want_compile:
             compiled = compile_fn(model)
             timings[f"{best_p}_compiled"] = time_steps(compiled, params, device, best_p, batch)

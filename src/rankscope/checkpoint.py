@@ -111,6 +111,7 @@ def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tens
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(root)
+    _VERIFIED[str(final.resolve())] = _fingerprint(final)  # hashed just now: retention need not read it back
     return final
 
 

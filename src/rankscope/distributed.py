@@ -78,7 +78,8 @@ def mean_and_any(value: float, flag: bool, info: DistInfo, device: torch.device)
         return value, flag
     t = torch.tensor([value, 1.0 if flag else 0.0], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t[0].item()) / info.world_size, bool(t[1].item() > 0)
+    loss, stop = t.tolist()  # one device-to-host copy
+    return loss / info.world_size, stop > 0
 
 
 def broadcast_object(obj, info: DistInfo):

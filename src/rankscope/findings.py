@@ -229,6 +229,7 @@ def _paired(runs, rule, row, method, ref) -> dict[str, Any]:
     if not diffs:
         return _not_measured(row, f"no pair at {row['size']} has {rule['metric']} (eval.json / summary.json)")
     row = _finish(row, diffs, sources)
+    row["reason"] += _mixed_sources(sources)
     if "chance" in rule:
         avg = {k: sum(v) / len(v) for k, v in means.items()}
         dist = ", ".join(f"{k} {v:.4f} ({v - rule['chance']:+.4f})" for k, v in avg.items())
@@ -261,8 +262,16 @@ def _slope(runs, rule, row, method, ref) -> dict[str, Any]:
     verdict, reason = decide(iv.lo, iv.hi, rule["claim"], rule["min_effect"], iv.n)
     row.update({"n": iv.n, "per_seed": {}, "points": [{"size": s, "log_params": x, "gap": y} for s, x, y in zip(sizes, xs, ys)],
                 "estimate": iv.estimate, "lo": iv.lo, "hi": iv.hi, "interval": f"ols-t, {iv.df} df", "bootstrap": None,
-                "verdict": verdict, "reason": reason + " (slope of the gap per unit log(parameters))", "sources": sources})
+                "verdict": verdict, "reason": reason + " (slope of the gap per unit log(parameters))" + _mixed_sources(sources),
+                "sources": sources})
     return row
+
+
+def _mixed_sources(sources: list[str]) -> str:
+    """A warning where the paired values come from different estimates (eval.json for some runs, the
+    in-training summary.json for others), which a difference should not mix; empty otherwise."""
+    files = {Path(s.split("#")[0]).name for s in sources if s}
+    return f"; WARNING: values mix estimates from {' and '.join(sorted(files))}" if len(files) > 1 else ""
 
 
 def _rank_table(run, cache: dict[Path, Any]):

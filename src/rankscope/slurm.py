@@ -46,7 +46,7 @@ RDZV_SETUP = ['export RANKSCOPE_RDZV_ENDPOINT="$(scontrol show hostnames "$SLURM
               '$((29500 + SLURM_JOB_ID % 10000))"']
 # SLURM and submitit states of a job that has not ended (a requeued job is pending again)
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
-         "SIGNALING", "STAGE_OUT", "PREEMPTED"}
+         "SIGNALING", "STAGE_OUT"}  # PREEMPTED is final unless SLURM requeues the job (it is PENDING again then)
 STOPPED = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}  # exit codes of a train stopped by a signal
 
 

@@ -509,9 +509,6 @@ def point_commands(point: Point, study: Study, threads: int) -> list[tuple[str, 
     return cmds
 
 
-_commands = point_commands
-
-
 def prepare_point(point: Point, study: Study, threads: int = 1) -> None:
     """Create the run folder with its study-config.yaml and study.json marker (keeping finished steps)."""
     point.run_dir.mkdir(parents=True, exist_ok=True)
@@ -522,17 +519,11 @@ def prepare_point(point: Point, study: Study, threads: int = 1) -> None:
                                   "steps_done": old.get("steps_done", [])}, indent=1))
 
 
-_start = prepare_point
-
-
 def mark_step_done(point: Point, step: str) -> None:
     marker = point.run_dir / "study.json"
     data = json.loads(marker.read_text())
     data["steps_done"] = sorted(set(data.get("steps_done", [])) | {step})
     marker.write_text(json.dumps(data, indent=1))
-
-
-_mark_done = mark_step_done
 
 
 def run_point(point: Point, study: Study, threads: int) -> None:

@@ -150,7 +150,7 @@ def check_support_sizes(model: nn.Module, params: list[torch.Tensor], density: f
     names = {id(p): n for n, p in model.named_parameters()}
     empty = [p for p in params if so_support_size(p.numel(), density) == 0]
     if empty:
-        need = 1 / min(p.numel() for p in params)
+        need = math.ceil(1e4 / min(p.numel() for p in params)) / 1e4  # rounded up: floor(need * numel) >= 1 on every weight
         raise ConfigError(f"method.density={density} gives k = floor(density * numel) = 0 entries for {names.get(id(empty[0]), 'a weight')} "
                           f"({empty[0].numel()} entries) and {len(empty) - 1} other weights, which would never be trained; "
                           f"raise method.density to at least {need:.3g}")
