@@ -40,7 +40,8 @@ class GaLoreConfig:
 
     def validate(self) -> None:
         check(self.rank > 0, "method.rank and method.alpha must be positive")
-        check(self.update_proj_gap > 0 and self.galore_scale > 0, "method.support_every, update_proj_gap and galore_scale must be positive")
+        check(self.update_proj_gap > 0 and self.galore_scale > 0,
+              f"method.update_proj_gap={self.update_proj_gap} and method.galore_scale={self.galore_scale} must be positive")
 
 
 def projection_side(shape: torch.Size) -> str:

@@ -65,8 +65,8 @@ class LoRAConfig:
 
     def validate(self) -> None:
         check(self.rank > 0 and self.alpha > 0, "method.rank and method.alpha must be positive")
-        check(0 <= self.dropout < 1, "method.dropout in [0, 1), method.prune_fraction in [0, 1]")
-        check(self.warm_start_steps >= 0, "method.reset_every > 0, restart_warmup_steps >= 0, warm_start_steps >= 0")
+        check(0 <= self.dropout < 1, f"method.dropout={self.dropout} must be in [0, 1)")
+        check(self.warm_start_steps >= 0, f"method.warm_start_steps={self.warm_start_steps} must be >= 0")
 
 
 class MergeError(RankscopeError):

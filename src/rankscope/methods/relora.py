@@ -59,8 +59,9 @@ class ReLoRAConfig(LoRAConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(0 <= self.prune_fraction <= 1, "method.dropout in [0, 1), method.prune_fraction in [0, 1]")
-        check(self.reset_every > 0 and self.restart_warmup_steps >= 0, "method.reset_every > 0, restart_warmup_steps >= 0, warm_start_steps >= 0")
+        check(0 <= self.prune_fraction <= 1, f"method.prune_fraction={self.prune_fraction} must be in [0, 1]")
+        check(self.reset_every > 0 and self.restart_warmup_steps >= 0,
+              f"method.reset_every={self.reset_every} must be > 0 and method.restart_warmup_steps={self.restart_warmup_steps} >= 0")
         check(self.optimizer_reset_every >= 0, "method.optimizer_reset_every must be >= 0")
         check(self.restart_warmup_steps <= self.optimizer_period,
               "method.restart_warmup_steps must not exceed the optimiser-reset period (method.optimizer_reset_every or method.reset_every)")

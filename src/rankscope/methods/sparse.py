@@ -75,11 +75,11 @@ class SOConfig:
                                                                    "decoupled = AdamW's, on the entries that move")
 
     def validate(self) -> None:
-        check(0 < self.density <= 1, "method.density in (0, 1], method.moment_keep in [0, 1]")
+        check(0 < self.density <= 1, f"method.density={self.density} must be in (0, 1]")
         check(len(self.so_betas) == 2 and all(0 <= b < 1 for b in self.so_betas),
               f"method.so_betas={self.so_betas} must be two values in [0, 1), e.g. [0.9, 0.999]")
         check(self.so_weight_decay >= 0, "method.so_weight_decay must be >= 0")
-        check(self.support_every > 0, "method.support_every, update_proj_gap and galore_scale must be positive")
+        check(self.support_every > 0, f"method.support_every={self.support_every} must be positive")
 
 
 @dataclass
@@ -88,7 +88,7 @@ class SingleSupportConfig(SOConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(0 <= self.moment_keep <= 1, "method.density in (0, 1], method.moment_keep in [0, 1]")
+        check(0 <= self.moment_keep <= 1, f"method.moment_keep={self.moment_keep} must be in [0, 1]")
 
 
 INDEX_BYTES = 8  # int64 support indices
