@@ -51,14 +51,15 @@ def pick_device(spec: str, local_rank: int | None = None) -> torch.device:
 
 
 def pick_precision(device: torch.device, spec: str) -> str:
-    """'fp32' or 'bf16' (autocast with fp32 master weights). On a quiet 2-core avx512_bf16 CPU,
-    bench/throughput.py measured bf16 autocast 1.0x (micro), 1.18x (mini) and 1.10x (pico-tiny) the
-    fp32 tokens/s; on AVX2-only CPUs bf16 matmuls are ~100x slower, hence the flag check."""
+    """'fp32' or 'bf16' (autocast with fp32 master weights): the static choice, used where `auto` is not
+    timed (short runs, torchrun; rankscope.autotune times the rest). bf16 on a GPU that supports it;
+    fp32 on a CPU, whatever its flags say: bf16 autocast was 1.0-1.18x fp32 on an avx512_bf16 EPYC,
+    0.68-0.96x (slower) on an AMX Xeon (2026-12-01), and ~100x slower on AVX2-only CPUs."""
     if spec != "auto":
         return spec
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp32"
 
 
 def autocast(device: torch.device, precision: str):
