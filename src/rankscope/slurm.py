@@ -332,10 +332,9 @@ def progress(run_dir: Path, max_steps: int) -> tuple[int, float | None]:
 
 
 def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    m = int(seconds // 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{int(seconds % 60):02d}s"
+    from rankscope.study import _duration
+
+    return "" if seconds is None else _duration(seconds)
 
 
 class SlurmLauncher:

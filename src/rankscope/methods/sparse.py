@@ -145,12 +145,17 @@ def member(sorted_ids: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor,
     return pos, sorted_ids[pos] == query
 
 
+def min_density(numel: int) -> float:
+    """The smallest 4-digit density whose k = floor(density * numel) is >= 1 (rounded up, so the hint works)."""
+    return math.ceil(1e4 / numel) / 1e4
+
+
 def check_support_sizes(model: nn.Module, params: list[torch.Tensor], density: float) -> None:
     """so refuses a targeted weight whose k = floor(density * numel) is 0 (it would never move)."""
     names = {id(p): n for n, p in model.named_parameters()}
     empty = [p for p in params if so_support_size(p.numel(), density) == 0]
     if empty:
-        need = math.ceil(1e4 / min(p.numel() for p in params)) / 1e4  # rounded up: floor(need * numel) >= 1 on every weight
+        need = min_density(min(p.numel() for p in params))
         raise ConfigError(f"method.density={density} gives k = floor(density * numel) = 0 entries for {names.get(id(empty[0]), 'a weight')} "
                           f"({empty[0].numel()} entries) and {len(empty) - 1} other weights, which would never be trained; "
                           f"raise method.density to at least {need:.3g}")
@@ -188,7 +193,7 @@ class SOAdam(SplitAdamW):
             for p in g["params"] if g["sparse"] else ():
                 if so_support_size(p.numel(), g["density"]) == 0:
                     raise ConfigError(f"density={g['density']} gives k = floor(density * numel) = 0 for a {tuple(p.shape)} weight; "
-                                      f"raise the density to at least {1 / p.numel():.3g}")
+                                      f"raise the density to at least {min_density(p.numel()):g}")
 
     def special_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> None:
         n = p.numel()
