@@ -20,9 +20,12 @@ import gc
 import os
 import signal
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from rankscope import errors
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,29 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank0(fn: Callable[[], Any], info: DistInfo) -> Any:
+    """Run `fn` on rank 0 only and hand its result, or its error, to every rank (a broadcast): a
+    RankscopeError keeps its type and message on every rank, any other error is a TrainingError there."""
+    out: Any = None
+    if info.is_main:
+        try:
+            out = ("ok", fn())
+        except errors.RankscopeError as e:
+            if not info.enabled:
+                raise
+            out = ("error", type(e).__name__, str(e))
+            broadcast_object(out, info)
+            raise
+        except Exception as e:
+            if info.enabled:
+                broadcast_object(("error", "TrainingError", f"rank 0 failed ({type(e).__name__}: {e})"), info)
+            raise
+    out = broadcast_object(out, info)
+    if out[0] == "error":
+        raise getattr(errors, out[1], errors.TrainingError)(out[2])
+    return out[1]
 
 
 def is_main_process() -> bool:

@@ -1,8 +1,9 @@
-"""Where metric rows go besides metrics.jsonl: TensorBoard event files (on by default) and
-Weights & Biases (off by default). Both receive exactly the rows metrics.jsonl gets."""
+"""Where metric rows go: metrics.jsonl (`MetricsLog`), and besides it TensorBoard event files (on by
+default) and Weights & Biases (off by default). Both receive exactly the rows metrics.jsonl gets."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,25 @@ def build_loggers(cfg, run_dir: Path) -> list:
     if cfg.train.wandb:
         loggers.append(WandbLogger(run_dir, cfg, cfg.train.wandb_project))
     return loggers
+
+
+class MetricsLog:
+    """A run's metric rows: appended to RUN/metrics.jsonl and handed to the loggers the config turns on.
+    Only rank 0 logs (`enabled`); elsewhere every call does nothing."""
+
+    def __init__(self, cfg, run_dir: Path, enabled: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.loggers = build_loggers(cfg, run_dir) if enabled else []
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        for logger in self.loggers:
+            logger.log(row)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()

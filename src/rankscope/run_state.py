@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from rankscope import checkpoint as ckpt
@@ -20,6 +21,24 @@ from rankscope.methods import lora
 
 if TYPE_CHECKING:
     from rankscope.train import Trainer
+
+
+def log_spaced_steps(max_steps: int, n: int) -> set[int]:
+    """n steps spaced evenly in log-space between 1 and max_steps (dense early in training)."""
+    if n <= 0:
+        return set()
+    return {int(round(x)) for x in np.geomspace(1, max_steps, n)}
+
+
+def kept_steps(cfg) -> set[int]:
+    """The steps whose checkpoints are saved and kept forever: checkpoint.keep_steps and checkpoint.log_spaced."""
+    return set(cfg.checkpoint.keep_steps) | log_spaced_steps(cfg.train.max_steps, cfg.checkpoint.log_spaced)
+
+
+def checkpoint_due(cfg, done: int, keep_forever: set[int]) -> bool:
+    """Whether a checkpoint is saved after `done` steps: the last step, every checkpoint.every, and the kept ones."""
+    every = cfg.checkpoint.every
+    return done == cfg.train.max_steps or bool(every and done % every == 0) or done in keep_forever
 
 
 def save(trainer: Trainer) -> None:
@@ -76,7 +95,7 @@ def find_checkpoint(trainer: Trainer) -> ckpt.Checkpoint | None:
 
 def resume(trainer: Trainer) -> None:
     """Rank 0 picks the checkpoint; every rank loads that same one."""
-    found = trainer.on_rank0(lambda: find_checkpoint(trainer))
+    found = distributed.on_rank0(lambda: find_checkpoint(trainer), trainer.dist)
     if found is None:
         if trainer.dist.is_main:
             truncate_metrics(trainer.run_dir, 0)  # rows of an attempt that died before its first checkpoint

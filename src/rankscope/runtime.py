@@ -91,3 +91,15 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
         if key in name:
             return peaks[precision]
     return None
+
+
+def flops_per_token(n_params: int, vocab_size: int, d_model: int, n_layers: int, seq_len: int) -> int:
+    """Training FLOPs per token (PaLM appendix B): 6 N for the non-embedding weights, forward and
+    backward, plus 12 L d T for attention's scores and values. The V x d token embedding (a lookup) is left
+    out; with tied embeddings that also leaves out the output projection's matmul (an undercount)."""
+    return 6 * n_params - 6 * vocab_size * d_model + 12 * n_layers * d_model * seq_len
+
+
+def mfu(tokens_per_s: float, per_token: float, peak: float, world_size: int = 1) -> float:
+    """Model FLOPs utilisation: the model FLOP/s achieved over all ranks' peak (rankscope.runtime.peak_flops)."""
+    return tokens_per_s * per_token / (peak * world_size)

@@ -1,11 +1,8 @@
 """The training loop. Set-up lives in small `build_*` steps; `train_step` reads like pseudocode.
 
-A run directory holds:
-  config.yaml         the resolved config (plain data; `rankscope train RUN/config.yaml` re-runs it)
-  env.json            torch/python/device facts and the git commit
-  metrics.jsonl       one JSON object per logged step (train rows, eval rows, method events)
-  checkpoints/        step_NNNNNN folders (see rankscope.checkpoint)
-  summary.json        final facts: losses, tokens/s, peak memory, method report
+The loop calls out for everything else: the run directory's files (rankscope.run_dir), save and resume
+(rankscope.run_state), gradient clipping and NaN diagnosis (rankscope.gradients), callbacks
+(rankscope.callbacks.CallbackRunner), metric rows (rankscope.loggers.MetricsLog), summary.json (rankscope.summary).
 Re-running `train` on an existing run directory resumes from its newest valid checkpoint; when
 checkpoints exist but none is valid it refuses (`restart=True`, `--restart`, starts from step 0).
 Only rank 0 reads or writes the run directory; the other ranks receive its verdicts by broadcast.
@@ -15,11 +12,8 @@ SIGTERM / SIGINT stop after the current step with a checkpoint (rankscope.preemp
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,37 +22,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 
-from rankscope import autotune
+from rankscope import autotune, distributed, gradients, run_state, sharding, summary
 from rankscope import checkpoint as ckpt
-from rankscope import distributed, run_state, sharding
-from rankscope.callbacks import Callback, build_callbacks
+from rankscope.callbacks import Callback, CallbackRunner, build_callbacks
 from rankscope.config import RunConfig
 from rankscope.data.corpus import Corpus, prepare
 from rankscope.data.stream import BatchStream
-from rankscope import errors
-from rankscope.errors import ConfigError, RankscopeError, TrainingError
+from rankscope.errors import ConfigError, TrainingError
+from rankscope.loggers import MetricsLog
 from rankscope.methods import build_model, lora
-from rankscope.paths import check_output_dir
 from rankscope.preemption import Preempted, StopOnSignal
 from rankscope.progress import Progress
-from rankscope.runtime import autocast, describe, peak_flops, pick_device, pick_precision
-from rankscope.loggers import build_loggers
-
-
-def log_spaced_steps(max_steps: int, n: int) -> set[int]:
-    """n steps spaced evenly in log-space between 1 and max_steps (dense early in training)."""
-    if n <= 0:
-        return set()
-    return {int(round(x)) for x in np.geomspace(1, max_steps, n)}
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+from rankscope.run_dir import write_run_dir, write_settings
+from rankscope.runtime import autocast, pick_device, pick_precision
 
 
 @dataclass
@@ -89,72 +66,31 @@ class Trainer:
         self.sharded = self.dist.enabled and self.cfg.train.parallel == "fsdp"
         if self.cfg.train.parallel == "fsdp" and not self.sharded:
             self.log("[train] train.parallel=fsdp on one process: nothing to shard, training unsharded")
+        self.callback_runner = CallbackRunner(self)
         self.setup_model(None)
         # evaluation and analysis run on rank 0 only; the other ranks wait at the next all-reduce
         callbacks = build_callbacks(self.cfg) if self.callbacks is None else self.callbacks
         self.callbacks = list(callbacks) if self.dist.is_main else []
-        self.loggers = build_loggers(self.cfg, self.run_dir) if self.dist.is_main else []
-        self.replica: nn.Module | None = None  # rank 0's unsharded copy for callbacks under FSDP
+        self.metrics = MetricsLog(self.cfg, self.run_dir, enabled=self.dist.is_main)
         self.step = 0
-        self.last_grads: dict[str, torch.Tensor] | None = None
-        t = self.cfg.train
-        self.keep_forever = set(self.cfg.checkpoint.keep_steps) | log_spaced_steps(t.max_steps, self.cfg.checkpoint.log_spaced)
-
-    def on_rank0(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on rank 0 only and hand its result, or its error, to every rank (a broadcast)."""
-        out: Any = None
-        if self.dist.is_main:
-            try:
-                out = ("ok", fn())
-            except RankscopeError as e:
-                if not self.dist.enabled:
-                    raise
-                out = ("error", type(e).__name__, str(e))
-                distributed.broadcast_object(out, self.dist)
-                raise
-            except Exception as e:
-                if self.dist.enabled:
-                    distributed.broadcast_object(("error", "TrainingError", f"rank 0 failed ({type(e).__name__}: {e})"), self.dist)
-                raise
-        out = distributed.broadcast_object(out, self.dist)
-        if out[0] == "error":
-            raise getattr(errors, out[1], TrainingError)(out[2])
-        return out[1]
+        self.last_grads: dict[str, torch.Tensor] | None = None  # checkpoint.save_grads: this step's gradients
+        self.keep_forever = run_state.kept_steps(self.cfg)
 
     def build_run_dir(self) -> None:
         """Rank 0 checks and writes the run directory; the other ranks never read it (a fresh
         folder's config.yaml may be half-written while they look) and learn the verdict by broadcast."""
-        self.on_rank0(self.write_run_dir)
-
-    def write_run_dir(self) -> None:
-        check_output_dir(self.run_dir, "the run directory (-o)")
-        cfg_path = self.run_dir / "config.yaml"
-        resolved = self.cfg.to_dict()
-        if cfg_path.exists():
-            try:
-                previous = yaml.safe_load(cfg_path.read_text())
-            except (yaml.YAMLError, OSError, UnicodeDecodeError):
-                previous = None
-            if not isinstance(previous, dict):
-                raise ConfigError(f"{cfg_path} is not a readable rankscope config; restore it, or choose a new -o directory")
-            if _without_budget(_normalised(previous)) != _without_budget(resolved):
-                raise ConfigError(f"{self.run_dir} holds a run with a different config; choose a new -o directory (or delete that one)")
-        _write_atomic(cfg_path, yaml.safe_dump(resolved, sort_keys=False))
-        env = {**describe(self.device), "git_commit": git_commit(), "world_size": self.dist.world_size,
-               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        env_path = self.run_dir / "env.json"
-        self.previous_settings = _read_settings(env_path)  # a resumed run keeps its measured precision / compile
-        _write_atomic(env_path, json.dumps(env, indent=1))
+        info = (self.run_dir, self.cfg, self.device, self.dist.world_size)
+        # a resumed run keeps its measured precision / compile
+        self.previous_settings = distributed.on_rank0(lambda: write_run_dir(*info), self.dist)
 
     def choose_settings(self) -> None:
         """precision / compile: as configured, or for `auto` by timing this model (rankscope.autotune);
         the choice and its timings go into env.json."""
         self.settings, self.compiled = autotune.choose(self.cfg, self.model, self.device, self.dist.enabled,
-                                                       getattr(self, "previous_settings", None), log=self.log)
+                                                       self.previous_settings, log=self.log)
         self.precision = self.settings["precision"]
         if self.dist.is_main:
-            env_path = self.run_dir / "env.json"
-            _write_atomic(env_path, json.dumps({**json.loads(env_path.read_text()), "settings": self.settings}, indent=1))
+            write_settings(self.run_dir, self.settings)
 
     def build_data(self) -> Corpus:
         corpus = prepare(self.cfg.data, log=self.log)
@@ -184,7 +120,7 @@ class Trainer:
         """Model, method (in `method_state`: a checkpoint's, or None), shards, optimiser, wrappers."""
         # under FSDP only the shards move to the device (sharding.shard_model)
         self.model, self.method = build_model(self.cfg, method_state, None if self.sharded else self.device)
-        self.replica = None
+        self.callback_runner.reset()
         if self.sharded:  # before the optimiser: it must hold the sharded parameters
             sharding.shard_model(self.model, self.precision, self.device)
         self.optimizer = self.method.build_optimizer(self.model, self.device)
@@ -197,7 +133,7 @@ class Trainer:
     def after_method_step(self) -> dict[str, Any]:
         """The method's after_step: callbacks see the model around its events, a restructured model
         gets a new optimiser, files it hands over are written (rank 0). Returns the rows to log."""
-        events = self.method.after_step(self.step, self.model, self.optimizer, self.on_method_event)
+        events = self.method.after_step(self.step, self.model, self.optimizer, self.callback_runner.method_event)
         if events.rebuild_optimizer:
             self.optimizer = self.method.rebuild_optimizer(self.model, self.device, self.optimizer)
             self.wrap_parallel()
@@ -206,50 +142,10 @@ class Trainer:
                 ckpt.save_tensors_atomic(self.run_dir / rel, tensors, metadata)
         return dict(events)
 
-    # ------------------------------------------------------------------ callbacks
     @property
     def eval_model(self) -> nn.Module:
-        """The model callbacks read: self.model, or under FSDP rank 0's replica (see sync_replica)."""
-        return self.replica if self.sharded else self.model
-
-    def sync_replica(self) -> None:
-        """Under FSDP, gather the full weights (collective) into rank 0's unsharded replica."""
-        state = sharding.full_model_state(self.model)
-        if not self.dist.is_main:
-            return
-        if self.replica is None:
-            with torch.random.fork_rng(devices=[]):  # building it must not move the dropout stream
-                self.replica, _ = build_model(self.cfg, self.method.state_dict(), self.device)
-        self.replica.load_state_dict(state)
-
-    def callbacks_need_model(self, wanted: bool) -> bool:
-        """Whether rank 0's callbacks want the model now; under FSDP all ranks learn it (one
-        all-reduce) and gather the replica together."""
-        if not self.sharded:
-            return wanted
-        wanted = distributed.any_rank_true(wanted, self.device)
-        if wanted:
-            self.sync_replica()
-        return wanted
-
-    def run_callbacks(self, step: int) -> dict[str, Any]:
-        row: dict[str, Any] = {}
-        self.callbacks_need_model(any(getattr(cb, "wants", lambda tr, st: True)(self, step) for cb in self.callbacks))
-        for cb in self.callbacks:
-            extra = cb.on_step_end(self, step)
-            if extra:
-                row.update({"step": step, "tokens": self.tokens_seen(step), **extra})
-        return row
-
-    def on_method_event(self, event: str, step: int, model: nn.Module) -> dict[str, Any]:
-        """Method events (ReLoRA's before/after merge) reach the callbacks that listen for them."""
-        listeners = [cb for cb in self.callbacks if hasattr(cb, "on_method_event")]
-        if not self.callbacks_need_model(bool(listeners)):
-            return {}
-        rows: dict[str, Any] = {}
-        for cb in listeners:
-            rows.update(cb.on_method_event(self, event, step, self.replica if self.sharded else model) or {})
-        return rows
+        """The model callbacks read: self.model, or under FSDP rank 0's gathered replica."""
+        return self.callback_runner.eval_model(self.model)
 
     # ------------------------------------------------------------------ checkpoints (rankscope.run_state)
     def save(self) -> None:
@@ -257,14 +153,6 @@ class Trainer:
 
     def resume(self) -> None:
         run_state.resume(self)
-
-    def log_row(self, row: dict[str, Any]) -> None:
-        if not self.dist.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        for logger in self.loggers:
-            logger.log(row)
 
     # ------------------------------------------------------------------ the loop
     def tokens_seen(self, step: int) -> int:
@@ -296,56 +184,21 @@ class Trainer:
         # every rank sees the same loss, and whether any rank was asked to stop (rankscope.preemption)
         total, self.stop_agreed = distributed.mean_and_any(total, self.stop.requested, self.dist, self.device)
         if not math.isfinite(total):
-            raise TrainingError(f"non-finite loss ({total}) at step {step + 1}; first non-finite gradient: {self.first_bad_grad()}. Lower train.lr or use train.precision=fp32; the last good checkpoint is kept")
+            bad = gradients.first_bad_grad(self.model, self.sharded, self.device)
+            raise TrainingError(f"non-finite loss ({total}) at step {step + 1}; first non-finite gradient: {bad}. Lower train.lr or use train.precision=fp32; the last good checkpoint is kept")
         if snapshot:  # before clipping: dL/dW itself, the same definition for every method
-            self.last_grads = self.gradient_snapshot()
+            self.last_grads = gradients.gradient_snapshot(self.model, self.dist)
             lora.capture_effective_grads(self.model, False)
-        norm = self.clip_grads()
+        norm = gradients.clip_grads(self.model, t.grad_clip)
         if not math.isfinite(norm):
-            raise TrainingError(f"non-finite gradient norm at step {step + 1} in {self.first_bad_grad()}; lower train.lr or set train.grad_clip; the last good checkpoint is kept")
+            bad = gradients.first_bad_grad(self.model, self.sharded, self.device)
+            raise TrainingError(f"non-finite gradient norm at step {step + 1} in {bad}; lower train.lr or set train.grad_clip; the last good checkpoint is kept")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm
 
-    def gradient_snapshot(self) -> dict[str, torch.Tensor] | None:
-        """The 2-D gradients of this step's loss (summed over micro-batches, averaged over ranks as
-        DDP / FSDP average them), before clipping, fp32 on rank 0's CPU (None elsewhere); under FSDP
-        gathered one tensor at a time. LoRA-wrapped linears add `<name>.base.weight`: the gradient
-        with respect to the effective weight, captured by the layer and all-reduced here."""
-        out: dict[str, torch.Tensor] = {}
-        for name, p in self.model.named_parameters():
-            if p.grad is not None and p.dim() == 2:
-                g = sharding.full(p.grad)
-                if self.dist.is_main:
-                    out[name] = g.float().cpu().clone()
-        for name, g in lora.effective_grads(self.model).items():
-            if self.dist.enabled:  # each rank holds its micro-batches' sum: average as DDP does
-                torch.distributed.all_reduce(g)
-                g = g / self.dist.world_size
-            if self.dist.is_main:
-                out[name] = g.float().cpu().clone()
-        return out if self.dist.is_main else None
-
-    def clip_grads(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.cfg.train.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        return float(sharding.full(norm))  # under FSDP the norm is a DTensor (already reduced)
-
-    def first_bad_grad(self) -> str:
-        for name, p in self.model.named_parameters():
-            if p.grad is None:
-                continue
-            bad = not torch.isfinite(sharding.local(p.grad)).all()
-            if distributed.any_rank_true(bad, self.device) if self.sharded else bad:  # shards: ask every rank
-                return name
-        return "none (the loss itself overflowed)"
-
     def will_checkpoint(self, done: int) -> bool:
-        every = self.cfg.checkpoint.every
-        return done == self.cfg.train.max_steps or (every and done % every == 0) or done in self.keep_forever
+        return run_state.checkpoint_due(self.cfg, done, self.keep_forever)
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -389,9 +242,9 @@ class Trainer:
                 row = {"step": self.step, "tokens": self.tokens_seen(self.step), "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm, "tokens_per_s": tps, **events}
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
                 row.update({"step": self.step, "tokens": self.tokens_seen(self.step), "val_loss": self.validation_loss()})
-            row.update(self.run_callbacks(self.step))
+            row.update(self.callback_runner.step_end(self.step))
             if row:
-                self.log_row(row)
+                self.metrics.log(row)
             saved = self.will_checkpoint(self.step)
             if saved:
                 self.save()
@@ -400,8 +253,7 @@ class Trainer:
                 if not saved:
                     self.save()
                 bar.close()
-                for logger in self.loggers:
-                    logger.close()
+                self.metrics.close()
                 raise Preempted(self.step, self.stop.signum or signal.SIGTERM)
         bar.close()
         return self.finish(elapsed)
@@ -412,94 +264,15 @@ class Trainer:
                         enabled=self.cfg.train.progress and self.dist.is_main)
 
     def finish(self, elapsed: float) -> dict[str, Any]:
-        for logger in self.loggers:
-            logger.close()
-        self.callbacks_need_model(bool(self.callbacks))  # on_train_end reads the model below
+        """summary.json (rank 0), with the callbacks' final rows; `elapsed` 0: nothing was trained now."""
+        self.metrics.close()
+        self.callback_runner.need_model(bool(self.callbacks))  # on_train_end reads the model below
         if not self.dist.is_main:
             return {"steps": self.step}
-        rows = [json.loads(ln) for ln in (self.run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()] if (self.run_dir / "metrics.jsonl").exists() else []
-        train_rows = [r for r in rows if "train_loss" in r]
-        val_rows = [r for r in rows if "val_loss" in r]
-        summary: dict[str, Any] = {
-            "run_dir": str(self.run_dir), "steps": self.step, "tokens": self.tokens_seen(self.step),
-            "final_train_loss": train_rows[-1]["train_loss"] if train_rows else None,
-            "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
-            # steady state: the median over logging windows, the first (warm-up, compilation) left out
-            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train_rows[1:]] or [r["tokens_per_s"] for r in train_rows])) if train_rows else None,
-            "peak_memory_bytes": peak_memory(self.device),
-            "precision": self.precision, "parameters": self.model.num_params(), "world_size": self.dist.world_size,
-            **self.method.report(self.model, self.optimizer),
-        }
-        if self.sharded:  # the report counts whole tensors; what rank 0 itself holds under FSDP:
-            summary["optimizer_state_bytes_per_rank"] = sum(sharding.local(t).numel() * t.element_size() for st in self.optimizer.state.values()
-                                                           for t in st.values() if torch.is_tensor(t))
-        peak = peak_flops(self.device, self.precision)
-        if peak and summary["tokens_per_s"]:
-            # model FLOPs utilisation: 6 N (+ attention) FLOPs per token, against the device's peak
-            per_token = 6 * self.model.num_params() - 6 * self.cfg.model.vocab_size * self.cfg.model.d_model + 12 * self.cfg.model.n_layers * self.cfg.model.d_model * self.cfg.train.seq_len
-            summary["mfu"] = summary["tokens_per_s"] * per_token / (peak * self.dist.world_size)
-        for cb in self.callbacks:
-            extra = getattr(cb, "on_train_end", lambda tr: None)(self)
-            if extra:
-                summary.update(extra)
-        prev = self.run_dir / "summary.json"
-        if elapsed == 0.0 and prev.exists():  # already finished: keep the measured figures
-            summary = {**json.loads(prev.read_text()), **{k: v for k, v in summary.items() if v is not None and k not in ("tokens_per_s", "peak_memory_bytes")}}
-        prev.write_text(json.dumps(summary, indent=2))
-        return summary
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _read_settings(env_path: Path) -> dict | None:
-    """The precision / compile a previous attempt of this run chose (env.json `settings`), if readable."""
-    try:
-        settings = json.loads(env_path.read_text()).get("settings") if env_path.exists() else None
-    except (OSError, ValueError, AttributeError):
-        return None
-    return settings if isinstance(settings, dict) else None
-
-
-def _normalised(previous: dict) -> dict:
-    """A stored config as this version resolves it (e.g. flat method options of earlier releases)."""
-    import warnings
-
-    from rankscope.config import config_from_dict
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return config_from_dict(json.loads(json.dumps(previous))).to_dict()
-    except RankscopeError:
-        return previous
-
-
-def _without_budget(cfg: dict) -> dict:
-    """Fields that may change on resume (longer training, logging, progress bar) are ignored."""
-    out = json.loads(json.dumps(cfg))
-    train = out.get("train") if isinstance(out.get("train"), dict) else {}
-    for key in ("max_steps", "progress", "log_every", "eval_every", "threads", "device", "tensorboard", "wandb", "wandb_project", "parallel", "compile",
-                "autotune_min_steps", "autotune_cache"):
-        train.pop(key, None)
-    out.pop("checkpoint", None)
-    out.pop("eval", None)
-    out.pop("analysis", None)
-    return out
-
-
-def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-    except ImportError:
-        return 0
+        facts = summary.build_summary(self.run_dir, self.cfg, self.step, self.tokens_seen(self.step), self.model, self.method,
+                                      self.optimizer, self.device, self.precision, self.dist.world_size, self.sharded)
+        facts.update(self.callback_runner.train_end())
+        return summary.write_summary(self.run_dir, facts, trained=elapsed != 0.0)
 
 
 def train(cfg: RunConfig, run_dir: str | Path, log=print, restart: bool = False,
