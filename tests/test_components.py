@@ -95,6 +95,42 @@ def test_toy_method_registers_and_trains(data_dir, tmp_path):
         METHODS.pop("toy", None)
 
 
+TOY_MODULE = """
+from rankscope.methods.base import Method
+from rankscope.methods.relora import ReLoRAMethod  # imported, not defined here: not this module's method
+
+
+class Helper(Method):  # sets no name of its own: a helper base, not a method
+    pass
+
+
+class DroppedIn(Helper):
+    name = "dropped_in"
+"""
+
+
+def test_a_method_module_dropped_into_the_package_is_discovered(tmp_path, monkeypatch):
+    import sys
+
+    import rankscope.methods as pkg
+    from rankscope.methods import discover_methods
+
+    (tmp_path / "dropped_in.py").write_text(TOY_MODULE)
+    monkeypatch.setattr(pkg, "__path__", [*pkg.__path__, str(tmp_path)])  # the file, as if it sat in src/rankscope/methods/
+    try:
+        found = discover_methods()
+        assert found["dropped_in"].__module__ == "rankscope.methods.dropped_in"
+        assert set(found) == set(METHODS) | {"dropped_in"}  # the package's own methods, each once; no Helper
+        assert list(found)[0] == "full" and found["relora"].__module__ == "rankscope.methods.relora"
+        (tmp_path / "twin.py").write_text("from rankscope.methods.base import Method\n\nclass Twin(Method):\n    name = 'lora'\n")
+        with pytest.raises(TypeError, match="two methods are named 'lora'"):
+            discover_methods()
+    finally:
+        for mod in ("rankscope.methods.dropped_in", "rankscope.methods.twin"):
+            sys.modules.pop(mod, None)
+    assert "dropped_in" not in METHODS  # discovery returns a registry; it does not change the live one
+
+
 def test_flat_method_options_are_mapped_with_a_deprecation_line(data_dir):
     with pytest.warns(FutureWarning, match="method.relora"):
         flat = load_config(None, tiny_overrides(data_dir, "method.name=relora", "method.rank=4"))

@@ -117,6 +117,15 @@ def on_rank0(fn: Callable[[], Any], info: DistInfo) -> Any:
     return out[1]
 
 
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """`model` in DistributedDataParallel under torchrun (gradients all-reduced); itself on one process."""
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def is_main_process() -> bool:
     """Rank 0 of the initialised process group, or a single process."""
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -5,11 +5,14 @@ the gradients are sharded or the ranks must agree."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from rankscope import distributed, sharding
 from rankscope.distributed import DistInfo
+from rankscope.errors import TrainingError
 from rankscope.methods import lora
 
 
@@ -33,6 +36,19 @@ def first_bad_grad(model: nn.Module, sharded: bool, device: torch.device) -> str
         if distributed.any_rank_true(bad, device) if sharded else bad:
             return name
     return "none (the loss itself overflowed)"
+
+
+def check_finite(loss: float, norm: float | None, step: int, model: nn.Module, sharded: bool, device: torch.device) -> None:
+    """Stop a step whose loss (the ranks' mean) or gradient norm (None: not yet computed) is not finite,
+    with a TrainingError naming the first non-finite gradient. Every rank sees the same values, so all raise."""
+    if not math.isfinite(loss):
+        bad = first_bad_grad(model, sharded, device)
+        raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}; first non-finite gradient: {bad}. "
+                            "Lower train.lr or use train.precision=fp32; the last good checkpoint is kept")
+    if norm is not None and not math.isfinite(norm):
+        bad = first_bad_grad(model, sharded, device)
+        raise TrainingError(f"non-finite gradient norm at step {step + 1} in {bad}; "
+                            "lower train.lr or set train.grad_clip; the last good checkpoint is kept")
 
 
 def gradient_snapshot(model: nn.Module, dist: DistInfo) -> dict[str, torch.Tensor] | None:

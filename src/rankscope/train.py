@@ -12,14 +12,12 @@ SIGTERM / SIGINT stop after the current step with a checkpoint (rankscope.preemp
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -28,8 +26,9 @@ from rankscope import checkpoint as ckpt
 from rankscope.callbacks import Callback, CallbackRunner, build_callbacks
 from rankscope.config import RunConfig
 from rankscope.data.corpus import Corpus, prepare
-from rankscope.data.stream import BatchStream
-from rankscope.errors import ConfigError, TrainingError
+from rankscope.data.stream import run_streams
+from rankscope.evaluate.perplexity import stream_loss
+from rankscope.errors import ConfigError
 from rankscope.loggers import MetricsLog
 from rankscope.methods import build_model, lora
 from rankscope.preemption import Preempted, StopOnSignal
@@ -97,22 +96,13 @@ class Trainer:
         vocab = corpus.manifest["tokenizer"]["vocab_size"]
         if vocab > self.cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer has {vocab} tokens but model.vocab_size={self.cfg.model.vocab_size}; raise model.vocab_size to >= {vocab}")
-        t = self.cfg.train
-        self.train_stream = BatchStream(corpus.tokens("train"), t.seq_len, t.batch_size, t.grad_accum, t.seed, *self.rank_world())
-        self.val_stream = BatchStream(corpus.stream_tokens("val"), t.seq_len, t.batch_size, 1, t.seed + 10_007)
+        self.train_stream, self.val_stream = run_streams(corpus, self.cfg.train, self.dist.rank, self.dist.world_size)
         return corpus
-
-    def rank_world(self) -> tuple[int, int]:
-        return self.dist.rank, self.dist.world_size
 
     def wrap_parallel(self) -> None:
         """The module the loop calls: DDP over ranks (FSDP shards self.model in place) and/or
         torch.compile; self.model stays the Decoder."""
-        module = self.model
-        if self.dist.enabled and not self.sharded:
-            from torch.nn.parallel import DistributedDataParallel
-
-            module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        module = self.model if self.sharded else distributed.wrap_ddp(self.model, self.dist, self.device)
         compiled, self.compiled = self.compiled if module is self.model else None, None  # autotune's, used once
         self.forward_model = (compiled if compiled is not None else torch.compile(module)) if self.settings["compile"] else module
 
@@ -147,17 +137,10 @@ class Trainer:
         """The model callbacks read: self.model, or under FSDP rank 0's gathered replica."""
         return self.callback_runner.eval_model(self.model)
 
-    # ------------------------------------------------------------------ checkpoints (rankscope.run_state)
-    def save(self) -> None:
-        run_state.save(self)
-
-    def resume(self) -> None:
-        run_state.resume(self)
-
     # ------------------------------------------------------------------ the loop
     def tokens_seen(self, step: int) -> int:
         t = self.cfg.train
-        return step * t.batch_size * t.grad_accum * t.seq_len * self.rank_world()[1]
+        return step * t.batch_size * t.grad_accum * t.seq_len * self.dist.world_size
 
     def train_step(self, step: int) -> tuple[float, float]:
         """One optimiser step on the batches of `step`; returns (mean loss, grad norm)."""
@@ -183,16 +166,12 @@ class Trainer:
             total += loss.item()
         # every rank sees the same loss, and whether any rank was asked to stop (rankscope.preemption)
         total, self.stop_agreed = distributed.mean_and_any(total, self.stop.requested, self.dist, self.device)
-        if not math.isfinite(total):
-            bad = gradients.first_bad_grad(self.model, self.sharded, self.device)
-            raise TrainingError(f"non-finite loss ({total}) at step {step + 1}; first non-finite gradient: {bad}. Lower train.lr or use train.precision=fp32; the last good checkpoint is kept")
+        gradients.check_finite(total, None, step, self.model, self.sharded, self.device)
         if snapshot:  # before clipping: dL/dW itself, the same definition for every method
             self.last_grads = gradients.gradient_snapshot(self.model, self.dist)
             lora.capture_effective_grads(self.model, False)
         norm = gradients.clip_grads(self.model, t.grad_clip)
-        if not math.isfinite(norm):
-            bad = gradients.first_bad_grad(self.model, self.sharded, self.device)
-            raise TrainingError(f"non-finite gradient norm at step {step + 1} in {bad}; lower train.lr or set train.grad_clip; the last good checkpoint is kept")
+        gradients.check_finite(total, norm, step, self.model, self.sharded, self.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm
@@ -200,15 +179,8 @@ class Trainer:
     def will_checkpoint(self, done: int) -> bool:
         return run_state.checkpoint_due(self.cfg, done, self.keep_forever)
 
-    @torch.no_grad()
     def validation_loss(self) -> float:
-        self.model.eval()
-        losses = []
-        for i in range(self.cfg.train.eval_batches):
-            x, y = self.val_stream.get(i)
-            with autocast(self.device, self.precision):
-                losses.append(self.model(x.to(self.device), y.to(self.device)).item())
-        return float(np.mean(losses))
+        return stream_loss(self.model, self.val_stream, self.cfg.train.eval_batches, self.device, self.precision)
 
     def stop_requested(self) -> bool:
         """Under torchrun the ranks' agreed flag (so all stop at the same step); else the local one."""
@@ -220,7 +192,7 @@ class Trainer:
 
     def train_loop(self) -> dict[str, Any]:
         t = self.cfg.train
-        self.resume()
+        run_state.resume(self)  # sets self.step (0 for a fresh run)
         if self.step >= t.max_steps:
             self.log(f"[train] {self.run_dir} is already finished ({self.step} steps)")
             return self.finish(0.0)
@@ -247,11 +219,11 @@ class Trainer:
                 self.metrics.log(row)
             saved = self.will_checkpoint(self.step)
             if saved:
-                self.save()
+                run_state.save(self)
             bar.update(1, loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
             if self.stop_requested() and self.step < t.max_steps:
                 if not saved:
-                    self.save()
+                    run_state.save(self)
                 bar.close()
                 self.metrics.close()
                 raise Preempted(self.step, self.stop.signum or signal.SIGTERM)

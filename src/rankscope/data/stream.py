@@ -34,3 +34,12 @@ class BatchStream:
         idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]  # (B, T+1)
         window = torch.from_numpy(self.tokens[idx].astype(np.int64))
         return window[:, :-1], window[:, 1:]
+
+
+def run_streams(corpus, train_cfg, rank: int = 0, world_size: int = 1) -> tuple[BatchStream, BatchStream]:
+    """A run's two streams: training batches from the train split (this rank's rows), and the fixed
+    validation batches of the loop's `val_loss` (the val split, seed + 10_007, the same on every rank)."""
+    t = train_cfg
+    train = BatchStream(corpus.tokens("train"), t.seq_len, t.batch_size, t.grad_accum, t.seed, rank, world_size)
+    val = BatchStream(corpus.stream_tokens("val"), t.seq_len, t.batch_size, 1, t.seed + 10_007)
+    return train, val

@@ -187,3 +187,16 @@ def domain_perplexity(model: nn.Module, docset: DocSet, seq_len: int, batch_size
         out["macro_by_role"] = {role: {k: float(np.mean([v[k] for v in domains.values() if v["role"] == role])) for k in ("loss", "ppl", "bpb")}
                                 for role in roles}
     return out
+
+
+@torch.no_grad()
+def stream_loss(model: nn.Module, stream, batches: int, device: torch.device, precision: str = "fp32") -> float:
+    """The mean loss over the first `batches` batches of a BatchStream (the training loop's `val_loss`:
+    random windows, not whole documents, so it is a different estimate from `domain_perplexity`'s)."""
+    model.eval()
+    losses = []
+    for i in range(batches):
+        x, y = stream.get(i)
+        with autocast(device, precision):
+            losses.append(model(x.to(device), y.to(device)).item())
+    return float(np.mean(losses))

@@ -1,25 +1,46 @@
 """Training methods. A method = how the model is adapted + its optimiser groups + its schedule
 + what happens after each step (merges, resets, re-drawn supports), one module each, with its own
-config dataclass (`method.<name>` in the YAML) and capabilities. The registry below is explicit:
-`method.name` picks one; an unknown name lists the valid ones. `register_method` adds one from
-outside the package (docs/adding-a-method.md).
+config dataclass (`method.<name>` in the YAML) and capabilities.
+
+The registry is built when this package is imported, by `discover_methods`: it imports every module
+of the package and takes the `Method` subclasses each one defines with a `name` of its own (so a new
+method is one file dropped in here; shared modules such as base, common and memory define none).
+`method.name` picks one; an unknown name lists the valid ones. `register_method` adds one from outside
+the package (docs/adding-a-method.md).
 """
 
 from __future__ import annotations
 
-from rankscope.errors import ConfigError
-from rankscope.methods.adaptive import AdaptiveReLoRAMethod
-from rankscope.methods.base import Method
-from rankscope.methods.galore import GaLoreMethod
-from rankscope.methods.hybrid import HybridReLoRAMethod
-from rankscope.methods.lora import LoRAMethod
-from rankscope.methods.relora import ReLoRAMethod
-from rankscope.methods.sparse import SingleSupportMethod, SparseMethod
+import importlib
+import pkgutil
+from typing import Iterable
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls
-    for cls in (Method, LoRAMethod, ReLoRAMethod, SparseMethod, SingleSupportMethod, GaLoreMethod, AdaptiveReLoRAMethod, HybridReLoRAMethod)
-}
+from rankscope.errors import ConfigError
+from rankscope.methods.base import Method
+
+
+def methods_in(module) -> list[type[Method]]:
+    """The methods `module` defines: Method subclasses whose class body sets `name` (helper bases such
+    as sparse.SparseMethodBase set none; classes a module imports from another are that module's)."""
+    return [obj for obj in vars(module).values()
+            if isinstance(obj, type) and issubclass(obj, Method) and obj.__module__ == module.__name__ and "name" in vars(obj)]
+
+
+def discover_methods(package: str = __name__, path: Iterable[str] | None = None) -> dict[str, type[Method]]:
+    """Import each module of `package` (found on `path`, default the package's own folder) and collect
+    its methods by name: the full-rank base `Method` first, then the modules in alphabetical order."""
+    found: dict[str, type[Method]] = {Method.name: Method}
+    for info in sorted(pkgutil.iter_modules(__path__ if path is None else list(path)), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        for cls in methods_in(importlib.import_module(f"{package}.{info.name}")):
+            if found.get(cls.name, cls) is not cls:
+                raise TypeError(f"two methods are named {cls.name!r}: {found[cls.name].__module__} and {cls.__module__}")
+            found[cls.name] = cls
+    return found
+
+
+METHODS: dict[str, type[Method]] = discover_methods()
 
 
 def register_method(cls: type[Method]) -> type[Method]:
