@@ -15,6 +15,7 @@ except each rank's dropout RNG, so a run resumes on any number of ranks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
@@ -25,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from rankscope import errors
+from rankscope import errors, sharding
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,16 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device) -> to
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gradient_sync(forward_model: torch.nn.Module, model: torch.nn.Module, sync: bool, sharded: bool):
+    """The context one micro-batch's forward + backward runs in: gradients are reduced across ranks
+    only when `sync` (the step's last micro-batch). FSDP is told so on `model`; DDP skips its
+    all-reduce inside `forward_model.no_sync()`."""
+    if sharded:
+        sharding.set_gradient_sync(model, sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else forward_model.no_sync()
 
 
 def is_main_process() -> bool:

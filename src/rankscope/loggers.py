@@ -4,6 +4,7 @@ default) and Weights & Biases (off by default). Both receive exactly the rows me
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,24 @@ class MetricsLog:
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
+
+
+class TokenRate:
+    """Tokens per second over the current logging window (steady state, not averaged from the start):
+    `rate(tokens)` at every step, `new_window(tokens)` when a row is logged; `elapsed` is the seconds
+    from the start to the last `rate` call."""
+
+    def __init__(self, tokens: int):
+        self.start = self.window_start = self.now = time.perf_counter()
+        self.window_tokens = tokens
+
+    def rate(self, tokens: int) -> float:
+        self.now = time.perf_counter()
+        return (tokens - self.window_tokens) / max(self.now - self.window_start, 1e-9)
+
+    def new_window(self, tokens: int) -> None:
+        self.window_start, self.window_tokens = self.now, tokens
+
+    @property
+    def elapsed(self) -> float:
+        return self.now - self.start

@@ -44,6 +44,12 @@ def build_adamw(groups: list[dict], cfg: TrainConfig, device: torch.device) -> t
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Each group's learning rate: `lr` times the group's `lr_scale` (1 unless a method sets one)."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
