@@ -97,15 +97,22 @@ def test_toy_method_registers_and_trains(data_dir, tmp_path):
 
 TOY_MODULE = """
 from rankscope.methods.base import Method
-from rankscope.methods.relora import ReLoRAMethod  # imported, not defined here: not this module's method
+from rankscope.methods.relora import ReLoRAMethod  # imported, not listed here: relora's method
 
 
-class Helper(Method):  # sets no name of its own: a helper base, not a method
+class Helper(Method):  # a helper base: not listed, so not a method
     pass
 
 
 class DroppedIn(Helper):
     name = "dropped_in"
+
+
+class Unlisted(Method):  # has a name, but METHODS does not list it: not registered
+    name = "unlisted"
+
+
+METHODS = [DroppedIn]
 """
 
 
@@ -120,15 +127,31 @@ def test_a_method_module_dropped_into_the_package_is_discovered(tmp_path, monkey
     try:
         found = discover_methods()
         assert found["dropped_in"].__module__ == "rankscope.methods.dropped_in"
-        assert set(found) == set(METHODS) | {"dropped_in"}  # the package's own methods, each once; no Helper
+        assert set(found) == set(METHODS) | {"dropped_in"}  # the package's own methods, each once; no Helper, no Unlisted
+        assert "unlisted" not in found
         assert list(found)[0] == "full" and found["relora"].__module__ == "rankscope.methods.relora"
         (tmp_path / "twin.py").write_text("from rankscope.methods.base import Method\n\nclass Twin(Method):\n    name = 'lora'\n")
+        assert set(discover_methods()) == set(found)  # a module without METHODS exports nothing
+        (tmp_path / "twin.py").write_text("from rankscope.methods.base import Method\n\nclass Twin(Method):\n    name = 'lora'\n"
+                                          "\n\nMETHODS = [Twin]\n")
+        sys.modules.pop("rankscope.methods.twin", None)
         with pytest.raises(TypeError, match="two methods are named 'lora'"):
+            discover_methods()
+        (tmp_path / "twin.py").write_text("METHODS = [int]\n")
+        sys.modules.pop("rankscope.methods.twin", None)
+        with pytest.raises(TypeError, match="rankscope.methods.twin.METHODS takes subclasses"):
             discover_methods()
     finally:
         for mod in ("rankscope.methods.dropped_in", "rankscope.methods.twin"):
             sys.modules.pop(mod, None)
     assert "dropped_in" not in METHODS  # discovery returns a registry; it does not change the live one
+
+
+def test_the_package_modules_list_their_methods():
+    """Registry order: full (base.py) first, then the modules alphabetically, each in its METHODS order."""
+    known = ["full", "adaptive", "galore", "hybrid", "lora", "relora", "so", "so_single"]
+    assert [n for n in METHODS if n in known] == known and list(METHODS)[0] == "full"
+    assert METHODS["full"] is Method
 
 
 def test_flat_method_options_are_mapped_with_a_deprecation_line(data_dir):

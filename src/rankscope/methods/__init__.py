@@ -3,8 +3,9 @@
 config dataclass (`method.<name>` in the YAML) and capabilities.
 
 The registry is built when this package is imported, by `discover_methods`: it imports every module
-of the package and takes the `Method` subclasses each one defines with a `name` of its own (so a new
-method is one file dropped in here; shared modules such as base, common and memory define none).
+of the package and registers the classes each one lists in a module-level `METHODS = [...]` (so a new
+method is one file dropped in here that ends with `METHODS = [TheMethod]`; base.py lists `Method`
+itself, the full-rank method, and the shared modules common and memory list none).
 `method.name` picks one; an unknown name lists the valid ones. `register_method` adds one from outside
 the package (docs/adding-a-method.md).
 """
@@ -19,18 +20,31 @@ from rankscope.errors import ConfigError
 from rankscope.methods.base import Method
 
 
+def check_method(cls, where: str) -> type[Method]:
+    """`cls` itself if it is a Method subclass with a `name`; otherwise a TypeError naming `where`."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or not isinstance(cls.name, str) or not cls.name:
+        raise TypeError(f"{where} takes subclasses of rankscope.methods.base.Method with a `name`, not {cls!r}")
+    return cls
+
+
 def methods_in(module) -> list[type[Method]]:
-    """The methods `module` defines: Method subclasses whose class body sets `name` (helper bases such
-    as sparse.SparseMethodBase set none; classes a module imports from another are that module's)."""
-    return [obj for obj in vars(module).values()
-            if isinstance(obj, type) and issubclass(obj, Method) and obj.__module__ == module.__name__ and "name" in vars(obj)]
+    """The methods `module` exports: the classes its module-level `METHODS` list names, in that order
+    (none when it has no `METHODS`: a Method subclass the module defines but does not list is not one)."""
+    listed = getattr(module, "METHODS", None)
+    if listed is None:
+        return []
+    if not isinstance(listed, (list, tuple)):
+        raise TypeError(f"{module.__name__}.METHODS must be a list of Method classes, not {type(listed).__name__}")
+    return [check_method(cls, f"{module.__name__}.METHODS") for cls in listed]
 
 
 def discover_methods(package: str = __name__, path: Iterable[str] | None = None) -> dict[str, type[Method]]:
     """Import each module of `package` (found on `path`, default the package's own folder) and collect
-    its methods by name: the full-rank base `Method` first, then the modules in alphabetical order."""
-    found: dict[str, type[Method]] = {Method.name: Method}
-    for info in sorted(pkgutil.iter_modules(__path__ if path is None else list(path)), key=lambda m: m.name):
+    the methods each lists in its `METHODS`, by name: base (the full-rank `Method`) first, then the
+    modules in alphabetical order."""
+    found: dict[str, type[Method]] = {}
+    modules = pkgutil.iter_modules(__path__ if path is None else list(path))
+    for info in sorted(modules, key=lambda m: (m.name != "base", m.name)):
         if info.name.startswith("_"):
             continue
         for cls in methods_in(importlib.import_module(f"{package}.{info.name}")):
@@ -45,9 +59,7 @@ METHODS: dict[str, type[Method]] = discover_methods()
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Add a method class (its `name`, `config_class` and hooks; see methods/base.py) to the registry."""
-    if not (isinstance(cls, type) and issubclass(cls, Method)) or not isinstance(cls.name, str) or not cls.name:
-        raise TypeError("register_method takes a subclass of rankscope.methods.base.Method with a `name`")
-    METHODS[cls.name] = cls
+    METHODS[check_method(cls, "register_method").name] = cls
     return cls
 
 

@@ -167,3 +167,6 @@ class AdaptiveReLoRAMethod(ReLoRAMethod):
         layers = target_linears(model, self.config.targets)
         used = sum(self.ranks[n] * (lin.in_features + lin.out_features) for n, lin in layers.items()) if self.ranks else 0
         return {**super().report(model, optimizer), "adaptive_ranks": dict(self.ranks), "adaptive_adapter_params": used, "adaptive_rank_budget": self.budget(layers)}
+
+
+METHODS = [AdaptiveReLoRAMethod]

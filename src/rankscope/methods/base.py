@@ -106,3 +106,6 @@ class Method:
 def emit(notify: Notify | None, event: str, step: int, model: nn.Module) -> dict[str, Any]:
     """Tell the training loop's `notify` about an event; the rows it returns (or none)."""
     return (notify(event, step, model) or {}) if notify is not None else {}
+
+
+METHODS = [Method]  # the full-rank method is the interface itself (rankscope.methods.discover_methods)

@@ -123,3 +123,6 @@ class GaLoreMethod(Method):
         return {"method": self.name, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "optimizer_state_bytes": optimizer_state_bytes(optimizer), "galore_rank": self.config.rank,
                 "galore_projector_bytes": proj, "galore_params": sum(p.numel() for p in low)}
+
+
+METHODS = [GaLoreMethod]

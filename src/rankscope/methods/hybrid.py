@@ -58,3 +58,6 @@ class HybridReLoRAMethod(ReLoRAMethod):
         full = [n for n, mod in target_linears(model, self.config.targets).items() if not isinstance(model.get_submodule(n), LoRALinear)]
         return {**super().report(model, optimizer), "full_rank_layers": len(full),
                 "full_rank_params": sum(model.get_submodule(n).weight.numel() for n in full)}
+
+
+METHODS = [HybridReLoRAMethod]

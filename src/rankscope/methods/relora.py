@@ -205,3 +205,6 @@ class ReLoRAMethod(LoRAMethod):
 
     def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return {**super().report(model, optimizer), "relora_merges": self.merges, "relora_optimizer_resets": self.optimizer_resets}
+
+
+METHODS = [ReLoRAMethod]

@@ -353,3 +353,6 @@ class SingleSupportMethod(SparseMethodBase):
         t, m = self.cfg.train, self.config
         return SparseAdamW(self.sparse_groups(model), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, density=m.density,
                            support_every=m.support_every, moment_keep=m.moment_keep, seed=t.seed)
+
+
+METHODS = [SparseMethod, SingleSupportMethod]
