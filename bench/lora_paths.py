@@ -6,7 +6,10 @@ tokens: forward + backward of one layer on each path of `rankscope.methods.lora.
 interleaved, median reported; then what the cost model (`choose_path`, THIN_PENALTY) picks beside
 the path that was fastest here. The optimiser step is left out (see bench/relora_vs_full.py).
 
-    python bench/lora_paths.py --threads 1 [--presets micro mini pico-tiny pico-small] [--rank 16]
+    python bench/lora_paths.py --threads 1 [--presets micro mini pico-tiny pico-small] [--rank 16] [--dropout 0.1]
+
+With --dropout P it also times the adapter-dropout mask (forward + backward of the masked input) per
+input width: torch's `F.dropout` (bernoulli_) beside `LoRALinear.drop` (uniform >= p), same distribution.
 """
 
 from __future__ import annotations
@@ -67,6 +70,23 @@ def time_layer(d_in: int, d_out: int, tokens: int, rank: int, rounds: int, devic
     return {s: statistics.median(v) for s, v in times.items()}
 
 
+def time_dropout(d_in: int, tokens: int, p: float, rounds: int, device: torch.device) -> dict[str, float]:
+    layer = LoRALinear(nn.Linear(d_in, d_in, bias=False, device=device), 1, 1.0, dropout=p).train()
+    x = torch.randn(tokens, d_in, device=device, requires_grad=True)
+    g = torch.randn(tokens, d_in, device=device)
+    fns = {"F.dropout": lambda: torch.nn.functional.dropout(x, p, True), "LoRALinear.drop": lambda: layer.drop(x)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(rounds + 2):
+        for k, f in fns.items() if i % 2 == 0 else list(fns.items())[::-1]:
+            t0 = time.perf_counter()
+            for _ in range(5):
+                f().backward(g)
+                x.grad = None
+            if i >= 2:
+                times[k].append((time.perf_counter() - t0) / 5)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["micro", "mini", "pico-tiny", "pico-small"])
@@ -75,6 +95,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dropout", type=float, default=0.0, help="also time the dropout mask at this p")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,6 +115,13 @@ def main() -> None:
             cells = "".join(f"{t[p] * 1e6:>9.0f} ({t[p] / t['full']:.2f})" for p in PATHS)
             print(f"{preset:<11}{names:<9}{f'{d_in}x{d_out}':>11}{t['full'] * 1e6:>9.0f}{cells}{fastest:>10}{picked:>13}", flush=True)
     print(f"the cost model picked the faster of merged / hybrid for {agree} of {total} shapes")
+    if args.dropout > 0:
+        print(f"\ndropout mask, p = {args.dropout}, forward + backward of the masked (N x in) input, us")
+        widths = sorted({d_in for preset in args.presets for d_in, _ in shapes(preset).values()})
+        for d_in in widths:
+            t = time_dropout(d_in, args.tokens, args.dropout, args.rounds, device)
+            print(f"in = {d_in:<6} F.dropout {t['F.dropout'] * 1e6:8.0f}   LoRALinear.drop {t['LoRALinear.drop'] * 1e6:8.0f}"
+                  f"   ({t['LoRALinear.drop'] / t['F.dropout']:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

@@ -232,3 +232,20 @@ def test_hybrid_path_captures_effective_weight_gradients_like_the_others():
         layer(x).pow(2).sum().backward()
         captured[p] = layer.effective_grad
     torch.testing.assert_close(captured["hybrid"], captured["factored"], rtol=0, atol=1e-10)
+
+
+def test_adapter_dropout_keeps_one_minus_p_scaled_and_passes_the_mask_to_the_gradient():
+    torch.manual_seed(3)
+    layer = LoRALinear(nn.Linear(64, 8, bias=False), rank=2, alpha=4.0, dropout=0.25).train()
+    x = torch.ones(400, 64, requires_grad=True)
+    y = layer.drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # 25,600 draws: 4 standard errors ~ 0.011
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d(x * mask / (1 - p)) / dx = mask / (1 - p)
+    assert torch.equal(layer.eval().drop(x), x)  # identity in eval mode
+    torch.manual_seed(4)
+    a = layer.train().drop(x)
+    torch.manual_seed(4)
+    assert torch.equal(a, layer.drop(x))  # drawn from the global generator: resume restores it
