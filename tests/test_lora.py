@@ -159,7 +159,7 @@ def test_lora_method_optimizer_groups(data_dir):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_merged_and_factored_paths_agree_in_outputs_and_gradients(bias):
+def test_merged_hybrid_and_factored_paths_agree_in_outputs_and_gradients(bias):
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(12, 20, bias=bias).double(), rank=4, alpha=8.0, dropout=0.0)
     with torch.no_grad():
@@ -167,7 +167,7 @@ def test_merged_and_factored_paths_agree_in_outputs_and_gradients(bias):
         layer.lora_B.data = layer.lora_B.double().normal_()
     x = torch.randn(3, 7, 12, dtype=torch.float64)
     results = {}
-    for path in ("merged", "factored"):
+    for path in ("merged", "hybrid", "factored"):
         layer.forward_path = path
         assert layer.path(x) == path
         xi = x.clone().requires_grad_(True)
@@ -176,8 +176,9 @@ def test_merged_and_factored_paths_agree_in_outputs_and_gradients(bias):
         results[path] = (y.detach(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
         layer.lora_A.grad = layer.lora_B.grad = None
         assert layer.base.weight.grad is None  # the frozen weight gets no gradient on either path
-    for merged, factored in zip(results["merged"], results["factored"]):
-        torch.testing.assert_close(merged, factored, rtol=0, atol=1e-10)
+    for path in ("merged", "hybrid"):
+        for got, factored in zip(results[path], results["factored"]):
+            torch.testing.assert_close(got, factored, rtol=0, atol=1e-10)
 
 
 def test_dropout_forces_the_factored_path_only_while_training():
@@ -188,8 +189,63 @@ def test_dropout_forces_the_factored_path_only_while_training():
     assert layer.eval().path(x) == "merged"  # dropout is the identity in eval mode
 
 
-def test_cost_model_prefers_merged_for_narrow_layers_and_factored_for_wide():
+def test_cost_model_prefers_merged_for_narrow_layers_and_hybrid_for_wide():
     from rankscope.methods.lora import choose_path
 
-    assert choose_path(4096, 128, 128, 16) == "merged"  # mini: dense dW is cheaper than 4 thin matmuls
-    assert choose_path(1024, 1536, 1536, 16) == "factored"  # wide layers: the dense dW dominates
+    assert choose_path(4096, 64, 64, 16) == "merged"  # micro: the dense dW is cheaper than 4 thin matmuls
+    assert choose_path(1024, 1536, 1536, 16) == "hybrid"  # wide layers: the dense dW dominates, thin dA, dB instead
+    assert choose_path(1024, 1536, 1536, 16, backward=False) == "merged"  # evaluation: building W' is cheap
+    assert choose_path(8, 1536, 1536, 16, backward=False) == "factored"  # a few tokens: thin beats forming W'
+
+
+@pytest.mark.parametrize("path", ["merged", "hybrid"])
+def test_bf16_autocast_paths_match_the_factored_path(path):
+    """Under bf16 autocast every path computes in bf16 from the fp32 master weights: close to the
+    factored path (bf16 rounding), and the adapter gradients stay fp32."""
+    torch.manual_seed(1)
+    layer = LoRALinear(nn.Linear(32, 48, bias=False), rank=4, alpha=8.0, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(2, 16, 32)
+    grads = {}
+    for p in (path, "factored"):
+        layer.forward_path = p
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+            assert y.dtype == torch.bfloat16
+            y.float().square().sum().backward()
+        grads[p] = (y.detach().float(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+        assert layer.lora_A.grad.dtype == torch.float32
+        layer.lora_A.grad = layer.lora_B.grad = None
+    for got, ref in zip(grads[path], grads["factored"]):
+        torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+def test_hybrid_path_captures_effective_weight_gradients_like_the_others():
+    torch.manual_seed(2)
+    layer = LoRALinear(nn.Linear(10, 6, bias=False).double(), rank=2, alpha=4.0, dropout=0.0)
+    layer.lora_A.data, layer.lora_B.data = layer.lora_A.double(), layer.lora_B.double().normal_()
+    x = torch.randn(4, 10, dtype=torch.float64)
+    captured = {}
+    for p in ("hybrid", "factored"):
+        layer.forward_path, layer.capture_grad, layer.effective_grad = p, True, None
+        layer(x).pow(2).sum().backward()
+        captured[p] = layer.effective_grad
+    torch.testing.assert_close(captured["hybrid"], captured["factored"], rtol=0, atol=1e-10)
+
+
+def test_adapter_dropout_keeps_one_minus_p_scaled_and_passes_the_mask_to_the_gradient():
+    torch.manual_seed(3)
+    layer = LoRALinear(nn.Linear(64, 8, bias=False), rank=2, alpha=4.0, dropout=0.25).train()
+    x = torch.ones(400, 64, requires_grad=True)
+    y = layer.drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # 25,600 draws: 4 standard errors ~ 0.011
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d(x * mask / (1 - p)) / dx = mask / (1 - p)
+    assert torch.equal(layer.eval().drop(x), x)  # identity in eval mode
+    torch.manual_seed(4)
+    a = layer.train().drop(x)
+    torch.manual_seed(4)
+    assert torch.equal(a, layer.drop(x))  # drawn from the global generator: resume restores it

@@ -6,12 +6,17 @@ step 1 (A from step 2, once B is non-zero). `delta_weight()` is the only place
 dW = (alpha / r) * B @ A is computed, always in fp32; `merge()` adds exactly that dW to the fp32
 master weight and refuses non-finite results (peft's `safe_merge`).
 
-Two ways to compute the same function (`forward_path`): the factored form above, and, where dropout
-is off (p = 0, or eval mode), the merged form `F.linear(x, W + dW)` with dW = `delta_weight(grad=True)`.
-Through autograd the merged form costs one dense weight gradient (which full-rank training computes
-too) plus two thin (out x in x r) products for dA and dB, instead of four thin matmuls over the
-(tokens x features) activations and the saved low-rank activations. `choose_path` picks per layer
-and per call by a FLOP cost model (thin matmuls weighted by THIN_PENALTY, calibrated on CPU).
+Three ways to compute the same function (`forward_path`), all exact:
+  factored  the form above; the only one with adapter dropout (its mask acts on x alone);
+  merged    `F.linear(x, W + dW)`: one dense matmul forward and one for the input gradient, as a
+            full-rank layer; autograd then forms the dense dW' = g^T x (which full-rank training
+            computes too) and derives dA, dB from it with two thin (out x in x r) products;
+  hybrid    the merged forward and input gradient, with dA = s (g B)^T x and dB = s g^T (x A^T) from
+            four thin products over the tokens instead of the dense dW' (`_MergedLoRA`): the frozen
+            weight's gradient, a third of a full-rank layer's FLOPs, is never formed.
+With dropout off (p = 0, or eval mode) `choose_path` picks merged or hybrid per layer and per call
+by a FLOP cost model (thin matmuls weighted by THIN_PENALTY, calibrated on CPU by
+bench/lora_paths.py): hybrid pays where in x out >> r (in + out), e.g. pico-small and wider.
 
 Effective-weight gradients (checkpoint.save_grads): the base weight is frozen, so autograd gives
 it no gradient. At snapshot steps only, `capture_effective_grads(model, True)` makes each wrapped
@@ -33,6 +38,7 @@ model is rebuilt from the checkpoint alone and `merged_state_dict` merges any of
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -75,22 +81,59 @@ class MergeError(RankscopeError):
 
 # A thin matmul (one dimension r) runs at a fraction of a dense matmul's FLOP rate: measured
 # 2026-12-01 on the 2-core Xeon (torch 2.13, fp32), fwd+bwd of one layer at mini and pico-tiny shapes.
-THIN_PENALTY = 3.0
+THIN_PENALTY = 2.0
 
 
 def choose_path(tokens: int, d_in: int, d_out: int, rank: int, backward: bool = True) -> str:
-    """'merged' or 'factored', whichever the FLOP cost model says is cheaper (the frozen W's forward
-    matmul and input gradient are common to both and left out). With a backward pass:
-      merged: dense dW' = g^T x (2 N in out) + W' = W + sBA and the dA, dB products (6 r in out);
-      factored: x A^T, (xA) B^T forward and their four backward products (6 N r (in + out)), thin.
+    """'merged', 'hybrid' or 'factored', whichever the FLOP cost model says is cheapest with dropout
+    off (the frozen W's forward matmul and input gradient are common to all and left out).
+    With a backward pass (factored is never cheaper than hybrid there: two more thin products):
+      merged: W' = W + sBA, dense dW' = g^T x (2 N in out) and dA, dB from it (6 r in out in all);
+      hybrid: W' (2 r in out) and four thin products over the tokens for dA, dB (4 N r (in + out)).
     Forward only (evaluation): merged builds W' (2 r in out); factored runs 2 N r (in + out), thin."""
     if backward:
         merged = 2 * tokens * d_in * d_out + 6 * rank * d_in * d_out
-        factored = THIN_PENALTY * 6 * tokens * rank * (d_in + d_out)
-    else:
-        merged = 2 * rank * d_in * d_out
-        factored = THIN_PENALTY * 2 * tokens * rank * (d_in + d_out)
+        hybrid = THIN_PENALTY * 4 * tokens * rank * (d_in + d_out) + 2 * rank * d_in * d_out
+        return "merged" if merged <= hybrid else "hybrid"
+    merged = 2 * rank * d_in * d_out
+    factored = THIN_PENALTY * 2 * tokens * rank * (d_in + d_out)
     return "merged" if merged <= factored else "factored"
+
+
+def _no_autocast(device_type: str):
+    """Autocast off (a bf16 region would silently run fp32 arithmetic in bf16); a no-op context
+    where it is off already, so the fp32 step pays nothing for it."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+
+
+class _MergedLoRA(torch.autograd.Function):
+    """The 'hybrid' path: y = x (W + s B A)^T + bias with the merged form's two dense matmuls (forward,
+    input gradient) and dA, dB from thin products over the tokens; the frozen W and bias get no
+    gradient. `dtype` is the compute dtype (autocast's, else the inputs'); W' is formed in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dtype: torch.dtype):
+        with _no_autocast(x.device.type):
+            w = torch.addmm(weight.to(lora_A.dtype), lora_B, lora_A, alpha=scaling).to(dtype)
+            xc = x.to(dtype)
+            out = F.linear(xc, w, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(xc, w, lora_A, lora_B)
+        ctx.scaling, ctx.x_dtype = scaling, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, w, lora_A, lora_B = ctx.saved_tensors
+        with _no_autocast(g.device.type):
+            g = g.to(w.dtype)
+            g2, x2 = g.reshape(-1, g.shape[-1]), xc.reshape(-1, xc.shape[-1])
+            gx = (g @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+            ga = gb = None
+            if ctx.needs_input_grad[3]:  # dA = s (g B)^T x  (r x in)
+                ga = torch.mm((g2 @ lora_B.to(w.dtype)).t(), x2).to(lora_A.dtype).mul_(ctx.scaling)
+            if ctx.needs_input_grad[4]:  # dB = s g^T (x A^T)  (out x r)
+                gb = torch.mm(g2.t(), x2 @ lora_A.to(w.dtype).t()).to(lora_B.dtype).mul_(ctx.scaling)
+        return gx, None, None, ga, gb, None, None
 
 
 class LoRALinear(nn.Module):
@@ -109,7 +152,8 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.capture_grad = False  # accumulate dL/dW of the base weight (snapshot steps only)
         self.effective_grad: torch.Tensor | None = None
-        self.forward_path: str = "auto"  # 'auto' (choose_path), 'merged' or 'factored'
+        self.forward_path: str = "auto"  # 'auto' (choose_path), 'merged', 'hybrid' or 'factored'
+        self._auto_paths: dict[tuple[int, bool], str] = {}  # choose_path by (tokens, backward)
         self.reset_adapter(generator)
 
     @classmethod
@@ -142,20 +186,40 @@ class LoRALinear(nn.Module):
         if self.forward_path != "auto":
             return self.forward_path
         backward = torch.is_grad_enabled() and (x.requires_grad or self.lora_A.requires_grad)
-        return choose_path(x.numel() // x.shape[-1], self.base.in_features, self.base.out_features, self.rank, backward)
+        key = (x.numel() // x.shape[-1], backward)
+        if torch.compiler.is_compiling():  # decided once at trace time; a cache write would re-trace
+            return choose_path(key[0], self.base.in_features, self.base.out_features, self.rank, backward)
+        if key not in self._auto_paths:  # eager: the cost model once per shape, not at every call
+            self._auto_paths[key] = choose_path(key[0], self.base.in_features, self.base.out_features, self.rank, backward)
+        return self._auto_paths[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.path(x) == "merged":
-            # exactly the same function; autograd reaches A and B through delta_weight's B @ A.
+        path = self.path(x)
+        if path == "merged":
+            # exactly the same function; autograd reaches A and B through the addmm of W + s B A.
             # Under bf16 autocast F.linear casts the fp32 sum W + dW once.
-            out = F.linear(x, self.base.weight + self.delta_weight(grad=True), self.base.bias)
+            out = F.linear(x, self.delta_weight(grad=True, base=self.base.weight), self.base.bias)
+        elif path == "hybrid":
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else torch.promote_types(x.dtype, self.merge_dtype())
+            out = _MergedLoRA.apply(x, self.base.weight, self.base.bias, self.lora_A.to(self.merge_dtype()), self.lora_B.to(self.merge_dtype()),
+                                    self.scaling, dtype)
         else:
             # the scale is folded into B (r columns) rather than applied to the (B, T, out) activations:
             # one full-size elementwise pass less per call. Under bf16 autocast F.linear casts the factors.
-            out = self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
+            out = self.base(x) + F.linear(F.linear(self.drop(x), self.lora_A), self.lora_B * self.scaling)
         if self.capture_grad and out.requires_grad:
             out.register_hook(partial(self._accumulate_grad, x.detach()))
         return out
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverted dropout with nn.Dropout's distribution (each element kept with probability 1 - p and
+        scaled by 1 / (1 - p)) while training, its mask drawn as uniform >= p: one float per element,
+        about half the CPU time of `bernoulli_` (bench/lora_paths.py --dropout). Another random stream
+        than nn.Dropout, from the same generator (so resume stays bit-exact)."""
+        if not (isinstance(self.dropout, nn.Dropout) and self.training):
+            return x
+        keep = (torch.rand_like(x) >= self.dropout.p).to(x.dtype).mul_(1.0 / (1.0 - self.dropout.p))
+        return x * keep
 
     def _accumulate_grad(self, x: torch.Tensor, g: torch.Tensor) -> None:
         """dL/dW += grad_out^T x over the (B*T) tokens, in fp32 (or wider): what F.linear's backward
@@ -169,15 +233,16 @@ class LoRALinear(nn.Module):
         """fp32, or the master weight's dtype where it is wider (float64 in exactness tests)."""
         return torch.promote_types(self.base.weight.dtype, torch.float32)
 
-    def delta_weight(self, grad: bool = False) -> torch.Tensor:
-        """dW = (alpha / r) * B @ A, (out, in), in fp32 — the only place it is computed. Always the
-        full matrix: under FSDP the thin factors are all-gathered first (collective). With
-        `grad` (the merged forward) the factors stay in the autograd graph: inside forward FSDP has
-        already unsharded them, so nothing is gathered."""
+    def delta_weight(self, grad: bool = False, base: torch.Tensor | None = None) -> torch.Tensor:
+        """dW = (alpha / r) * B @ A, (out, in), in fp32 — the only place it is computed; with `base`,
+        base + dW in one addmm (the merged forward's W'). Always the full matrix: under FSDP the thin
+        factors are all-gathered first (collective). With `grad` (the merged forward) the factors stay
+        in the autograd graph: inside forward FSDP has already unsharded them, so nothing is gathered."""
         dt = self.merge_dtype()
         b, a = (self.lora_B, self.lora_A) if grad else (full(self.lora_B), full(self.lora_A))
-        # autocast off: inside a bf16 autocast region the matmul would silently run in bf16
-        with torch.autocast(a.device.type, enabled=False):
+        with _no_autocast(a.device.type):
+            if base is not None:
+                return torch.addmm(base.to(dt), b.to(dt), a.to(dt), alpha=self.scaling)
             return self.scaling * (b.to(dt) @ a.to(dt))
 
     def effective_weight(self) -> torch.Tensor:
