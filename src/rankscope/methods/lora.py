@@ -435,4 +435,6 @@ class LoRAMethod(Method):
         return {"method": self.name, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "lora_params": sum(p.numel() for p in lora_parameters(model)), "adapted_layers": len(lora_modules(model)),
                 "optimizer_state_bytes": optimizer_state_bytes(optimizer), "lora_optimizer_state_bytes": lora_state}
+
+
 METHODS = [LoRAMethod]
