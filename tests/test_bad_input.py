@@ -133,7 +133,8 @@ def test_empty_and_folder_config_files_are_refused(tmp_path, capsys):
 # --------------------------------------------------------------------------- report
 REPORT_CASES = [("summary.json", b"", "summary.json is not valid JSON"), ("summary.json", b"[1]", "holds a JSON list"),
                 ("config.yaml", b"model: [", "config.yaml is not valid YAML"), ("config.yaml", b"[1, 2]", "holds a YAML list"),
-                ("config.yaml", b"model: 3", "section model is not a mapping"), ("eval.json", b'{"metrics":', "eval.json is not valid JSON"),
+                ("config.yaml", b"model: 3", "section model is not a mapping"),
+                ("eval.json", b'{"metrics":', "eval.json is not valid JSON"),
                 ("eval.json", b"[1]", "eval.json holds a JSON list")]
 
 
@@ -161,7 +162,8 @@ def test_report_skips_foreign_metrics_lines(copy, tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [(b'{"runs": [', "sweep.json is not valid JSON"), (b"[1]", "holds a JSON list"),
-                                             (b'{"runs": [{"x": 1}]}', "`runs` must be a list"), (b'{"runs": [1]}', "`runs` must be a list"),
+                                             (b'{"runs": [{"x": 1}]}', "`runs` must be a list"),
+                                             (b'{"runs": [1]}', "`runs` must be a list"),
                                              (b'{"runs": [], "tuning": 3}', "`tuning` must be an object")])
 def test_report_names_a_corrupt_sweep_json(run, tmp_path, capsys, content, message):
     shutil.copytree(run, tmp_path / "study" / "a")
@@ -221,7 +223,8 @@ def test_sweep_options_and_corrupt_study_files(data_dir, tmp_path, capsys):
     runs = tmp_path / "runs"
     point = next(p for p in runs.iterdir() if p.is_dir())
     good = {n: (point / n).read_bytes() for n in ("study.json", "summary.json")} | {"sweep.json": (runs / "sweep.json").read_bytes()}
-    for target, message in ((point / "study.json", 'write {"study": "t"} into it'), (point / "summary.json", "delete it and run the sweep again"),
+    for target, message in ((point / "study.json", 'write {"study": "t"} into it'),
+                            (point / "summary.json", "delete it and run the sweep again"),
                             (runs / "sweep.json", "delete it: it is rewritten")):
         target.write_text("{")
         assert main(["sweep", str(study)]) == 2

@@ -118,7 +118,8 @@ def load_run(run_dir: Path) -> Run:
     if not cfg_path.is_file() or not sum_path.is_file():
         raise ReportError(f"{run_dir} is not a finished run (needs config.yaml and summary.json)")
     config = read_yaml_mapping(cfg_path, "restore the run's config.yaml, or leave the run out of the report", ReportError)
-    summary = read_json_object(sum_path, "delete it and re-run `rankscope train` with the run's config to rewrite it, or leave the run out", ReportError)
+    summary = read_json_object(sum_path, "delete it and re-run `rankscope train` with the run's config to rewrite it, "
+                               "or leave the run out", ReportError)
     ev = {}
     if (run_dir / "eval.json").is_file():
         ev = read_json_object(run_dir / "eval.json", "re-run `rankscope eval RUN --json RUN/eval.json`, or delete it", ReportError)
