@@ -477,6 +477,8 @@ def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file such as configs/micro.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/micro.yaml")
     if path.resolve() in _seen:
@@ -487,8 +489,8 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     except (OSError, RecursionError) as e:
         raise ConfigError(f"config file {path} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
-    if data is None:
-        return {}
+    if data is None:  # an empty (or comments-only) file is a save gone wrong more often than a wish for every default
+        raise ConfigError(f"config file {path} is empty; put sections in it (see configs/micro.yaml), or write {{}} for all defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, train, ...)")
     base = data.pop("base", None)  # `base: other.yaml` inherits another config, relative to this file

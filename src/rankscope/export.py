@@ -26,6 +26,7 @@ from rankscope.config import ModelConfig, RunConfig, config_from_dict
 from rankscope.data.tokenizer import EOS, PAD, TextTokenizer
 from rankscope.errors import CheckpointError, RankscopeError
 from rankscope.methods.lora import merged_state_dict, stored_adapters
+from rankscope.paths import check_output_dir
 
 
 class ExportError(RankscopeError):
@@ -137,6 +138,7 @@ def export(path: str | Path, out: str | Path, force: bool = False, dtype: str = 
     if dtype not in ("float32", "bfloat16"):
         raise ExportError(f"--dtype {dtype!r} is not supported; use float32 or bfloat16")
     ck = open_checkpoint(path)
+    check_output_dir(out, "-o")  # after the input is known good, before the weights are merged and written
     dense, cfg = dense_state_dict(ck)
     tok = load_tokenizer(cfg, ck)
     tensors = to_hf_names(dense, cfg.model.tie_embeddings)

@@ -18,6 +18,7 @@ from rankscope.data.corpus import Corpus, prepare
 from rankscope.errors import CheckpointError
 from rankscope.methods import build_method
 from rankscope.model import Decoder
+from rankscope.paths import check_output_dir
 
 
 @dataclass
@@ -57,7 +58,9 @@ def open_corpus(cfg: RunConfig, ck: Checkpoint, cache_dir: str | None = None) ->
     if (root / "manifest.json").is_file():
         corpus = Corpus.open(root)
     else:
-        corpus = prepare(dataclasses.replace(cfg.data, cache_dir=cache_dir or DataConfig().cache_dir))
+        cache = cache_dir or DataConfig().cache_dir
+        check_output_dir(cache, "--cache-dir")  # named as the CLI option: the user gave it there, not in a config
+        corpus = prepare(dataclasses.replace(cfg.data, cache_dir=cache))
     if corpus.manifest["tokenizer"]["hash"] != ck.meta.get("tokenizer_hash"):
         raise CheckpointError(f"the corpus at {corpus.root} has another tokenizer than checkpoint {ck.path}; prepare it with the run's own config")
     return corpus

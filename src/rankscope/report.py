@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from rankscope.errors import RankscopeError
 from rankscope.findings import CONTROL_SUFFIX
+from rankscope.jsonfiles import read_json_object, read_jsonl_objects, read_yaml_mapping
+from rankscope.paths import check_output_dir
 
 
 class ReportError(RankscopeError):
@@ -88,15 +89,24 @@ def _num(v: Any) -> float | None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line of an interrupted run
-            continue
-    return out
+    """metrics.jsonl's rows; torn or foreign lines skipped (rankscope.jsonfiles.read_jsonl_objects)."""
+    return read_jsonl_objects(path)
+
+
+SWEEP_FIX = "re-run `rankscope sweep STUDY` to rewrite it (finished runs are kept), or delete it and report the run folders"
+
+
+def read_sweep_json(path: Path) -> dict[str, Any]:
+    """A study's sweep.json, checked for what the report reads: `runs`, a list of objects with a `name`,
+    and `tuning`, an object with a `field` where present."""
+    data = read_json_object(path, SWEEP_FIX, ReportError)
+    runs = data.get("runs", [])
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) and r["name"] for r in runs):
+        raise ReportError(f"{path}: `runs` must be a list of objects with a name; {SWEEP_FIX}")
+    tuning = data.get("tuning")
+    if tuning and not (isinstance(tuning, dict) and isinstance(tuning.get("field"), str)):
+        raise ReportError(f"{path}: `tuning` must be an object with a field; {SWEEP_FIX}")
+    return {**data, "runs": runs}
 
 
 def size_label(model: dict[str, Any]) -> str:
@@ -107,11 +117,24 @@ def load_run(run_dir: Path) -> Run:
     cfg_path, sum_path = run_dir / "config.yaml", run_dir / "summary.json"
     if not cfg_path.is_file() or not sum_path.is_file():
         raise ReportError(f"{run_dir} is not a finished run (needs config.yaml and summary.json)")
-    config = yaml.safe_load(cfg_path.read_text()) or {}
-    summary = json.loads(sum_path.read_text())
-    ev = json.loads((run_dir / "eval.json").read_text()).get("metrics", {}) if (run_dir / "eval.json").is_file() else {}
-    return Run(run_dir, run_dir.name, config.get("method", {}).get("name", summary.get("method", "?")), size_label(config.get("model", {})),
-               int(config.get("train", {}).get("seed", 0)), config, summary, ev, read_jsonl(run_dir / "metrics.jsonl"))
+    config = read_yaml_mapping(cfg_path, "restore the run's config.yaml, or leave the run out of the report", ReportError)
+    summary = read_json_object(sum_path, "delete it and re-run `rankscope train` with the run's config to rewrite it, "
+                               "or leave the run out", ReportError)
+    ev = {}
+    if (run_dir / "eval.json").is_file():
+        ev = read_json_object(run_dir / "eval.json", "re-run `rankscope eval RUN --json RUN/eval.json`, or delete it", ReportError)
+        ev = ev.get("metrics") if isinstance(ev.get("metrics"), dict) else {}
+    sections = {k: config.get(k) for k in ("model", "train", "method")}
+    for k, v in sections.items():
+        if v is not None and not isinstance(v, dict):
+            raise ReportError(f"{cfg_path}: section {k} is not a mapping (got {type(v).__name__}); restore the run's config.yaml")
+    model, train, method = (sections[k] or {} for k in ("model", "train", "method"))
+    try:
+        seed = int(train.get("seed", 0))
+    except (TypeError, ValueError):
+        raise ReportError(f"{cfg_path}: train.seed={train.get('seed')!r} is not an integer; restore the run's config.yaml") from None
+    return Run(run_dir, run_dir.name, method.get("name", summary.get("method", "?")), size_label(model),
+               seed, config, summary, ev, read_jsonl(run_dir / "metrics.jsonl"))
 
 
 def _is_run_dir(p: Path) -> bool:
@@ -124,6 +147,7 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]]]:
     problems: list[dict[str, Any]] = []
     seen: set[Path] = set()
     tuned: set[str] = set()
+    unreadable: list[str] = []
 
     def add(run_dir: Path, status: str = "done", error: str | None = None, stage: str = "main") -> None:
         key = run_dir.resolve()
@@ -131,7 +155,12 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]]]:
             return
         seen.add(key)
         if status == "done" and (run_dir / "summary.json").is_file():
-            runs.append(load_run(run_dir))
+            try:
+                runs.append(load_run(run_dir))
+            except ReportError as e:  # one unreadable run is listed, the others are still reported
+                unreadable.append(str(e))
+                problems.append({"run": run_dir.name, "dir": str(run_dir), "status": "unreadable", "error": str(e), "log": None})
+                return
             if stage == "control":  # a study's control runs (rankscope.study) are their own method row
                 runs[-1].method += CONTROL_SUFFIX
         else:
@@ -147,18 +176,20 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]]]:
             continue
         sweep = path / "sweep.json"
         if sweep.is_file():
-            data = json.loads(sweep.read_text())
+            data = read_sweep_json(sweep)
             if data.get("tuning"):  # each cell runs at its own tuned value: not a dimension that splits groups
                 tuned.add(data["tuning"]["field"])
-            for row in data.get("runs", []):
+            for row in data["runs"]:
                 if row.get("stage") == "tune":  # tuning runs are reported in the tuned-value table, not as runs
                     continue
-                run_dir = path / row["name"] if (path / row["name"]).is_dir() else Path(row["run_dir"])
+                run_dir = path / row["name"] if (path / row["name"]).is_dir() else Path(row.get("run_dir") or path / row["name"])
                 add(run_dir, row.get("status", "done"), row.get("error"), row.get("stage", "main"))
         for sub in sorted(p for p in path.iterdir() if _is_run_dir(p)) if path.is_dir() else []:
             add(sub)
     if not runs and not problems:
         raise ReportError(f"no runs found in {', '.join(map(str, paths))}; give run directories (config.yaml + summary.json) or a study directory (sweep.json)")
+    if not runs and unreadable:
+        raise ReportError(unreadable[0])
     if not runs:
         raise ReportError(f"no finished runs in {', '.join(map(str, paths))} ({len(problems)} failed or unfinished); see their sweep.log")
     label_other_dimensions(runs, tuned)
@@ -421,8 +452,7 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
     from rankscope.findings import findings_tables, read_sweep, study_findings
 
     runs, problems = collect(paths)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir, "-o")
     sweep = read_sweep(paths)
     verdicts = study_findings(runs, sweep)  # the study's pre-registered rules; their tables come first
     top = findings_tables(runs, sweep, verdicts)

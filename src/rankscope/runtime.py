@@ -34,8 +34,8 @@ def cpu_has_fast_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-def pick_device(spec: str, local_rank: int | None = None) -> torch.device:
-    """`local_rank` (torchrun) picks cuda:LOCAL_RANK when the device is CUDA."""
+def pick_device(spec: str, local_rank: int | None = None, what: str = "train.device") -> torch.device:
+    """`local_rank` (torchrun) picks cuda:LOCAL_RANK when the device is CUDA; `what` names the option in errors."""
     if spec in ("auto", "cuda") and local_rank is not None and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -44,9 +44,11 @@ def pick_device(spec: str, local_rank: int | None = None) -> torch.device:
     try:
         dev = torch.device(spec)
     except RuntimeError:
-        raise ConfigError(f"train.device={spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{what}={spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={spec!r} but CUDA is not available here; use train.device=cpu")
+        raise ConfigError(f"{what}={spec!r} but CUDA is not available here; use {what}=cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{what}={spec!r}: only cpu and cuda devices are supported; use auto, cpu, cuda or cuda:N")
     return dev
 
 

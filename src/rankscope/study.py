@@ -74,6 +74,7 @@ import yaml
 
 from rankscope.config import config_from_dict, describe_fields, merge_dicts, parse_overrides, read_yaml
 from rankscope.errors import ConfigError
+from rankscope.jsonfiles import read_json_object
 
 STUDY_KEYS = {"name", "base", "overrides", "grid", "when", "after", "eval_args", "analyze_args", "parallel", "runs_dir", "description",
               "match_memory", "tune", "control", "findings", "run_name", "slurm"}
@@ -402,7 +403,7 @@ def read_metric(point: Point, metric: str) -> float | None:
     path = point.run_dir / "summary.json"
     if point.status != "done" or not path.is_file():
         return None
-    v = json.loads(path.read_text()).get(metric)
+    v = read_json_object(path, SUMMARY_FIX, ConfigError).get(metric)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
@@ -475,18 +476,30 @@ def _after(point: Point, study: Study) -> list[str]:
     return [] if point.stage == "tune" else study.after
 
 
+SUMMARY_FIX = "delete it and run the sweep again: the point's training resumes from its last checkpoint and rewrites it"
+
+
+def read_marker(marker: Path, study: Study) -> dict[str, Any]:
+    """A point's study.json (owner study, steps done); a corrupt one names the two ways out."""
+    data = read_json_object(marker, f"write {{\"study\": \"{study.name}\"}} into it to keep the run (its eval/analyze steps "
+                                    "then run again), or delete its folder to run the point afresh", ConfigError)
+    if not isinstance(data.get("steps_done", []), list):
+        raise ConfigError(f"{marker}: steps_done must be a list of step names; write [] to run them again")
+    return data
+
+
 def point_state(point: Point, study: Study) -> str:
     """done / partial / left, and refuse a run directory that belongs to another study."""
     marker = point.run_dir / "study.json"
     if marker.exists():
-        owner = json.loads(marker.read_text()).get("study")
+        owner = read_marker(marker, study).get("study")
         if owner != study.name:
             raise ConfigError(f"{point.run_dir} belongs to study {owner!r}, not {study.name!r}; use another runs_dir (--runs-dir)")
     elif point.run_dir.exists() and any(point.run_dir.iterdir()):
         raise ConfigError(f"{point.run_dir} holds a run that is not part of study {study.name!r}; use another runs_dir (--runs-dir)")
     summary = point.run_dir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("steps") == point.config["train"]["max_steps"]:
-        done = json.loads(marker.read_text()).get("steps_done", []) if marker.exists() else []
+    if summary.exists() and read_json_object(summary, SUMMARY_FIX, ConfigError).get("steps") == point.config["train"]["max_steps"]:
+        done = read_marker(marker, study).get("steps_done", []) if marker.exists() else []
         return "done" if all(s in done for s in _after(point, study)) else "partial"
     return "left"
 
@@ -514,7 +527,7 @@ def prepare_point(point: Point, study: Study, threads: int = 1) -> None:
     point.run_dir.mkdir(parents=True, exist_ok=True)
     (point.run_dir / "study-config.yaml").write_text(yaml.safe_dump(point.config, sort_keys=False))
     marker = point.run_dir / "study.json"
-    old = json.loads(marker.read_text()) if marker.exists() else {}
+    old = read_marker(marker, study) if marker.exists() else {}
     marker.write_text(json.dumps({"study": study.name, "study_file": str(study.path), "stage": point.stage, "point": point.values,
                                   "steps_done": old.get("steps_done", [])}, indent=1))
 
@@ -627,7 +640,8 @@ def write_sweep_summary(study: Study) -> Path:
         data["findings"] = study.findings
     study.runs_dir.mkdir(parents=True, exist_ok=True)
     out = study.runs_dir / "sweep.json"
-    if out.exists() and "jobs" in (old := json.loads(out.read_text())):
+    if out.exists() and "jobs" in (old := read_json_object(out, "delete it: it is rewritten from the run folders "
+                                                             "(SLURM job records in it are lost; finished runs are kept)", ConfigError)):
         data["jobs"] = old["jobs"]  # SLURM job records of rankscope.slurm, kept across rewrites
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
@@ -720,6 +734,8 @@ def list_points(study: Study, show=print) -> None:
 
 
 def cmd_sweep(args) -> None:
+    if args.parallel is not None and args.parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
     study = load_study(args.study, args.runs_dir)
     if args.list:
         list_points(study)
@@ -731,6 +747,9 @@ def cmd_sweep(args) -> None:
         launcher = slurm.cli_launcher(study, args)
         if launcher is None:  # --dry-run / --status printed what was asked
             return
+    from rankscope.paths import check_output_dir
+
+    check_output_dir(study.runs_dir, "--runs-dir" if args.runs_dir else f"runs_dir of {study.path}")
     points = run_study(study, launcher=launcher, parallel=args.parallel)
     failed = sum(p.status == "failed" for p in points)
     print(f"sweep finished: {len(points) - failed} ok, {failed} failed; summary {study.runs_dir / 'sweep.json'}")

@@ -26,8 +26,13 @@ def add_analyze_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_analyze(args) -> None:
+    from rankscope.analysis.metrics import AnalysisError
     from rankscope.analysis.run import analyze_runs
+    from rankscope.runtime import pick_device
 
+    if args.workers < 1:
+        raise AnalysisError(f"--workers must be >= 1, got {args.workers}")
+    pick_device(args.device, what="--device")  # before any checkpoint is read
     written = analyze_runs(args.runs, args.output, plots=not args.no_plots, spectra_steps=args.spectra_steps, cache=not args.no_cache,
                            kinds=tuple(args.kinds), metrics=args.metrics, dtype="float32" if args.fp32 else "float64", device=args.device,
                            include_embeddings=args.embeddings, cumulative_from=args.cumulative_from, workers=args.workers, steps=args.steps)

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from rankscope.analysis import components as C
@@ -47,6 +48,7 @@ from rankscope.checkpoint import check_meta, list_checkpoints
 from rankscope.config import method_options
 from rankscope.errors import CheckpointError
 from rankscope.methods.lora import stored_adapters
+from rankscope.paths import check_output_dir
 
 KINDS = ("weight", "lora_update", "grad", "update", "cumulative_update", "cycle_update")
 ROW_COLUMNS = ("run", "method", "step", "layer", "component", "head", "kind", "metric", "value")
@@ -236,7 +238,7 @@ def read_meta(path: Path) -> dict[str, Any] | None:
 def load_state(path: Path, meta: dict[str, Any], include_embeddings: bool = False, with_grads: bool = True) -> CheckpointState:
     """Effective weights, LoRA factors and gradients of one checkpoint folder (lazy reads)."""
     aliases = meta.get("aliases", {})
-    model = C.read_tensors(path / "model.safetensors", include_embeddings, aliases.get("model"))
+    model = _read(path, "model.safetensors", include_embeddings, aliases.get("model"))
     try:
         adapters = stored_adapters(meta, model)
     except CheckpointError as e:
@@ -244,12 +246,23 @@ def load_state(path: Path, meta: dict[str, Any], include_embeddings: bool = Fals
     weights, lora = C.effective_weights(model, adapters)
     grads = {}
     if with_grads and (path / "grads.safetensors").is_file():
-        grads = C.read_tensors(path / "grads.safetensors", include_embeddings, aliases.get("grads"))
+        grads = _read(path, "grads.safetensors", include_embeddings, aliases.get("grads"))
     train = (meta.get("config") or {}).get("train") or {}
     tokens = None
     if {"batch_size", "grad_accum", "seq_len"} <= train.keys():
         tokens = int(train["batch_size"]) * int(train["grad_accum"]) * int(train["seq_len"]) * int(meta.get("world_size", 1))
     return CheckpointState(int(meta["step"]), weights, lora, grads, int((meta.get("method") or {}).get("merges", 0)), tokens)
+
+
+def _read(path: Path, name: str, include_embeddings: bool, aliases: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """One safetensors file of a checkpoint; a truncated or foreign one is an AnalysisError naming it (read_meta
+    does not re-hash the tensors, so this is where a corrupt file shows)."""
+    try:
+        return C.read_tensors(path / name, include_embeddings, aliases)
+    except (OSError, SafetensorError) as e:  # SafetensorError (not an OSError): a truncated or foreign header
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        raise AnalysisError(f"checkpoint {path}: {name} is unreadable ({why}); restore it from a copy, "
+                            f"or leave step {path.name.removeprefix('step_').lstrip('0') or 0} out with --steps") from None
 
 
 def update_bounds(new: CheckpointState, old: CheckpointState, method: str, old_is_init: bool = False) -> dict[str, int]:
@@ -330,6 +343,11 @@ def analyze_run(run_dir: str | Path, options: AnalysisOptions | None = None, ste
     if not found and not cycles:
         raise AnalysisError(f"{run_dir} has no checkpoints (checkpoints/step_N/meta.json) to analyse; train it first")
     wanted_steps = set(steps) if steps is not None else None
+    if wanted_steps is not None:
+        have = {s for s, _, _ in found} | {s for _, s, _ in cycles}
+        if missing := sorted(wanted_steps - have):
+            raise AnalysisError(f"--steps {' '.join(map(str, missing))}: {run_dir} has no valid checkpoint at "
+                                f"{'that step' if len(missing) == 1 else 'those steps'}; its steps: {', '.join(map(str, sorted(have)))}")
     run, method = run_dir.name, run_method(run_dir, [m for _, _, m in found])
     config = next((m.get("config") for _, _, m in found if m.get("config")), None)
     store = Cache(run_dir / "analysis" / "cache", cache)
@@ -499,6 +517,8 @@ def analyze_runs(run_dirs: Iterable[str | Path], out_dir: str | Path | None = No
     """`rankscope analyze`: analyse runs, write rank_metrics.parquet, spectra.parquet and plots to out_dir."""
     run_dirs = [Path(p) for p in run_dirs]
     out = Path(out_dir) if out_dir else (run_dirs[0] / "analysis" if len(run_dirs) == 1 else Path("analysis"))
+    if out_dir:  # before any decomposition: a bad target must not cost the analysis (RUN/analysis lies in the run)
+        check_output_dir(out, "-o")
     rows, spectra = empty(ROW_COLUMNS), empty(SPECTRA_COLUMNS)
     for rd in run_dirs:
         res = analyze_run(rd, cache=cache, log=log, **kw)

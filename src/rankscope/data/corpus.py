@@ -30,6 +30,7 @@ from rankscope.config import DataConfig
 from rankscope.data.sources import SOURCES, Document, SourceUnavailable, read_files, read_hf_dataset, read_pretokenized
 from rankscope.data.tokenizer import TextTokenizer, olmo_tokenizer_path, train_bpe
 from rankscope.errors import DataError
+from rankscope.paths import check_output_dir
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
@@ -151,7 +152,11 @@ class Corpus:
 
     def tokens(self, split: str) -> np.ndarray:
         """Every token of the split, eval-only domains included (they sit after the training ones)."""
-        return np.load(self.root / f"{split}.npy", mmap_mode="r")
+        arr = self._load(f"{split}.npy", mmap_mode="r")
+        expected = self.manifest["splits"][split].get("tokens")
+        if expected is not None and len(arr) != expected:
+            raise self._corrupt(f"{split}.npy", f"{len(arr):,} tokens where manifest.json says {expected:,}")
+        return arr
 
     def stream_tokens(self, split: str) -> np.ndarray:
         """The split's tokens of training-role domains only (a prefix of `tokens`): what batches and the
@@ -167,7 +172,23 @@ class Corpus:
         return {d: ("eval_only" if d in held else "train") for d in self.domains}
 
     def docs(self, split: str) -> np.ndarray:
-        return np.load(self.root / f"{split}.docs.npy")
+        rows = self._load(f"{split}.docs.npy")
+        if rows.ndim != 2 or rows.shape[1] != 4:
+            raise self._corrupt(f"{split}.docs.npy", f"shape {rows.shape}, not (documents, 4)")
+        return rows
+
+    def _load(self, name: str, mmap_mode: str | None = None) -> np.ndarray:
+        try:
+            return np.load(self.root / name, mmap_mode=mmap_mode)
+        except FileNotFoundError:
+            raise self._corrupt(name, "no such file") from None
+        except (OSError, ValueError, EOFError) as e:  # truncated header or body, not an .npy file
+            why = "not an .npy array" if "pickle" in str(e) else (str(e).splitlines() or [type(e).__name__])[0][:100]
+            raise self._corrupt(name, why) from None
+
+    def _corrupt(self, name: str, why: str) -> DataError:
+        return DataError(f"corpus file {self.root / name} is missing or corrupt ({why}); rebuild it with "
+                         f"`rankscope prepare CONFIG --force` or delete {self.root}")
 
     @property
     def domains(self) -> list[str]:
@@ -179,7 +200,33 @@ class Corpus:
         mf = root / "manifest.json"
         if not mf.is_file():
             raise DataError(f"no prepared corpus at {root}; run `rankscope prepare CONFIG` first")
-        return cls(root, json.loads(mf.read_text()))
+        return cls(root, read_manifest(mf))
+
+
+def read_manifest(mf: Path) -> dict:
+    """A prepared corpus's manifest.json, checked for the keys readers use; a corrupt one is one DataError
+    naming the folder and the fix (the corpus is a deterministic cache: rebuilding it loses nothing)."""
+    def bad(why: str) -> DataError:
+        return DataError(f"corpus manifest {mf} is corrupt ({why}); rebuild it with `rankscope prepare CONFIG --force` "
+                         f"or delete {mf.parent}")
+
+    try:
+        m = json.loads(mf.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise bad(f"not readable JSON: {str(e).splitlines()[0][:80]}") from None
+    if not isinstance(m, dict):
+        raise bad(f"a JSON {type(m).__name__}, not an object")
+    tok = m.get("tokenizer")
+    if not isinstance(tok, dict) or not all(k in tok for k in ("hash", "vocab_size", "eos_id")):
+        raise bad("no tokenizer hash, vocab_size and eos_id")
+    if not isinstance(tok["vocab_size"], int) or isinstance(tok["vocab_size"], bool) or tok["vocab_size"] < 1:
+        raise bad(f"tokenizer vocab_size {tok['vocab_size']!r} is not a positive integer")
+    if not isinstance(m.get("domains"), list) or not all(isinstance(d, str) for d in m["domains"]):
+        raise bad("no list of domains")
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(splits.get(s), dict) for s in SPLITS):
+        raise bad(f"no counts for every split ({', '.join(SPLITS)})")
+    return m
 
 
 def prepare(cfg: DataConfig, force: bool = False, log=print) -> Corpus:
@@ -187,6 +234,7 @@ def prepare(cfg: DataConfig, force: bool = False, log=print) -> Corpus:
     root = Path(cfg.cache_dir) / fingerprint(cfg)
     if (root / "manifest.json").is_file() and not force:
         return Corpus.open(root)
+    check_output_dir(cfg.cache_dir, "data.cache_dir")  # before gathering: a folder that cannot be written fails at once
     docs, used = gather_documents(cfg, log)
     splits = assign_splits(docs, cfg)
     log(f"[data] {len(docs)} documents from {', '.join(used)}; training tokenizer ({cfg.tokenizer})")

@@ -64,7 +64,7 @@ def run_eval(path: str | Path, blimp_dir: str | None = None, batch_size: int = 1
         raise DataError(f"the evaluation batch size must be >= 1, got {batch_size}")
     # inputs first: a wrong --blimp folder fails before the (minutes-long) perplexity pass, not after
     pairs = load_pairs(blimp_dir, blimp_max_pairs, skip_bad_rows, log=log) if blimp_dir else None
-    loaded = load_trained(path, str(pick_device(device)), cache_dir)
+    loaded = load_trained(path, str(pick_device(device, what="--device")), cache_dir)
     tok = check_tokenizer(loaded)
     seq_len = loaded.cfg.train.seq_len
     sets = {split: corpus_docset(loaded.corpus, split)}

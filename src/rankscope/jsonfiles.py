@@ -1,0 +1,64 @@
+"""Reading the small JSON / YAML files of run and study folders (summary.json, eval.json, sweep.json,
+config.yaml, metrics.jsonl) so that a truncated, hand-edited or foreign file is one line naming the file
+and the fix, never a traceback from deep inside the code that used it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rankscope.errors import DataError, RankscopeError
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+
+
+def read_json_object(path: str | Path, fix: str, error: type[RankscopeError] = DataError) -> dict[str, Any]:
+    """The JSON object in `path`; `error` naming the file, what is wrong with it and `fix` otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path} does not exist; {fix}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise error(f"{path} is not valid JSON ({_first_line(e)}); {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
+def read_yaml_mapping(path: str | Path, fix: str, error: type[RankscopeError] = DataError) -> dict[str, Any]:
+    """The YAML mapping in `path` (an empty file is an empty mapping); `error` otherwise."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path} does not exist; {fix}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
+        raise error(f"{path} is not valid YAML ({_first_line(e)}); {fix}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a YAML {type(data).__name__}, not a mapping; {fix}")
+    return data
+
+
+def read_jsonl_objects(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file, one per line. Lines that are not one (a torn last line of an
+    interrupted run, undecodable bytes, a bare number) are skipped: a metrics log stays readable."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            out.append(row)
+    return out
