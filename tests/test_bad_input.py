@@ -233,3 +233,16 @@ def test_sweep_options_and_corrupt_study_files(data_dir, tmp_path, capsys):
     (point / "summary.json").unlink()  # the advertised fix: training resumes and rewrites it
     assert main(["sweep", str(study)]) == 0
     assert json.loads((point / "summary.json").read_text())["steps"] == 2
+
+
+# --------------------------------------------------------------------------- a finished run, trained again
+def test_a_finished_run_with_a_corrupt_summary_and_a_torn_metrics_line_is_rewritten(data_dir, copy):
+    """`train` on a finished run whose summary.json is garbage and whose metrics.jsonl ends in a torn
+    line (a kill mid-write): no traceback, the summary is rebuilt from the metrics."""
+    (copy / "summary.json").write_text('{"steps": 4, "final_')
+    with open(copy / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "train_lo')
+    out = train(tiny_config(data_dir, "train.max_steps=4", "checkpoint.every=2", "train.tensorboard=false"), copy, log=lambda *_: None)
+    stored = json.loads((copy / "summary.json").read_text())
+    assert stored == out and stored["steps"] == 4 and stored["final_train_loss"] is not None
+    assert stored["peak_memory_bytes"] is None and stored["tokens_per_s"] is not None

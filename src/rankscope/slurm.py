@@ -39,6 +39,9 @@ from typing import Any
 import yaml
 
 from rankscope.errors import ConfigError, TrainingError
+from rankscope.jsonfiles import read_json_object
+
+JOBS_FIX = "delete it (the runs themselves are kept; it is rewritten from the run folders) and submit again"
 
 # The sbatch script computes the rendezvous once, on the first node, before srun starts one task
 # per node; every task reads it from the environment srun passes on.
@@ -231,13 +234,13 @@ class PointJob:
     def __call__(self) -> str:
         from submitit import JobEnvironment
 
-        from rankscope.study import mark_step_done, point_commands, prepare_point
+        from rankscope.study import mark_step_done, point_commands, prepare_point, read_marker
 
         env = JobEnvironment()
         first = env.global_rank == 0
         if first:
             prepare_point(self.point, self.study, self._threads())
-        done = json.loads((self.point.run_dir / "study.json").read_text()).get("steps_done", [])
+        done = read_marker(self.point.run_dir / "study.json", self.study).get("steps_done", [])
         previous = signal.signal(signal.SIGTERM, self._forward)  # submitit ignores SIGTERM; the train process must see it
         try:
             for step, cmd in point_commands(self.point, self.study, self._threads()):
@@ -292,16 +295,13 @@ def load_jobs(study) -> dict[str, dict[str, Any]]:
     path = _jobs_file(study)
     if not path.exists():
         return {}
-    try:
-        return dict(json.loads(path.read_text()).get("jobs") or {})
-    except json.JSONDecodeError:
-        raise ConfigError(f"{path} is not valid JSON; remove it (the runs themselves are kept) and submit again") from None
+    return dict(read_json_object(path, JOBS_FIX, ConfigError).get("jobs") or {})
 
 
 def save_jobs(study, jobs: dict[str, dict[str, Any]]) -> None:
     path = _jobs_file(study)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(path.read_text()) if path.exists() else {"study": study.name, "study_file": str(study.path), "runs": []}
+    data = read_json_object(path, JOBS_FIX, ConfigError) if path.exists() else {"study": study.name, "study_file": str(study.path), "runs": []}
     data["jobs"] = jobs
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -518,8 +518,9 @@ def status_rows(study, launcher: SlurmLauncher | None = None) -> list[dict[str, 
 
 
 def _finished(run_dir: Path, max_steps: int) -> str:
-    summary = run_dir / "summary.json"
-    return "done" if summary.exists() and json.loads(summary.read_text()).get("steps") == max_steps else "left"
+    from rankscope.study import training_finished
+
+    return "done" if training_finished(run_dir, max_steps) else "left"
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:

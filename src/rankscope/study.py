@@ -488,6 +488,12 @@ def read_marker(marker: Path, study: Study) -> dict[str, Any]:
     return data
 
 
+def training_finished(run_dir: Path, max_steps: int) -> bool:
+    """Whether the run in `run_dir` trained all `max_steps` (its summary.json says so)."""
+    summary = run_dir / "summary.json"
+    return summary.exists() and read_json_object(summary, SUMMARY_FIX, ConfigError).get("steps") == max_steps
+
+
 def point_state(point: Point, study: Study) -> str:
     """done / partial / left, and refuse a run directory that belongs to another study."""
     marker = point.run_dir / "study.json"
@@ -497,8 +503,7 @@ def point_state(point: Point, study: Study) -> str:
             raise ConfigError(f"{point.run_dir} belongs to study {owner!r}, not {study.name!r}; use another runs_dir (--runs-dir)")
     elif point.run_dir.exists() and any(point.run_dir.iterdir()):
         raise ConfigError(f"{point.run_dir} holds a run that is not part of study {study.name!r}; use another runs_dir (--runs-dir)")
-    summary = point.run_dir / "summary.json"
-    if summary.exists() and read_json_object(summary, SUMMARY_FIX, ConfigError).get("steps") == point.config["train"]["max_steps"]:
+    if training_finished(point.run_dir, point.config["train"]["max_steps"]):
         done = read_marker(marker, study).get("steps_done", []) if marker.exists() else []
         return "done" if all(s in done for s in _after(point, study)) else "partial"
     return "left"

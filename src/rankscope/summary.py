@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from rankscope import sharding
+from rankscope.errors import TrainingError
+from rankscope.jsonfiles import read_json_object, read_jsonl_objects
 from rankscope.runtime import flops_per_token, mfu, peak_flops
 
 # measured figures a re-run of a finished run (which trains nothing) keeps from the stored summary.json
@@ -33,10 +35,8 @@ def peak_memory(device: torch.device) -> int:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    """metrics.jsonl's rows; a torn last line of a killed run (or any line that is not an object) is skipped."""
+    return read_jsonl_objects(run_dir / "metrics.jsonl")
 
 
 def steady_tokens_per_s(train_rows: list[dict[str, Any]]) -> float | None:
@@ -79,6 +79,10 @@ def write_summary(run_dir: Path, summary: dict[str, Any], trained: bool) -> dict
     keeps the stored summary's measured figures and updates the rest. Returns what was written."""
     path = run_dir / "summary.json"
     if not trained and path.exists():
-        summary = {**json.loads(path.read_text()), **{k: v for k, v in summary.items() if v is not None and k not in MEASURED}}
+        try:
+            stored = read_json_object(path, "it is rewritten", TrainingError)
+        except TrainingError:  # unreadable: derived data, rewritten from metrics.jsonl (peak memory is lost)
+            stored = {"tokens_per_s": summary.get("tokens_per_s"), "peak_memory_bytes": None}
+        summary = {**stored, **{k: v for k, v in summary.items() if v is not None and k not in MEASURED}}
     path.write_text(json.dumps(summary, indent=2))
     return summary

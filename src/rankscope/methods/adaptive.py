@@ -80,9 +80,9 @@ def update_effective_rank(m: LoRALinear) -> float:
     """Effective rank of dW = scaling * B @ A from the r x r core (metrics.svdvals_factored)."""
     from rankscope.analysis.metrics import Spectra, effective_rank, svdvals_factored
 
-    Bm = (m.lora_B.detach().double() * m.scaling)[None]
-    s = svdvals_factored(Bm, m.lora_A.detach().double()[None])
-    return float(effective_rank(Spectra(s, Bm.shape[1], m.lora_A.shape[1], torch.finfo(torch.float64).eps))[0])
+    b, a = m.delta_factors(torch.float64)
+    s = svdvals_factored(b[None], a[None])
+    return float(effective_rank(Spectra(s, b.shape[0], a.shape[1], torch.finfo(torch.float64).eps))[0])
 
 
 class AdaptiveReLoRAMethod(ReLoRAMethod):

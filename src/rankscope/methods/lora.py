@@ -245,6 +245,10 @@ class LoRALinear(nn.Module):
                 return torch.addmm(base.to(dt), b.to(dt), a.to(dt), alpha=self.scaling)
             return self.scaling * (b.to(dt) @ a.to(dt))
 
+    def delta_factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scaling * B, A), detached, in `dtype`: dW = their product, for factored spectra."""
+        return full(self.lora_B).detach().to(dtype) * self.scaling, full(self.lora_A).detach().to(dtype)
+
     def effective_weight(self) -> torch.Tensor:
         """The dense weight this layer applies: W + dW, fp32 (full, also under FSDP)."""
         return full(self.base.weight).to(self.merge_dtype()) + self.delta_weight()
