@@ -17,34 +17,32 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
 
 
-def read_json_object(path: str | Path, fix: str, error: type[RankscopeError] = DataError) -> dict[str, Any]:
-    """The JSON object in `path`; `error` naming the file, what is wrong with it and `fix` otherwise."""
+def _read_mapping(path: str | Path, fmt: str, parse, bad: tuple[type[Exception], ...], fix: str,
+                  error: type[RankscopeError]) -> dict[str, Any]:
+    """`parse(text)` of `path`, which must give a mapping (None: an empty one); `error` naming the file,
+    what is wrong with it and `fix` otherwise."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{path} does not exist; {fix}") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise error(f"{path} is not valid JSON ({_first_line(e)}); {fix}") from None
+    except (OSError, UnicodeDecodeError, RecursionError, *bad) as e:
+        raise error(f"{path} is not valid {fmt} ({_first_line(e)}); {fix}") from None
+    if data is None and fmt == "YAML":
+        return {}
     if not isinstance(data, dict):
-        raise error(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+        raise error(f"{path} holds a {fmt} {type(data).__name__}, not {'an object' if fmt == 'JSON' else 'a mapping'}; {fix}")
     return data
+
+
+def read_json_object(path: str | Path, fix: str, error: type[RankscopeError] = DataError) -> dict[str, Any]:
+    """The JSON object in `path`; `error` naming the file, what is wrong with it and `fix` otherwise."""
+    return _read_mapping(path, "JSON", json.loads, (ValueError,), fix, error)
 
 
 def read_yaml_mapping(path: str | Path, fix: str, error: type[RankscopeError] = DataError) -> dict[str, Any]:
     """The YAML mapping in `path` (an empty file is an empty mapping); `error` otherwise."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path} does not exist; {fix}") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
-        raise error(f"{path} is not valid YAML ({_first_line(e)}); {fix}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise error(f"{path} holds a YAML {type(data).__name__}, not a mapping; {fix}")
-    return data
+    return _read_mapping(path, "YAML", yaml.safe_load, (yaml.YAMLError,), fix, error)
 
 
 def read_jsonl_objects(path: str | Path) -> list[dict[str, Any]]:
