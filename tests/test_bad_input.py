@@ -246,3 +246,10 @@ def test_a_finished_run_with_a_corrupt_summary_and_a_torn_metrics_line_is_rewrit
     stored = json.loads((copy / "summary.json").read_text())
     assert stored == out and stored["steps"] == 4 and stored["final_train_loss"] is not None
     assert stored["peak_memory_bytes"] is None and stored["tokens_per_s"] is not None
+
+
+@pytest.mark.parametrize("name", ["missing.txt", "none-*.txt", "empty.txt"])
+def test_eval_files_errors_name_the_files_option(run, tmp_path, capsys, name):
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["eval", str(run), "--files", str(tmp_path / name)]) == 2
+    assert "data.files" not in one_line_error(capsys, "--files")

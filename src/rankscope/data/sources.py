@@ -161,11 +161,11 @@ def read_gcide(max_bytes: int) -> Iterator[Document]:
 
 
 # --------------------------------------------------------------------------- user data
-def _expand(spec: str) -> tuple[str | None, list[Path]]:
+def _expand(spec: str, option: str = "data.files") -> tuple[str | None, list[Path]]:
     domain, pattern = spec.split("=", 1) if "=" in spec and not Path(spec).exists() else (None, spec)
     paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [Path(pattern)]
     if not paths:
-        raise DataError(f"no files match {pattern!r}; check data.files")
+        raise DataError(f"no files match {pattern!r}; check {option}")
     return domain, paths
 
 
@@ -175,16 +175,17 @@ def _text_or_error(value, where: str) -> str:
     return value
 
 
-def read_files(specs: list[str], text_field: str = "text") -> Iterator[Document]:
+def read_files(specs: list[str], text_field: str = "text", option: str = "data.files") -> Iterator[Document]:
     """Local .txt (one document per file), .jsonl (one per line) and .parquet (one per row).
-    A spec is a path or glob, optionally `domain=path`; the domain defaults to the file stem."""
+    A spec is a path or glob, optionally `domain=path`; the domain defaults to the file stem.
+    `option` is what errors name (`data.files`, or `eval --files`)."""
     for spec in specs:
-        domain, paths = _expand(spec)
+        domain, paths = _expand(spec, option)
         for path in paths:
             if not path.is_file():
-                raise DataError(f"data file {path} not found; check data.files")
+                raise DataError(f"data file {path} not found; check {option}")
             if path.stat().st_size == 0:
-                raise DataError(f"data file {path} is empty; remove it from data.files")
+                raise DataError(f"data file {path} is empty; remove it from {option}")
             dom = domain or path.stem
             suffix = path.suffix.lower()
             if suffix == ".jsonl":

@@ -34,7 +34,7 @@ def eval_sets(tok, files: list[str] | None, hf_dataset: str | None, hf_config: s
 
     out = {}
     if files:
-        docs = list(read_files(files, text_field))
+        docs = list(read_files(files, text_field, option="--files"))
         if not docs:
             raise DataError(f"the eval files {', '.join(files)} hold no documents")
         out["files"] = tokenize_documents(docs, tok)
