@@ -160,3 +160,18 @@ def test_flat_method_options_are_mapped_with_a_deprecation_line(data_dir):
     nested = load_config(None, tiny_overrides(data_dir, "method.name=relora", "method.relora.rank=4"))
     assert flat.method.options == nested.method.options and nested.method.rank == 4
     assert set(lora_modules(torch.nn.Module())) == set()
+
+
+def test_options_shared_by_several_methods_have_one_default():
+    """An option of the earlier flat form that a method lacks reads the first registered method's
+    default (config.MethodSection); with one default per shared name the registry order cannot matter."""
+    import dataclasses
+
+    from rankscope.methods import METHODS
+
+    defaults: dict[str, dict[str, object]] = {}
+    for name, cls in METHODS.items():
+        for f in dataclasses.fields(cls.config_class):
+            defaults.setdefault(f.name, {})[name] = getattr(cls.config_class(), f.name)
+    differing = {k: v for k, v in defaults.items() if len({repr(x) for x in v.values()}) > 1}
+    assert not differing, differing

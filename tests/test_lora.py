@@ -196,6 +196,7 @@ def test_cost_model_prefers_merged_for_narrow_layers_and_hybrid_for_wide():
     assert choose_path(1024, 1536, 1536, 16) == "hybrid"  # wide layers: the dense dW dominates, thin dA, dB instead
     assert choose_path(1024, 1536, 1536, 16, backward=False) == "merged"  # evaluation: building W' is cheap
     assert choose_path(8, 1536, 1536, 16, backward=False) == "factored"  # a few tokens: thin beats forming W'
+    assert choose_path(256, 1536, 1536, 16) == "factored"  # training on few tokens: no W' to form pays
 
 
 @pytest.mark.parametrize("path", ["merged", "hybrid"])
@@ -249,3 +250,23 @@ def test_adapter_dropout_keeps_one_minus_p_scaled_and_passes_the_mask_to_the_gra
     a = layer.train().drop(x)
     torch.manual_seed(4)
     assert torch.equal(a, layer.drop(x))  # drawn from the global generator: resume restores it
+
+
+def test_adapter_dropout_of_a_bf16_input_is_unbiased():
+    """A bf16 input takes F.dropout (uniform draws in bf16 would be coarse): unbiased, kept values bf16(1 / (1 - p))."""
+    torch.manual_seed(5)
+    layer = LoRALinear(nn.Linear(64, 8, bias=False), rank=2, alpha=4.0, dropout=0.1).train()
+    y = layer.drop(torch.ones(2000, 512, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    kept = y != 0
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    assert abs(kept.float().mean().item() - 0.9) < 4 * (0.9 * 0.1 / y.numel()) ** 0.5
+
+
+def test_a_trainable_base_weight_never_takes_the_hybrid_path():
+    layer = LoRALinear(nn.Linear(1536, 1536, bias=False), rank=16, alpha=32.0, dropout=0.0)
+    x = torch.randn(1024, 1536)
+    assert layer.path(x) == "hybrid"
+    layer.base.weight.requires_grad_(True)
+    layer._auto_paths.clear()
+    assert layer.path(x) == "factored"

@@ -16,7 +16,8 @@ Three ways to compute the same function (`forward_path`), all exact:
             weight's gradient, a third of a full-rank layer's FLOPs, is never formed.
 With dropout off (p = 0, or eval mode) `choose_path` picks merged or hybrid per layer and per call
 by a FLOP cost model (thin matmuls weighted by THIN_PENALTY, calibrated on CPU by
-bench/lora_paths.py): hybrid pays where in x out >> r (in + out), e.g. pico-small and wider.
+bench/lora_paths.py): hybrid pays where in x out >> r (in + out): the FFN linears from mini up and
+every linear of pico-small. A trainable base weight (not the case in any shipped method) is never hybrid.
 
 Effective-weight gradients (checkpoint.save_grads): the base weight is frozen, so autograd gives
 it no gradient. At snapshot steps only, `capture_effective_grads(model, True)` makes each wrapped
@@ -79,25 +80,27 @@ class MergeError(RankscopeError):
     """A LoRA merge would write non-finite values into the base weight."""
 
 
-# A thin matmul (one dimension r) runs at a fraction of a dense matmul's FLOP rate: measured
-# 2026-12-01 on the 2-core Xeon (torch 2.13, fp32), fwd+bwd of one layer at mini and pico-tiny shapes.
+# A thin matmul (one dimension r) runs at a fraction of a dense matmul's FLOP rate: fitted 2026-12-02
+# on the 2-core Xeon (torch 2.13, fp32, 1 thread) from bench/lora_paths.py, fwd+bwd of one layer at
+# the adapted shapes of micro, mini, pico-tiny and pico-small (the faster of merged / hybrid in 15 of 16).
 THIN_PENALTY = 2.0
 
 
 def choose_path(tokens: int, d_in: int, d_out: int, rank: int, backward: bool = True) -> str:
     """'merged', 'hybrid' or 'factored', whichever the FLOP cost model says is cheapest with dropout
     off (the frozen W's forward matmul and input gradient are common to all and left out).
-    With a backward pass (factored is never cheaper than hybrid there: two more thin products):
+    With a backward pass:
       merged: W' = W + sBA, dense dW' = g^T x (2 N in out) and dA, dB from it (6 r in out in all);
-      hybrid: W' (2 r in out) and four thin products over the tokens for dA, dB (4 N r (in + out)).
+      hybrid: W' (2 r in out) and four thin products over the tokens for dA, dB (4 N r (in + out));
+      factored: six thin products (6 N r (in + out)), no W'; it wins only for few tokens.
     Forward only (evaluation): merged builds W' (2 r in out); factored runs 2 N r (in + out), thin."""
+    thin = THIN_PENALTY * 2 * tokens * rank * (d_in + d_out)
     if backward:
-        merged = 2 * tokens * d_in * d_out + 6 * rank * d_in * d_out
-        hybrid = THIN_PENALTY * 4 * tokens * rank * (d_in + d_out) + 2 * rank * d_in * d_out
-        return "merged" if merged <= hybrid else "hybrid"
-    merged = 2 * rank * d_in * d_out
-    factored = THIN_PENALTY * 2 * tokens * rank * (d_in + d_out)
-    return "merged" if merged <= factored else "factored"
+        costs = {"merged": 2 * tokens * d_in * d_out + 6 * rank * d_in * d_out,
+                 "hybrid": 2 * thin + 2 * rank * d_in * d_out, "factored": 3 * thin}
+    else:
+        costs = {"merged": 2 * rank * d_in * d_out, "factored": thin}
+    return min(costs, key=costs.get)  # ties: the first (merged)
 
 
 def _no_autocast(device_type: str):
@@ -185,6 +188,8 @@ class LoRALinear(nn.Module):
             return "factored"
         if self.forward_path != "auto":
             return self.forward_path
+        if self.base.weight.requires_grad:  # the hybrid form gives W no gradient: only for a frozen base
+            return "factored"
         backward = torch.is_grad_enabled() and (x.requires_grad or self.lora_A.requires_grad)
         key = (x.numel() // x.shape[-1], backward)
         if torch.compiler.is_compiling():  # decided once at trace time; a cache write would re-trace
@@ -212,13 +217,18 @@ class LoRALinear(nn.Module):
         return out
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverted dropout with nn.Dropout's distribution (each element kept with probability 1 - p and
-        scaled by 1 / (1 - p)) while training, its mask drawn as uniform >= p: one float per element,
-        about half the CPU time of `bernoulli_` (bench/lora_paths.py --dropout). Another random stream
-        than nn.Dropout, from the same generator (so resume stays bit-exact)."""
+        """Inverted dropout with nn.Dropout's distribution while training: each element kept with
+        probability 1 - p and scaled by 1 / (1 - p). For an fp32 input on a CPU the mask is drawn as
+        uniform >= p, about 0.8x the time of `F.dropout`'s bernoulli_ (bench/lora_paths.py --dropout);
+        that stream differs from nn.Dropout's but comes from the same global generator, so resume stays
+        bit-exact. Elsewhere (CUDA's fused kernel, a bf16 input, whose uniform draws would be coarse)
+        `F.dropout` itself."""
         if not (isinstance(self.dropout, nn.Dropout) and self.training):
             return x
-        keep = (torch.rand_like(x) >= self.dropout.p).to(x.dtype).mul_(1.0 / (1.0 - self.dropout.p))
+        p = self.dropout.p
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return F.dropout(x, p, training=True)
+        keep = (torch.rand_like(x) >= p).to(x.dtype).mul_(1.0 / (1.0 - p))
         return x * keep
 
     def _accumulate_grad(self, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -237,7 +247,8 @@ class LoRALinear(nn.Module):
         """dW = (alpha / r) * B @ A, (out, in), in fp32 — the only place it is computed; with `base`,
         base + dW in one addmm (the merged forward's W'). Always the full matrix: under FSDP the thin
         factors are all-gathered first (collective). With `grad` (the merged forward) the factors stay
-        in the autograd graph: inside forward FSDP has already unsharded them, so nothing is gathered."""
+        in the autograd graph: inside forward FSDP has already unsharded them, so nothing is gathered
+        (`base` is only for that case: with `grad=False` under FSDP a local shard of W would meet full factors)."""
         dt = self.merge_dtype()
         b, a = (self.lora_B, self.lora_A) if grad else (full(self.lora_B), full(self.lora_A))
         with _no_autocast(a.device.type):
