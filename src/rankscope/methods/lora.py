@@ -16,8 +16,8 @@ Three ways to compute the same function (`forward_path`), all exact:
             weight's gradient, a third of a full-rank layer's FLOPs, is never formed.
 With dropout off (p = 0, or eval mode) `choose_path` picks merged or hybrid per layer and per call
 by a FLOP cost model (thin matmuls weighted by THIN_PENALTY, calibrated on CPU by
-bench/lora_paths.py): hybrid pays where in x out >> r (in + out): the FFN linears from mini up and
-every linear of pico-small. A trainable base weight (not the case in any shipped method) is never hybrid.
+bench/lora_paths.py): hybrid pays where in x out >> r (in + out): mini's q/o and FFN linears,
+pico-tiny's FFN linears and every linear of pico-small. A trainable base weight (not the case in any shipped method) is never hybrid.
 
 Effective-weight gradients (checkpoint.save_grads): the base weight is frozen, so autograd gives
 it no gradient. At snapshot steps only, `capture_effective_grads(model, True)` makes each wrapped
@@ -109,15 +109,22 @@ def _no_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
 
 
+def _merged_weight(base: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W' = base + scaling * B @ A in one addmm, in the factors' dtype (fp32 or wider): the arithmetic
+    of `LoRALinear.delta_weight(base=...)` and of the hybrid path's forward. Autocast must be off."""
+    return torch.addmm(base.to(lora_A.dtype), lora_B, lora_A, alpha=scaling)
+
+
 class _MergedLoRA(torch.autograd.Function):
     """The 'hybrid' path: y = x (W + s B A)^T + bias with the merged form's two dense matmuls (forward,
     input gradient) and dA, dB from thin products over the tokens; the frozen W and bias get no
-    gradient. `dtype` is the compute dtype (autocast's, else the inputs'); W' is formed in fp32."""
+    gradient. `dtype` is the compute dtype (autocast's, else the inputs'); W' is formed in fp32
+    (`_merged_weight`, inside the function: no autograd node for it)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dtype: torch.dtype):
         with _no_autocast(x.device.type):
-            w = torch.addmm(weight.to(lora_A.dtype), lora_B, lora_A, alpha=scaling).to(dtype)
+            w = _merged_weight(weight, lora_B, lora_A, scaling).to(dtype)
             xc = x.to(dtype)
             out = F.linear(xc, w, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(xc, w, lora_A, lora_B)
@@ -253,7 +260,7 @@ class LoRALinear(nn.Module):
         b, a = (self.lora_B, self.lora_A) if grad else (full(self.lora_B), full(self.lora_A))
         with _no_autocast(a.device.type):
             if base is not None:
-                return torch.addmm(base.to(dt), b.to(dt), a.to(dt), alpha=self.scaling)
+                return _merged_weight(base, b.to(dt), a.to(dt), self.scaling)
             return self.scaling * (b.to(dt) @ a.to(dt))
 
     def delta_factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
