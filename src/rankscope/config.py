@@ -33,6 +33,8 @@ def option(default: Any, help: str) -> Any:
 # 12 heads, 4 KV heads, vocab 50304, seq 2048. CPU presets keep the same family, smaller.
 PRESETS: dict[str, dict[str, Any]] = {
     "pico-tiny": dict(d_model=96, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=384, vocab_size=50304, max_seq_len=2048),
+    # pico-tiny's transformer body exactly, with the small vocabulary of the CPU corpus's BPE (the CPU studies' model)
+    "pico-tiny-body": dict(d_model=96, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=384, vocab_size=2048, max_seq_len=2048),
     "pico-small": dict(d_model=384, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=1536, vocab_size=50304, max_seq_len=2048),
     # Pico's larger decoders (not in the paper), where FSDP (train.parallel=fsdp) starts to pay
     "pico-medium": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=3072, vocab_size=50304, max_seq_len=2048),
