@@ -25,7 +25,8 @@ Kinds of matrix (the `kind` column):
   update             W_t - W_prev between consecutive checkpoints (effective weights)
   cumulative_update  W_t - W_0 (the re-created initialisation, else the first checkpoint)
   cycle_update       a ReLoRA cycle's merged dW from RUN/relora_updates/
-OV circuits are computed for weights only.
+OV circuits are computed for weights, and as the circuit's change for `update` and `cumulative_update`
+(ov(W_t) - ov(W_prev) etc.: `delta_ov_items`); not for gradients, adapters or cycle updates.
 
 Each item carries `rank_bound`, the rank its construction allows (r for a LoRA or cycle update,
 k*r for an update made of k rank-r pieces, hd for ov_product, the token count for a gradient,
@@ -226,6 +227,35 @@ def delta_items(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]
     bounds = bounds or {}
     return [Item(*_named(n), -1, kind, mat=new[n] - old[n], rank_bound=bounds.get(n))
             for n in sorted(new) if n in old and old[n].shape == new[n].shape]
+
+
+def delta_ov_items(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor], layout: tuple[int, int, int] | None,
+                   kind: str, ov: Iterable[str] = OV_FORMS) -> list[Item]:
+    """The change of each OV form between two sets of weights (an `update` or `cumulative_update` of the circuit):
+    ov_h(new) - ov_h(old) (hd, hd), ov_layer(new) - ov_layer(old) (hd, d), and O_h V_g (new) - O_h V_g (old)
+    (d, d), kept factored as [O_new | -O_old] @ [V_new ; V_old], rank <= 2 hd. The OV circuit is bilinear in
+    (W_V, W_O), so this is not the OV circuit of the weight updates dW_V, dW_O; it is how the circuit moved."""
+    ov = set(ov)
+    if not ov or layout is None:
+        return []
+    items: list[Item] = []
+    layers = sorted({_named(n)[0] for n in new if parse_module(n) and parse_module(n)[1] in ("wo", "wv")})
+    for i in layers:
+        names = (f"blocks.{i}.attn.wo", f"blocks.{i}.attn.wv")
+        if not all(n in new and n in old and new[n].shape == old[n].shape for n in names):
+            continue
+        (wo1, wv1), (wo0, wv0) = (new[names[0]], new[names[1]]), (old[names[0]], old[names[1]])
+        if ov & {"ov", "ov_layer"}:
+            heads = ov_heads(wo1, wv1, *layout) - ov_heads(wo0, wv0, *layout)  # (n_heads, hd, hd)
+            if "ov" in ov:
+                items += [Item(i, "ov", h, kind, mat=m) for h, m in enumerate(heads)]
+            if "ov_layer" in ov:
+                items.append(Item(i, "ov_layer", -1, kind, mat=ov_layer(heads)))
+        if "ov_product" in ov:
+            for h, ((O1, V1), (O0, V0)) in enumerate(zip(ov_factors(wo1, wv1, *layout), ov_factors(wo0, wv0, *layout))):
+                items.append(Item(i, "ov_product", h, kind, factors=(torch.cat([O1, -O0], 1), torch.cat([V1, V0], 0)),
+                                  rank_bound=2 * layout[2]))
+    return items
 
 
 def grad_items(grads: Mapping[str, torch.Tensor], include_embeddings: bool = False, tokens: int | None = None) -> list[Item]:

@@ -13,6 +13,8 @@ computed (Weiss et al. 2025, §3 "rank metrics"; Roy & Vetterli 2007 for the eff
                               of the SVD dtype and the dtype the matrix is stored in: an fp32 rank-16
                               update decomposed in fp64 has numerical rank 16, not min(m, n)
   numerical_rank              #{i : s_i > tol}
+  rank_deficient              1 if s_min <= tol (the raw s_min sits at the rounding floor: numerical rank
+                              < min(m, n), so `condition_number` measures floating point), else 0
   stable_rank                 ||W||_F^2 / ||W||_2^2 = sum s_i^2 / s_max^2
   spectral_norm, frobenius_norm, nuclear_norm     s_max, sqrt(sum s_i^2), sum s_i
   rank_bound                  the rank the matrix's construction allows, / min(m, n): the ceiling of
@@ -131,6 +133,12 @@ def condition_number_numerical(spec: Spectra) -> torch.Tensor:
 def numerical_rank(spec: Spectra) -> torch.Tensor:
     """number of singular values above tol = max(m, n) * eps * s_max"""
     return ((spec.s > spec.tol[:, None]) & (spec.s > 0)).sum(-1).to(spec.s.dtype)
+
+
+@register_metric("rank_deficient")
+def rank_deficient(spec: Spectra) -> torch.Tensor:
+    """1 where the smallest singular value is at or below tol = max(m, n) * eps * s_max (numerical rank < min(m, n)), else 0"""
+    return (spec.s[:, -1] <= spec.tol).to(spec.s.dtype)
 
 
 @register_metric("rank_bound")

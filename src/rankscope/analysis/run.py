@@ -53,7 +53,8 @@ from rankscope.paths import check_output_dir
 KINDS = ("weight", "lora_update", "grad", "update", "cumulative_update", "cycle_update")
 ROW_COLUMNS = ("run", "method", "step", "layer", "component", "head", "kind", "metric", "value")
 SPECTRA_COLUMNS = ("run", "method", "step", "layer", "component", "head", "kind", "index", "value")
-CACHE_VERSION = 2  # 2: pico-analyze OV forms (ov, ov_layer, ov_product), rank_bound rows, effective-weight grads
+CACHE_VERSION = 3  # 2: pico-analyze OV forms, rank_bound rows, effective-weight grads; 3: rank_deficient, OV of updates, windows
+WINDOW_METRICS = ("window_start", "window_merges")  # rows of each `update` item: its window (start, step] and the merges in it
 LOW_RANK_METHODS = ("lora", "relora", "hybrid")  # fixed adapter rank: the rank of an update is bounded by merges x r
 _CYCLE = re.compile(r"^cycle_(\d+)_step_(\d+)\.safetensors$")
 
@@ -316,7 +317,25 @@ def checkpoint_items(state: CheckpointState, prev: CheckpointState | None, base:
         if kind in kinds and old is not None:
             bounds = update_bounds(state, old, method, old.is_init and init_is_lora_base)
             items += C.delta_items(state.weights, old.weights, kind, bounds)
+            items += C.delta_ov_items(state.weights, old.weights, layout, kind)
     return items
+
+
+def window_rows(items: Iterable[C.Item], state: CheckpointState, prev: CheckpointState | None) -> Table:
+    """For every `update` item: `window_start` (the previous checkpoint's step, 0 for the re-created
+    initialisation) and `window_merges` (ReLoRA merges done in (window_start, step], from meta.json), so a
+    reader can tell a one-cycle window from one that spans a merge (analysis.compare.window_label)."""
+    rows = empty(ROW_COLUMNS[2:])
+    if prev is None:
+        return rows
+    values = (float(prev.step), float(state.merges - prev.merges))
+    for it in items:
+        if it.kind != "update":
+            continue
+        for metric, v in zip(WINDOW_METRICS, values):
+            for c, val in zip(ROW_COLUMNS[2:], (state.step, it.layer, it.component, it.head, it.kind, metric, v)):
+                rows[c].append(val)
+    return rows
 
 
 # --------------------------------------------------------------------------- the run
@@ -391,6 +410,7 @@ def analyze_run(run_dir: str | Path, options: AnalysisOptions | None = None, ste
             prev = states[i - 1] if i - 1 in states else (base if use_init and i == 0 else None)
             items = checkpoint_items(state, prev, base, layout, opts.kinds, opts.include_embeddings, method, init_is_lora_base)
             r, s = results_to_tables(analyze_items(items, opts.metrics, opts.dtype, opts.device), step)
+            extend(r, window_rows(items, state, prev))
             store.put(f"step_{step:06d}", key, r, s)
             extend(rows, r)
             extend(spectra, s)
