@@ -23,8 +23,16 @@ Tests (rankscope.stats does the arithmetic):
   rank    per size and for each (kind, component) named: from each run's analysis/rank_metrics.parquet
           (`rankscope analyze`), the mean of `metric` over layers, heads and the checkpoints of the phase that both
           runs of the pair have (early: 0 < step <= max_steps / 4; end: the last common checkpoint), then
-          d_k = log(mean(method) / mean(reference)) per seed, and its t interval. Non-finite values are left out and
-          counted in the row; a (kind, component, metric) the analysis did not measure is reported as "not measured".
+          d_k = log(mean(method) / mean(reference)) per seed, and its t interval. Condition numbers are summarised by
+          geometric means, everything else by arithmetic means; non-finite values are left out and counted in the row
+          (`non_finite`); a (kind, component, metric) the analysis did not measure is reported as "not measured".
+          The raw `condition_number` of a matrix whose s_min sits at the rounding floor (analysis row rank_deficient = 1)
+          measures floating point: such a row is "rank-deficient", never a finite effect (use condition_number_numerical).
+          `reference_kind: grad` compares the method's `kind` with the reference's gradient, as the paper's notebooks did
+          ("as the paper measured it"); gradient rows and such cross-object rows carry `counts_toward_verdict: false`
+          and `object`; every `update` row names its windows (one cycle, within one cycle, spans N merges).
+  rank-matched  as rank, metric per: the reference's matrix truncated to the method's numerical rank at the same
+          (step, layer, head), PER of that top-k spectrum (from spectra.parquet), against the method's PER.
 
 Verdict (claim higher; for lower the signs flip): confirmed if the interval's lower end is above `min_effect`
 (default 0), refuted if its upper end is below 0, inconclusive otherwise, and always inconclusive with n < 2.
@@ -42,13 +50,14 @@ from rankscope import stats
 from rankscope.errors import ConfigError
 
 CONTROL_SUFFIX = " (control)"  # the method label of a study's control runs (e.g. ReLoRA at full-rank's tuned LR)
-TESTS = ("paired", "slope", "rank")
+TESTS = ("paired", "slope", "rank", "rank-matched")
+RANK_TESTS = ("rank", "rank-matched")  # rules evaluated per (kind, component) from rank_metrics.parquet
 CLAIMS = ("higher", "lower")
 PHASES = ("early", "end")
 RULE_KEYS = {"id", "finding", "test", "metric", "claim", "min_effect", "chance", "margin", "kind", "component", "phase", "method",
-             "reference", "description"}
+             "reference", "description", "reference_kind"}
 SPEC_KEYS = {"method", "reference", "confidence", "rules"}
-VERDICTS = ("confirmed", "confirmed (implied by the rank bound)", "refuted", "inconclusive", "not measured")
+VERDICTS = ("confirmed", "confirmed (implied by the rank bound)", "refuted", "inconclusive", "rank-deficient", "not measured")
 
 # Weiss et al. (2025): ReLoRA (a) has higher loss / bits-per-byte, (b) more so at the larger size, (c) lower BLiMP,
 # (d) lower PER and higher condition numbers early in training, for updates and for gradients.
@@ -112,7 +121,7 @@ def _validate_rule(rule: Any, where: str) -> dict[str, Any]:
     r["min_effect"] = float(r.get("min_effect", 0.0))
     if ("chance" in r) != ("margin" in r) or ("chance" in r and r["test"] != "paired"):
         raise ConfigError(f"{where}: chance and margin go together, on a paired rule (e.g. chance: 0.5, margin: 0.05)")
-    if r["test"] == "rank":
+    if r["test"] in RANK_TESTS:
         for key in ("kind", "component"):
             v = r.get(key)
             v = [v] if isinstance(v, str) else v
@@ -122,8 +131,12 @@ def _validate_rule(rule: Any, where: str) -> dict[str, Any]:
         r.setdefault("phase", "early")
         if r["phase"] not in PHASES:
             raise ConfigError(f"{where}: phase must be one of {', '.join(PHASES)}")
-    elif any(k in r for k in ("kind", "component", "phase")):
-        raise ConfigError(f"{where}: kind, component and phase belong to rank rules (test: rank)")
+        if "reference_kind" in r and (r["test"] != "rank" or not isinstance(r["reference_kind"], str)):
+            raise ConfigError(f"{where}: reference_kind names one kind (e.g. grad), on a rank rule (test: rank)")
+        if r["test"] == "rank-matched" and r["metric"] != "per":
+            raise ConfigError(f"{where}: a rank-matched rule compares PER (metric: per)")
+    elif any(k in r for k in ("kind", "component", "phase", "reference_kind")):
+        raise ConfigError(f"{where}: kind, component, phase and reference_kind belong to rank rules (test: rank or rank-matched)")
     return r
 
 
@@ -282,16 +295,37 @@ def _rank_table(run, cache: dict[Path, Any]):
         else:
             import pyarrow.parquet as pq
 
-            t = pq.read_table(path, columns=["step", "kind", "component", "metric", "value"])
+            names = pq.read_schema(path).names
+            t = pq.read_table(path, columns=[c for c in ("step", "layer", "head", "kind", "component", "metric", "value") if c in names])
             cache[path] = {c: t.column(c).to_pylist() for c in t.column_names}
+            n = len(cache[path]["step"])
+            for c in ("layer", "head"):
+                cache[path].setdefault(c, [-1] * n)
     return cache[path], path
 
 
+GEOMETRIC = ("condition_number", "condition_number_numerical")  # ratios spanning decades: summarised by geometric means
+GRADIENT_NOTE = "gradient of the effective weight, not the applied update"
+PAPER_NOTE = ("as the paper measured it: ReLoRA's adapter update s*B*A against full-rank's gradient, two different objects "
+              "(a rank-r update has PER <= r / min(m, n) by construction; docs/metrics.md)")
+UPDATE_KINDS = ("update", "cumulative_update", "cycle_update", "lora_update")
+
+
+def _values(table, kind, comp, metric, steps: set[int]) -> dict[tuple[int, int, int], float]:
+    """(step, layer, head) -> value of one (kind, component, metric) at the given steps."""
+    rows = zip(table["step"], table["layer"], table["head"], table["kind"], table["component"], table["metric"], table["value"])
+    return {(int(s), int(la), int(h)): (math.nan if v is None else float(v))
+            for s, la, h, k, c, m, v in rows if k == kind and c == comp and m == metric and int(s) in steps}
+
+
 def _phase_mean(table, rule, kind, comp, steps: set[int]) -> tuple[float | None, int, int]:
-    vals = [v for s, k, c, m, v in zip(table["step"], table["kind"], table["component"], table["metric"], table["value"])
-            if k == kind and c == comp and m == rule["metric"] and int(s) in steps]
-    finite = [v for v in vals if v is not None and math.isfinite(v)]
-    return (sum(finite) / len(finite) if finite else None), len(finite), len(vals) - len(finite)
+    """Mean of `rule['metric']` over layers, heads and steps: geometric for condition numbers, else arithmetic;
+    (mean, values used, values left out: non-finite, or <= 0 for a geometric mean)."""
+    from rankscope.analysis.compare import summarise
+
+    vals = list(_values(table, kind, comp, rule["metric"], steps).values())
+    sm = summarise(vals, "geometric" if rule["metric"] in GEOMETRIC else "arithmetic")
+    return sm.value, sm.n, sm.non_finite + sm.non_positive
 
 
 def _steps(table, kind, comp, metric) -> set[int]:
@@ -299,61 +333,167 @@ def _steps(table, kind, comp, metric) -> set[int]:
     return {int(s) for s, k, c, m in rows if k == kind and c == comp and m == metric}
 
 
+def _object(kind: str, ref_kind: str) -> tuple[str, bool, str | None]:
+    """(what is compared, whether it counts toward a verdict about updates, label note) of a rank row."""
+    if kind != ref_kind:
+        paper = kind in UPDATE_KINDS and ref_kind == "grad"
+        return f"{kind} vs {ref_kind}", False, PAPER_NOTE if paper else f"compares different objects ({kind} against {ref_kind})"
+    if kind == "grad":
+        return "gradient", False, GRADIENT_NOTE
+    return ("update" if kind in UPDATE_KINDS else kind), True, None
+
+
+def _windows(table, comp, steps: set[int], config) -> list[dict[str, Any]]:
+    """The `update` windows (start, end] at `steps` with their label (one cycle, within one cycle, spans N merges)."""
+    from rankscope.analysis.compare import cycle_end_steps, cycle_start, window_label
+
+    starts = _values(table, "update", comp, "window_start", steps)
+    ends, first = cycle_end_steps(config), cycle_start(config)
+    seen = sorted({(int(v), s) for (s, _, _), v in starts.items() if math.isfinite(v)}, key=lambda w: w[1])
+    return [{"start": a, "end": b, "label": window_label(a, b, ends, first)} for a, b in seen]
+
+
+def _phase_steps(row, rr, common: set[int]) -> tuple[set[int], str]:
+    if row["phase"] == "early":
+        limit = int(rr.config.get("train", {}).get("max_steps", 0)) / 4
+        return {s for s in common if 0 < s <= limit}, f"0 < step <= {limit:g}"
+    return ({max(common)} if common else set()), "the last common checkpoint"
+
+
 def _rank(runs, rule, row, method, ref, cache) -> dict[str, Any]:
+    """A rank row (test rank or rank-matched), its object, window and counting notes in front of its reason."""
+    return _labelled(_rank_row(runs, rule, row, method, ref, cache))
+
+
+def _rank_row(runs, rule, row, method, ref, cache) -> dict[str, Any]:
+    kind, comp, metric = row["kind"], row["component"], rule["metric"]
+    ref_kind = rule.get("reference_kind", kind)
+    obj, counts, note = _object(kind, ref_kind)
+    row.update({"reference_kind": ref_kind, "object": obj, "counts_toward_verdict": counts, "note": note,
+                "summary": "geometric mean" if metric in GEOMETRIC else "arithmetic mean"})
+    if rule["test"] == "rank-matched":
+        row.update({"object": "update vs rank-matched update" if kind in UPDATE_KINDS else f"{kind} vs rank-matched {kind}",
+                    "note": f"{ref}'s {kind} truncated to {method}'s numerical rank at the same step"})
     pairs, why = _pairs(runs, method, ref, row["size"])
     if why:
         return _not_measured(row, why)
-    kind, comp, metric = row["kind"], row["component"], rule["metric"]
     diffs, sources, notes, bounds = {}, [], [], []
+    non_finite, deficient, windows, unknown = {method: 0, ref: 0}, {method: [0, 0], ref: [0, 0]}, [], []
     for seed, rm, rr in pairs:
         (tm, pm), (tr, pr) = _rank_table(rm, cache), _rank_table(rr, cache)
         if tm is None or tr is None:
             missing = pm if tm is None else pr
             return _not_measured(row, f"not measured: {missing} is missing (run `rankscope analyze` on it)")
-        sm, sr = _steps(tm, kind, comp, metric), _steps(tr, kind, comp, metric)
+        m_metric = "numerical_rank" if rule["test"] == "rank-matched" else metric
+        sm, sr = _steps(tm, kind, comp, m_metric), _steps(tr, ref_kind, comp, metric)
         if not sm or not sr:
-            which = pm if not sm else pr
-            return _not_measured(row, f"not measured: kind={kind} component={comp} metric={metric} is not in {which}")
-        common = sm & sr
-        if row["phase"] == "early":
-            limit = int(rr.config.get("train", {}).get("max_steps", 0)) / 4
-            steps = {s for s in common if 0 < s <= limit}
-            phase = f"0 < step <= {limit:g}"
-        else:
-            steps = {max(common)} if common else set()
-            phase = "the last common checkpoint"
+            which, what = (pm, f"kind={kind} component={comp} metric={m_metric}") if not sm else (pr, f"kind={ref_kind} component={comp} metric={metric}")
+            return _not_measured(row, f"not measured: {what} is not in {which}")
+        steps, phase = _phase_steps(row, rr, sm & sr)
         if not steps:
             return _not_measured(row, f"not measured: no checkpoint with {phase} analysed in both runs of seed {seed}")
-        (mm, _, bad_m), (mr, _, bad_r) = _phase_mean(tm, rule, kind, comp, steps), _phase_mean(tr, rule, kind, comp, steps)
-        if bad_m or bad_r:
-            notes.append(f"seed {seed}: {bad_m + bad_r} non-finite values left out")
+        if kind == "update":
+            windows += [w for w in _windows(tm, comp, steps, rm.config) if w not in windows]
+        if rule["test"] == "rank-matched":
+            got = _rank_matched(tm, rr, kind, comp, steps)
+            if isinstance(got, str):
+                return _not_measured(row, f"not measured: {got}")
+            mm, mr, left = got
+            if left:
+                notes.append(f"seed {seed}: {left} matrices without a {ref} spectrum left out")
+        else:
+            if metric == "condition_number":  # the raw s_min of a rank-deficient matrix is rounding noise
+                for who, t, k in ((method, tm, kind), (ref, tr, ref_kind)):
+                    flags = _values(t, k, comp, "rank_deficient", steps)
+                    if not flags:
+                        bound = _values(t, k, comp, "rank_bound", steps)
+                        if not bound or not all(v < 1 for v in bound.values()):
+                            unknown.append(str(pm if who == method else pr))
+                            continue
+                        flags = {key: 1.0 for key in bound}  # rank-deficient by construction
+                    deficient[who][0] += sum(1 for v in flags.values() if v >= 0.5)
+                    deficient[who][1] += len(flags)
+            (mm, _, bad_m), (mr, _, bad_r) = _phase_mean(tm, rule, kind, comp, steps), _phase_mean(tr, rule, ref_kind, comp, steps)
+            non_finite[method] += bad_m
+            non_finite[ref] += bad_r
+            if bad_m or bad_r:
+                notes.append(f"seed {seed}: {bad_m + bad_r} non-finite values left out of the mean")
         if mm is None or mr is None or mm <= 0 or mr <= 0:
             notes.append(f"seed {seed}: no positive finite mean, pair left out")
             continue
         diffs[seed] = math.log(mm / mr)
-        if metric in ("per", "condition_number"):  # a rank-r update: PER <= r / min(m, n), cond = inf below full rank
+        if metric in ("per", "condition_number") and rule["test"] == "rank" and kind == ref_kind:
             bound, _, _ = _phase_mean(tm, {**rule, "metric": "rank_bound"}, kind, comp, steps)
             if bound is not None:
                 bounds.append((min(bound, 1.0), mr))
-        sources += [f"{pm}#{kind}/{comp}/{metric}@steps {sorted(steps)}", f"{pr}#{kind}/{comp}/{metric}@steps {sorted(steps)}"]
+        sources += [f"{pm}#{kind}/{comp}/{m_metric}@steps {sorted(steps)}", f"{pr}#{ref_kind}/{comp}/{metric}@steps {sorted(steps)}"]
+    row["non_finite"] = non_finite
+    if windows:
+        labels = sorted({w["label"] for w in windows})
+        row["windows"], row["window"] = windows, labels[0] if len(labels) == 1 else "mixed: " + ", ".join(labels)
+    if metric == "condition_number" and any(d[0] for d in deficient.values()):
+        row["rank_deficient"] = {who: {"deficient": d[0], "matrices": d[1]} for who, d in deficient.items()}
+        row = _not_measured(row, "")
+        row["verdict"] = "rank-deficient"
+        row["reason"] = ("rank-deficient: the raw s_min sits at the rounding floor (numerical rank < min(m, n)) in "
+                         + ", ".join(f"{d[0]} of {d[1]} {who} matrices" for who, d in deficient.items() if d[1])
+                         + "; the raw condition number measures floating point there, not learning (see condition_number_numerical)")
+        return row
+    if unknown:
+        return _not_measured(row, f"not measured: {unknown[0]} has no rank_deficient rows, so a raw s_min at the rounding floor "
+                                  "cannot be told apart (re-run `rankscope analyze`)")
     if not diffs:
         return _not_measured(row, "not measured: " + "; ".join(notes))
     row = _finish(row, diffs, sources)
     ratio = math.exp(row["estimate"])
-    row["reason"] += f"; {method} / {ref} = {ratio:.3g}x (geometric mean over seeds)" + ("; " + "; ".join(notes) if notes else "")
+    mean_word = "rank-matched " if rule["test"] == "rank-matched" else ""
+    row["reason"] += (f"; {method} / {mean_word}{ref} = {ratio:.3g}x (geometric mean over seeds of the {row['summary']}s)"
+                      + ("; " + "; ".join(notes) if notes else ""))
     if bounds and metric == "per":
         b, r = sum(x for x, _ in bounds) / len(bounds), sum(y for _, y in bounds) / len(bounds)
         row["reason"] += f"; {method}'s PER <= {b:.3g} by construction (rank bound; {ref}'s PER {r:.3g})"
         if row["verdict"] == "confirmed" and all(x < y for x, y in bounds):
             row["verdict"] = "confirmed (implied by the rank bound)"
-    elif bounds:  # condition number: a matrix below full rank has s_min ~ 0, so its cond is ~1/eps by construction
-        deficient = all(x < 1.0 for x, _ in bounds)
-        row["reason"] += f"; {method}'s mean rank bound {sum(x for x, _ in bounds) / len(bounds):.3g} of min(m, n)"
-        if deficient:
-            row["reason"] += " (rank-deficient by construction: s_min ~ 0)"
-            if row["verdict"] == "confirmed":
-                row["verdict"] = "confirmed (implied by the rank bound)"
     return row
+
+
+def _labelled(row: dict[str, Any]) -> dict[str, Any]:
+    """The row's window and object notes at the front of its reason, where a reader of the table sees them."""
+    extra = []
+    if row.get("note"):
+        extra.append(row["note"])
+    if row.get("windows"):
+        extra.append("update windows " + ", ".join(f"({w['start']}, {w['end']}] {w['label']}" for w in row["windows"]))
+    if not row.get("counts_toward_verdict", True):
+        extra.append("not counted toward a verdict about updates")
+    if extra:
+        row["reason"] = "; ".join(extra) + ("; " + row["reason"] if row["reason"] else "")
+    return row
+
+
+def _rank_matched(tm, rr, kind, comp, steps) -> tuple[float, float, int] | str:
+    """Mean PER of the method's matrices and mean PER of the reference's same matrices (same step, layer, head)
+    truncated to the method's numerical rank (analysis.compare.truncated_per), and how many had no spectrum;
+    a string saying why where nothing can be compared."""
+    from rankscope.analysis.compare import read_spectra, truncated_per
+
+    ranks = _values(tm, kind, comp, "numerical_rank", steps)
+    pers = _values(tm, kind, comp, "per", steps)
+    path = Path(rr.dir) / "analysis" / "spectra.parquet"
+    if not path.is_file():
+        return f"{path} is missing (run `rankscope analyze` on it)"
+    spectra = read_spectra(path, kind, comp, steps)
+    mine, theirs, left = [], [], 0
+    for key, k in sorted(ranks.items()):
+        if key not in spectra or key not in pers or not math.isfinite(k) or not math.isfinite(pers[key]):
+            left += 1
+            continue
+        mine.append(pers[key])
+        theirs.append(truncated_per(spectra[key], int(k)))
+    if not mine:
+        return (f"{path} holds no {kind} {comp} spectra at steps {sorted(steps)} (analyse without --spectra-steps, "
+                "which keeps only those steps' spectra)")
+    return sum(mine) / len(mine), sum(theirs) / len(theirs), left
 
 
 # --------------------------------------------------------------------------- tables for the report
@@ -377,8 +517,11 @@ def _interval(x: Any) -> str:
 
 
 def _what(r: dict[str, Any]) -> str:
-    if r["test"] == "rank":
-        return f"({r['finding']}) {r['metric']} of {r['kind']} {r['component']}, {r['phase']}: log({r['method']} / {r['reference']})"
+    if r["test"] in RANK_TESTS:
+        ref = (f"rank-matched {r['reference']}" if r["test"] == "rank-matched"
+               else f"{r['reference']} {r['reference_kind']}" if r.get("reference_kind", r["kind"]) != r["kind"] else r["reference"])
+        paper = ", as the paper measured it" if r.get("note") == PAPER_NOTE else ""
+        return f"({r['finding']}) {r['metric']} of {r['kind']} {r['component']}, {r['phase']}{paper}: log({r['method']} / {ref})"
     if r["test"] == "slope":
         return f"({r['finding']}) slope of {r['metric']} gap ({r['method']} - {r['reference']}) vs log(params)"
     return f"({r['finding']}) {r['metric']}: {r['method']} - {r['reference']}"
