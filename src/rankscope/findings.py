@@ -70,6 +70,15 @@ PAPER_RULES: list[dict[str, Any]] = [
      "metric": "per", "phase": "early", "claim": "lower"},
     {"id": "d-cond", "finding": "d", "test": "rank", "kind": ["cumulative_update", "grad"], "component": ["wv", "wo", "ov", "w2"],
      "metric": "condition_number", "phase": "early", "claim": "higher"},
+    # over the numerical rank (the raw one is "rank-deficient" where s_min is rounding noise), geometric means
+    {"id": "d-cond-numerical", "finding": "d", "test": "rank", "kind": ["cumulative_update"], "component": ["wv", "wo", "ov", "w2"],
+     "metric": "condition_number_numerical", "phase": "early", "claim": "higher"},
+    # the stronger null: full-rank's update cut to ReLoRA's numerical rank at the same step
+    {"id": "d-per-rank-matched", "finding": "d", "test": "rank-matched", "kind": ["update", "cumulative_update"],
+     "component": ["wv", "wo", "ov", "w2"], "metric": "per", "phase": "early", "claim": "lower"},
+    # the paper's own comparison: ReLoRA's adapter update s*B*A per cycle against full-rank's gradient (different objects)
+    {"id": "d-per-as-paper", "finding": "d", "test": "rank", "kind": ["cycle_update"], "reference_kind": "grad",
+     "component": ["wv", "wo", "w2"], "metric": "per", "phase": "early", "claim": "lower"},
 ]
 
 
