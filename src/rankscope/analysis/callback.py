@@ -3,7 +3,7 @@
 Logs into metrics.jsonl, for each component c in `analysis.components` (default the paper's
 attention V, O, per-head OV circuit and SwiGLU down projection w2; Weiss et al. 2025, §4):
   rank/per/c    PER of the effective weight, mean over layers (and heads, for ov / ov_product)
-  rank/cond/c   condition number s_max / s_min, mean over layers (and heads); for ov_product the
+  rank/cond/c   condition number s_max / s_min, geometric mean over layers (and heads); for ov_product the
                 condition number over its numerical rank (the d x d product O_h V_g has rank <= hd,
                 so its s_min is 0)
   .../L{i}      the same per layer with `analysis.per_layer`
@@ -16,6 +16,7 @@ model's device.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -65,12 +66,12 @@ class RankCallback:
         out: dict[str, float] = {}
         by_comp: dict[tuple[str, str], list[float]] = defaultdict(list)
         for (metric, comp, layer), vals in sorted(per_layer.items()):
-            v = float(np.mean(vals))
+            v = _mean(metric, vals)
             by_comp[(metric, comp)].append(v)
             if self.cfg.analysis.per_layer:
                 out[f"rank/{metric}/{comp}/L{layer}"] = v
         for (metric, comp), vals in by_comp.items():
-            out[f"rank/{metric}/{comp}"] = float(np.mean(vals))
+            out[f"rank/{metric}/{comp}"] = _mean(metric, vals)
         return out
 
     def wants(self, trainer, step: int) -> bool:
@@ -88,6 +89,16 @@ class RankCallback:
         if event not in MERGE_EVENTS:
             return None
         return {f"{k}/{event}": v for k, v in self.measure(model).items()}
+
+
+def _mean(metric: str, vals: list[float]) -> float:
+    """PER: the arithmetic mean; condition numbers: the geometric mean of the finite ones (NaN when none is)."""
+    if metric != "cond":
+        return float(np.mean(vals))
+    from rankscope.analysis.compare import summarise
+
+    g = summarise(vals, "geometric").value
+    return math.nan if g is None else g
 
 
 def build_rank_callback(cfg) -> RankCallback | None:

@@ -42,8 +42,8 @@ def cmd_analyze(args) -> None:
 
 def final_table(rows: dict[str, list]) -> tuple[list[str], list[list[str]]]:
     """Columns and rows of the compact summary: per run and component, PER and condition number of
-    the weights at the run's last analysed step (mean over layers and heads; the condition number
-    over the numerical rank where the plain one is infinite, as for a d x d OV product)."""
+    the weights at the run's last analysed step (mean over layers and heads, geometric for the condition number;
+    the condition number over the numerical rank where the plain one is infinite, as for a d x d OV product)."""
     import math
     from collections import defaultdict
 
@@ -64,7 +64,8 @@ def final_table(rows: dict[str, list]) -> tuple[list[str], list[list[str]]]:
             cond = acc.get((run, comp, "condition_number"), [])
             if not cond or not all(math.isfinite(x) for x in cond):
                 cond = [x for x in acc.get((run, comp, "condition_number_numerical"), []) if math.isfinite(x)]
-            out.append([run, str(last[run]), comp, f"{sum(per) / len(per):.4f}" if per else "–", f"{sum(cond) / len(cond):.4g}" if cond else "–"])
+            gm = math.exp(sum(math.log(x) for x in cond) / len(cond)) if cond and all(x > 0 for x in cond) else None
+            out.append([run, str(last[run]), comp, f"{sum(per) / len(per):.4f}" if per else "–", f"{gm:.4g}" if gm is not None else "–"])
     return ["run", "step", "component", "PER", "condition number"], out
 
 
@@ -75,7 +76,7 @@ def print_final_table(path) -> None:
     from rankscope.analysis.run import load_table
 
     columns, body = final_table(load_table(path))
-    table = Table(title="final rank metrics of the weights (mean over layers and heads)", box=None, pad_edge=False)
+    table = Table(title="final rank metrics of the weights (mean over layers and heads; condition number: geometric mean)", box=None, pad_edge=False)
     for i, c in enumerate(columns):
         table.add_column(c, justify="right" if i in (1, 3, 4) else "left")
     for row in body:

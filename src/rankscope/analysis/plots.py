@@ -38,7 +38,8 @@ def _ordered(components) -> list[str]:
 
 
 def curves(rows: dict[str, list], metric: str, kind: str) -> dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]]:
-    """(run label, component, layer) -> (steps, values), averaged over heads; non-finite values dropped."""
+    """(run label, component, layer) -> (steps, values), averaged over heads (geometric means for condition numbers);
+    non-finite values are not drawn."""
     acc: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run, method, step, layer, comp, k, m, v in zip(rows["run"], rows["method"], rows["step"], rows["layer"], rows["component"], rows["kind"], rows["metric"], rows["value"]):
         if m == SUBSTITUTE.get((metric, comp), metric) and k == kind and v is not None and np.isfinite(v):
@@ -46,7 +47,8 @@ def curves(rows: dict[str, list], metric: str, kind: str) -> dict[tuple[str, str
     out = {}
     for key, by_step in acc.items():
         steps = np.array(sorted(by_step))
-        out[key] = (steps, np.array([np.mean(by_step[s]) for s in steps]))
+        avg = (lambda v: float(np.exp(np.mean(np.log(v))))) if metric.startswith("condition") else np.mean
+        out[key] = (steps, np.array([avg(by_step[s]) for s in steps]))
     return out
 
 
