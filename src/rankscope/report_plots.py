@@ -96,7 +96,7 @@ def _cond_of(values: dict[str, dict[int, list[float]]]) -> dict[int, list[float]
 
 
 def rank_series(run, use_analysis: bool = True) -> tuple[dict[tuple[str, str], dict[float, float]], str]:
-    """(metric per|cond, component) -> {step: value} (mean over layers and heads) and the source:
+    """(metric per|cond, component) -> {step: value} (mean over layers and heads, geometric for cond) and the source:
     the analysis table of the run's checkpoints (weights) when `rankscope analyze` ran, else the
     in-loop rows `rank/<metric>/<component>` of metrics.jsonl."""
     path = run.dir / "analysis" / "rank_metrics.parquet"
@@ -111,7 +111,8 @@ def rank_series(run, use_analysis: bool = True) -> tuple[dict[tuple[str, str], d
                 acc[comp][metric][step].append(v)
         for comp, by_metric in acc.items():
             for m, values in (("per", by_metric.get("per", {})), ("cond", _cond_of(by_metric))):
-                finite = {float(s): float(np.mean(v)) for s, v in values.items() if all(math.isfinite(x) for x in v)}
+                avg = np.mean if m == "per" else (lambda v: np.exp(np.mean(np.log(v))))  # condition numbers: geometric mean
+                finite = {float(s): float(avg(v)) for s, v in values.items() if all(math.isfinite(x) and (m == "per" or x > 0) for x in v)}
                 if finite:
                     out[(m, comp)] = finite
         if out:
