@@ -319,3 +319,8 @@ def test_the_paper_comparison_row_on_a_tiny_pair_of_runs(pair):
     assert upd_row["windows"] == [{"start": 10, "end": 20, "label": "one cycle"}]
     meta = json.loads((relora.dir / "checkpoints/step_000020/meta.json").read_text())
     assert meta["method"]["merges"] == 2
+    # despite the fp32 rounding of each merge, the threshold finds the construction rank r = 4 of every one-cycle update
+    t = pq.read_table(relora.dir / "analysis" / "rank_metrics.parquet").to_pydict()
+    ranks = [v for c, k, m, v in zip(t["component"], t["kind"], t["metric"], t["value"])
+             if k in ("update", "cycle_update") and m == "numerical_rank" and c in C.TARGETS]
+    assert len(ranks) >= 2 * 2 * 7 * 2 and set(ranks) == {4.0}
