@@ -12,11 +12,14 @@ API (for reports and notebooks):
 Layer is -1 and head is -1 where they do not apply (embeddings; non-OV components).
 Components: wq wk wv wo w1 w2 w3 (embed lm_head), and the OV circuit in three forms: `ov` =
 pico-analyze's per-head V_g O_h (hd x hd), `ov_layer` = its per-layer concatenation (hd x d, head -1),
-`ov_product` = O_h V_g (d x d, rank <= hd). Kinds: weight, lora_update, grad, update,
-cumulative_update, cycle_update. Every item also has a `rank_bound` row (the ceiling of its PER).
+`ov_product` = O_h V_g (d x d, rank <= hd); for weights, and as the circuit's change for update and
+cumulative_update. Kinds: weight, lora_update, grad, update, cumulative_update, cycle_update. Every item
+also has a `rank_bound` row (the ceiling of its PER); every `update` item `window_start` / `window_merges`
+rows (its window and the ReLoRA merges in it).
 Definitions, shapes and alignment at cycle boundaries: docs/metrics.md.
 Modules: metrics (formulas), components (what is measured), spectra (batched SVD), run (checkpoints,
-cache, tables), plots, callback (in-loop metrics), cli (`rankscope analyze`).
+cache, tables), compare (cycle ends, window labels, geometric summaries, rank-matched truncation: what the
+findings' rank rows use), plots, callback (in-loop metrics), cli (`rankscope analyze`).
 """
 
 from rankscope.analysis.metrics import METRICS, matrix_metrics, principal_angles, register_metric

@@ -21,7 +21,10 @@ consecutive checkpoints covers exactly the steps of one ReLoRA cycle, for either
 it equals that cycle's `cycle_update`, B being zero right after a merge). The `grad` at step t is the
 gradient of step t's loss (the one step t's optimiser update used), before clipping.
 Every item also gets a `rank_bound` row (see analysis.metrics), from the run's known ranks: the
-ReLoRA merge count in meta.json, the adapters' rank, the tokens of a step.
+ReLoRA merge count in meta.json, the adapters' rank, the tokens of a step. Every `update` item gets
+`window_start` and `window_merges` rows (its window (start, t] and the merges in it; labels:
+analysis.compare.window_label). OV circuits are measured for weights and, as the circuit's change,
+for `update` and `cumulative_update` (components.delta_ov_items).
 """
 
 from __future__ import annotations
