@@ -320,11 +320,16 @@ PAPER_NOTE = ("as the paper measured it: ReLoRA's adapter update s*B*A against f
 UPDATE_KINDS = ("update", "cumulative_update", "cycle_update", "lora_update")
 
 
+def _rows(table, kind, comp, metric, steps: set[int]) -> list[tuple[tuple[int, int, int], float]]:
+    """((step, layer, head), value) of every row of one (kind, component, metric) at the given steps."""
+    rows = zip(table["step"], table["layer"], table["head"], table["kind"], table["component"], table["metric"], table["value"])
+    return [((int(s), int(la), int(h)), math.nan if v is None else float(v))
+            for s, la, h, k, c, m, v in rows if k == kind and c == comp and m == metric and int(s) in steps]
+
+
 def _values(table, kind, comp, metric, steps: set[int]) -> dict[tuple[int, int, int], float]:
     """(step, layer, head) -> value of one (kind, component, metric) at the given steps."""
-    rows = zip(table["step"], table["layer"], table["head"], table["kind"], table["component"], table["metric"], table["value"])
-    return {(int(s), int(la), int(h)): (math.nan if v is None else float(v))
-            for s, la, h, k, c, m, v in rows if k == kind and c == comp and m == metric and int(s) in steps}
+    return dict(_rows(table, kind, comp, metric, steps))
 
 
 def _phase_mean(table, rule, kind, comp, steps: set[int]) -> tuple[float | None, int, int]:
@@ -332,7 +337,7 @@ def _phase_mean(table, rule, kind, comp, steps: set[int]) -> tuple[float | None,
     (mean, values used, values left out: non-finite, or <= 0 for a geometric mean)."""
     from rankscope.analysis.compare import summarise
 
-    vals = list(_values(table, kind, comp, rule["metric"], steps).values())
+    vals = [v for _, v in _rows(table, kind, comp, rule["metric"], steps)]
     sm = summarise(vals, "geometric" if rule["metric"] in GEOMETRIC else "arithmetic")
     return sm.value, sm.n, sm.non_finite + sm.non_positive
 
