@@ -445,6 +445,8 @@ def _rank_row(runs, rule, row, method, ref, cache) -> dict[str, Any]:
     if windows:
         labels = sorted({w["label"] for w in windows})
         row["windows"], row["window"] = windows, labels[0] if len(labels) == 1 else "mixed: " + ", ".join(labels)
+    elif kind == "update":
+        row["windows"], row["window"] = [], "unknown (no window_start rows: re-run `rankscope analyze`)"
     if metric == "condition_number" and any(d[0] for d in deficient.values()):
         row["rank_deficient"] = {who: {"deficient": d[0], "matrices": d[1]} for who, d in deficient.items()}
         row = _not_measured(row, "")
@@ -478,6 +480,8 @@ def _labelled(row: dict[str, Any]) -> dict[str, Any]:
         extra.append(row["note"])
     if row.get("windows"):
         extra.append("update windows " + ", ".join(f"({w['start']}, {w['end']}] {w['label']}" for w in row["windows"]))
+    elif row.get("window"):
+        extra.append(f"update window {row['window']}")
     if not row.get("counts_toward_verdict", True):
         extra.append("not counted toward a verdict about updates")
     if extra:
