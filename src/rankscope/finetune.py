@@ -297,6 +297,15 @@ def mean_finite(values: list[float]) -> float | None:
 
 
 # --------------------------------------------------------------------------- the callback
+SELECTION_METRIC = "fewshot_val_loss"  # the one figure that picks the stopping step here and the lr in a study's tuning stage
+
+
+def choose_step(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The evaluation row with the lowest target val loss (ties: the earlier step). Reads nothing else: test
+    figures ride along in the rows but never choose."""
+    return min(history, key=lambda r: (r[SELECTION_METRIC], r["step"]))
+
+
 class FewshotCallback:
     """Scores the target (val, test, shots) and the source domains at every train.eval_every step and the last;
     keeps the weights of the lowest target val loss; at the end reports the chosen step's figures (summary.json).
@@ -350,9 +359,9 @@ class FewshotCallback:
             return None
         self.load(trainer, step - 1)
         row = self.scores(trainer, trainer.eval_model)
-        best = min((r["fewshot_val_loss"] for r in self.history), default=math.inf)
+        best = min((r[SELECTION_METRIC] for r in self.history), default=math.inf)
         self.history.append({"step": step, **row})
-        if row["fewshot_val_loss"] < best:  # the stopping step so far: keep its weights (ties keep the earlier step)
+        if row[SELECTION_METRIC] < best:  # the stopping step so far: keep its weights (ties keep the earlier step)
             ckpt.save_tensors_atomic(Path(trainer.run_dir) / "fewshot" / "best.safetensors", dense_weights(trainer.eval_model),
                                      {"step": str(step)})
         return row
@@ -366,7 +375,7 @@ class FewshotCallback:
         self.load(trainer, trainer.step)
         if not self.history:
             return {}
-        chosen = min(self.history, key=lambda r: (r["fewshot_val_loss"], r["step"]))
+        chosen = choose_step(self.history)
         path = Path(trainer.run_dir) / "fewshot" / "best.safetensors"
         with safe_open(str(path), "pt") as f:
             kept = int(f.metadata()["step"])
@@ -408,7 +417,11 @@ def finetune(cfg: RunConfig, run_dir: str | Path, base: Base | None = None, log=
     from rankscope import distributed
     from rankscope.callbacks import build_callbacks
 
+    from rankscope.data.corpus import prepare
+
     callbacks = [*(build_callbacks(cfg) if callbacks is None else callbacks), FewshotCallback()]
+    base = base or open_base(cfg.finetune.base, cfg.finetune.base_step)
+    check_vocabulary(base, prepare(cfg.data, log=log))  # before the run folder is written
     trainer = None
     try:
         trainer = FinetuneTrainer(cfg, Path(run_dir), log, restart, callbacks, base=base)
