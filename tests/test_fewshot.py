@@ -208,3 +208,23 @@ def test_lora_finetune_equals_peft_lora_after_10_steps(base_run):
     start.load_state_dict(base.state)
     with torch.no_grad():
         assert (a - start.eval()(x)).abs().max() > 1e-2  # the comparison can fail: both models moved away from the base
+
+
+# --------------------------------------------------------------------------- studies
+def test_a_study_point_with_a_base_runs_finetune_and_pretrain_is_validated(data_dir, tmp_path):
+    from helpers import write_study
+
+    from rankscope.errors import ConfigError
+    from rankscope.study import load_study, point_commands
+
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump({"model": {"preset": "micro"}, "train": {"max_steps": 5, "warmup_steps": 1}}))
+    path = write_study(tmp_path, data_dir, {"method.name": ["lora", "so"]}, *FT, pretrain={"config": "pre.yaml"})
+    study = load_study(path)
+    for p in study.points:
+        assert p.config["finetune"]["base"] == str(tmp_path / "runs" / "base")
+        (step, argv), = point_commands(p, study, 1)
+        assert argv[3:7] == ["finetune", str(tmp_path / "runs" / "base"), "--config", str(p.run_dir / "study-config.yaml")]
+    plain = load_study(write_study(tmp_path, data_dir, {"method.name": ["lora"]}))
+    assert point_commands(plain.points[0], plain, 1)[0][1][3] == "train"  # pretraining points are unchanged
+    with pytest.raises(ConfigError, match="pretrain must be a mapping"):
+        load_study(write_study(tmp_path, data_dir, {"method.name": ["lora"]}, pretrain="pre.yaml"))

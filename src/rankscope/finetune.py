@@ -36,6 +36,7 @@ from rankscope.errors import RankscopeError
 from rankscope.train import Trainer
 
 TOP_K = 8  # the base's top singular directions the update's overlap is measured against
+SCORED_SHOTS = 32  # the train loss of the train-test gap: the first this many shots in draw order (all of a smaller k)
 # fine-tuning budgets where the user gives no config: short, evaluated often, no per-domain pass at the end
 DEFAULTS = {"train": {"max_steps": 40, "warmup_steps": 0, "lr": 1.0e-3, "batch_size": 8, "eval_every": 10, "log_every": 5,
                       "min_lr_ratio": 1.0, "weight_decay": 0.0},
@@ -215,6 +216,7 @@ class FinetuneTrainer(Trainer):
     """`train`'s Trainer, starting from the base's weights and drawing its batches from the few-shot data."""
 
     base: Base | None = None
+    fewshot: Any = None  # rankscope.data.fewshot.FewshotData, built here when not given
 
     def __post_init__(self) -> None:
         if self.base is None:
@@ -233,7 +235,8 @@ class FinetuneTrainer(Trainer):
 
         corpus = prepare(self.cfg.data, log=self.log)
         check_vocabulary(self.base, corpus)
-        self.fewshot = build_fewshot(corpus, self.cfg.finetune, self.cfg.train.seed)
+        if self.fewshot is None:
+            self.fewshot = build_fewshot(corpus, self.cfg.finetune, self.cfg.train.seed)
         self.log(f"[finetune] {self.fewshot.describe()}")
         t = self.cfg.train
         train = BatchStream(stream_tokens(self.fewshot.shots), t.seq_len, t.batch_size, t.grad_accum, t.seed, self.dist.rank,
@@ -320,13 +323,14 @@ class FewshotCallback:
         return step == t.max_steps or bool(t.eval_every and step % t.eval_every == 0)
 
     def scores(self, trainer, model: nn.Module) -> dict[str, float]:
+        from rankscope.data.fewshot import first
         from rankscope.evaluate.perplexity import score_documents, summarize
 
         fs, t = trainer.fewshot, trainer.cfg.train
         out = {}
         model.eval()
         try:
-            for name, ds in (("val", fs.val), ("test", fs.test), ("train", fs.shots), ("source", fs.source)):
+            for name, ds in (("val", fs.val), ("test", fs.test), ("train", first(fs.shots, SCORED_SHOTS)), ("source", fs.source)):
                 nll = score_documents(model, ds, ds.rows, t.seq_len, trainer.cfg.eval.batch_size, trainer.precision)
                 s = summarize(nll.sum(), int((ds.rows[:, 1] - ds.rows[:, 0]).sum()), int(ds.rows[:, 3].sum()))
                 out[f"fewshot_{name}_loss"], out[f"fewshot_{name}_bpb"] = s["loss"], s["bpb"]
@@ -418,13 +422,16 @@ def finetune(cfg: RunConfig, run_dir: str | Path, base: Base | None = None, log=
     from rankscope.callbacks import build_callbacks
 
     from rankscope.data.corpus import prepare
+    from rankscope.data.fewshot import build_fewshot
 
     callbacks = [*(build_callbacks(cfg) if callbacks is None else callbacks), FewshotCallback()]
     base = base or open_base(cfg.finetune.base, cfg.finetune.base_step)
-    check_vocabulary(base, prepare(cfg.data, log=log))  # before the run folder is written
+    corpus = prepare(cfg.data, log=log)
+    check_vocabulary(base, corpus)  # this and the data below before the run folder is written
+    data = build_fewshot(corpus, cfg.finetune, cfg.train.seed)
     trainer = None
     try:
-        trainer = FinetuneTrainer(cfg, Path(run_dir), log, restart, callbacks, base=base)
+        trainer = FinetuneTrainer(cfg, Path(run_dir), log, restart, callbacks, base=base, fewshot=data)
         return trainer.run()
     finally:
         trainer = None
