@@ -228,3 +228,45 @@ def test_a_study_point_with_a_base_runs_finetune_and_pretrain_is_validated(data_
     assert point_commands(plain.points[0], plain, 1)[0][1][3] == "train"  # pretraining points are unchanged
     with pytest.raises(ConfigError, match="pretrain must be a mapping"):
         load_study(write_study(tmp_path, data_dir, {"method.name": ["lora"]}, pretrain="pre.yaml"))
+
+
+# --------------------------------------------------------------------------- user files and the update measures
+def test_user_files_are_a_target_split_by_content(base_run, tmp_path):
+    for i in range(12):
+        (tmp_path / f"note{i}.txt").write_text(f"note {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(60)))
+    cfg = ft_config(base_run, "finetune.target=files", f"finetune.files=[{tmp_path}/*.txt]", "finetune.shots=2", "finetune.shot_len=0",
+                    "finetune.val_docs=0", "finetune.test_docs=0")
+    fs = build_fewshot(prepare(cfg.data, log=lambda *_: None), cfg.finetune, 0)
+    assert fs.domain == "files" and len(fs.shots.rows) == 2
+    n = len(fs.pool.rows) + len(fs.val.rows) + len(fs.test.rows)
+    assert n == 12 and len(fs.val.rows) and len(fs.test.rows)
+    again = build_fewshot(prepare(cfg.data, log=lambda *_: None), cfg.finetune, 0)
+    assert np.array_equal(stream(again.shots), stream(fs.shots))
+
+
+def stream(ds):
+    from rankscope.data.fewshot import stream_tokens
+
+    return stream_tokens(ds)
+
+
+def test_update_measures_on_updates_whose_answer_is_known():
+    from rankscope.finetune import update_measures
+
+    torch.manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(32, 32))
+    V, _ = torch.linalg.qr(torch.randn(16, 16))
+    s = torch.linspace(10, 1, 16)
+    w0 = (U[:, :16] * s) @ V.T  # top-8 left singular vectors: U[:, :8]
+    inside = w0 + 0.1 * torch.outer(U[:, 0], V[:, 3])  # rank 1, in the top subspace
+    outside = w0 + 0.1 * torch.outer(U[:, 20], V[:, 3])  # rank 1, orthogonal to it
+    sparse = w0.clone()
+    sparse[0, :4] += 1.0  # 4 of 512 entries
+    name = "blocks.0.attn.wv.weight"
+    m_in = update_measures({name: w0}, {name: inside})[name]
+    m_out = update_measures({name: w0}, {name: outside})[name]
+    m_sp = update_measures({name: w0}, {name: sparse})[name]
+    assert m_in["top_overlap"] == pytest.approx(1.0, abs=1e-6) and m_out["top_overlap"] == pytest.approx(0.0, abs=1e-6)
+    assert m_in["per"] == pytest.approx(1 / 16, abs=1e-3)  # a rank-1 update: effective rank 1 of min(m, n) = 16
+    assert m_sp["changed"] == pytest.approx(4 / 512) and m_in["random_overlap"] == 8 / 32
+    assert m_sp["cond_numerical"] == pytest.approx(1.0, rel=1e-4)  # one nonzero row: a single singular value
