@@ -221,9 +221,9 @@ def test_a_study_point_with_a_base_runs_finetune_and_pretrain_is_validated(data_
     path = write_study(tmp_path, data_dir, {"method.name": ["lora", "so"]}, *FT, pretrain={"config": "pre.yaml"})
     study = load_study(path)
     for p in study.points:
-        assert p.config["finetune"]["base"] == str(tmp_path / "runs" / "base")
+        assert p.config["finetune"]["base"] == str(tmp_path / "runs" / "pretrain" / "base")
         (step, argv), = point_commands(p, study, 1)
-        assert argv[3:7] == ["finetune", str(tmp_path / "runs" / "base"), "--config", str(p.run_dir / "study-config.yaml")]
+        assert argv[3:7] == ["finetune", str(tmp_path / "runs" / "pretrain" / "base"), "--config", str(p.run_dir / "study-config.yaml")]
     plain = load_study(write_study(tmp_path, data_dir, {"method.name": ["lora"]}))
     assert point_commands(plain.points[0], plain, 1)[0][1][3] == "train"  # pretraining points are unchanged
     with pytest.raises(ConfigError, match="pretrain must be a mapping"):

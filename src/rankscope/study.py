@@ -226,7 +226,7 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     root = Path(runs_dir or spec.get("runs_dir") or Path("runs") / (spec.get("name") or path.stem))
     pretrain = _load_pretrain(spec.get("pretrain"), path)
     if pretrain is not None:  # a fine-tuning study: every point adapts the base the study pretrains first
-        base = merge_dicts(base, {"finetune": {"base": str(root / "base")}})
+        base = merge_dicts(base, {"finetune": {"base": str(pretrain_dir(root))}})
     after = list(spec.get("after") or [])
     for step in after:
         if step not in STEPS:
@@ -267,11 +267,17 @@ def _load_pretrain(spec: Any, path: Path) -> list[str] | None:
     return [str(config), *overrides]
 
 
+def pretrain_dir(runs_dir: Path) -> Path:
+    """Where a fine-tuning study's base is trained: <runs_dir>/pretrain/base (two levels down, so that a report of
+    the study folder does not take the base for one of its fine-tunes)."""
+    return runs_dir / "pretrain" / "base"
+
+
 def run_pretrain(study: Study, show=print) -> None:
     """Train (or resume) a fine-tuning study's base in <runs_dir>/base, unless it is finished."""
     from rankscope.config import load_config
 
-    out = study.runs_dir / "base"
+    out = pretrain_dir(study.runs_dir)
     if training_finished(out, load_config(study.pretrain[0], study.pretrain[1:]).train.max_steps):
         return
     show(f"study {study.name}, stage pretrain: the base -> {out}")
