@@ -30,6 +30,8 @@ The format, with a full example, is documented in docs/studies.md. In short (YAM
       where: {method.name: relora}
       lr_from: {method.name: full}
     findings: {...}                 # pre-registered rules (rankscope.findings)
+    pretrain: {config: ../configs/english-cpu.yaml}   # optional: a fine-tuning study; its base is trained first into
+                                    # <runs_dir>/pretrain/base and each point runs `rankscope finetune` from it
 
 Stages. Without `tune:` a study has one stage, `main`. With it, `run_study` runs
   1. tune: per cell, every value of tune.grid (one seed, tune.overrides), in <runs_dir>/tune/. Where a
