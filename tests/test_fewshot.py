@@ -114,7 +114,6 @@ def test_finetune_from_a_run_and_from_its_hf_export(base_run, tmp_path):
         assert s_hf[key] == pytest.approx(s_run[key], abs=1e-5), key
 
 
-@pytest.mark.slow
 def test_a_sigterm_stops_the_finetune_and_it_resumes_bit_exact(base_run, tmp_path):
     from test_reliability import SignalAt
 
