@@ -152,6 +152,9 @@ def test_a_bad_base_is_one_line(base_run, data_dir, tmp_path, capsys):
     assert "no checkpoint at --step 5" in _one_line_error(["finetune", str(base_run), "--step", "5", "-o", out], capsys)
     line = _one_line_error(["finetune", str(base_run), "-o", out, *FT, "data.tokenizer_vocab_size=400"], capsys)
     assert "does not match the corpus tokenizer" in line
+    assert "model.* comes from BASE" in _one_line_error(["finetune", str(base_run), "-o", out, "model.d_model=32"], capsys)
+    line = _one_line_error(["finetune", str(base_run), "-o", out, *FT, "finetune.shots=1", "train.seq_len=64"], capsys)
+    assert "fewer than train.seq_len + 1" in line
     assert not Path(out).exists() or not any(Path(out).iterdir())
 
 

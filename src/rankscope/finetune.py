@@ -201,8 +201,13 @@ def check_vocabulary(base: Base, corpus) -> None:
 def finetune_config(base: Base, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """The run's config: a config file (else the fine-tuning DEFAULTS, and a run base's own data config), then
     `overrides`; the model shape is always the base's, finetune.base its path."""
+    from rankscope.errors import ConfigError
+
+    given = parse_overrides(list(overrides))
+    if "model" in given:
+        raise ConfigError(f"model.* comes from BASE {base.path}; drop the override(s) of model.{', model.'.join(given['model'])}")
     data = read_yaml(config) if config else merge_dicts(DEFAULTS, {"data": base.data} if base.data else {})
-    data = merge_dicts(data, parse_overrides(list(overrides)))
+    data = merge_dicts(data, given)
     if base.tokenizer_path and "tokenizer" not in (data.get("data") or {}):
         data = merge_dicts(data, {"data": {"tokenizer": str(base.tokenizer_path)}})
     data["model"] = dict(base.model)
@@ -429,6 +434,12 @@ def finetune(cfg: RunConfig, run_dir: str | Path, base: Base | None = None, log=
     corpus = prepare(cfg.data, log=log)
     check_vocabulary(base, corpus)  # this and the data below before the run folder is written
     data = build_fewshot(corpus, cfg.finetune, cfg.train.seed)
+    shot_tokens = int((data.shots.rows[:, 1] - data.shots.rows[:, 0]).sum()) + len(data.shots.rows) + 1
+    if shot_tokens < cfg.train.seq_len + 2:
+        from rankscope.errors import DataError
+
+        raise DataError(f"the {len(data.shots.rows)} shots hold {shot_tokens} tokens, fewer than train.seq_len + 1 = {cfg.train.seq_len + 1}; "
+                        "raise finetune.shots (or finetune.shot_tokens) or lower train.seq_len")
     trainer = None
     try:
         trainer = FinetuneTrainer(cfg, Path(run_dir), log, restart, callbacks, base=base, fewshot=data)
