@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from rankscope import export, report, study
+from rankscope import export, finetune, report, study
 from rankscope.analysis import cli as analysis_cli
 from rankscope.errors import ConfigError, RankscopeError
 from rankscope.evaluate import harness
@@ -183,6 +183,8 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 VERBS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None]]] = {
     "prepare": ("gather the corpus, train the tokenizer, write token shards", cmd_prepare, _prepare_args),
     "train": ("train (or resume) a run", cmd_train, _train_args),
+    "finetune": ("few-shot adaptation of a pretrained run or Hugging Face Llama folder with any method (resumes like train)",
+                 finetune.cmd_finetune, finetune.add_finetune_args),
     "eval": ("evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP", cmd_eval, _eval_args),
     "pairs": ("write generated minimal pairs in BLiMP's jsonl format (a substitute where BLiMP is absent)", cmd_pairs, _pairs_args),
     "info": ("list model presets and their parameter counts", cmd_info, _info_args),

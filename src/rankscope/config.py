@@ -327,6 +327,31 @@ class AnalysisConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """`rankscope finetune BASE`: few-shot adaptation of a pretrained model (rankscope.finetune, rankscope.data.fewshot)."""
+
+    base: str = option("", "pretrained model: a rankscope run folder or a Hugging Face LlamaForCausalLM folder (empty: pretraining)")
+    base_step: int = option(0, "the base run's checkpoint step (0: its newest valid checkpoint)")
+    target: str = option("python", "target domain of the corpus (e.g. a held-out one: python, gcide, jargon), or 'files' for finetune.files")
+    files: list[str] = option([], "the user's own target documents (.txt/.jsonl/.parquet files or globs), with finetune.target=files")
+    shots: int = option(16, "k: documents drawn for training from the target's train pool (0: use finetune.shot_tokens)")
+    shot_tokens: int = option(0, "token budget instead of k documents: documents drawn until their tokens reach it")
+    shot_len: int = option(0, "0: a shot is a pool document; > 0: a passage of this many tokens cut from one (k in the hundreds)")
+    pool_fraction: float = option(0.5, "a held-out domain has no train split: this share of its val documents (by hash) is the shot pool")
+    val_docs: int = option(32, "target validation documents that pick the lr and the stopping step (0: all)")
+    test_docs: int = option(64, "target test documents scored (0: all)")
+    source_docs: int = option(8, "documents per source (training-role) domain scored for forgetting, the same for every method")
+    eval_tokens: int = option(1024, "tokens scored per document (its first ones; 0: whole documents)")
+
+    def validate(self) -> None:
+        _at_least(self, "finetune", 0, "base_step", "shots", "shot_tokens", "shot_len", "val_docs", "test_docs", "source_docs", "eval_tokens")
+        _check(bool(self.shots) != bool(self.shot_tokens) or not self.base,
+               "set exactly one of finetune.shots (k documents) and finetune.shot_tokens (a token budget)")
+        _check(0 < self.pool_fraction < 1, f"finetune.pool_fraction must be in (0, 1), got {self.pool_fraction}")
+        _check(self.target != "files" or bool(self.files), "finetune.target=files needs finetune.files=[PATH, ...]")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -335,6 +360,7 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -350,7 +376,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "method"}
         return {**{k: out[k] for k in ("model", "data", "train", "checkpoint")}, "method": self.method.to_dict(),
-                **{k: out[k] for k in ("eval", "analysis")}}
+                **{k: out[k] for k in ("eval", "analysis")}, **({"finetune": out["finetune"]} if self.finetune.base else {})}
 
 
 def _check(ok: bool, message: str) -> None:

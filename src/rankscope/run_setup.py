@@ -73,11 +73,12 @@ def rank_callbacks(cfg: RunConfig, callbacks: list[Callback] | None, dist: DistI
 
 
 def build_parts(cfg: RunConfig, method_state: dict[str, Any] | None, device: torch.device, sharded: bool,
-                precision: str) -> tuple[nn.Module, Method, torch.optim.Optimizer]:
+                precision: str, init: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, Method, torch.optim.Optimizer]:
     """(model, method, optimiser): the method in `method_state` (a checkpoint's, or None for a fresh
-    run); under FSDP the model is sharded first, so that the optimiser holds the shards."""
+    run), from the dense weights `init` where given (a fine-tune's base); under FSDP the model is
+    sharded first, so that the optimiser holds the shards."""
     # under FSDP only the shards move to the device (sharding.shard_model)
-    model, method = build_model(cfg, method_state, None if sharded else device)
+    model, method = build_model(cfg, method_state, None if sharded else device, init)
     if sharded:
         sharding.shard_model(model, precision, device)
     return model, method, method.build_optimizer(model, device)

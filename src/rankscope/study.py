@@ -30,6 +30,8 @@ The format, with a full example, is documented in docs/studies.md. In short (YAM
       where: {method.name: relora}
       lr_from: {method.name: full}
     findings: {...}                 # pre-registered rules (rankscope.findings)
+    pretrain: {config: ../configs/english-cpu.yaml}   # optional: a fine-tuning study; its base is trained first into
+                                    # <runs_dir>/pretrain/base and each point runs `rankscope finetune` from it
 
 Stages. Without `tune:` a study has one stage, `main`. With it, `run_study` runs
   1. tune: per cell, every value of tune.grid (one seed, tune.overrides), in <runs_dir>/tune/. Where a
@@ -77,7 +79,7 @@ from rankscope.errors import ConfigError
 from rankscope.jsonfiles import read_json_object
 
 STUDY_KEYS = {"name", "base", "overrides", "grid", "when", "after", "eval_args", "analyze_args", "parallel", "runs_dir", "description",
-              "match_memory", "tune", "control", "findings", "run_name", "slurm"}
+              "match_memory", "tune", "control", "findings", "run_name", "slurm", "pretrain"}
 TUNE_KEYS = {"field", "grid", "cell", "seed", "overrides", "metric", "widen"}
 CONTROL_KEYS = {"where", "lr_from"}
 STEPS = ("eval", "analyze")
@@ -149,6 +151,7 @@ class Study:
     base: dict[str, Any] = field(default_factory=dict)
     when: dict[str, Any] = field(default_factory=dict)
     match_memory: Any = None
+    pretrain: list[str] | None = None  # `pretrain:` the train command line (config, overrides) of a fine-tuning study's base
 
 
 class Launcher(Protocol):
@@ -222,17 +225,20 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
             raise ConfigError(f"study {path}: grid field {key!r} is not a config field; see `rankscope info --fields`")
     base = read_yaml(path.parent / spec["base"]) if spec.get("base") else {}
     base = merge_dicts(base, parse_overrides(list(spec.get("overrides") or [])))
+    root = Path(runs_dir or spec.get("runs_dir") or Path("runs") / (spec.get("name") or path.stem))
+    pretrain = _load_pretrain(spec.get("pretrain"), path)
+    if pretrain is not None:  # a fine-tuning study: every point adapts the base the study pretrains first
+        base = merge_dicts(base, {"finetune": {"base": str(pretrain_dir(root))}})
     after = list(spec.get("after") or [])
     for step in after:
         if step not in STEPS:
             raise ConfigError(f"study {path}: unknown `after` step {step!r}; valid: {', '.join(STEPS)}")
-    root = Path(runs_dir or spec.get("runs_dir") or Path("runs") / name)
     template = spec.get("run_name")
     if template is not None and not isinstance(template, str):
         raise ConfigError(f"study {path}: `run_name` must be a string template such as \"{{method}}-lr{{lr}}-s{{seed}}\"")
     study = Study(path, name, [], after, [str(a) for a in spec.get("eval_args") or []], [str(a) for a in spec.get("analyze_args") or []],
                   int(spec.get("parallel") or 1), root, grid=grid, run_name=template, base=base, when=spec.get("when") or {},
-                  match_memory=spec.get("match_memory"))
+                  match_memory=spec.get("match_memory"), pretrain=pretrain)
     study.tune = _load_tune(spec.get("tune"), grid, base, path, valid)
     study.control = _load_control(spec.get("control"), study, path)
     if spec.get("findings") is not None:
@@ -247,6 +253,44 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
         study.points = [tune_point(study, c, v) for c in tune_cells(study) for v in study.tune.grid]
     _check_unique(study.points, path)
     return study
+
+
+def _load_pretrain(spec: Any, path: Path) -> list[str] | None:
+    """`pretrain: {config: FILE, overrides: [...]}` -> the config path (relative to the study file) and overrides."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("config"), str) or set(spec) - {"config", "overrides"}:
+        raise ConfigError(f"study {path}: pretrain must be a mapping with `config: FILE` and optional `overrides: [...]`")
+    config = path.parent / spec["config"]
+    overrides = [str(o) for o in spec.get("overrides") or []]
+    from rankscope.config import load_config
+
+    load_config(config, overrides)  # validated now, before any run
+    return [str(config), *overrides]
+
+
+def pretrain_dir(runs_dir: Path) -> Path:
+    """Where a fine-tuning study's base is trained: <runs_dir>/pretrain/base (two levels down, so that a report of
+    the study folder does not take the base for one of its fine-tunes)."""
+    return runs_dir / "pretrain" / "base"
+
+
+def run_pretrain(study: Study, show=print) -> None:
+    """Train (or resume) a fine-tuning study's base in <runs_dir>/base, unless it is finished."""
+    from rankscope.config import load_config
+
+    out = pretrain_dir(study.runs_dir)
+    if training_finished(out, load_config(study.pretrain[0], study.pretrain[1:]).train.max_steps):
+        return
+    show(f"study {study.name}, stage pretrain: the base -> {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sweep.log", "a") as log:
+        cmd = [sys.executable, "-m", "rankscope", "train", study.pretrain[0], *study.pretrain[1:], "-o", str(out), "train.progress=false"]
+        res = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.write(res.stderr)
+    if res.returncode != 0:
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        raise ConfigError(f"pretraining the study's base failed: {lines[-1] if lines else res.returncode} (log: {out / 'sweep.log'})")
 
 
 def _load_tune(tune: Any, grid: dict[str, list], base: dict[str, Any], path: Path, valid: set[str]) -> TuneSpec | None:
@@ -285,6 +329,8 @@ def _load_tune(tune: Any, grid: dict[str, list], base: dict[str, Any], path: Pat
     metric = tune.get("metric", "final_val_loss")
     if not isinstance(metric, str):
         raise ConfigError(f"{where}.metric must name a summary.json key such as final_val_loss")
+    if "test" in metric.split("_"):  # a choice made on test data would leak into every figure scored on it
+        raise ConfigError(f"{where}.metric {metric!r} is a test figure; tune on a validation one (final_val_loss, fewshot_val_loss)")
     overrides = [str(o) for o in tune.get("overrides") or []]
     parse_overrides(overrides)
     return TuneSpec(fld, values, list(cell), seed, overrides, metric, widen)
@@ -518,7 +564,9 @@ def point_commands(point: Point, study: Study, threads: int) -> list[tuple[str, 
     """(step, argv) of each command a point runs: train, then its `after` steps."""
     py = [sys.executable, "-m", "rankscope"]
     cfg_path = point.run_dir / "study-config.yaml"
-    cmds = [("train", [*py, "train", str(cfg_path), "-o", str(point.run_dir), "train.progress=false", f"train.threads={threads}"])]
+    base = (point.config.get("finetune") or {}).get("base")  # a fine-tuning point (rankscope.finetune)
+    verb = ["finetune", str(base), "--config", str(cfg_path)] if base else ["train", str(cfg_path)]
+    cmds = [("train", [*py, *verb, "-o", str(point.run_dir), "train.progress=false", f"train.threads={threads}"])]
     after = _after(point, study)
     if "eval" in after:
         cmds.append(("eval", [*py, "eval", str(point.run_dir), "--json", str(point.run_dir / "eval.json"), *study.eval_args]))
@@ -604,6 +652,8 @@ def _stage_header(study: Study, stage: str, points: list[Point], todo: list[Poin
 def run_study(study: Study, launcher: Launcher | None = None, parallel: int | None = None, show=print) -> list[Point]:
     """Run the study's stages in order (tune, main, control) through `launcher` (default LocalLauncher)."""
     launcher = launcher or LocalLauncher(parallel, show)
+    if study.pretrain is not None:
+        run_pretrain(study, show)
     if study.tune is not None:
         run_tuning(study, launcher, show)
         study.points = [p for p in study.points if p.stage == "tune"] + staged_points(study)

@@ -48,7 +48,7 @@ class Trainer:
             self.log = lambda *_: None
         self.previous_settings = run_setup.open_run_dir(self.run_dir, self.cfg, self.device, self.dist)
         self.precision = pick_precision(self.device, self.cfg.train.precision)
-        self.corpus, self.train_stream, self.val_stream = run_setup.build_data(self.cfg, self.dist, self.log)
+        self.corpus, self.train_stream, self.val_stream = self.build_data()
         self.sharded = run_setup.is_sharded(self.cfg, self.dist, self.log)
         self.callback_runner = CallbackRunner(self)
         self.setup_model(None)
@@ -58,9 +58,18 @@ class Trainer:
         self.last_grads: dict[str, torch.Tensor] | None = None  # checkpoint.save_grads: this step's gradients
         self.keep_forever = run_state.kept_steps(self.cfg)
 
+    def build_data(self):
+        """(corpus, training stream, validation stream); a fine-tune draws them from its few-shot data (rankscope.finetune)."""
+        return run_setup.build_data(self.cfg, self.dist, self.log)
+
+    def initial_weights(self) -> dict[str, torch.Tensor] | None:
+        """Dense weights the model starts from before the method adapts it: None (the seed's init) for pretraining,
+        the base's for a fine-tune (rankscope.finetune)."""
+        return None
+
     def setup_model(self, method_state: dict[str, Any] | None) -> None:
         """Model, method (in `method_state`: a checkpoint's, or None), shards, optimiser, wrappers."""
-        parts = run_setup.build_parts(self.cfg, method_state, self.device, self.sharded, self.precision)
+        parts = run_setup.build_parts(self.cfg, method_state, self.device, self.sharded, self.precision, self.initial_weights())
         self.model, self.method, self.optimizer = parts
         self.callback_runner.reset()
         compiled = None  # on a rebuild (resume with a restructured method) autotune's module wraps the old model

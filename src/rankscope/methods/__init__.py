@@ -77,16 +77,19 @@ def build_method(cfg) -> Method:
     return method_class(cfg.method.name)(cfg)
 
 
-def build_model(cfg, method_state: dict | None = None, device=None):
+def build_model(cfg, method_state: dict | None = None, device=None, init: dict | None = None):
     """The run's model and method: the Decoder from `cfg.train.seed`, then the method's structure
     (adapters, ...) for its state `method_state` (a checkpoint's; None: a fresh run). Training,
-    resuming, loading, memory matching and export all build through here. Returns (model, method)."""
+    resuming, loading, memory matching and export all build through here. `init`: dense weights
+    loaded before the method adapts the model (a fine-tune's base, rankscope.finetune). Returns (model, method)."""
     import torch
 
     from rankscope.model import Decoder
 
     torch.manual_seed(cfg.train.seed)
     model = Decoder(cfg.model)
+    if init is not None:
+        model.load_state_dict(init)
     method = build_method(cfg)
     if method_state:
         method.load_state_dict(method_state)
