@@ -178,9 +178,12 @@ def mde_sd(n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
 
     def pw(d: float) -> float:
         nc = d * math.sqrt(n)
-        return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)) - power
+        return float(1.0 - stats.nct.cdf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)) - power
 
-    return float(optimize.brentq(pw, 1e-9, 60.0, xtol=1e-12))
+    hi = 1.0
+    while pw(hi) < 0:  # power rises with the effect: bracket it by doubling (the noncentral t is finite out there)
+        hi *= 2
+    return float(optimize.brentq(pw, 1e-9, hi, xtol=1e-12))
 
 
 def mde(xs: Sequence[float], alpha: float = 0.05, power: float = 0.8) -> float | None:
