@@ -5,10 +5,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from rankscope.errors import ConfigError
-from rankscope.findings import PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings
+from rankscope.findings import OPPOSITE, PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings
 from rankscope.report import Run, _md_table, table_view
 
-PARAMS = {"micro": 508_480, "mini": 2_524_800}
+PARAMS = {"micro": 508_480, "milli": 1_070_112, "mini": 2_524_800}
 
 
 def run(tmp_path, method, size, seed, **summary):
@@ -27,7 +27,7 @@ def spec(*rules, **extra):
     [
         (0.01, 0.2, "higher", 0.0, "confirmed"),
         (0.0, 0.2, "higher", 0.0, "inconclusive"),  # touching 0 is not "entirely above"
-        (-0.2, -0.01, "higher", 0.0, "refuted"),
+        (-0.2, -0.01, "higher", 0.0, OPPOSITE),
         (-0.2, 0.0, "higher", 0.0, "inconclusive"),
         (-0.1, 0.1, "higher", 0.0, "inconclusive"),
         (0.05, 0.2, "higher", 0.05, "inconclusive"),  # at the minimum effect: not beyond it
@@ -35,7 +35,7 @@ def spec(*rules, **extra):
         (0.01, 0.2, "higher", 0.05, "inconclusive"),  # above 0, not above the minimum effect
         (-0.2, -0.01, "lower", 0.0, "confirmed"),
         (-0.2, 0.0, "lower", 0.0, "inconclusive"),
-        (0.0001, 0.2, "lower", 0.0, "refuted"),
+        (0.0001, 0.2, "lower", 0.0, OPPOSITE),
         (-0.2, -0.05, "lower", 0.05, "inconclusive"),
         (-0.2, -0.0501, "lower", 0.05, "confirmed"),
     ],
@@ -63,7 +63,7 @@ def test_paired_rule_confirms_refutes_and_matches_the_t_interval(tmp_path):
     assert res["verdict"] == "confirmed" and res["n"] == 3
     assert (res["lo"], res["hi"]) == pytest.approx((ci.low, ci.high)) and res["per_seed"]["1"] == pytest.approx(0.09)
     (res,) = evaluate_findings(runs, spec({**higher, "claim": "lower"}))
-    assert res["verdict"] == "refuted"
+    assert res["verdict"] == OPPOSITE
     (res,) = evaluate_findings(runs, spec({**higher, "min_effect": 0.5}))
     assert res["verdict"] == "inconclusive"
 
@@ -96,23 +96,24 @@ def test_blimp_near_chance_is_not_testable(tmp_path, full, rel, verdict):
 
 
 # ------------------------------------------------------------------ slope
-def test_slope_rule_against_linregress(tmp_path):
+def test_slope_rule_fits_size_means_with_their_true_degrees_of_freedom(tmp_path):
+    """Seeds are nested in sizes: the slope is fitted to one mean gap per size (k - 2 df), not to every (size, seed) gap."""
     from scipy import stats as ss
 
-    gaps = {"micro": [0.10, 0.12, 0.11], "mini": [0.20, 0.25, 0.22]}
+    gaps = {"micro": [0.10, 0.12, 0.11], "milli": [0.14, 0.19, 0.15], "mini": [0.20, 0.25, 0.22]}
     runs = []
     for size, gs in gaps.items():
         for k, g in enumerate(gs):
             runs += [run(tmp_path, "full", size, k, final_val_loss=4.0), run(tmp_path, "relora", size, k, final_val_loss=4.0 + g)]
-    (res,) = evaluate_findings(runs, spec({"id": "b", "finding": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"}))
-    x = [math.log(PARAMS[s]) for s in gaps for _ in range(3)]
-    fit = ss.linregress(x, [g for gs in gaps.values() for g in gs])
-    half = ss.t.ppf(0.975, 4) * fit.stderr
+    rule = {"id": "b", "finding": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"}
+    (res,) = evaluate_findings(runs, spec(rule))
+    x = [math.log(PARAMS[s]) for s in gaps]
+    fit = ss.linregress(x, [sum(gs) / 3 for gs in gaps.values()])
+    half = ss.t.ppf(0.975, 1) * fit.stderr
     assert res["estimate"] == pytest.approx(fit.slope) and (res["lo"], res["hi"]) == pytest.approx((fit.slope - half, fit.slope + half))
-    assert res["verdict"] == "confirmed" and res["n"] == 6
-    slope = {"id": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"}
-    (one,) = evaluate_findings([r for r in runs if r.size == "micro"], spec(slope))
-    assert one["verdict"] == "not measured" and "2 or more sizes" in one["reason"]
+    assert res["n"] == 3 and res["df"] == 1 and res["p"] == pytest.approx(fit.pvalue) and res["unit"] == "gap per unit log(body parameters)"
+    (two,) = evaluate_findings([r for r in runs if r.size != "milli"], spec(rule))
+    assert two["verdict"] == "not measured" and "3 or more sizes" in two["reason"]
 
 
 # ------------------------------------------------------------------ rank rules
@@ -215,14 +216,17 @@ def test_findings_tables_render_in_the_report_format(tmp_path):
                                    "tried": [{"value": 1e-3, "loss": 4.2, "run_dir": "a"}, {"value": 2e-3, "loss": None, "run_dir": "b"}],
                                    "chosen": 1e-3, "position": "edge", "edge_side": "low"}]}}
     tables = findings_tables(runs, sweep)
-    assert [t["title"].split(":")[0].split(" ")[0] for t in tables] == ["Findings", "Tuned", "Paired"]
+    assert [t["title"].split(":")[0].split(" ")[0] for t in tables] == ["Scale", "Findings", "Tuned", "Paired"]
     for t in tables:
         assert all(len(r["cells"]) == len(t["formats"]) == len(t["columns"]) - 1 for r in t["rows"])
         table_view(t), _md_table(t)  # both renderers take every table
-    md = _md_table(tables[0])
-    assert tables[0]["note"].startswith("At a glance") and "confirmed 1" in tables[0]["note"]
-    assert "confirmed" in md and "not measured" in md  # bits-per-byte was not measured in these runs
-    assert "failed" in _md_table(tables[1]) and "edge (low end" in _md_table(tables[1])
+    md = _md_table(tables[1])
+    assert "At a glance" in tables[1]["note"] and "confirmed 1" in tables[1]["note"] and "(not a verdict: not measured 1)" in tables[1]["note"]
+    assert "confirmed at" in md and "not measured" in md  # bits-per-byte was not measured in these runs
+    assert "failed" in _md_table(tables[2]) and "edge (low end" in _md_table(tables[2])
+    assert "tuning horizon 150 steps, main horizon 400 steps" in tables[2]["title"] and "IS a main seed" in tables[2]["title"]
+    assert "not confirmed at the main horizon" in _md_table(tables[2])
+    assert "25,800" in _md_table(tables[0])
     assert findings_tables(runs, None) == []
 
 
@@ -249,7 +253,7 @@ def test_report_puts_findings_first_and_reads_stages_from_sweep_json(tmp_path):
         cfg = {"model": {"preset": size}, "method": {"name": method}, "train": train}
         (d / "config.yaml").write_text(yaml.safe_dump(cfg))
         gap = 0.1 * (method == "relora") * (1 + (size == "mini"))  # a gap that doubles with size
-        loss = 4.0 - 0.3 * (size == "mini") + gap + 0.01 * seed + 0.05 * (stage == "control")
+        loss = 4.0 - 0.3 * (size == "mini") + gap + 0.01 * seed + 0.05 * (stage == "control") + 0.004 * seed ** 2 * (method == "relora")
         (d / "summary.json").write_text(json.dumps({"steps": 8, "final_val_loss": loss, "parameters": PARAMS[size]}))
         points.append(Point(name, {"method.name": method}, cfg, d, status="done", stage=stage))
     control_rule = {"id": "a-control", "finding": "a", "test": "paired", "claim": "higher", "metric": "final_val_loss", "method": "relora (control)"}
@@ -264,19 +268,20 @@ def test_report_puts_findings_first_and_reads_stages_from_sweep_json(tmp_path):
     out = tmp_path / "report"
     write_report([root], out, log=lambda *_: None)
     data = json.loads((out / "report.json").read_text())
-    assert data["tables"][0]["title"].startswith("Findings") and data["tables"][1]["title"].startswith("Tuned train.lr")
+    assert data["tables"][0]["title"].startswith("Scale") and data["tables"][1]["title"].startswith("Findings")
+    assert data["tables"][2]["title"].startswith("Tuned train.lr")
     assert {r["method"] for r in data["runs"]} == {"full", "relora", "relora (control)"} and len(data["runs"]) == 14
     assert {r["size"] for r in data["runs"]} == {"micro", "mini"}  # the tuned lr is not a dimension
     verdicts = {(r["id"], r["size"]): r["verdict"] for r in data["study_findings"]}
     assert verdicts[("a-val-loss", "micro")] == verdicts[("a-val-loss", "mini")] == "confirmed"
-    assert verdicts[("a-val-bpb", "micro")] == "not measured" and verdicts[("b-val-loss", "across sizes")] == "confirmed"
+    assert verdicts[("a-val-bpb", "micro")] == "not measured" and verdicts[("b-val-loss", "across sizes")] == "not measured"
     assert verdicts[("a-control", "micro")] == "confirmed" and verdicts[("a-control", "mini")] == "not measured"
     html = (out / "report.html").read_text()
     assert html.index("Findings: pre-registered") < html.index("Headline")
 
 
-def test_a_pair_of_different_estimates_is_flagged(tmp_path):
-    """eval.json (every held-out document) for one run and the in-training summary.json for its partner: the row says so."""
+def test_a_pair_of_different_estimates_is_not_measured(tmp_path):
+    """eval.json (every held-out document) for one run and the in-training summary.json for its partner: not a difference."""
     runs = []
     for k in range(3):
         f, r = run(tmp_path, "full", "micro", k, val_bpb_macro=3.0 + 0.01 * k), run(tmp_path, "relora", "micro", k, val_bpb_macro=2.9)
@@ -285,8 +290,8 @@ def test_a_pair_of_different_estimates_is_flagged(tmp_path):
         runs += [f, r]
     rule = {"id": "a", "test": "paired", "metric": "val_bpb_macro", "claim": "higher"}
     (res,) = evaluate_findings(runs, spec(rule))
-    assert "WARNING: values mix estimates from eval.json and summary.json" in res["reason"]
+    assert res["verdict"] == "not measured" and "mix estimates from eval.json and summary.json" in res["reason"]
     for r in runs:
         r.eval = {}
     (res,) = evaluate_findings(runs, spec(rule))
-    assert "WARNING" not in res["reason"]
+    assert res["verdict"] != "not measured" and "mix" not in res["reason"]

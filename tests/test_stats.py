@@ -89,7 +89,7 @@ def test_t_test_and_tost_match_scipy_and_statsmodels():
     assert stats.tost_p(d[:1], 0.1) is None and stats.t_test_p([1.0]) is None
 
 
-@pytest.mark.parametrize("n", [3, 5, 10])
+@pytest.mark.parametrize("n", [2, 3, 5, 10])
 def test_minimum_detectable_effect_matches_statsmodels(n):
     from statsmodels.stats.power import TTestPower
 

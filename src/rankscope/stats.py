@@ -167,23 +167,31 @@ def bh(ps: Sequence[float]) -> list[float]:
 CORRECTIONS = {"holm": holm, "bh": bh}
 
 
-def mde_sd(n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
-    """The effect (in SDs of the paired differences) a two-sided one-sample t test detects with `power` from n pairs."""
+def power_multiplier(df: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """m such that a two-sided t test on `df` degrees of freedom detects a true effect of m standard errors with `power`
+    (noncentral t with noncentrality m)."""
     from scipy import optimize, stats
 
-    if n < 2:
+    if df < 1:
         return None
-    df = n - 1
     crit = stats.t.ppf(1 - alpha / 2, df)
 
-    def pw(d: float) -> float:
-        nc = d * math.sqrt(n)
-        return float(1.0 - stats.nct.cdf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)) - power
+    def pw(nc: float) -> float:
+        upper = float(stats.nct.sf(crit, df, nc))
+        upper = upper if math.isfinite(upper) else 1.0 - float(stats.nct.cdf(crit, df, nc))
+        lower = float(stats.nct.cdf(-crit, df, nc))  # the wrong-side rejections: ~0, and NaN in scipy's far tail at df = 1
+        return upper + (lower if math.isfinite(lower) else 0.0) - power
 
     hi = 1.0
-    while pw(hi) < 0:  # power rises with the effect: bracket it by doubling (the noncentral t is finite out there)
+    while pw(hi) < 0:  # power rises with the effect: bracket it by doubling
         hi *= 2
     return float(optimize.brentq(pw, 1e-9, hi, xtol=1e-12))
+
+
+def mde_sd(n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """The effect (in SDs of the paired differences) a two-sided one-sample t test detects with `power` from n pairs."""
+    m = power_multiplier(n - 1, alpha, power)
+    return None if m is None else m / math.sqrt(n)
 
 
 def mde(xs: Sequence[float], alpha: float = 0.05, power: float = 0.8) -> float | None:
