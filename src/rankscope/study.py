@@ -97,6 +97,7 @@ class Point:
     steps_done: list[str] = field(default_factory=list)
     stage: str = "main"  # tune / main / control
     cell: dict[str, Any] | None = None  # the tuning cell whose chosen value this point uses (staged studies)
+    same_as: str | None = None  # a control point whose lr equals its main point's: that point's name (not run)
 
 
 @dataclass
@@ -634,7 +635,7 @@ def write_sweep_summary(study: Study) -> Path:
     for p in study.points:
         rel = str(p.run_dir.relative_to(study.runs_dir)) if p.run_dir.is_relative_to(study.runs_dir) else p.name
         rows.append({"name": rel, "stage": p.stage, "values": p.values, "cell": p.cell, "status": p.status, "error": p.error,
-                     "run_dir": str(p.run_dir), "seconds": round(p.seconds, 1)})
+                     "run_dir": str(p.run_dir), "seconds": round(p.seconds, 1), **({"same_as": p.same_as} if p.same_as else {})})
     data: dict[str, Any] = {"study": study.name, "study_file": str(study.path), "runs": rows}
     if study.tune is not None:
         data["tuning"] = {**asdict(study.tune), "metric_source": "summary.json", "lower_is_better": True,
