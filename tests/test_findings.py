@@ -2,8 +2,10 @@ import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 
+from rankscope import stats
 from rankscope.errors import ConfigError
 from rankscope.findings import OPPOSITE, PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings
 from rankscope.report import Run, _md_table, table_view
@@ -221,8 +223,9 @@ def test_findings_tables_render_in_the_report_format(tmp_path):
         assert all(len(r["cells"]) == len(t["formats"]) == len(t["columns"]) - 1 for r in t["rows"])
         table_view(t), _md_table(t)  # both renderers take every table
     md = _md_table(tables[1])
-    assert "At a glance" in tables[1]["note"] and "confirmed 1" in tables[1]["note"] and "(not a verdict: not measured 1)" in tables[1]["note"]
-    assert "confirmed at" in md and "not measured" in md  # bits-per-byte was not measured in these runs
+    note = tables[1]["note"]
+    assert "At a glance" in note and "a-val-loss (a, primary): inconclusive 1" in note and "(not a verdict: not measured 1)" in note
+    assert "a primary endpoint needs >= 5 paired seeds" in md and "not measured" in md  # 3 seeds; bpb was not measured
     assert "failed" in _md_table(tables[2]) and "edge (low end" in _md_table(tables[2])
     assert "tuning horizon 150 steps, main horizon 400 steps" in tables[2]["title"] and "IS a main seed" in tables[2]["title"]
     assert "not confirmed at the main horizon" in _md_table(tables[2])
@@ -273,7 +276,8 @@ def test_report_puts_findings_first_and_reads_stages_from_sweep_json(tmp_path):
     assert {r["method"] for r in data["runs"]} == {"full", "relora", "relora (control)"} and len(data["runs"]) == 14
     assert {r["size"] for r in data["runs"]} == {"micro", "mini"}  # the tuned lr is not a dimension
     verdicts = {(r["id"], r["size"]): r["verdict"] for r in data["study_findings"]}
-    assert verdicts[("a-val-loss", "micro")] == verdicts[("a-val-loss", "mini")] == "confirmed"
+    # the paper's (a) is a primary endpoint: 3 seeds are too few for a verdict, however clear the interval
+    assert verdicts[("a-val-loss", "micro")] == verdicts[("a-val-loss", "mini")] == "inconclusive"
     assert verdicts[("a-val-bpb", "micro")] == "not measured" and verdicts[("b-val-loss", "across sizes")] == "not measured"
     assert verdicts[("a-control", "micro")] == "confirmed" and verdicts[("a-control", "mini")] == "not measured"
     html = (out / "report.html").read_text()
@@ -295,3 +299,119 @@ def test_a_pair_of_different_estimates_is_not_measured(tmp_path):
         r.eval = {}
     (res,) = evaluate_findings(runs, spec(rule))
     assert res["verdict"] != "not measured" and "mix" not in res["reason"]
+
+
+# ------------------------------------------------------------------ families, adjusted p, TOST, power, (e)
+def paired_runs(tmp_path, gaps: dict[str, list[float]], metric="final_val_loss"):
+    runs = []
+    for size, gs in gaps.items():
+        for k, g in enumerate(gs):
+            runs += [run(tmp_path, "full", size, k, **{metric: 4.0 + 0.01 * k}), run(tmp_path, "relora", size, k, **{metric: 4.0 + 0.01 * k + g})]
+    return runs
+
+
+def test_holm_across_primaries_decides_and_both_p_values_are_kept(tmp_path):
+    from scipy import stats as ss
+    from statsmodels.stats.multitest import multipletests
+
+    gaps = {"micro": [-0.05, -0.20, -0.11, -0.30, -0.04], "milli": [0.04, -0.09, 0.05, -0.03, 0.02], "mini": [0.3, 0.1, 0.25, 0.2, 0.15]}
+    runs = paired_runs(tmp_path, gaps)
+    rule = {"id": "a", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "primary": True}
+    res = evaluate_findings(runs, spec(rule))
+    raw = [ss.ttest_1samp(g, 0).pvalue for g in gaps.values()]
+    assert [r["p"] for r in res] == pytest.approx(raw)
+    assert [r["p_adj"] for r in res] == pytest.approx(list(multipletests(raw, method="holm")[1]))
+    assert all(r["family"] == "primary" and r["correction"] == "holm" and r["family_size"] == 3 for r in res)
+    assert raw[0] < 0.05 < res[0]["p_adj"] and res[0]["lo"] < res[0]["hi"] < 0  # the raw interval excludes 0 ...
+    assert res[0]["verdict"] == "inconclusive"  # ... but not after Holm over the three sizes
+    assert res[2]["verdict"] == "confirmed" and res[2]["verdict_text"].startswith("confirmed at ")
+    assert res[1]["verdict"] == "inconclusive" and res[1]["mde"] == pytest.approx(stats.mde(gaps["milli"]))
+    assert "detectable at 80% power" in res[1]["reason"]
+    sec = evaluate_findings(runs, spec({**rule, "primary": False}))  # the same rows as secondaries: Benjamini-Hochberg
+    assert [r["p_adj"] for r in sec] == pytest.approx(list(multipletests(raw, method="fdr_bh")[1]))
+    assert sec[0]["family"] == "secondary (a)" and sec[0]["role"] == "secondary (exploratory)"
+
+
+def test_a_primary_endpoint_needs_five_paired_seeds(tmp_path):
+    runs = paired_runs(tmp_path, {"micro": [0.3, 0.32, 0.31, 0.29]})
+    rule = {"id": "a", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "primary": True}
+    (res,) = evaluate_findings(runs, spec(rule))
+    assert res["p_adj"] < 0.001 and res["verdict"] == "inconclusive" and "needs >= 5 paired seeds" in res["reason"]
+    (sec,) = evaluate_findings(runs, spec({**rule, "primary": False}))
+    assert sec["verdict"] == "confirmed"
+
+
+def test_tost_gives_no_meaningful_difference_within_the_sesoi(tmp_path):
+    from statsmodels.stats.weightstats import ttost_paired
+
+    gaps = [0.004, -0.003, 0.001, 0.002, -0.001, 0.0]
+    runs = paired_runs(tmp_path, {"micro": gaps})
+    rule = {"id": "a", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "primary": True, "sesoi": 0.02}
+    (res,) = evaluate_findings(runs, spec(rule))
+    full = [4.0 + 0.01 * k for k in range(6)]
+    ref = ttost_paired(np.array([f + g for f, g in zip(full, gaps)]), np.array(full), -0.02, 0.02)[0]
+    assert res["tost"]["p"] == pytest.approx(ref, rel=1e-8) and res["verdict"] == "no meaningful difference"
+    assert "no meaningful difference (|effect| < 0.02) at" in res["verdict_text"]
+    (wide,) = evaluate_findings(runs, spec({**rule, "sesoi": 0.0005}))
+    assert wide["verdict"] == "inconclusive"
+
+
+def test_opposite_direction_is_not_reproduced_with_its_scale(tmp_path):
+    runs = paired_runs(tmp_path, {"micro": [-0.3, -0.32, -0.31, -0.29, -0.35]})
+    for r in runs:
+        r.config = {"model": {"vocab_size": 2048, "d_model": 64}, "train": {"max_steps": 400}}
+        r.summary["tokens"] = 655_360
+    rule = {"id": "a", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "primary": True}
+    (res,) = evaluate_findings(runs, spec(rule))
+    body = PARAMS["micro"] - 2 * 2048 * 64
+    assert res["verdict"] == OPPOSITE
+    assert res["verdict_text"] == f"not reproduced at {body / 1e3:.3g}k body parameters, 655k tokens ({655_360 / body:.3g} tokens per " \
+                                  "body parameter): the opposite direction"
+    assert "below -0" not in decide(-0.2, -0.1, "lower", 0.0, 3)[1]
+
+
+def test_finding_e_slope_against_log_tokens_per_body_parameter_with_a_labelled_extrapolation(tmp_path):
+    import statsmodels.api as sm
+
+    runs, xs, means = [], [], []
+    for steps, gs in ((100, [-0.20, -0.25, -0.22, -0.18, -0.21]), (560, [-0.10, -0.14, -0.12, -0.08, -0.11]),
+                      (3200, [-0.03, -0.01, -0.05, -0.02, 0.0])):
+        size = f"micro max_steps={steps}"
+        for k, g in enumerate(gs):
+            for m, v in (("full", 4.0 + 0.01 * k), ("relora", 4.0 + 0.01 * k + g)):
+                d = tmp_path / f"{m}-{steps}-{k}"
+                d.mkdir()
+                runs.append(Run(d, d.name, m, size, k, {"model": {"vocab_size": 2048, "d_model": 64}, "train": {"max_steps": steps}},
+                                {"parameters": PARAMS["micro"], "tokens": steps * 2048, "final_val_loss": v}))
+        xs.append(math.log(steps * 2048 / (PARAMS["micro"] - 2 * 2048 * 64)))
+        means.append(sum(gs) / 5)
+    rule = {"id": "e", "finding": "e", "test": "slope", "axis": "tokens_per_param", "metric": "final_val_loss", "claim": "higher",
+            "primary": True, "extrapolate_to": 25800}
+    (res,) = evaluate_findings(runs, spec(rule))
+    ols = sm.OLS(np.array(means), sm.add_constant(np.array(xs))).fit()
+    assert res["estimate"] == pytest.approx(ols.params[1]) and res["df"] == 1 and res["size"] == "across token budgets"
+    assert res["unit"] == "gap per unit log(tokens per body parameter)" and res["p"] == pytest.approx(ols.pvalues[1])
+    ex = res["extrapolation"]
+    pred = ols.get_prediction(np.array([[1.0, math.log(25800)]])).summary_frame(alpha=0.05)
+    assert ex["estimate"] == pytest.approx(float(pred["mean"].iloc[0])) and ex["lo"] == pytest.approx(float(pred["mean_ci_lower"].iloc[0]))
+    assert ex["label"].startswith("EXTRAPOLATION") and "EXTRAPOLATION" in res["reason"]
+
+
+def test_macro_bits_per_byte_leaves_held_out_domains_out(tmp_path):
+    runs = []
+    for k in range(3):
+        for m, base in (("full", 3.0), ("relora", 3.1)):
+            r = run(tmp_path, m, "micro", k, **{"val_bpb_macro": 9.0, "val_bpb/web": base + 0.01 * k, "val_bpb/austen": base + 0.02 * k * k,
+                                                 "val_bpb/python": 7.0 if m == "full" else 5.0})
+            r.config["data"] = {"eval_only_domains": ["python"]}
+            runs.append(r)
+    (res,) = evaluate_findings(runs, spec({"id": "a", "test": "paired", "metric": "val_bpb_macro", "claim": "higher"}))
+    assert res["estimate"] == pytest.approx(0.1) and "held-out domains left out" in res["sources"][0]
+
+
+def test_two_runs_of_one_seed_are_an_error_not_the_last_one(tmp_path):
+    runs = paired_runs(tmp_path, {"micro": [0.1, 0.2]})
+    runs.append(run(tmp_path, "relora", "mini", 0, final_val_loss=1.0))
+    runs.append(Run(tmp_path / "stray", "stray", "relora", "micro", 0, {}, {"parameters": 1, "final_val_loss": 0.0}))
+    with pytest.raises(ConfigError, match="two runs of relora at micro, seed 0: .* and .*stray"):
+        evaluate_findings(runs, spec({"id": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher"}))

@@ -138,3 +138,11 @@ def test_committed_documents_quote_the_committed_results(doc):
     for m in BLOCK.finditer(text):
         assert (REPO / m.group("dir") / "report.json").is_file(), f"{doc} quotes {m.group('dir')}, which holds no report.json"
     assert sync_docs(REPO / doc, root=REPO, check=True) == [], f"{doc} disagrees with its results; run python -m rankscope.results {doc}"
+
+
+def test_a_preset_with_its_width_overridden_is_another_size():
+    from rankscope.report import size_label
+
+    assert size_label({"preset": "pico-tiny-body", "d_model": 96, "n_layers": 12, "n_heads": 12, "n_kv_heads": 4, "ffn_dim": 384}) == "pico-tiny-body"
+    assert size_label({"preset": "pico-tiny-body", "d_model": 48, "n_layers": 12, "n_heads": 6, "n_kv_heads": 2, "ffn_dim": 192}) == "d48-L12"
+    assert size_label({"preset": "micro"}) == "micro" and size_label({"d_model": 64, "n_layers": 4}) == "d64-L4"

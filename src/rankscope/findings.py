@@ -15,20 +15,29 @@ A study file states its rules before any run (`findings:`; the paper's four find
 
 Tests (rankscope.stats does the arithmetic):
   paired  per size: d_k = metric(method, seed k) - metric(reference, seed k); the mean of d_k and its t interval
-          (bootstrap beside it where n >= 5). Metrics are read as the report reads them (eval.json, else summary.json).
-          With `chance` and `margin`: where both methods' mean lies within `margin` of `chance`, the verdict is
-          inconclusive, "not testable at this scale"; the distance from chance is always stated.
-  slope   across sizes: OLS of every (size, seed) gap d_k on log(parameters of the reference model at that size),
-          t interval with n - 2 degrees of freedom. `claim: higher` means the gap grows with size.
+          (bootstrap beside it where n >= 5). Metrics are read as the report reads them (eval.json, else summary.json);
+          a pair whose values come from different files is "not measured". val_bpb_macro / val_loss_macro average the
+          training domains only (held-out domains, data.eval_only_domains, are left out). With `chance` and `margin`:
+          where both methods' mean lies within `margin` of `chance`, the verdict is inconclusive, "not testable at this
+          scale"; the distance from chance is always stated.
+  slope   across groups (sizes, or token budgets with `axis: tokens_per_param`): one point per group, x = log(body
+          parameters) or log(tokens per body parameter) of the reference runs, y = the mean gap over the group's seeds;
+          OLS with k - 2 degrees of freedom (seed is nested in group), k >= 3 groups. `claim: higher` means the gap grows
+          along x. `extrapolate_to: X` adds the line's value at X with its interval, labelled an extrapolation.
   rank    per size and for each (kind, component) named: from each run's analysis/rank_metrics.parquet
           (`rankscope analyze`), the mean of `metric` over layers, heads and the checkpoints of the phase that both
           runs of the pair have (early: 0 < step <= max_steps / 4; end: the last common checkpoint), then
           d_k = log(mean(method) / mean(reference)) per seed, and its t interval. Non-finite values are left out and
           counted in the row; a (kind, component, metric) the analysis did not measure is reported as "not measured".
 
-Verdict (claim higher; for lower the signs flip): confirmed if the interval's lower end is above `min_effect`
-(default 0), refuted if its upper end is below 0, inconclusive otherwise, and always inconclusive with n < 2.
-Rows whose data are missing get the verdict "not measured" with the reason; no row is dropped.
+Families and verdicts (apply_statistics): each finding pre-registers at most one primary rule (`primary: true`); its rows
+form the primary family, Holm-adjusted across all findings; every other row is secondary (exploratory), adjusted within
+its finding by `secondary_correction` (bh: Benjamini-Hochberg, default; or holm). The verdict uses the adjusted p (alpha =
+1 - confidence): confirmed (the interval also beyond `min_effect`), "not reproduced: opposite direction", "no meaningful
+difference" (TOST against the rule's pre-registered `sesoi`, adjusted in the same family), or inconclusive with the
+minimum detectable effect at 80% power. A primary endpoint needs >= min_primary_seeds (5) paired seeds. A control row
+whose lr equals the main lr is "= main"; it and "not measured" are not verdicts and are not counted as such. Every verdict
+names the scale it was tested at; rows missing data say why; no row is dropped.
 """
 
 from __future__ import annotations
@@ -59,10 +68,11 @@ MIN_PRIMARY_SEEDS = 5
 # Weiss et al. (2025): ReLoRA (a) has higher loss / bits-per-byte, (b) more so at the larger size, (c) lower BLiMP,
 # (d) lower PER and higher condition numbers early in training, for updates and for gradients.
 PAPER_RULES: list[dict[str, Any]] = [
-    {"id": "a-val-loss", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher"},
-    {"id": "a-val-bpb", "finding": "a", "test": "paired", "metric": "val_bpb_macro", "claim": "higher"},
-    {"id": "b-val-loss", "finding": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"},
-    {"id": "c-blimp", "finding": "c", "test": "paired", "metric": "blimp_overall", "claim": "lower", "chance": 0.5, "margin": 0.05},
+    {"id": "a-val-loss", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "primary": True, "sesoi": 0.02},
+    {"id": "a-val-bpb", "finding": "a", "test": "paired", "metric": "val_bpb_macro", "claim": "higher", "sesoi": 0.02},
+    {"id": "b-val-loss", "finding": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher", "primary": True, "sesoi": 0.02},
+    {"id": "c-blimp", "finding": "c", "test": "paired", "metric": "blimp_overall", "claim": "lower", "chance": 0.5, "margin": 0.05,
+     "primary": True, "sesoi": 0.01},
     {"id": "d-per", "finding": "d", "test": "rank", "kind": ["cumulative_update", "grad"], "component": ["wv", "wo", "ov", "w2"],
      "metric": "per", "phase": "early", "claim": "lower"},
     {"id": "d-cond", "finding": "d", "test": "rank", "kind": ["cumulative_update", "grad"], "component": ["wv", "wo", "ov", "w2"],

@@ -110,7 +110,15 @@ def read_sweep_json(path: Path) -> dict[str, Any]:
 
 
 def size_label(model: dict[str, Any]) -> str:
-    return model.get("preset") or f"d{model.get('d_model')}-L{model.get('n_layers')}"
+    """The preset's name where the model is that preset, else its shape (`d48-L12`): a preset with a field overridden (a
+    narrower width at the same depth) is another size, never the preset's."""
+    from rankscope.config import PRESETS
+
+    preset = model.get("preset")
+    body = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+    if preset and all(model.get(k, v) == v for k, v in PRESETS.get(preset, {}).items() if k in body):
+        return preset
+    return f"d{model.get('d_model')}-L{model.get('n_layers')}"
 
 
 def load_run(run_dir: Path) -> Run:
