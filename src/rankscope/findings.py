@@ -765,6 +765,8 @@ def tuning_table(runs: list[Any], tuning: dict[str, Any]) -> dict[str, Any]:
         if conf and conf.get("tried"):
             at = ", ".join(f"{d['value']:g}: {'failed' if d['loss'] is None else format(d['loss'], '.4f')}" for d in conf["tried"])
             confirmed = f"{'same' if conf.get('short_choice') == ct['chosen'] else 'CHANGED'} at the main horizon ({at})"
+        elif not any(o.startswith("train.max_steps=") for o in tuning.get("overrides") or []):
+            confirmed = "tuned at the main horizon"
         else:
             confirmed = "not confirmed at the main horizon"
         rows.append({"label": ct["label"], "cells": [_cell(tried), _cell(losses, [d["run_dir"] for d in ct["tried"]]),
