@@ -22,10 +22,11 @@ The format, with a full example, is documented in docs/studies.md. In short (YAM
       field: train.lr               # tuned on a log grid
       grid: [1.0e-3, 2.0e-3, 4.0e-3]
       cell: [method.name, model.preset]   # fields that define a cell (default: every grid field but train.seed)
-      seed: 0                       # the one seed of the tuning runs (default: the grid's first train.seed)
+      seed: 1000                    # the one seed of the tuning runs (default 1000, outside the main seeds)
       overrides: [train.max_steps=150]    # the short budget
       metric: final_val_loss        # summary.json key, lower is better
       widen: 2                      # automatic widenings per edge, by the grid's end ratio
+      confirm: 2                    # optional: each cell's best 2 values re-run at the main budget; chosen there
     control:                        # optional: ReLoRA at full-rank's tuned value (the paper's convention)
       where: {method.name: relora}
       lr_from: {method.name: full}
