@@ -229,7 +229,7 @@ def test_run_names_and_template(tmp_path, data_dir):
     study = load_study(staged(tmp_path, data_dir, run_name="{method}-s{train.seed}-lr{lr}"))
     run_study(study, launcher=FakeLauncher(), show=lambda *_: None)
     assert "relora-s1-lr1.6e-2" in {p.name for p in study.points if p.stage == "main"}
-    assert "full-s0-lr1e-3" in {p.name for p in study.points if p.stage == "tune"}
+    assert "full-s1000-lr1e-3" in {p.name for p in study.points if p.stage == "tune"}  # the tuning seed: 1000
 
 
 def test_progress_lines_off_a_terminal_count_runs_and_give_an_eta(tmp_path, data_dir):
