@@ -236,8 +236,10 @@ def _span(xs: list[float]) -> str:
     return _si(lo) if _si(lo) == _si(hi) else f"{_si(lo)}-{_si(hi)}"
 
 
-def scale_phrase(runs: list[Any]) -> str:
-    """What a row tested, in words: `0.06M body parameters, 655k tokens (10.6 tokens per body parameter)`."""
+def scale_phrase(runs: list[Any], reference: str | None = None) -> str:
+    """What a row tested, in words: `61.7k body parameters, 655k tokens (10.6 tokens per body parameter)`; parameters are
+    counted on the reference method's runs (an adapter method's count includes its adapters)."""
+    runs = _model_runs(runs, reference)
     bodies = [b for b in map(body_params, runs) if b]
     tokens = [float(r.summary["tokens"]) for r in runs if isinstance(r.summary.get("tokens"), (int, float))]
     parts = []
@@ -257,18 +259,28 @@ PAPER_SCALE = {"body (non-embedding) parameters": "1.62M (pico-tiny), 25.9M (pic
                "ReLoRA cycle length": "2,000 steps (4.19B tokens), 10 cycles"}
 
 
-def scale_box(runs: list[Any]) -> dict[str, Any]:
+def _model_runs(runs: list[Any], reference: str | None) -> list[Any]:
+    """The runs whose parameter count is the model's alone: the reference method's (an adapter method's count includes its
+    adapters), else all."""
+    ref = [r for r in runs if reference and r.method == reference]
+    return ref or runs
+
+
+def scale_box(runs: list[Any], reference: str | None = None) -> dict[str, Any]:
     """This study's scale against the paper's, as a report table: the first thing a findings table is read with."""
     sizes = _sizes(runs)
-    per_size = {s: [r for r in runs if r.size == s] for s in sizes}
+    model_runs = _model_runs(runs, reference)
+    per_size = {s: [r for r in model_runs if r.size == s] for s in sizes}
     bodies = {s: sorted({b for b in map(body_params, rs) if b}) for s, rs in per_size.items()}
     tokens = sorted({int(r.summary["tokens"]) for r in runs if isinstance(r.summary.get("tokens"), (int, float))})
-    per = sorted({float(r.summary["tokens"]) / b for r in runs if (b := body_params(r)) and isinstance(r.summary.get("tokens"), (int, float))})
+    per = sorted({round(float(r.summary["tokens"]) / b, 6) for r in model_runs
+                  if (b := body_params(r)) and isinstance(r.summary.get("tokens"), (int, float))})
     cycles = set()
     for r in runs:
         mcfg, tcfg = (r.config or {}).get("method") or {}, (r.config or {}).get("train") or {}
-        if mcfg.get("name") == "relora" and mcfg.get("reset_every"):
-            every, steps = int(mcfg["reset_every"]), int(tcfg.get("max_steps") or 0)
+        every = (mcfg.get("relora") or {}).get("reset_every") or mcfg.get("reset_every")  # nested (today) or flat (older runs)
+        if mcfg.get("name") == "relora" and every:
+            every, steps = int(every), int(tcfg.get("max_steps") or 0)
             tok = every * int(tcfg.get("batch_size") or 0) * int(tcfg.get("seq_len") or 0)
             cycles.add(f"{every} steps ({_si(tok)} tokens), {steps // every if every else 0} cycles")
     ours = {"body (non-embedding) parameters": ", ".join(f"{_si(b[0])} ({s})" for s, b in bodies.items() if b) or "-",
@@ -547,7 +559,7 @@ def apply_statistics(rows: list[dict[str, Any]], spec: dict[str, Any], runs: lis
     for run in runs or []:
         by_size.setdefault(run.size, []).append(run)
     for r in rows:
-        scale = scale_phrase(by_size.get(r["size"], runs or []) if r["test"] != "slope" else runs or [])
+        scale = scale_phrase(by_size.get(r["size"], runs or []) if r["test"] != "slope" else runs or [], r.get("reference"))
         r["scale"] = scale
         if r["verdict"] in NOT_A_VERDICT:
             r["verdict_text"] = r["verdict"]
@@ -794,7 +806,7 @@ def findings_tables(runs: list[Any], sweep: dict[str, Any] | None, results: list
     tables = []
     results = study_findings(runs, sweep) if results is None else results
     if results:
-        tables.append(scale_box(runs))
+        tables.append(scale_box(runs, results[0].get("reference")))
         rows = []
         for r in results:
             iv = (r["lo"], r["hi"]) if r["lo"] is not None else None
