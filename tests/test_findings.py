@@ -351,7 +351,7 @@ def test_tost_gives_no_meaningful_difference_within_the_sesoi(tmp_path):
     full = [4.0 + 0.01 * k for k in range(6)]
     ref = ttost_paired(np.array([f + g for f, g in zip(full, gaps)]), np.array(full), -0.02, 0.02)[0]
     assert res["tost"]["p"] == pytest.approx(ref, rel=1e-8) and res["verdict"] == "no meaningful difference"
-    assert "no meaningful difference (|effect| < 0.02) at" in res["verdict_text"]
+    assert "no meaningful difference (within ±0.02) at" in res["verdict_text"]
     (wide,) = evaluate_findings(runs, spec({**rule, "sesoi": 0.0005}))
     assert wide["verdict"] == "inconclusive"
 

@@ -476,7 +476,7 @@ def _slope(runs, rule, row, method, ref, same=None) -> dict[str, Any]:
     row.update({"n": iv.n, "per_seed": {}, "points": points, "seeds_per_group": min(seeds), "df": iv.df, "stderr": iv.stderr,
                 "group_means": [{"group": g, "x": x, "mean_gap": m, "seeds": n} for g, x, m, n in fit.points],
                 "estimate": iv.estimate, "lo": iv.lo, "hi": iv.hi, "interval": f"ols-t on {iv.n} group means, {iv.df} df", "bootstrap": None,
-                "verdict": verdict, "reason": reason + f" (slope of the {method} - {ref} gap per unit {unit}; {iv.n} groups of "
+                "verdict": verdict, "reason": reason + f" (slope of the {method} - {ref} gap per unit {unit}, {iv.n} groups of "
                                                        f"{min(seeds)}-{max(seeds)} seeds, {iv.df} df)", "sources": sources, "p_fit": fit.p})
     if rule.get("extrapolate_to"):
         x0 = math.log(float(rule["extrapolate_to"]))
@@ -566,7 +566,7 @@ def apply_statistics(rows: list[dict[str, Any]], spec: dict[str, Any], runs: lis
             continue
         _decide_adjusted(r, alpha, spec["min_primary_seeds"])
         r["verdict_text"] = {"confirmed": f"confirmed at {scale}", OPPOSITE: f"not reproduced at {scale}: the opposite direction",
-                             EQUIVALENT: f"no meaningful difference (|effect| < {r.get('sesoi') or 0:g}) at {scale}"}.get(
+                             EQUIVALENT: f"no meaningful difference (within ±{r.get('sesoi') or 0:g}) at {scale}"}.get(
                                  r["verdict"], f"{r['verdict']} at {scale}" if r["verdict"].startswith("confirmed") else r["verdict"])
     return rows
 
@@ -602,10 +602,10 @@ def _decide_adjusted(r: dict[str, Any], alpha: float, min_seeds: int) -> None:
         r["reason"] = f"{ptxt}; the interval lies on the other side of 0" + _tail(r["reason"])
     elif r["tost"] and r["tost"].get("p_adj") is not None and r["tost"]["p_adj"] < alpha:
         r["verdict"] = EQUIVALENT
-        r["reason"] = f"TOST p = {r['tost']['p']:.3g}, adjusted {r['tost']['p_adj']:.3g}: |effect| < sesoi {r['sesoi']:g}; {ptxt}"
+        r["reason"] = f"TOST p = {r['tost']['p']:.3g}, adjusted {r['tost']['p_adj']:.3g}: the effect lies within ±{r['sesoi']:g} (sesoi); {ptxt}"
     else:
         r["verdict"] = "inconclusive"
-        mde = f"; detectable at 80% power: |effect| >= {r['mde']:.3g}" if r.get("mde") is not None else ""
+        mde = f"; detectable at 80% power: effects of {r['mde']:.3g} or more" if r.get("mde") is not None else ""
         sesoi = "" if r.get("sesoi") else "; no sesoi pre-registered, so no equivalence test"
         r["reason"] = f"{ptxt}, not below {alpha:g}{mde}{sesoi}" + _tail(r["reason"])
 
@@ -722,7 +722,8 @@ def _what(r: dict[str, Any]) -> str:
     if r["test"] == "rank":
         return f"({r['finding']}) {r['metric']} of {r['kind']} {r['component']}, {r['phase']}: log({r['method']} / {r['reference']})"
     if r["test"] == "slope":
-        return f"({r['finding']}) slope of {r['metric']} gap ({r['method']} - {r['reference']}) vs log(params)"
+        x = "log(tokens per body parameter)" if r.get("axis") == "tokens_per_param" else "log(body parameters)"
+        return f"({r['finding']}) slope of {r['metric']} gap ({r['method']} - {r['reference']}) vs {x}"
     return f"({r['finding']}) {r['metric']}: {r['method']} - {r['reference']}"
 
 
@@ -787,7 +788,9 @@ def tuning_table(runs: list[Any], tuning: dict[str, Any]) -> dict[str, Any]:
     seeds = sorted({r.seed for r in runs})
     leak = (f"; the tuning seed {tuning['seed']} IS a main seed (the choice saw that seed's data)" if tuning.get("seed") in seeds
             else f"; tuning seed {tuning.get('seed')} is not a main seed")
-    horizon = (f"tuning horizon {steps_tune} steps, main horizon {steps_main} steps" if steps_tune and steps_main else "main budget")
+    short = any(o.startswith("train.max_steps=") for o in tuning.get("overrides") or [])
+    horizon = (f"tuning horizon {steps_tune} steps, main horizon {steps_main} steps" if short and steps_main
+               else "tuned at each cell's main horizon")
     return {"title": f"Tuned {tuning['field']} per cell ({horizon}{leak}; lowest {tuning['metric']} from summary.json)",
             "columns": ["cell", "values tried", tuning["metric"], "chosen", "position", "at the main horizon"], "rows": rows,
             "formats": [_text, _text, lambda x: f"{x:g}", _text, _text], "horizon": {"tune_steps": steps_tune, "main_steps": steps_main},
