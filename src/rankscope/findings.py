@@ -612,7 +612,12 @@ def _decide_adjusted(r: dict[str, Any], alpha: float, min_seeds: int) -> None:
 
 def _tail(reason: str) -> str:
     """What a row's reason adds beyond the interval rule (ratios, notes, rank bounds, distance from chance)."""
-    parts = [p for p in reason.split("; ") if p and not p.startswith(("the interval", "n = "))]
+    parts = []
+    for p in reason.split("; "):
+        if p.startswith(("the interval", "n = ")):
+            p = p[p.index("("):] if "(" in p else ""  # the interval rule's words go; what it says in brackets stays
+        if p:
+            parts.append(p)
     return ("; " + "; ".join(parts)) if parts else ""
 
 
