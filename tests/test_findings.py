@@ -7,7 +7,7 @@ import pytest
 
 from rankscope import stats
 from rankscope.errors import ConfigError
-from rankscope.findings import OPPOSITE, PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings
+from rankscope.findings import OPPOSITE, PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings, verdict_counts
 from rankscope.report import Run, _md_table, table_view
 
 PARAMS = {"micro": 508_480, "milli": 1_070_112, "mini": 2_524_800}
@@ -415,3 +415,29 @@ def test_two_runs_of_one_seed_are_an_error_not_the_last_one(tmp_path):
     runs.append(Run(tmp_path / "stray", "stray", "relora", "micro", 0, {}, {"parameters": 1, "final_val_loss": 0.0}))
     with pytest.raises(ConfigError, match="two runs of relora at micro, seed 0: .* and .*stray"):
         evaluate_findings(runs, spec({"id": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher"}))
+
+
+def test_controls_at_the_main_lr_are_not_a_second_test_and_stand_in_for_the_control_slope(tmp_path):
+    """Control runs whose lr equals the main runs' are the same runs: their paired rows read "= main" and are not counted,
+    and the control's slope uses the main runs at those sizes (one copy, not two)."""
+    gaps = {"micro": [0.10, 0.12, 0.11, 0.13, 0.09], "milli": [0.14, 0.19, 0.15, 0.16, 0.2], "mini": [0.20, 0.25, 0.22, 0.3, 0.21]}
+    runs = paired_runs(tmp_path, gaps)
+    for r in runs:
+        r.config["train"]["lr"] = 2e-3 if r.method == "full" or r.size != "mini" else 8e-3
+    for k in range(5):  # ReLoRA at full-rank's lr: a real second run only at mini, where the lrs differ
+        for size in gaps:
+            d = tmp_path / f"control-{size}-{k}"
+            d.mkdir()
+            runs.append(Run(d, d.name, "relora (control)", size, k, {"train": {"max_steps": 400, "lr": 2e-3}},
+                            {"parameters": PARAMS[size], "final_val_loss": 4.0 + 0.01 * k + (gaps[size][k] if size != "mini" else 0.5)}))
+    rules = [{"id": "a-c", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "method": "relora (control)"},
+             {"id": "b-c", "finding": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher", "method": "relora (control)"}]
+    res = evaluate_findings(runs, spec(*rules))
+    rows = {(r["id"], r["size"]): r for r in res}
+    assert rows[("a-c", "micro")]["verdict"] == rows[("a-c", "milli")]["verdict"] == "= main"
+    assert "equals the main lr" in rows[("a-c", "micro")]["reason"] and rows[("a-c", "mini")]["verdict"] != "= main"
+    slope = rows[("b-c", "across sizes")]
+    means = {g["group"]: g["mean_gap"] for g in slope["group_means"]}
+    assert means["micro"] == pytest.approx(sum(gaps["micro"]) / 5) and means["mini"] == pytest.approx(0.5)
+    assert "b-c (b, secondary): inconclusive 1" in verdict_counts(res) or "b-c (b, secondary): confirmed 1" in verdict_counts(res)
+    assert "(not a verdict: = main 2)" in verdict_counts(res)
