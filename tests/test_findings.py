@@ -2,13 +2,15 @@ import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 
+from rankscope import stats
 from rankscope.errors import ConfigError
-from rankscope.findings import PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings
+from rankscope.findings import OPPOSITE, PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings, verdict_counts
 from rankscope.report import Run, _md_table, table_view
 
-PARAMS = {"micro": 508_480, "mini": 2_524_800}
+PARAMS = {"micro": 508_480, "milli": 1_070_112, "mini": 2_524_800}
 
 
 def run(tmp_path, method, size, seed, **summary):
@@ -27,7 +29,7 @@ def spec(*rules, **extra):
     [
         (0.01, 0.2, "higher", 0.0, "confirmed"),
         (0.0, 0.2, "higher", 0.0, "inconclusive"),  # touching 0 is not "entirely above"
-        (-0.2, -0.01, "higher", 0.0, "refuted"),
+        (-0.2, -0.01, "higher", 0.0, OPPOSITE),
         (-0.2, 0.0, "higher", 0.0, "inconclusive"),
         (-0.1, 0.1, "higher", 0.0, "inconclusive"),
         (0.05, 0.2, "higher", 0.05, "inconclusive"),  # at the minimum effect: not beyond it
@@ -35,7 +37,7 @@ def spec(*rules, **extra):
         (0.01, 0.2, "higher", 0.05, "inconclusive"),  # above 0, not above the minimum effect
         (-0.2, -0.01, "lower", 0.0, "confirmed"),
         (-0.2, 0.0, "lower", 0.0, "inconclusive"),
-        (0.0001, 0.2, "lower", 0.0, "refuted"),
+        (0.0001, 0.2, "lower", 0.0, OPPOSITE),
         (-0.2, -0.05, "lower", 0.05, "inconclusive"),
         (-0.2, -0.0501, "lower", 0.05, "confirmed"),
     ],
@@ -63,7 +65,7 @@ def test_paired_rule_confirms_refutes_and_matches_the_t_interval(tmp_path):
     assert res["verdict"] == "confirmed" and res["n"] == 3
     assert (res["lo"], res["hi"]) == pytest.approx((ci.low, ci.high)) and res["per_seed"]["1"] == pytest.approx(0.09)
     (res,) = evaluate_findings(runs, spec({**higher, "claim": "lower"}))
-    assert res["verdict"] == "refuted"
+    assert res["verdict"] == OPPOSITE
     (res,) = evaluate_findings(runs, spec({**higher, "min_effect": 0.5}))
     assert res["verdict"] == "inconclusive"
 
@@ -96,23 +98,24 @@ def test_blimp_near_chance_is_not_testable(tmp_path, full, rel, verdict):
 
 
 # ------------------------------------------------------------------ slope
-def test_slope_rule_against_linregress(tmp_path):
+def test_slope_rule_fits_size_means_with_their_true_degrees_of_freedom(tmp_path):
+    """Seeds are nested in sizes: the slope is fitted to one mean gap per size (k - 2 df), not to every (size, seed) gap."""
     from scipy import stats as ss
 
-    gaps = {"micro": [0.10, 0.12, 0.11], "mini": [0.20, 0.25, 0.22]}
+    gaps = {"micro": [0.10, 0.12, 0.11], "milli": [0.14, 0.19, 0.15], "mini": [0.20, 0.25, 0.22]}
     runs = []
     for size, gs in gaps.items():
         for k, g in enumerate(gs):
             runs += [run(tmp_path, "full", size, k, final_val_loss=4.0), run(tmp_path, "relora", size, k, final_val_loss=4.0 + g)]
-    (res,) = evaluate_findings(runs, spec({"id": "b", "finding": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"}))
-    x = [math.log(PARAMS[s]) for s in gaps for _ in range(3)]
-    fit = ss.linregress(x, [g for gs in gaps.values() for g in gs])
-    half = ss.t.ppf(0.975, 4) * fit.stderr
+    rule = {"id": "b", "finding": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"}
+    (res,) = evaluate_findings(runs, spec(rule))
+    x = [math.log(PARAMS[s]) for s in gaps]
+    fit = ss.linregress(x, [sum(gs) / 3 for gs in gaps.values()])
+    half = ss.t.ppf(0.975, 1) * fit.stderr
     assert res["estimate"] == pytest.approx(fit.slope) and (res["lo"], res["hi"]) == pytest.approx((fit.slope - half, fit.slope + half))
-    assert res["verdict"] == "confirmed" and res["n"] == 6
-    slope = {"id": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"}
-    (one,) = evaluate_findings([r for r in runs if r.size == "micro"], spec(slope))
-    assert one["verdict"] == "not measured" and "2 or more sizes" in one["reason"]
+    assert res["n"] == 3 and res["df"] == 1 and res["p"] == pytest.approx(fit.pvalue) and res["unit"] == "gap per unit log(body parameters)"
+    (two,) = evaluate_findings([r for r in runs if r.size != "milli"], spec(rule))
+    assert two["verdict"] == "not measured" and "3 or more sizes" in two["reason"]
 
 
 # ------------------------------------------------------------------ rank rules
@@ -216,14 +219,18 @@ def test_findings_tables_render_in_the_report_format(tmp_path):
                                    "tried": [{"value": 1e-3, "loss": 4.2, "run_dir": "a"}, {"value": 2e-3, "loss": None, "run_dir": "b"}],
                                    "chosen": 1e-3, "position": "edge", "edge_side": "low"}]}}
     tables = findings_tables(runs, sweep)
-    assert [t["title"].split(":")[0].split(" ")[0] for t in tables] == ["Findings", "Tuned", "Paired"]
+    assert [t["title"].split(":")[0].split(" ")[0] for t in tables] == ["Scale", "Findings", "Tuned", "Paired"]
     for t in tables:
         assert all(len(r["cells"]) == len(t["formats"]) == len(t["columns"]) - 1 for r in t["rows"])
         table_view(t), _md_table(t)  # both renderers take every table
-    md = _md_table(tables[0])
-    assert tables[0]["note"].startswith("At a glance") and "confirmed 1" in tables[0]["note"]
-    assert "confirmed" in md and "not measured" in md  # bits-per-byte was not measured in these runs
-    assert "failed" in _md_table(tables[1]) and "edge (low end" in _md_table(tables[1])
+    md = _md_table(tables[1])
+    note = tables[1]["note"]
+    assert "At a glance" in note and "a-val-loss (a, primary): inconclusive 1" in note and "(not a verdict: not measured 1)" in note
+    assert "a primary endpoint needs >= 5 paired seeds" in md and "not measured" in md  # 3 seeds; bpb was not measured
+    assert "failed" in _md_table(tables[2]) and "edge (low end" in _md_table(tables[2])
+    assert "tuning horizon 150 steps, main horizon 400 steps" in tables[2]["title"] and "IS a main seed" in tables[2]["title"]
+    assert "not confirmed at the main horizon" in _md_table(tables[2])
+    assert "25,800" in _md_table(tables[0])
     assert findings_tables(runs, None) == []
 
 
@@ -250,7 +257,7 @@ def test_report_puts_findings_first_and_reads_stages_from_sweep_json(tmp_path):
         cfg = {"model": {"preset": size}, "method": {"name": method}, "train": train}
         (d / "config.yaml").write_text(yaml.safe_dump(cfg))
         gap = 0.1 * (method == "relora") * (1 + (size == "mini"))  # a gap that doubles with size
-        loss = 4.0 - 0.3 * (size == "mini") + gap + 0.01 * seed + 0.05 * (stage == "control")
+        loss = 4.0 - 0.3 * (size == "mini") + gap + 0.01 * seed + 0.05 * (stage == "control") + 0.004 * seed ** 2 * (method == "relora")
         (d / "summary.json").write_text(json.dumps({"steps": 8, "final_val_loss": loss, "parameters": PARAMS[size]}))
         points.append(Point(name, {"method.name": method}, cfg, d, status="done", stage=stage))
     control_rule = {"id": "a-control", "finding": "a", "test": "paired", "claim": "higher", "metric": "final_val_loss", "method": "relora (control)"}
@@ -265,19 +272,21 @@ def test_report_puts_findings_first_and_reads_stages_from_sweep_json(tmp_path):
     out = tmp_path / "report"
     write_report([root], out, log=lambda *_: None)
     data = json.loads((out / "report.json").read_text())
-    assert data["tables"][0]["title"].startswith("Findings") and data["tables"][1]["title"].startswith("Tuned train.lr")
+    assert data["tables"][0]["title"].startswith("Scale") and data["tables"][1]["title"].startswith("Findings")
+    assert data["tables"][2]["title"].startswith("Tuned train.lr")
     assert {r["method"] for r in data["runs"]} == {"full", "relora", "relora (control)"} and len(data["runs"]) == 14
     assert {r["size"] for r in data["runs"]} == {"micro", "mini"}  # the tuned lr is not a dimension
     verdicts = {(r["id"], r["size"]): r["verdict"] for r in data["study_findings"]}
-    assert verdicts[("a-val-loss", "micro")] == verdicts[("a-val-loss", "mini")] == "confirmed"
-    assert verdicts[("a-val-bpb", "micro")] == "not measured" and verdicts[("b-val-loss", "across sizes")] == "confirmed"
+    # the paper's (a) is a primary endpoint: 3 seeds are too few for a verdict, however clear the interval
+    assert verdicts[("a-val-loss", "micro")] == verdicts[("a-val-loss", "mini")] == "inconclusive"
+    assert verdicts[("a-val-bpb", "micro")] == "not measured" and verdicts[("b-val-loss", "across sizes")] == "not measured"
     assert verdicts[("a-control", "micro")] == "confirmed" and verdicts[("a-control", "mini")] == "not measured"
     html = (out / "report.html").read_text()
     assert html.index("Findings: pre-registered") < html.index("Headline")
 
 
-def test_a_pair_of_different_estimates_is_flagged(tmp_path):
-    """eval.json (every held-out document) for one run and the in-training summary.json for its partner: the row says so."""
+def test_a_pair_of_different_estimates_is_not_measured(tmp_path):
+    """eval.json (every held-out document) for one run and the in-training summary.json for its partner: not a difference."""
     runs = []
     for k in range(3):
         f, r = run(tmp_path, "full", "micro", k, val_bpb_macro=3.0 + 0.01 * k), run(tmp_path, "relora", "micro", k, val_bpb_macro=2.9)
@@ -286,8 +295,169 @@ def test_a_pair_of_different_estimates_is_flagged(tmp_path):
         runs += [f, r]
     rule = {"id": "a", "test": "paired", "metric": "val_bpb_macro", "claim": "higher"}
     (res,) = evaluate_findings(runs, spec(rule))
-    assert "WARNING: values mix estimates from eval.json and summary.json" in res["reason"]
+    assert res["verdict"] == "not measured" and "mix estimates from eval.json and summary.json" in res["reason"]
     for r in runs:
         r.eval = {}
     (res,) = evaluate_findings(runs, spec(rule))
-    assert "WARNING" not in res["reason"]
+    assert res["verdict"] != "not measured" and "mix" not in res["reason"]
+
+
+# ------------------------------------------------------------------ families, adjusted p, TOST, power, (e)
+def paired_runs(tmp_path, gaps: dict[str, list[float]], metric="final_val_loss"):
+    runs = []
+    for size, gs in gaps.items():
+        for k, g in enumerate(gs):
+            runs += [run(tmp_path, "full", size, k, **{metric: 4.0 + 0.01 * k}), run(tmp_path, "relora", size, k, **{metric: 4.0 + 0.01 * k + g})]
+    return runs
+
+
+def test_holm_across_primaries_decides_and_both_p_values_are_kept(tmp_path):
+    from scipy import stats as ss
+    from statsmodels.stats.multitest import multipletests
+
+    gaps = {"micro": [-0.05, -0.20, -0.11, -0.30, -0.04], "milli": [0.04, -0.09, 0.05, -0.03, 0.02], "mini": [0.3, 0.1, 0.25, 0.2, 0.15]}
+    runs = paired_runs(tmp_path, gaps)
+    rule = {"id": "a", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "primary": True}
+    res = evaluate_findings(runs, spec(rule))
+    raw = [ss.ttest_1samp(g, 0).pvalue for g in gaps.values()]
+    assert [r["p"] for r in res] == pytest.approx(raw)
+    assert [r["p_adj"] for r in res] == pytest.approx(list(multipletests(raw, method="holm")[1]))
+    assert all(r["family"] == "primary" and r["correction"] == "holm" and r["family_size"] == 3 for r in res)
+    assert raw[0] < 0.05 < res[0]["p_adj"] and res[0]["lo"] < res[0]["hi"] < 0  # the raw interval excludes 0 ...
+    assert res[0]["verdict"] == "inconclusive"  # ... but not after Holm over the three sizes
+    assert res[2]["verdict"] == "confirmed" and res[2]["verdict_text"].startswith("confirmed at ")
+    assert res[1]["verdict"] == "inconclusive" and res[1]["mde"] == pytest.approx(stats.mde(gaps["milli"]))
+    assert "detectable at 80% power" in res[1]["reason"]
+    sec = evaluate_findings(runs, spec({**rule, "primary": False}))  # the same rows as secondaries: Benjamini-Hochberg
+    assert [r["p_adj"] for r in sec] == pytest.approx(list(multipletests(raw, method="fdr_bh")[1]))
+    assert sec[0]["family"] == "secondary (a)" and sec[0]["role"] == "secondary (exploratory)"
+
+
+def test_a_primary_endpoint_needs_five_paired_seeds(tmp_path):
+    runs = paired_runs(tmp_path, {"micro": [0.3, 0.32, 0.31, 0.29]})
+    rule = {"id": "a", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "primary": True}
+    (res,) = evaluate_findings(runs, spec(rule))
+    assert res["p_adj"] < 0.001 and res["verdict"] == "inconclusive" and "needs >= 5 paired seeds" in res["reason"]
+    (sec,) = evaluate_findings(runs, spec({**rule, "primary": False}))
+    assert sec["verdict"] == "confirmed"
+
+
+def test_tost_gives_no_meaningful_difference_within_the_sesoi(tmp_path):
+    from statsmodels.stats.weightstats import ttost_paired
+
+    gaps = [0.004, -0.003, 0.001, 0.002, -0.001, 0.0]
+    runs = paired_runs(tmp_path, {"micro": gaps})
+    rule = {"id": "a", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "primary": True, "sesoi": 0.02}
+    (res,) = evaluate_findings(runs, spec(rule))
+    full = [4.0 + 0.01 * k for k in range(6)]
+    ref = ttost_paired(np.array([f + g for f, g in zip(full, gaps)]), np.array(full), -0.02, 0.02)[0]
+    assert res["tost"]["p"] == pytest.approx(ref, rel=1e-8) and res["verdict"] == "no meaningful difference"
+    assert "no meaningful difference (within ±0.02) at" in res["verdict_text"]
+    (wide,) = evaluate_findings(runs, spec({**rule, "sesoi": 0.0005}))
+    assert wide["verdict"] == "inconclusive"
+
+
+def test_opposite_direction_is_not_reproduced_with_its_scale(tmp_path):
+    runs = paired_runs(tmp_path, {"micro": [-0.3, -0.32, -0.31, -0.29, -0.35]})
+    for r in runs:
+        r.config = {"model": {"vocab_size": 2048, "d_model": 64}, "train": {"max_steps": 400}}
+        r.summary["tokens"] = 655_360
+    rule = {"id": "a", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "primary": True}
+    (res,) = evaluate_findings(runs, spec(rule))
+    body = PARAMS["micro"] - 2 * 2048 * 64
+    assert res["verdict"] == OPPOSITE
+    assert res["verdict_text"] == f"not reproduced at {body / 1e3:.3g}k body parameters, 655k tokens ({655_360 / body:.3g} tokens per " \
+                                  "body parameter): the opposite direction"
+    assert "below -0" not in decide(-0.2, -0.1, "lower", 0.0, 3)[1]
+
+
+def test_finding_e_slope_against_log_tokens_per_body_parameter_with_a_labelled_extrapolation(tmp_path):
+    from statsmodels.regression.linear_model import OLS
+    from statsmodels.tools.tools import add_constant
+
+    runs, xs, means = [], [], []
+    for steps, gs in ((100, [-0.20, -0.25, -0.22, -0.18, -0.21]), (560, [-0.10, -0.14, -0.12, -0.08, -0.11]),
+                      (3200, [-0.03, -0.01, -0.05, -0.02, 0.0])):
+        size = f"micro max_steps={steps}"
+        for k, g in enumerate(gs):
+            for m, v in (("full", 4.0 + 0.01 * k), ("relora", 4.0 + 0.01 * k + g)):
+                d = tmp_path / f"{m}-{steps}-{k}"
+                d.mkdir()
+                runs.append(Run(d, d.name, m, size, k, {"model": {"vocab_size": 2048, "d_model": 64}, "train": {"max_steps": steps}},
+                                {"parameters": PARAMS["micro"], "tokens": steps * 2048, "final_val_loss": v}))
+        xs.append(math.log(steps * 2048 / (PARAMS["micro"] - 2 * 2048 * 64)))
+        means.append(sum(gs) / 5)
+    rule = {"id": "e", "finding": "e", "test": "slope", "axis": "tokens_per_param", "metric": "final_val_loss", "claim": "higher",
+            "primary": True, "extrapolate_to": 25800}
+    (res,) = evaluate_findings(runs, spec(rule))
+    ols = OLS(np.array(means), add_constant(np.array(xs))).fit()
+    assert res["estimate"] == pytest.approx(ols.params[1]) and res["df"] == 1 and res["size"] == "across token budgets"
+    assert res["unit"] == "gap per unit log(tokens per body parameter)" and res["p"] == pytest.approx(ols.pvalues[1])
+    ex = res["extrapolation"]
+    pred = ols.get_prediction(np.array([[1.0, math.log(25800)]])).summary_frame(alpha=0.05)
+    assert ex["estimate"] == pytest.approx(float(pred["mean"].iloc[0])) and ex["lo"] == pytest.approx(float(pred["mean_ci_lower"].iloc[0]))
+    assert ex["label"].startswith("EXTRAPOLATION") and "EXTRAPOLATION" in res["reason"]
+
+
+def test_macro_bits_per_byte_leaves_held_out_domains_out(tmp_path):
+    runs = []
+    for k in range(3):
+        for m, base in (("full", 3.0), ("relora", 3.1)):
+            r = run(tmp_path, m, "micro", k, **{"val_bpb_macro": 9.0, "val_bpb/web": base + 0.01 * k, "val_bpb/austen": base + 0.02 * k * k,
+                                                 "val_bpb/python": 7.0 if m == "full" else 5.0})
+            r.config["data"] = {"eval_only_domains": ["python"]}
+            runs.append(r)
+    (res,) = evaluate_findings(runs, spec({"id": "a", "test": "paired", "metric": "val_bpb_macro", "claim": "higher"}))
+    assert res["estimate"] == pytest.approx(0.1) and "held-out domains left out" in res["sources"][0]
+
+
+def test_two_runs_of_one_seed_are_an_error_not_the_last_one(tmp_path):
+    runs = paired_runs(tmp_path, {"micro": [0.1, 0.2]})
+    runs.append(run(tmp_path, "relora", "mini", 0, final_val_loss=1.0))
+    runs.append(Run(tmp_path / "stray", "stray", "relora", "micro", 0, {}, {"parameters": 1, "final_val_loss": 0.0}))
+    with pytest.raises(ConfigError, match="two runs of relora at micro, seed 0: .* and .*stray"):
+        evaluate_findings(runs, spec({"id": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher"}))
+
+
+def test_controls_at_the_main_lr_are_not_a_second_test_and_stand_in_for_the_control_slope(tmp_path):
+    """Control runs whose lr equals the main runs' are the same runs: their paired rows read "= main" and are not counted,
+    and the control's slope uses the main runs at those sizes (one copy, not two)."""
+    gaps = {"micro": [0.10, 0.12, 0.11, 0.13, 0.09], "milli": [0.14, 0.19, 0.15, 0.16, 0.2], "mini": [0.20, 0.25, 0.22, 0.3, 0.21]}
+    runs = paired_runs(tmp_path, gaps)
+    for r in runs:
+        r.config["train"]["lr"] = 2e-3 if r.method == "full" or r.size != "mini" else 8e-3
+    for k in range(5):  # ReLoRA at full-rank's lr: a real second run only at mini, where the lrs differ
+        for size in gaps:
+            d = tmp_path / f"control-{size}-{k}"
+            d.mkdir()
+            runs.append(Run(d, d.name, "relora (control)", size, k, {"train": {"max_steps": 400, "lr": 2e-3}},
+                            {"parameters": PARAMS[size], "final_val_loss": 4.0 + 0.01 * k + (gaps[size][k] if size != "mini" else 0.5)}))
+    rules = [{"id": "a-c", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "method": "relora (control)"},
+             {"id": "b-c", "finding": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher", "method": "relora (control)"}]
+    res = evaluate_findings(runs, spec(*rules))
+    rows = {(r["id"], r["size"]): r for r in res}
+    assert rows[("a-c", "micro")]["verdict"] == rows[("a-c", "milli")]["verdict"] == "= main"
+    assert "equals the main lr" in rows[("a-c", "micro")]["reason"] and rows[("a-c", "mini")]["verdict"] != "= main"
+    slope = rows[("b-c", "across sizes")]
+    means = {g["group"]: g["mean_gap"] for g in slope["group_means"]}
+    assert means["micro"] == pytest.approx(sum(gaps["micro"]) / 5) and means["mini"] == pytest.approx(0.5)
+    assert "b-c (b, secondary): inconclusive 1" in verdict_counts(res) or "b-c (b, secondary): confirmed 1" in verdict_counts(res)
+    assert "(not a verdict: = main 2)" in verdict_counts(res)
+
+
+def test_gradient_and_cross_object_rows_are_adjusted_apart_and_counted_apart():
+    from rankscope.findings import _family, verdict_counts
+
+    upd = {"id": "d-per", "finding": "d", "primary": False, "verdict": "confirmed", "counts_toward_verdict": True}
+    grad = {"id": "d-per", "finding": "d", "primary": False, "verdict": "confirmed", "counts_toward_verdict": False, "object": "gradient"}
+    assert _family(upd) == "secondary (d)" and _family(grad).startswith("not counted (d, gradient")
+    line = verdict_counts([upd, grad])
+    assert "confirmed 1" in line and "not counted: confirmed 1" in line
+    assert line.index("not counted") > line.index("(not a verdict")  # the gradient row sits apart from the verdicts
+
+
+def test_a_gradient_rule_cannot_be_the_primary_endpoint():
+    rule = {"id": "d-grad", "finding": "d", "test": "rank", "metric": "per", "claim": "lower", "kind": "grad",
+            "component": "attn.v", "primary": True}
+    with pytest.raises(ConfigError, match="cannot be the primary endpoint"):
+        validate_findings({"method": "relora", "reference": "full", "rules": [rule]})

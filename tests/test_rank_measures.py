@@ -178,7 +178,7 @@ def test_rank_matched_rule_truncates_the_reference_to_the_methods_numerical_rank
         want.append(math.log(np.mean(mr) / np.mean(tr)))
     (res,) = evaluate_findings(runs, rule(test="rank-matched"))
     assert [res["per_seed"][str(k)] for k in range(3)] == pytest.approx(want, rel=1e-12)
-    assert res["object"] == "update vs rank-matched update" and "rank-matched full" in findings_tables(runs, None, [res])[0]["rows"][0]["label"]
+    assert res["object"] == "update vs rank-matched update" and "rank-matched full" in findings_tables(runs, None, [res])[1]["rows"][0]["label"]
     assert res["verdict"] != "confirmed (implied by the rank bound)"  # the point of the control: no bound shortcut
     (gone,) = evaluate_findings(runs, rule(test="rank-matched", kind="cumulative_update"))
     assert gone["verdict"] == "not measured"
@@ -312,7 +312,7 @@ def test_the_paper_comparison_row_on_a_tiny_pair_of_runs(pair):
     assert row["per_seed"]["0"] == pytest.approx(math.log(mine / theirs), rel=1e-6)
     assert row["object"] == "cycle_update vs grad" and row["counts_toward_verdict"] is False
     assert "as the paper measured it" in row["reason"] and "two different objects" in row["reason"]
-    assert "as the paper measured it" in findings_tables(pair, None, [row])[0]["rows"][0]["label"]
+    assert "as the paper measured it" in findings_tables(pair, None, [row])[1]["rows"][0]["label"]
     # ReLoRA's update over the window (10, 20] is one cycle (a checkpoint at each cycle end), and it is that cycle's s*B*A
     (upd_row,) = evaluate_findings(pair, validate_findings({"rules": [{**paper, "id": "u", "kind": "update", "component": "wv",
                                                                        "phase": "end"}]}))

@@ -64,3 +64,57 @@ def test_slope_without_enough_points():
     assert stats.slope_interval([1.0, 1.0, 1.0], [0.1, 0.2, 0.3]).estimate is None  # one size: no slope
     two = stats.slope_interval([1.0, 2.0], [0.1, 0.3])
     assert two.estimate == pytest.approx(0.2) and two.lo is None
+
+
+# ------------------------------------------------------------------ tests, multiplicity, power (against statsmodels / scipy)
+PS = [0.049, 0.012, 0.30, 0.004, 0.049, 0.81]
+
+
+@pytest.mark.parametrize("name,sm", [("holm", "holm"), ("bh", "fdr_bh")])
+def test_holm_and_bh_match_statsmodels(name, sm):
+    from statsmodels.stats.multitest import multipletests
+
+    ref = multipletests(PS, method=sm)[1]
+    assert stats.CORRECTIONS[name](PS) == pytest.approx(list(ref), rel=1e-12)
+    assert stats.holm([0.049, 0.2, 0.5])[0] == pytest.approx(0.147)  # nano's p = 0.049 over three sizes: not < 0.05
+
+
+def test_t_test_and_tost_match_scipy_and_statsmodels():
+    from statsmodels.stats.weightstats import ttost_paired
+
+    d = [a - b for a, b in zip(A, B)]
+    assert stats.t_test_p(d) == pytest.approx(ss.ttest_rel(A, B).pvalue, rel=1e-12)
+    for sesoi in (0.05, 0.2, 0.5):
+        assert stats.tost_p(d, sesoi) == pytest.approx(ttost_paired(np.array(A), np.array(B), -sesoi, sesoi)[0], rel=1e-10)
+    assert stats.tost_p(d[:1], 0.1) is None and stats.t_test_p([1.0]) is None
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 10])
+def test_minimum_detectable_effect_matches_statsmodels(n):
+    from statsmodels.stats.power import TTestPower
+
+    assert stats.mde_sd(n) == pytest.approx(TTestPower().solve_power(nobs=n, alpha=0.05, power=0.8), rel=1e-6)
+    d = [a - b for a, b in zip(A[:n], B[:n])] if n <= len(A) else None
+    if d:
+        assert stats.mde(d) == pytest.approx(stats.mde_sd(n) * np.std(d, ddof=1), rel=1e-12)
+
+
+def test_slope_of_means_uses_one_point_per_group_and_matches_statsmodels_ols():
+    from statsmodels.regression.linear_model import OLS
+    from statsmodels.tools.tools import add_constant
+
+    groups = {"nano": (12.2, [0.10, 0.30, 0.20]), "micro": (13.1, [0.05, 0.25, 0.12]), "milli": (13.9, [0.40, -0.1, 0.2]),
+              "mini": (14.7, [0.3, 0.35, 0.5])}
+    fit = stats.slope_of_means(groups)
+    x = np.array([v[0] for v in groups.values()])
+    y = np.array([np.mean(v[1]) for v in groups.values()])
+    ols = OLS(y, add_constant(x)).fit()
+    lo, hi = ols.conf_int(0.05)[1]
+    assert fit.interval.df == 2 and fit.interval.n == 4
+    assert fit.interval.estimate == pytest.approx(ols.params[1]) and (fit.interval.lo, fit.interval.hi) == pytest.approx((lo, hi))
+    assert fit.p == pytest.approx(ols.pvalues[1])
+    pred = stats.predict_mean(fit, 20.0)
+    ref = ols.get_prediction(np.array([[1.0, 20.0]])).summary_frame(alpha=0.05)
+    assert pred.estimate == pytest.approx(float(ref["mean"].iloc[0]))
+    assert (pred.lo, pred.hi) == pytest.approx((float(ref["mean_ci_lower"].iloc[0]), float(ref["mean_ci_upper"].iloc[0])))
+    assert stats.slope_of_means({"a": (1.0, [0.1]), "b": (2.0, [0.2])}).interval.lo is None

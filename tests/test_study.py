@@ -176,7 +176,27 @@ def test_a_cell_whose_tuning_fails_fails_its_main_points(tmp_path, data_dir):
     gal = [p for p in points if p.stage == "main" and p.values["method.name"] == "galore"]
     assert len(gal) == 2 and all(p.status == "failed" and "found no finite final_val_loss" in p.error for p in gal)
     assert not any("galore" in c for call in fake.calls[1:] for c in call)  # never launched
-    assert all(p.status == "done" for p in points if p.stage != "tune" and p.values["method.name"] != "galore")
+    assert all(p.status == "done" for p in points if p.stage == "main" and p.values["method.name"] != "galore")
+    # full and relora both chose 1e-3: the control would repeat the main relora runs, so it is recorded as "= main" and not run
+    control = [p for p in points if p.stage == "control"]
+    assert control and all(p.status == "= main" and p.same_as == f"method=relora,seed={p.values['train.seed']},lr=1e-3" for p in control)
+    assert not any(c.startswith("control/") for call in fake.calls for c in call)
+
+
+def test_tuning_seed_is_outside_the_main_seeds_and_the_choice_is_confirmed_at_the_main_horizon(tmp_path, data_dir):
+    path = staged(tmp_path, data_dir, tune={"confirm": 2})
+    study = load_study(path)
+    assert study.tune.seed == 1000 and all(p.values["train.seed"] == 1000 for p in study.points if p.stage == "tune")
+    # at the short horizon the loss is lowest at 2e-3; at the main horizon (6 steps) 4e-3 wins: the choice changes
+    fake = FakeLauncher(lambda cfg: 4.0 + (math.log(cfg["train"]["lr"] / (4e-3 if cfg["train"]["max_steps"] == 6 else 2.5e-3))) ** 2)
+    points = run_study(study, launcher=fake, show=lambda *_: None)
+    full = next(ct for ct in study.tuning if ct.label == "method=full")
+    assert full.confirm["short_choice"] == 2e-3 and sorted(full.confirm["values"]) == [2e-3, 4e-3] and full.chosen == 4e-3
+    confirm = [p for p in points if p.stage == "confirm"]
+    assert confirm and {p.config["train"]["max_steps"] for p in confirm} == {6} and all(p.run_dir.parent.name == "tune-confirm" for p in confirm)
+    assert {p.config["train"]["lr"] for p in points if p.stage == "main"} == {4e-3}
+    with pytest.raises(ConfigError, match="confirm must be 0"):
+        load_study(staged(tmp_path, data_dir, tune={"confirm": 1}))
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -209,7 +229,7 @@ def test_run_names_and_template(tmp_path, data_dir):
     study = load_study(staged(tmp_path, data_dir, run_name="{method}-s{train.seed}-lr{lr}"))
     run_study(study, launcher=FakeLauncher(), show=lambda *_: None)
     assert "relora-s1-lr1.6e-2" in {p.name for p in study.points if p.stage == "main"}
-    assert "full-s0-lr1e-3" in {p.name for p in study.points if p.stage == "tune"}
+    assert "full-s1000-lr1e-3" in {p.name for p in study.points if p.stage == "tune"}  # the tuning seed: 1000
 
 
 def test_progress_lines_off_a_terminal_count_runs_and_give_an_eta(tmp_path, data_dir):

@@ -15,11 +15,15 @@ A study file states its rules before any run (`findings:`; the paper's four find
 
 Tests (rankscope.stats does the arithmetic):
   paired  per size: d_k = metric(method, seed k) - metric(reference, seed k); the mean of d_k and its t interval
-          (bootstrap beside it where n >= 5). Metrics are read as the report reads them (eval.json, else summary.json).
-          With `chance` and `margin`: where both methods' mean lies within `margin` of `chance`, the verdict is
-          inconclusive, "not testable at this scale"; the distance from chance is always stated.
-  slope   across sizes: OLS of every (size, seed) gap d_k on log(parameters of the reference model at that size),
-          t interval with n - 2 degrees of freedom. `claim: higher` means the gap grows with size.
+          (bootstrap beside it where n >= 5). Metrics are read as the report reads them (eval.json, else summary.json);
+          a pair whose values come from different files is "not measured". val_bpb_macro / val_loss_macro average the
+          training domains only (held-out domains, data.eval_only_domains, are left out). With `chance` and `margin`:
+          where both methods' mean lies within `margin` of `chance`, the verdict is inconclusive, "not testable at this
+          scale"; the distance from chance is always stated.
+  slope   across groups (sizes, or token budgets with `axis: tokens_per_param`): one point per group, x = log(body
+          parameters) or log(tokens per body parameter) of the reference runs, y = the mean gap over the group's seeds;
+          OLS with k - 2 degrees of freedom (seed is nested in group), k >= 3 groups. `claim: higher` means the gap grows
+          along x. `extrapolate_to: X` adds the line's value at X with its interval, labelled an extrapolation.
   rank    per size and for each (kind, component) named: from each run's analysis/rank_metrics.parquet
           (`rankscope analyze`), the mean of `metric` over layers, heads and the checkpoints of the phase that both
           runs of the pair have (early: 0 < step <= max_steps / 4; end: the last common checkpoint), then
@@ -34,9 +38,14 @@ Tests (rankscope.stats does the arithmetic):
   rank-matched  as rank, metric per: the reference's matrix truncated to the method's numerical rank at the same
           (step, layer, head), PER of that top-k spectrum (from spectra.parquet), against the method's PER.
 
-Verdict (claim higher; for lower the signs flip): confirmed if the interval's lower end is above `min_effect`
-(default 0), refuted if its upper end is below 0, inconclusive otherwise, and always inconclusive with n < 2.
-Rows whose data are missing get the verdict "not measured" with the reason; no row is dropped.
+Families and verdicts (apply_statistics): each finding pre-registers at most one primary rule (`primary: true`); its rows
+form the primary family, Holm-adjusted across all findings; every other row is secondary (exploratory), adjusted within
+its finding by `secondary_correction` (bh: Benjamini-Hochberg, default; or holm). The verdict uses the adjusted p (alpha =
+1 - confidence): confirmed (the interval also beyond `min_effect`), "not reproduced: opposite direction", "no meaningful
+difference" (TOST against the rule's pre-registered `sesoi`, adjusted in the same family), or inconclusive with the
+minimum detectable effect at 80% power. A primary endpoint needs >= min_primary_seeds (5) paired seeds. A control row
+whose lr equals the main lr is "= main"; it and "not measured" are not verdicts and are not counted as such. Every verdict
+names the scale it was tested at; rows missing data say why; no row is dropped.
 """
 
 from __future__ import annotations
@@ -55,17 +64,26 @@ RANK_TESTS = ("rank", "rank-matched")  # rules evaluated per (kind, component) f
 CLAIMS = ("higher", "lower")
 PHASES = ("early", "end")
 RULE_KEYS = {"id", "finding", "test", "metric", "claim", "min_effect", "chance", "margin", "kind", "component", "phase", "method",
-             "reference", "description", "reference_kind"}
-SPEC_KEYS = {"method", "reference", "confidence", "rules"}
-VERDICTS = ("confirmed", "confirmed (implied by the rank bound)", "refuted", "inconclusive", "rank-deficient", "not measured")
+             "reference", "description", "reference_kind", "primary", "sesoi", "axis", "extrapolate_to"}
+SPEC_KEYS = {"method", "reference", "confidence", "rules", "secondary_correction", "min_primary_seeds"}
+SLOPE_AXES = ("params", "tokens_per_param")  # x of a slope rule: log(body parameters) or log(tokens per body parameter)
+OPPOSITE = "not reproduced: opposite direction"
+EQUIVALENT = "no meaningful difference"
+SAME_AS_MAIN = "= main"
+RANK_DEFICIENT = "rank-deficient"
+VERDICTS = ("confirmed", "confirmed (implied by the rank bound)", OPPOSITE, EQUIVALENT, "inconclusive", RANK_DEFICIENT, "not measured",
+            SAME_AS_MAIN)
+NOT_A_VERDICT = ("not measured", SAME_AS_MAIN, RANK_DEFICIENT)  # rows that test nothing: listed, never counted as verdicts
+MIN_PRIMARY_SEEDS = 5
 
 # Weiss et al. (2025): ReLoRA (a) has higher loss / bits-per-byte, (b) more so at the larger size, (c) lower BLiMP,
 # (d) lower PER and higher condition numbers early in training, for updates and for gradients.
 PAPER_RULES: list[dict[str, Any]] = [
-    {"id": "a-val-loss", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher"},
-    {"id": "a-val-bpb", "finding": "a", "test": "paired", "metric": "val_bpb_macro", "claim": "higher"},
-    {"id": "b-val-loss", "finding": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"},
-    {"id": "c-blimp", "finding": "c", "test": "paired", "metric": "blimp_overall", "claim": "lower", "chance": 0.5, "margin": 0.05},
+    {"id": "a-val-loss", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "primary": True, "sesoi": 0.02},
+    {"id": "a-val-bpb", "finding": "a", "test": "paired", "metric": "val_bpb_macro", "claim": "higher", "sesoi": 0.02},
+    {"id": "b-val-loss", "finding": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher", "primary": True, "sesoi": 0.02},
+    {"id": "c-blimp", "finding": "c", "test": "paired", "metric": "blimp_overall", "claim": "lower", "chance": 0.5, "margin": 0.05,
+     "primary": True, "sesoi": 0.01},
     {"id": "d-per", "finding": "d", "test": "rank", "kind": ["cumulative_update", "grad"], "component": ["wv", "wo", "ov", "w2"],
      "metric": "per", "phase": "early", "claim": "lower"},
     {"id": "d-cond", "finding": "d", "test": "rank", "kind": ["cumulative_update", "grad"], "component": ["wv", "wo", "ov", "w2"],
@@ -95,7 +113,14 @@ def validate_findings(spec: Any, where: str = "findings") -> dict[str, Any]:
     conf = spec.get("confidence", 0.95)
     if not isinstance(conf, float) or not 0 < conf < 1:
         raise ConfigError(f"{where}: findings.confidence must be a number in (0, 1), e.g. 0.95")
-    out = {"method": str(spec.get("method", "relora")), "reference": str(spec.get("reference", "full")), "confidence": conf, "rules": []}
+    corr = spec.get("secondary_correction", "bh")
+    if corr not in stats.CORRECTIONS:
+        raise ConfigError(f"{where}: findings.secondary_correction must be one of {', '.join(stats.CORRECTIONS)} (Holm or Benjamini-Hochberg)")
+    min_seeds = spec.get("min_primary_seeds", MIN_PRIMARY_SEEDS)
+    if not isinstance(min_seeds, int) or isinstance(min_seeds, bool) or min_seeds < 2:
+        raise ConfigError(f"{where}: findings.min_primary_seeds must be an integer >= 2 (default {MIN_PRIMARY_SEEDS})")
+    out = {"method": str(spec.get("method", "relora")), "reference": str(spec.get("reference", "full")), "confidence": conf,
+           "secondary_correction": corr, "min_primary_seeds": min_seeds, "rules": []}
     rules = spec.get("rules", PAPER_RULES)
     if not isinstance(rules, list) or not rules:
         raise ConfigError(f"{where}: findings.rules must be a non-empty list of rules (see docs/studies.md)")
@@ -105,6 +130,13 @@ def validate_findings(spec: Any, where: str = "findings") -> dict[str, Any]:
         if out["rules"][-1]["id"] in ids:
             raise ConfigError(f"{where}: findings rule id {out['rules'][-1]['id']!r} is used twice; give each rule its own id")
         ids.add(out["rules"][-1]["id"])
+    primaries: dict[str, str] = {}
+    for r in out["rules"]:
+        if r["primary"]:
+            if r["finding"] in primaries:
+                raise ConfigError(f"{where}: finding ({r['finding']}) has two primary rules ({primaries[r['finding']]}, {r['id']}); "
+                                  "pre-register one primary endpoint per finding and mark the others `primary: false`")
+            primaries[r["finding"]] = r["id"]
     return out
 
 
@@ -128,6 +160,20 @@ def _validate_rule(rule: Any, where: str) -> dict[str, Any]:
         if key in r and (not isinstance(r[key], (int, float)) or isinstance(r[key], bool) or (key != "chance" and r[key] < 0)):
             raise ConfigError(f"{where}: {key} must be a number{' >= 0' if key != 'chance' else ''}")
     r["min_effect"] = float(r.get("min_effect", 0.0))
+    if not isinstance(r.get("primary", False), bool):
+        raise ConfigError(f"{where}: primary must be true or false (one pre-registered primary endpoint per finding)")
+    r["primary"] = r.get("primary", False)
+    if "sesoi" in r and (not isinstance(r["sesoi"], (int, float)) or isinstance(r["sesoi"], bool) or r["sesoi"] <= 0):
+        raise ConfigError(f"{where}: sesoi (the smallest effect of interest, for the TOST equivalence test) must be a number > 0")
+    if r["test"] == "slope":
+        r.setdefault("axis", "params")
+        if r["axis"] not in SLOPE_AXES:
+            raise ConfigError(f"{where}: axis must be one of {', '.join(SLOPE_AXES)} (x = log of it)")
+        x0 = r.get("extrapolate_to")
+        if x0 is not None and (not isinstance(x0, (int, float)) or isinstance(x0, bool) or x0 <= 0):
+            raise ConfigError(f"{where}: extrapolate_to must be a positive number on the axis (e.g. 25800 tokens per body parameter)")
+    elif "axis" in r or "extrapolate_to" in r:
+        raise ConfigError(f"{where}: axis and extrapolate_to belong to slope rules (test: slope)")
     if ("chance" in r) != ("margin" in r) or ("chance" in r and r["test"] != "paired"):
         raise ConfigError(f"{where}: chance and margin go together, on a paired rule (e.g. chance: 0.5, margin: 0.05)")
     if r["test"] in RANK_TESTS:
@@ -144,6 +190,9 @@ def _validate_rule(rule: Any, where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: reference_kind names one kind (e.g. grad), on a rank rule (test: rank)")
         if r["test"] == "rank-matched" and r["metric"] != "per":
             raise ConfigError(f"{where}: a rank-matched rule compares PER (metric: per)")
+        if r["primary"] and any(not _object(k, r.get("reference_kind", k))[1] for k in r["kind"]):
+            raise ConfigError(f"{where}: a gradient row, or one comparing two different objects, is not counted toward a verdict, "
+                              "so it cannot be the primary endpoint: set primary: false")
     elif any(k in r for k in ("kind", "component", "phase", "reference_kind")):
         raise ConfigError(f"{where}: kind, component, phase and reference_kind belong to rank rules (test: rank or rank-matched)")
     return r
@@ -156,9 +205,9 @@ def decide(lo: float | None, hi: float | None, claim: str, min_effect: float = 0
     # claim `lower` is claim `higher` on the negated difference
     a, b = (lo, hi) if claim == "higher" else (-hi, -lo)
     if a > min_effect:
-        return "confirmed", f"the interval lies above {min_effect:g}" if claim == "higher" else f"the interval lies below {-min_effect:g}"
+        return "confirmed", f"the interval lies above {min_effect:g}" if claim == "higher" else f"the interval lies below {-min_effect or 0:g}"
     if b < 0:
-        return "refuted", "the interval lies on the other side of 0"
+        return OPPOSITE, "the interval lies on the other side of 0"
     if a > 0:
         return "inconclusive", f"the interval excludes 0 but not the pre-registered minimum effect {min_effect:g}"
     return "inconclusive", "the interval includes 0"
@@ -182,30 +231,180 @@ def _sizes(runs: list[Any]) -> list[str]:
 
 
 def _by_seed(runs: list[Any], method: str, size: str) -> dict[int, Any]:
-    return {r.seed: r for r in runs if r.method == method and r.size == size}
+    out: dict[int, Any] = {}
+    for r in runs:
+        if r.method == method and r.size == size:
+            if r.seed in out:  # never the last one silently: rankscope.report.collect refuses or excludes duplicates first
+                raise ConfigError(f"two runs of {method} at {size}, seed {r.seed}: {out[r.seed].dir} and {r.dir}; "
+                                  "remove one, or report with --exclude-duplicates")
+            out[r.seed] = r
+    return out
 
 
-def evaluate_findings(runs: list[Any], spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """One result row per (rule, size) — per (rule, kind, component, size) for rank rules, one per slope rule."""
+# --------------------------------------------------------------------------- scale
+def body_params(run: Any) -> int | None:
+    """Non-embedding parameters: all parameters less the token embedding and (untied) output head."""
+    m = (run.config or {}).get("model") or {}
+    total, v, d = run.summary.get("parameters"), m.get("vocab_size"), m.get("d_model")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (total, v, d)):
+        return None
+    return total - v * d * (1 if m.get("tie_embeddings") else 2)
+
+
+def _si(x: float) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _span(xs: list[float]) -> str:
+    lo, hi = min(xs), max(xs)
+    return _si(lo) if _si(lo) == _si(hi) else f"{_si(lo)}-{_si(hi)}"
+
+
+def scale_phrase(runs: list[Any], reference: str | None = None) -> str:
+    """What a row tested, in words: `61.7k body parameters, 655k tokens (10.6 tokens per body parameter)`; parameters are
+    counted on the reference method's runs (an adapter method's count includes its adapters)."""
+    runs = _model_runs(runs, reference)
+    bodies = [b for b in map(body_params, runs) if b]
+    tokens = [float(r.summary["tokens"]) for r in runs if isinstance(r.summary.get("tokens"), (int, float))]
+    parts = []
+    if bodies:
+        parts.append(f"{_span(bodies)} body parameters")
+    if tokens:
+        parts.append(f"{_span(tokens)} tokens")
+    if bodies and tokens:
+        per = [float(r.summary["tokens"]) / b for r in runs if (b := body_params(r)) and isinstance(r.summary.get("tokens"), (int, float))]
+        parts[-1] += f" ({_span(per)} tokens per body parameter)"
+    return ", ".join(parts) or "this study's scale"
+
+
+# Weiss et al. (2025): the paper's scale (shared/reference/README.md, "Scale"), beside this study's in every findings table
+PAPER_SCALE = {"body (non-embedding) parameters": "1.62M (pico-tiny), 25.9M (pico-small)", "tokens per run": "41.9B",
+               "tokens per body parameter": "25,800 (pico-tiny), 1,620 (pico-small)",
+               "ReLoRA cycle length": "2,000 steps (4.19B tokens), 10 cycles"}
+
+
+def _model_runs(runs: list[Any], reference: str | None) -> list[Any]:
+    """The runs whose parameter count is the model's alone: the reference method's (an adapter method's count includes its
+    adapters), else all."""
+    ref = [r for r in runs if reference and r.method == reference]
+    return ref or runs
+
+
+def scale_box(runs: list[Any], reference: str | None = None) -> dict[str, Any]:
+    """This study's scale against the paper's, as a report table: the first thing a findings table is read with."""
+    sizes = _sizes(runs)
+    model_runs = _model_runs(runs, reference)
+    per_size = {s: [r for r in model_runs if r.size == s] for s in sizes}
+    bodies = {s: sorted({b for b in map(body_params, rs) if b}) for s, rs in per_size.items()}
+    tokens = sorted({int(r.summary["tokens"]) for r in runs if isinstance(r.summary.get("tokens"), (int, float))})
+    per = sorted({round(float(r.summary["tokens"]) / b, 6) for r in model_runs
+                  if (b := body_params(r)) and isinstance(r.summary.get("tokens"), (int, float))})
+    cycles = set()
+    for r in runs:
+        mcfg, tcfg = (r.config or {}).get("method") or {}, (r.config or {}).get("train") or {}
+        every = (mcfg.get("relora") or {}).get("reset_every") or mcfg.get("reset_every")  # nested (today) or flat (older runs)
+        if mcfg.get("name") == "relora" and every:
+            every, steps = int(every), int(tcfg.get("max_steps") or 0)
+            tok = every * int(tcfg.get("batch_size") or 0) * int(tcfg.get("seq_len") or 0)
+            cycles.add(f"{every} steps ({_si(tok)} tokens), {steps // every if every else 0} cycles")
+    ours = {"body (non-embedding) parameters": ", ".join(f"{_si(b[0])} ({s})" for s, b in bodies.items() if b) or "-",
+            "tokens per run": ", ".join(_si(t) for t in tokens) or "-",
+            "tokens per body parameter": ", ".join(f"{x:.3g}" for x in per) or "-",
+            "ReLoRA cycle length": "; ".join(sorted(cycles)) or "-"}
+    rows = [{"label": k, "cells": [_cell(ours[k]), _cell(PAPER_SCALE[k], ["Weiss et al. (2025); shared/reference/README.md"])]}
+            for k in PAPER_SCALE]
+    return {"title": "Scale: this study beside the paper's (every verdict below holds at this study's scale only)",
+            "columns": ["", "this study", "the paper (Weiss et al. 2025)"], "rows": rows, "formats": [_text, _text],
+            "scale": ours, "paper_scale": PAPER_SCALE}
+
+
+# --------------------------------------------------------------------------- metric values
+def metric_value(run: Any, metric: str) -> tuple[float | None, str | None]:
+    """(value, source) as Run.value reads it, except that val_bpb_macro / val_loss_macro average the training domains only:
+    a run whose data hold held-out domains (data.eval_only_domains) has its macro recomputed from the per-domain values."""
+    held = list(((run.config or {}).get("data") or {}).get("eval_only_domains") or [])
+    prefix = {"val_bpb_macro": "val_bpb/", "val_loss_macro": "val_loss/"}.get(metric)
+    if not held or prefix is None:
+        return run.value(metric)
+    for where, values in ((run.dir / "eval.json", run.eval), (run.dir / "summary.json", run.summary)):
+        doms = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix) and isinstance(v, (int, float))}
+        train = {d: v for d, v in doms.items() if d not in held}
+        if train:
+            return sum(train.values()) / len(train), f"{where}#mean of {prefix}{{{','.join(sorted(train))}}} (held-out domains left out)"
+    return None, None
+
+
+def evaluate_findings(runs: list[Any], spec: dict[str, Any], same_as_main: dict[tuple[str, str], str] | None = None) -> list[dict[str, Any]]:
+    """One result row per (rule, size) — per (rule, kind, component, size) for rank rules, one per slope rule — then the
+    statistics over all rows (apply_statistics: families, adjusted p, TOST, minimum detectable effect, verdicts).
+
+    same_as_main: {(control method label, size): why} where a control's lr equals the main lr (its runs are the main
+    runs): such rows are "= main", not a second test. Control runs whose lr equals the main runs' are found here too."""
     spec = validate_findings(spec)  # idempotent: sweep.json holds the normalised spec
+    same = dict(same_as_main or {})
+    same.update(_equal_lr_controls(runs, same))
     out: list[dict[str, Any]] = []
     cache: dict[Path, Any] = {}
     for rule in spec["rules"]:
         method, ref = rule.get("method", spec["method"]), rule.get("reference", spec["reference"])
         base = {"id": rule["id"], "finding": rule["finding"], "test": rule["test"], "metric": rule["metric"], "claim": rule["claim"],
-                "method": method, "reference": ref, "min_effect": rule["min_effect"], "confidence": spec["confidence"]}
+                "method": method, "reference": ref, "min_effect": rule["min_effect"], "confidence": spec["confidence"],
+                "primary": rule["primary"], "sesoi": rule.get("sesoi")}
         if rule["test"] == "slope":
-            out.append(_slope(runs, rule, base, method, ref))
+            out.append(_slope(_stand_in(runs, method, same), rule, base, method, ref, same))
             continue
         for size in _sizes(runs):
-            if rule["test"] == "paired":
+            if (method, size) in same:
+                out.append(_same_as_main({**base, "size": size}, same[(method, size)]))
+            elif rule["test"] == "paired":
                 out.append(_paired(runs, rule, {**base, "size": size}, method, ref))
             else:
                 for kind in rule["kind"]:
                     for comp in rule["component"]:
                         out.append(_rank(runs, rule, {**base, "size": size, "kind": kind, "component": comp, "phase": rule["phase"]},
                                          method, ref, cache))
+    return apply_statistics(out, spec, runs)
+
+
+def _lr(run: Any) -> Any:
+    return ((run.config or {}).get("train") or {}).get("lr")
+
+
+def _equal_lr_controls(runs: list[Any], known: dict[tuple[str, str], str]) -> dict[tuple[str, str], str]:
+    """(control label, size) whose control runs train at the main runs' lr: the same runs twice (bit-identical)."""
+    out = {}
+    for r in runs:
+        if not r.method.endswith(CONTROL_SUFFIX) or (r.method, r.size) in known:
+            continue
+        main = [m for m in runs if m.method == r.method[: -len(CONTROL_SUFFIX)] and m.size == r.size]
+        lrs = {_lr(m) for m in main}
+        if main and len(lrs) == 1 and _lr(r) in lrs and _lr(r) is not None:
+            out[(r.method, r.size)] = f"the control's lr ({_lr(r):g}) equals the main lr at {r.size}: the same runs, not a second test"
     return out
+
+
+def _stand_in(runs: list[Any], method: str, same: dict[tuple[str, str], str]) -> list[Any]:
+    """For a control's slope: the main runs stand in at the sizes where the control lr equals the main lr."""
+    import copy
+
+    extra = []
+    for (label, size) in same:
+        if label == method:
+            for r in runs:
+                if r.method == label[: -len(CONTROL_SUFFIX)] and r.size == size:
+                    alias = copy.copy(r)
+                    alias.method = label
+                    extra.append(alias)
+    return [r for r in runs if not any(r.method == lab and r.size == sz for lab, sz in same if lab == method)] + extra
+
+
+def _same_as_main(row: dict[str, Any], why: str) -> dict[str, Any]:
+    row = _not_measured(row, why)
+    row["verdict"] = SAME_AS_MAIN
+    return row
 
 
 def _finish(row: dict[str, Any], diffs: dict[int, float], sources: list[str]) -> dict[str, Any]:
@@ -241,7 +440,7 @@ def _paired(runs, rule, row, method, ref) -> dict[str, Any]:
         return _not_measured(row, why)
     diffs, sources, means = {}, [], {method: [], ref: []}
     for seed, rm, rr in pairs:
-        (vm, sm), (vr, sr) = rm.value(rule["metric"]), rr.value(rule["metric"])
+        (vm, sm), (vr, sr) = metric_value(rm, rule["metric"]), metric_value(rr, rule["metric"])
         if vm is None or vr is None:
             continue
         diffs[seed] = vm - vr
@@ -250,50 +449,211 @@ def _paired(runs, rule, row, method, ref) -> dict[str, Any]:
         means[ref].append(vr)
     if not diffs:
         return _not_measured(row, f"no pair at {row['size']} has {rule['metric']} (eval.json / summary.json)")
+    mixed = _mixed_sources(sources)
+    if mixed:
+        return _not_measured(row, mixed)
     row = _finish(row, diffs, sources)
-    row["reason"] += _mixed_sources(sources)
     if "chance" in rule:
         avg = {k: sum(v) / len(v) for k, v in means.items()}
         dist = ", ".join(f"{k} {v:.4f} ({v - rule['chance']:+.4f})" for k, v in avg.items())
         row["chance"] = {"chance": rule["chance"], "margin": rule["margin"], "means": avg}
         if all(abs(v - rule["chance"]) <= rule["margin"] for v in avg.values()):
-            row["verdict"] = "inconclusive"
+            row["verdict"], row["not_testable"] = "inconclusive", True
             row["reason"] = f"not testable at this scale: {dist} lie within {rule['margin']:g} of chance {rule['chance']:g}"
         else:
             row["reason"] += f"; distance from chance {rule['chance']:g}: {dist}"
     return row
 
 
-def _slope(runs, rule, row, method, ref) -> dict[str, Any]:
-    row["size"] = "across sizes"
-    xs, ys, sources, sizes = [], [], [], []
+def _slope(runs, rule, row, method, ref, same=None) -> dict[str, Any]:
+    """The slope of the gap on log(body parameters) (axis params) or log(tokens per body parameter) (axis tokens_per_param),
+    fitted to one point per group (size or budget): the group's x and its seeds' mean gap; k - 2 degrees of freedom."""
+    row["size"] = "across sizes" if rule["axis"] == "params" else "across token budgets"
+    groups, sources, points, why = {}, [], [], []
     for size in _sizes(runs):
         pairs, _ = _pairs(runs, method, ref, size)
+        xs, gaps = [], []
         for seed, rm, rr in pairs:
-            (vm, sm), (vr, sr) = rm.value(rule["metric"]), rr.value(rule["metric"])
-            params = rr.summary.get("parameters")
-            if vm is None or vr is None or not params:
+            (vm, sm), (vr, sr) = metric_value(rm, rule["metric"]), metric_value(rr, rule["metric"])
+            body = body_params(rr) or rr.summary.get("parameters")
+            tokens = rr.summary.get("tokens")
+            x = body if rule["axis"] == "params" else (tokens / body if tokens and body else None)
+            if vm is None or vr is None or not x:
                 continue
-            xs.append(math.log(float(params)))
-            ys.append(vm - vr)
+            xs.append(math.log(float(x)))
+            gaps.append(vm - vr)
             sources += [sm, sr]
-            sizes.append(size)
-    if len(set(sizes)) < 2:
-        return _not_measured(row, f"needs paired {method} / {ref} runs at 2 or more sizes with {rule['metric']}; found {len(set(sizes))}")
-    iv = stats.slope_interval(xs, ys, row["confidence"])
+            points.append({"size": size, "seed": seed, "x": xs[-1], "gap": gaps[-1]})
+        if gaps:
+            if len(set(xs)) > 1:
+                why.append(f"{size}: runs differ in x")
+            groups[size] = (sum(xs) / len(xs), gaps)
+    unit = "log(body parameters)" if rule["axis"] == "params" else "log(tokens per body parameter)"
+    row.update({"unit": f"gap per unit {unit}", "axis": rule["axis"]})
+    mixed = _mixed_sources(sources)
+    if mixed:
+        return _not_measured(row, mixed)
+    if len(groups) < 3:
+        return _not_measured(row, f"needs paired {method} / {ref} runs at 3 or more {'sizes' if rule['axis'] == 'params' else 'budgets'} "
+                                   f"with {rule['metric']} (one point per group, k - 2 degrees of freedom); found {len(groups)}")
+    fit = stats.slope_of_means(groups, row["confidence"])
+    iv = fit.interval
     verdict, reason = decide(iv.lo, iv.hi, rule["claim"], rule["min_effect"], iv.n)
-    row.update({"n": iv.n, "per_seed": {}, "points": [{"size": s, "log_params": x, "gap": y} for s, x, y in zip(sizes, xs, ys)],
-                "estimate": iv.estimate, "lo": iv.lo, "hi": iv.hi, "interval": f"ols-t, {iv.df} df", "bootstrap": None,
-                "verdict": verdict, "reason": reason + " (slope of the gap per unit log(parameters))" + _mixed_sources(sources),
-                "sources": sources})
+    seeds = [len(g[1]) for g in groups.values()]
+    row.update({"n": iv.n, "per_seed": {}, "points": points, "seeds_per_group": min(seeds), "df": iv.df, "stderr": iv.stderr,
+                "group_means": [{"group": g, "x": x, "mean_gap": m, "seeds": n} for g, x, m, n in fit.points],
+                "estimate": iv.estimate, "lo": iv.lo, "hi": iv.hi, "interval": f"ols-t on {iv.n} group means, {iv.df} df", "bootstrap": None,
+                "verdict": verdict, "reason": reason + f" (slope of the {method} - {ref} gap per unit {unit}, {iv.n} groups of "
+                                                       f"{min(seeds)}-{max(seeds)} seeds, {iv.df} df)", "sources": sources, "p_fit": fit.p})
+    if rule.get("extrapolate_to"):
+        x0 = math.log(float(rule["extrapolate_to"]))
+        pred = stats.predict_mean(fit, x0, row["confidence"])
+        inside = min(x for _, x, _, _ in fit.points) <= x0 <= max(x for _, x, _, _ in fit.points)
+        row["extrapolation"] = {"to": rule["extrapolate_to"], "log_x": x0, "estimate": pred.estimate, "lo": pred.lo, "hi": pred.hi,
+                                "df": pred.df, "label": "interpolation" if inside else
+                                "EXTRAPOLATION of a straight line far beyond the measured range, not a measurement"}
+        if pred.lo is not None:
+            row["reason"] += (f"; the line at {rule['extrapolate_to']:g} ({row['extrapolation']['label']}): {pred.estimate:+.3g} "
+                              f"[{pred.lo:+.3g}, {pred.hi:+.3g}]")
     return row
 
 
 def _mixed_sources(sources: list[str]) -> str:
-    """A warning where the paired values come from different estimates (eval.json for some runs, the
-    in-training summary.json for others), which a difference should not mix; empty otherwise."""
+    """Why a difference cannot be taken where its values come from different estimates (eval.json for some runs, the
+    in-training summary.json for others); empty where they come from one."""
     files = {Path(s.split("#")[0]).name for s in sources if s}
-    return f"; WARNING: values mix estimates from {' and '.join(sorted(files))}" if len(files) > 1 else ""
+    if len(files) > 1:
+        return (f"not measured: the values mix estimates from {' and '.join(sorted(files))}; "
+                "run `rankscope eval` on every run of the pair (or on none)")
+    return ""
+
+
+# --------------------------------------------------------------------------- families, adjusted p, TOST, power
+def _family(row: dict[str, Any]) -> str:
+    if not row.get("counts_toward_verdict", True):  # gradients, or two different objects: described, adjusted apart
+        return f"not counted ({row['finding']}, {row.get('object') or 'other object'})"
+    return "primary" if row.get("primary") else f"secondary ({row['finding']})"
+
+
+def _role(row: dict[str, Any]) -> str:
+    if not row.get("counts_toward_verdict", True):
+        return "descriptive (not counted toward a verdict about updates)"
+    return "primary" if row.get("primary") else "secondary (exploratory)"
+
+
+def _tost_slope(row: dict[str, Any], sesoi: float) -> float | None:
+    from scipy import stats as ss
+
+    est, se, df = row.get("estimate"), row.get("stderr"), row.get("df")
+    if est is None or not se or not df:
+        return None
+    return float(max(ss.t.sf((est + sesoi) / se, df), ss.t.cdf((est - sesoi) / se, df)))
+
+
+def apply_statistics(rows: list[dict[str, Any]], spec: dict[str, Any], runs: list[Any] | None = None) -> list[dict[str, Any]]:
+    """Families (Holm across the primary endpoints; secondary_correction within each finding's secondaries), raw and adjusted
+    p-values, TOST against the rule's sesoi, the minimum detectable effect at 80% power, and the verdict on the adjusted p.
+
+    Verdict (claim higher; lower flips the signs), at level alpha = 1 - confidence, on adjusted p:
+      p_adj < alpha and the interval beyond min_effect on the claimed side: confirmed (the rank bound's label kept);
+      p_adj < alpha on the other side: "not reproduced: opposite direction";
+      else, where a sesoi is pre-registered and the TOST p (adjusted in the same family) < alpha: "no meaningful difference";
+      else inconclusive, with the minimum detectable effect. A primary endpoint with fewer than min_primary_seeds paired seeds
+      (or, for a slope, fewer than 3 groups of that many) is inconclusive whatever its p.
+    Every decisive verdict's text names the scale it was tested at (verdict_text)."""
+    alpha = 1 - spec["confidence"]
+    corr = spec.get("secondary_correction", "bh")
+    for r in rows:
+        r["family"], r["role"] = _family(r), _role(r)
+        r["correction"] = "holm" if r.get("primary") else corr
+        r.update({"p": None, "p_adj": None, "tost": None, "mde": None})
+        if r["verdict"] in NOT_A_VERDICT:
+            continue
+        xs = list(r["per_seed"].values())
+        if r["test"] == "slope":
+            r["p"] = r.get("p_fit")
+            if r.get("stderr") and r.get("df"):
+                m = stats.power_multiplier(r["df"], alpha)
+                r["mde"] = None if m is None else m * r["stderr"]
+            if r.get("sesoi"):
+                r["tost"] = {"sesoi": r["sesoi"], "p": _tost_slope(r, r["sesoi"]), "p_adj": None}
+        else:
+            r["p"] = stats.t_test_p(xs)
+            r["mde"] = stats.mde(xs, alpha) if len(xs) >= 2 else None
+            if r.get("sesoi"):
+                r["tost"] = {"sesoi": r["sesoi"], "p": stats.tost_p(xs, r["sesoi"]), "p_adj": None}
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        members = [r for r in rows if r["family"] == fam and r["p"] is not None]
+        adjust = stats.CORRECTIONS[members[0]["correction"]] if members else None
+        for r, pa in zip(members, adjust([r["p"] for r in members]) if members else []):
+            r["p_adj"], r["family_size"] = pa, len(members)
+        tosts = [r for r in rows if r["family"] == fam and r["tost"] and r["tost"]["p"] is not None]
+        for r, pa in zip(tosts, adjust([r["tost"]["p"] for r in tosts]) if tosts else []):
+            r["tost"]["p_adj"] = pa
+    by_size = {}
+    for run in runs or []:
+        by_size.setdefault(run.size, []).append(run)
+    for r in rows:
+        scale = scale_phrase(by_size.get(r["size"], runs or []) if r["test"] != "slope" else runs or [], r.get("reference"))
+        r["scale"] = scale
+        if r["verdict"] in NOT_A_VERDICT:
+            r["verdict_text"] = r["verdict"]
+            continue
+        _decide_adjusted(r, alpha, spec["min_primary_seeds"])
+        r["verdict_text"] = {"confirmed": f"confirmed at {scale}", OPPOSITE: f"not reproduced at {scale}: the opposite direction",
+                             EQUIVALENT: f"no meaningful difference (within ±{r.get('sesoi') or 0:g}) at {scale}"}.get(
+                                 r["verdict"], f"{r['verdict']} at {scale}" if r["verdict"].startswith("confirmed") else r["verdict"])
+    return rows
+
+
+def _decide_adjusted(r: dict[str, Any], alpha: float, min_seeds: int) -> None:
+    before = r["verdict"]
+    p, pa = r["p"], r["p_adj"]
+    fam = f"{r['correction'].upper() if r['correction'] == 'bh' else 'Holm'} over {r.get('family_size', 1)} in {r['family']}"
+    if p is None:
+        r["verdict"] = "inconclusive"
+        r["reason"] = (r["reason"] + "; " if r["reason"] else "") + "no p-value (fewer than 2 paired values, or no spread)"
+        return
+    ptxt = f"p = {p:.3g}, adjusted {pa:.3g} ({fam})"
+    n_ok = (r["n"] >= min_seeds) if r["test"] != "slope" else (r["n"] >= 3 and r.get("seeds_per_group", 0) >= min_seeds)
+    est = r["estimate"] if r["claim"] == "higher" else -r["estimate"]
+    lo = (r["lo"] if r["claim"] == "higher" else -r["hi"]) if r["lo"] is not None else None
+    if r.get("not_testable"):
+        r["verdict"] = "inconclusive"
+        r["reason"] = f"{r['reason']}; {ptxt}"
+    elif r.get("primary") and not n_ok:
+        r["verdict"] = "inconclusive"
+        need = f">= {min_seeds} paired seeds" + (" in each of >= 3 groups" if r["test"] == "slope" else "")
+        r["reason"] = f"a primary endpoint needs {need}; {ptxt}"
+    elif pa < alpha and est > 0:
+        if lo is not None and lo > r["min_effect"]:
+            r["verdict"] = before if before.startswith("confirmed") else "confirmed"
+            r["reason"] = f"{ptxt}; " + r["reason"]
+        else:
+            r["verdict"] = "inconclusive"
+            r["reason"] = f"{ptxt}; the interval excludes 0 but not the pre-registered minimum effect {r['min_effect']:g}"
+    elif pa < alpha:
+        r["verdict"] = OPPOSITE
+        r["reason"] = f"{ptxt}; the interval lies on the other side of 0" + _tail(r["reason"])
+    elif r["tost"] and r["tost"].get("p_adj") is not None and r["tost"]["p_adj"] < alpha:
+        r["verdict"] = EQUIVALENT
+        r["reason"] = f"TOST p = {r['tost']['p']:.3g}, adjusted {r['tost']['p_adj']:.3g}: the effect lies within ±{r['sesoi']:g} (sesoi); {ptxt}"
+    else:
+        r["verdict"] = "inconclusive"
+        mde = f"; detectable at 80% power: effects of {r['mde']:.3g} or more" if r.get("mde") is not None else ""
+        sesoi = "" if r.get("sesoi") else "; no sesoi pre-registered, so no equivalence test"
+        r["reason"] = f"{ptxt}, not below {alpha:g}{mde}{sesoi}" + _tail(r["reason"])
+
+
+def _tail(reason: str) -> str:
+    """What a row's reason adds beyond the interval rule (ratios, notes, rank bounds, distance from chance)."""
+    parts = []
+    for p in reason.split("; "):
+        if p.startswith(("the interval", "n = ")):
+            p = p[p.index("("):] if "(" in p else ""  # the interval rule's words go; what it says in brackets stays
+        if p:
+            parts.append(p)
+    return ("; " + "; ".join(parts)) if parts else ""
 
 
 def _rank_table(run, cache: dict[Path, Any]):
@@ -541,25 +901,86 @@ def _what(r: dict[str, Any]) -> str:
         paper = ", as the paper measured it" if r.get("note") == PAPER_NOTE else ""
         return f"({r['finding']}) {r['metric']} of {r['kind']} {r['component']}, {r['phase']}{paper}: log({r['method']} / {ref})"
     if r["test"] == "slope":
-        return f"({r['finding']}) slope of {r['metric']} gap ({r['method']} - {r['reference']}) vs log(params)"
+        x = "log(tokens per body parameter)" if r.get("axis") == "tokens_per_param" else "log(body parameters)"
+        return f"({r['finding']}) slope of {r['metric']} gap ({r['method']} - {r['reference']}) vs {x}"
     return f"({r['finding']}) {r['metric']}: {r['method']} - {r['reference']}"
 
 
 def study_findings(runs: list[Any], sweep: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The evaluated rules of a study's sweep.json (none where it pre-registered no findings)."""
     spec = (sweep or {}).get("findings")
-    return evaluate_findings(runs, spec) if spec else []
+    if not spec:
+        return []
+    same: dict[tuple[str, str], str] = {}
+    by_name = {r.name: r for r in runs}
+    for row in (sweep or {}).get("runs", []):
+        main = by_name.get(str(row.get("same_as") or ""))
+        if row.get("status") == SAME_AS_MAIN and main is not None:
+            same[(main.method + CONTROL_SUFFIX, main.size)] = (f"the control's lr equals the main lr at {main.size}: "
+                                                               "not run twice, not a second test")
+    return evaluate_findings(runs, spec, same)
 
 
 def verdict_counts(results: list[dict[str, Any]]) -> str:
-    """One line per rule id: how many of its rows got each verdict, e.g. `a-val-loss (a): refuted 2, inconclusive 1`."""
+    """One part per rule id: how many of its rows got each verdict, e.g. `a-val-loss (a, primary): confirmed 2, inconclusive 1`;
+    rows that test nothing ("not measured", "= main") are counted after a semicolon, apart from the verdicts."""
     by_rule: dict[str, dict[str, int]] = {}
     for r in results:
-        counts = by_rule.setdefault(f"{r['id']} ({r['finding']})", {})
-        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+        counts = by_rule.setdefault(f"{r['id']} ({r['finding']}, {'primary' if r.get('primary') else 'secondary'})", {})
+        v = r["verdict"] if r.get("counts_toward_verdict", True) or r["verdict"] in NOT_A_VERDICT else f"not counted: {r['verdict']}"
+        counts[v] = counts.get(v, 0) + 1
     order = {v: i for i, v in enumerate(VERDICTS)}
-    return "; ".join(f"{rule}: " + ", ".join(f"{v} {n}" for v, n in sorted(c.items(), key=lambda kv: order.get(kv[0], 99)))
-                     for rule, c in by_rule.items())
+    parts = []
+    for rule, c in by_rule.items():
+        tested = ", ".join(f"{v} {n}" for v, n in sorted(c.items(), key=lambda kv: order.get(kv[0], 99))
+                           if v not in NOT_A_VERDICT and not v.startswith("not counted"))
+        untested = ", ".join([f"{v} {c[v]}" for v in NOT_A_VERDICT if v in c] + [f"{v} {n}" for v, n in c.items() if v.startswith("not counted")])
+        parts.append(f"{rule}: {tested or 'no verdict'}" + (f" (not a verdict: {untested})" if untested else ""))
+    return "; ".join(parts)
+
+
+def _horizon(overrides: list[str], runs: list[Any]) -> tuple[int | None, int | None]:
+    """(tuning steps, main steps): train.max_steps of the tuning overrides (else the main runs'), and of the main runs."""
+    main = sorted({int(((r.config or {}).get("train") or {}).get("max_steps") or 0) for r in runs} - {0})
+    main_steps = main[-1] if main else None
+    tune = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.max_steps=")), main_steps)
+    return tune, main_steps
+
+
+def tuning_table(runs: list[Any], tuning: dict[str, Any]) -> dict[str, Any]:
+    """The tuned-value table: per cell the values tried, their losses, the choice, its position and whether it was confirmed at
+    the main horizon; the title names the tuning horizon beside the main one and whether the tuning seed is a main seed."""
+    rows = []
+    for ct in tuning.get("cells", []):
+        tried = ", ".join(f"{d['value']:g}" for d in ct["tried"])
+        losses = ", ".join("failed" if d["loss"] is None else f"{d['loss']:.4f}" for d in ct["tried"])
+        pos = ct["position"] + (f" ({ct['edge_side']} end, widened {tuning['widen']}x)" if ct.get("edge_side") else "")
+        conf = ct.get("confirm")
+        if conf and conf.get("tried"):
+            at = ", ".join(f"{d['value']:g}: {'failed' if d['loss'] is None else format(d['loss'], '.4f')}" for d in conf["tried"])
+            confirmed = f"{'same' if conf.get('short_choice') == ct['chosen'] else 'CHANGED'} at the main horizon ({at})"
+        elif not any(o.startswith("train.max_steps=") for o in tuning.get("overrides") or []):
+            confirmed = "tuned at the main horizon"
+        else:
+            confirmed = "not confirmed at the main horizon"
+        rows.append({"label": ct["label"], "cells": [_cell(tried), _cell(losses, [d["run_dir"] for d in ct["tried"]]),
+                                                     _cell(ct["chosen"]), _cell(pos), _cell(confirmed)]})
+    steps_tune, steps_main = _horizon(tuning.get("overrides", []), runs)
+    seeds = sorted({r.seed for r in runs})
+    leak = (f"; the tuning seed {tuning['seed']} IS a main seed (the choice saw that seed's data)" if tuning.get("seed") in seeds
+            else f"; tuning seed {tuning.get('seed')} is not a main seed")
+    short = any(o.startswith("train.max_steps=") for o in tuning.get("overrides") or [])
+    horizon = (f"tuning horizon {steps_tune} steps, main horizon {steps_main} steps" if short and steps_main
+               else "tuned at each cell's main horizon")
+    return {"title": f"Tuned {tuning['field']} per cell ({horizon}{leak}; lowest {tuning['metric']} from summary.json)",
+            "columns": ["cell", "values tried", tuning["metric"], "chosen", "position", "at the main horizon"], "rows": rows,
+            "formats": [_text, _text, lambda x: f"{x:g}", _text, _text], "horizon": {"tune_steps": steps_tune, "main_steps": steps_main},
+            "tuning_seed_in_main_seeds": tuning.get("seed") in seeds}
+
+
+def _secondary_name(results: list[dict[str, Any]]) -> str:
+    names = {r["correction"] for r in results if not r.get("primary") and r.get("correction")}
+    return " / ".join({"holm": "Holm", "bh": "Benjamini-Hochberg"}[n] for n in sorted(names)) or "Benjamini-Hochberg"
 
 
 def findings_tables(runs: list[Any], sweep: dict[str, Any] | None, results: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -569,31 +990,28 @@ def findings_tables(runs: list[Any], sweep: dict[str, Any] | None, results: list
     tables = []
     results = study_findings(runs, sweep) if results is None else results
     if results:
+        tables.append(scale_box(runs, results[0].get("reference")))
         rows = []
         for r in results:
             iv = (r["lo"], r["hi"]) if r["lo"] is not None else None
             claim = f"{r['method']} {r['claim']}" + (f" by > {r['min_effect']:g}" if r["min_effect"] else "")
-            rows.append({"label": _what(r), "cells": [_cell(r["size"]), _cell(claim), _cell(r["n"]), _cell(r["estimate"], r["sources"]),
-                                                      _cell(iv), _cell(r["verdict"]), _cell(r["reason"])]})
+            ps = f"{r['p']:.3g} / {r['p_adj']:.3g} ({r['correction']})" if r.get("p_adj") is not None else None
+            mde = f"{r['mde']:.3g}" if r.get("mde") is not None else None
+            rows.append({"label": _what(r), "cells": [_cell(r["size"]), _cell(r["role"]), _cell(claim), _cell(r["n"]),
+                                                      _cell(r["estimate"], r["sources"]), _cell(iv), _cell(ps), _cell(mde),
+                                                      _cell(r.get("verdict_text", r["verdict"])), _cell(r["reason"])]})
         conf = f"{results[0]['confidence']:.0%}"
         tables.append({"title": f"Findings: pre-registered rules, {conf} intervals over paired seeds (rankscope.findings)",
-                       "note": "At a glance (rows per verdict, by rule): " + verdict_counts(results),
-                       "columns": ["finding", "size", "claim", "n", "estimate", f"{conf} interval", "verdict", "why"], "rows": rows,
-                       "formats": [_text, _text, _text, _signed, _interval, _text, _text]})
+                       "note": ("Verdicts on adjusted p: Holm across the primary endpoints, "
+                                f"{_secondary_name(results)} within each finding's secondary (exploratory) rows; the interval is "
+                                "unadjusted. MDE: the smallest effect a test of this row's n detects with 80% power. "
+                                "At a glance (rows per verdict, by rule): " + verdict_counts(results)),
+                       "columns": ["finding", "size", "role", "claim", "n", "estimate", f"{conf} interval", "p / adjusted p", "MDE",
+                                   "verdict", "why"], "rows": rows,
+                       "formats": [_text, _text, _text, _text, _signed, _interval, _text, _text, _text, _text]})
     tuning = (sweep or {}).get("tuning")
     if tuning:
-        rows = []
-        for ct in tuning.get("cells", []):
-            tried = ", ".join(f"{d['value']:g}" for d in ct["tried"])
-            losses = ", ".join("failed" if d["loss"] is None else f"{d['loss']:.4f}" for d in ct["tried"])
-            pos = ct["position"] + (f" ({ct['edge_side']} end, widened {tuning['widen']}x)" if ct.get("edge_side") else "")
-            rows.append({"label": ct["label"], "cells": [_cell(tried), _cell(losses, [d["run_dir"] for d in ct["tried"]]),
-                                                         _cell(ct["chosen"]), _cell(pos)]})
-        budget = " ".join(tuning["overrides"]) or "main budget"
-        tables.append({"title": f"Tuned {tuning['field']} per cell (seed {tuning['seed']}, {budget}; "
-                                f"lowest {tuning['metric']} from summary.json)",
-                       "columns": ["cell", "values tried", tuning["metric"], "chosen", "position"], "rows": rows,
-                       "formats": [_text, _text, lambda x: f"{x:g}", _text]})
+        tables.append(tuning_table(runs, tuning))
     paired = [r for r in results if r["per_seed"]]
     if paired:
         seeds = sorted({s for r in paired for s in r["per_seed"]}, key=int)

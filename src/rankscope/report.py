@@ -32,7 +32,7 @@ from typing import Any
 
 
 from rankscope.errors import RankscopeError
-from rankscope.findings import CONTROL_SUFFIX
+from rankscope.findings import CONTROL_SUFFIX, SAME_AS_MAIN
 from rankscope.jsonfiles import read_json_object, read_jsonl_objects, read_yaml_mapping
 from rankscope.paths import check_output_dir
 
@@ -110,7 +110,15 @@ def read_sweep_json(path: Path) -> dict[str, Any]:
 
 
 def size_label(model: dict[str, Any]) -> str:
-    return model.get("preset") or f"d{model.get('d_model')}-L{model.get('n_layers')}"
+    """The preset's name where the model is that preset, else its shape (`d48-L12`): a preset with a field overridden (a
+    narrower width at the same depth) is another size, never the preset's."""
+    from rankscope.config import PRESETS
+
+    preset = model.get("preset")
+    body = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+    if preset and all(model.get(k, v) == v for k, v in PRESETS.get(preset, {}).items() if k in body):
+        return preset
+    return f"d{model.get('d_model')}-L{model.get('n_layers')}"
 
 
 def load_run(run_dir: Path) -> Run:
@@ -141,8 +149,13 @@ def _is_run_dir(p: Path) -> bool:
     return p.is_dir() and (p / "config.yaml").is_file()
 
 
-def collect(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]]]:
-    """Finished runs and the runs that failed or did not finish, from run dirs and study dirs."""
+def collect(paths: list[str | Path], exclude_duplicates: bool = False) -> tuple[list[Run], list[dict[str, Any]]]:
+    """Finished runs and the runs that failed, did not finish or were excluded, from run dirs and study dirs.
+
+    A study directory's runs are the runs its sweep.json names: any other run folder in it (a leftover of an earlier
+    sweep, a re-tuned point) is listed as excluded, by name, and never reported. Two runs with the same method, size
+    (with any other dimension) and seed are an error naming both folders; with exclude_duplicates the one met first (the
+    sweep's own before any other) is kept and the other listed as excluded."""
     runs: list[Run] = []
     problems: list[dict[str, Any]] = []
     seen: set[Path] = set()
@@ -175,16 +188,24 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]]]:
             add(path)
             continue
         sweep = path / "sweep.json"
+        named: set[Path] | None = None
         if sweep.is_file():
             data = read_sweep_json(sweep)
+            named = {(path / row["name"]).resolve() for row in data["runs"]}
             if data.get("tuning"):  # each cell runs at its own tuned value: not a dimension that splits groups
                 tuned.add(data["tuning"]["field"])
             for row in data["runs"]:
-                if row.get("stage") == "tune":  # tuning runs are reported in the tuned-value table, not as runs
-                    continue
+                if row.get("stage") in ("tune", "confirm") or row.get("status") == SAME_AS_MAIN:
+                    continue  # tuning runs are in the tuned-value table; a control at the main lr is the main run
                 run_dir = path / row["name"] if (path / row["name"]).is_dir() else Path(row.get("run_dir") or path / row["name"])
                 add(run_dir, row.get("status", "done"), row.get("error"), row.get("stage", "main"))
         for sub in sorted(p for p in path.iterdir() if _is_run_dir(p)) if path.is_dir() else []:
+            if named is not None and sub.resolve() not in named:
+                if sub.resolve() not in seen:
+                    seen.add(sub.resolve())
+                    problems.append({"run": sub.name, "dir": str(sub), "status": "excluded",
+                                     "error": f"not a run of the study: {sweep} does not name it", "log": None})
+                continue
             add(sub)
     if not runs and not problems:
         raise ReportError(f"no runs found in {', '.join(map(str, paths))}; give run directories (config.yaml + summary.json) or a study directory (sweep.json)")
@@ -193,7 +214,25 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]]]:
     if not runs:
         raise ReportError(f"no finished runs in {', '.join(map(str, paths))} ({len(problems)} failed or unfinished); see their sweep.log")
     label_other_dimensions(runs, tuned)
-    return runs, problems
+    return _unique_runs(runs, problems, exclude_duplicates), problems
+
+
+def _unique_runs(runs: list[Run], problems: list[dict[str, Any]], exclude: bool) -> list[Run]:
+    """Runs with one (method, size, seed) each: a second is an error naming both folders, or (exclude) listed and left out."""
+    first: dict[tuple[str, str, int], Run] = {}
+    kept = []
+    for r in runs:
+        key = (r.method, r.size, r.seed)
+        if key not in first:
+            first[key] = r
+            kept.append(r)
+        elif not exclude:
+            raise ReportError(f"two runs of {r.method} at {r.size}, seed {r.seed}: {first[key].dir} and {r.dir}; remove the stray "
+                              "one, or pass --exclude-duplicates to keep the first and list the other as excluded")
+        else:
+            problems.append({"run": r.name, "dir": str(r.dir), "status": "excluded",
+                             "error": f"duplicate of {first[key].dir} ({r.method}, {r.size}, seed {r.seed})", "log": None})
+    return kept
 
 
 # fields that never split groups: seeds are averaged over, method fields belong to the method,
@@ -445,13 +484,14 @@ def _jsonable(tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in t.items() if k != "formats"} for t in tables]
 
 
-def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: list[int] | None = None, log=print) -> dict[str, Path]:
+def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: list[int] | None = None, log=print,
+                 exclude_duplicates: bool = False, results_dir: str | Path | None = None) -> dict[str, Path]:
     from rankscope import report_html
     from rankscope import report_plots as P
 
     from rankscope.findings import findings_tables, read_sweep, study_findings
 
-    runs, problems = collect(paths)
+    runs, problems = collect(paths, exclude_duplicates)
     out = check_output_dir(out_dir, "-o")
     sweep = read_sweep(paths)
     verdicts = study_findings(runs, sweep)  # the study's pre-registered rules; their tables come first
@@ -464,7 +504,9 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
     ref = paper_table()
     ref_png = P.plot_paper_reference(out / "paper_reference.png")
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    intro = (f"{len(runs)} finished runs in {len(groups)} groups (method / size), {len(problems)} failed or unfinished. "
+    excluded = [p for p in problems if p["status"] == "excluded"]
+    intro = (f"{len(runs)} finished runs in {len(groups)} groups (method / size), {len(problems) - len(excluded)} failed or unfinished"
+             + (f", {len(excluded)} excluded by name ({', '.join(p['run'] for p in excluded)})" if excluded else "") + ". "
              "Cells: mean ± sample std over seeds; the line under each table names the file its values come from. "
              "report.json lists every cell's per-run values and the file each came from.")
     no_findings = "This study pre-registered no findings (a `findings:` block in the study file); the paper's claims are checked below."
@@ -478,7 +520,7 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
     md += [_md_table(ref), "", paper_note, "", f"![paper reference]({ref_png.name})", ""]
     md += [_md_table(t) + "\n" for t in body[len(top):]]
     if problems:
-        md += ["### Failed or unfinished runs", "", "| run | status | error | log |", "|---|---|---|---|"]
+        md += ["### Failed, unfinished or excluded runs", "", "| run | status | error | log |", "|---|---|---|---|"]
         md += [f"| {p['run']} | {p['status']} | {(p['error'] or '').replace('|', '/')} | {p['log'] or ''} |" for p in problems] + [""]
     for title, fn, caption in figures:
         md += [f"### {title}", "", f"![{title}]({fn.name})", "", caption, ""]
@@ -499,8 +541,13 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
             "paper_reference": {"citation": PAPER_REFERENCE["citation"], "scale": PAPER_REFERENCE["scale"], "table": _jsonable([ref])[0]},
             "figures": [{"title": t, "file": fn.name, "caption": c} for t, fn, c in figures]}
     (out / "report.json").write_text(json.dumps(data, indent=1, default=str))
-    log(f"report of {len(runs)} runs ({len(problems)} failed/unfinished): {out / 'report.html'}, {out / 'report.md'}")
-    return {"html": out / "report.html", "md": out / "report.md", "json": out / "report.json"}
+    log(f"report of {len(runs)} runs ({len(problems)} failed/unfinished/excluded): {out / 'report.html'}, {out / 'report.md'}")
+    written = {"html": out / "report.html", "md": out / "report.md", "json": out / "report.json"}
+    if results_dir is not None:  # the small folder to commit (rankscope.results)
+        from rankscope.results import write_results
+
+        written["results"] = write_results(results_dir, json.loads(json.dumps(data, default=str)), runs)
+    return written
 
 
 # --------------------------------------------------------------------------- CLI verb
@@ -508,9 +555,14 @@ def add_report_args(p) -> None:
     p.add_argument("paths", nargs="+", help="run directories and/or study directories (with sweep.json, or holding runs)")
     p.add_argument("-o", "--output", required=True, help="report folder (report.html, report.md, report.json, PNGs)")
     p.add_argument("--spectra-steps", nargs="+", type=int, help="steps whose singular-value spectra are plotted (default: up to 3 analysed steps)")
+    p.add_argument("--exclude-duplicates", action="store_true",
+                   help="where two runs share method, size and seed, keep the first and list the other as excluded (default: an error)")
+    p.add_argument("--results", metavar="DIR", help="also write the checkable results folder (results/<study>/: report.json, runs.csv, "
+                                                     "tuned_lr.csv, environment.json; rankscope.results)")
 
 
 def cmd_report(args) -> None:
-    written = write_report(args.paths, args.output, args.spectra_steps)
+    written = write_report(args.paths, args.output, args.spectra_steps, exclude_duplicates=args.exclude_duplicates,
+                           results_dir=args.results)
     for name, path in written.items():
         print(f"{name:5s} {path}")

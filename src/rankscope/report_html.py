@@ -35,7 +35,7 @@ TEMPLATE = """<!doctype html>
 </div>
 {%- for t in tables %}{{ table(t) }}{% endfor %}
 {%- if problems %}
-<h3 class="bad">Failed or unfinished runs</h3>
+<h3 class="bad">Failed, unfinished or excluded runs</h3>
 <table><tr><th>run</th><th>status</th><th>error</th><th>log</th></tr>
 {%- for p in problems %}<tr class="bad"><td>{{ p.run }}</td><td>{{ p.status }}</td><td>{{ p.error }}</td><td>{{ p.log }}</td></tr>{% endfor %}
 </table>

@@ -22,10 +22,11 @@ The format, with a full example, is documented in docs/studies.md. In short (YAM
       field: train.lr               # tuned on a log grid
       grid: [1.0e-3, 2.0e-3, 4.0e-3]
       cell: [method.name, model.preset]   # fields that define a cell (default: every grid field but train.seed)
-      seed: 0                       # the one seed of the tuning runs (default: the grid's first train.seed)
+      seed: 1000                    # the one seed of the tuning runs (default 1000, outside the main seeds)
       overrides: [train.max_steps=150]    # the short budget
       metric: final_val_loss        # summary.json key, lower is better
       widen: 2                      # automatic widenings per edge, by the grid's end ratio
+      confirm: 2                    # optional: each cell's best 2 values re-run at the main budget; chosen there
     control:                        # optional: ReLoRA at full-rank's tuned value (the paper's convention)
       where: {method.name: relora}
       lr_from: {method.name: full}
@@ -78,13 +79,16 @@ from rankscope.config import config_from_dict, describe_fields, merge_dicts, par
 from rankscope.errors import ConfigError
 from rankscope.jsonfiles import read_json_object
 
+SAME_AS_MAIN = "= main"  # rankscope.findings.SAME_AS_MAIN: a control point whose lr equals its main point's (not run)
+
 STUDY_KEYS = {"name", "base", "overrides", "grid", "when", "after", "eval_args", "analyze_args", "parallel", "runs_dir", "description",
               "match_memory", "tune", "control", "findings", "run_name", "slurm", "pretrain"}
-TUNE_KEYS = {"field", "grid", "cell", "seed", "overrides", "metric", "widen"}
+TUNE_KEYS = {"field", "grid", "cell", "seed", "overrides", "metric", "widen", "confirm"}
+TUNE_SEED = 1000  # the default tuning seed: outside the main seeds, so the choice never sees a main seed's data
 CONTROL_KEYS = {"where", "lr_from"}
 STEPS = ("eval", "analyze")
-STAGES = ("tune", "main", "control")
-STAGE_DIRS = {"tune": "tune", "main": "", "control": "control"}
+STAGES = ("tune", "confirm", "main", "control")
+STAGE_DIRS = {"tune": "tune", "confirm": "tune-confirm", "main": "", "control": "control"}
 
 
 @dataclass
@@ -99,6 +103,7 @@ class Point:
     steps_done: list[str] = field(default_factory=list)
     stage: str = "main"  # tune / main / control
     cell: dict[str, Any] | None = None  # the tuning cell whose chosen value this point uses (staged studies)
+    same_as: str | None = None  # a control point whose lr equals its main point's: that point's name (not run)
 
 
 @dataclass
@@ -110,6 +115,7 @@ class TuneSpec:
     overrides: list[str]
     metric: str = "final_val_loss"
     widen: int = 2
+    confirm: int = 0  # re-run the best `confirm` values of each cell at the main horizon (tuning seed) and choose among them
 
 
 @dataclass
@@ -130,6 +136,7 @@ class CellTuning:
     position: str = "pending"  # interior / edge / failed / pending
     edge_side: str | None = None  # low / high where position == edge
     widenings: dict[str, int] = field(default_factory=lambda: {"low": 0, "high": 0})
+    confirm: dict[str, Any] | None = None  # {values, tried: [{value, loss, status, run_dir}], short_choice} at the main horizon
 
 
 @dataclass
@@ -320,8 +327,11 @@ def _load_tune(tune: Any, grid: dict[str, list], base: dict[str, Any], path: Pat
     if "train.seed" in cell:
         raise ConfigError(f"{where}.cell must not hold train.seed: the tuning runs use one seed (tune.seed)")
     seeds = grid.get("train.seed") or [base.get("train", {}).get("seed", 0)]
-    seed = tune.get("seed", seeds[0])
+    seed = tune.get("seed", TUNE_SEED if TUNE_SEED not in seeds else max(s for s in seeds if isinstance(s, int)) + 1)
     widen = tune.get("widen", 2)
+    confirm = tune.get("confirm", 0)
+    if not isinstance(confirm, int) or isinstance(confirm, bool) or confirm < 0 or confirm == 1:
+        raise ConfigError(f"{where}.confirm must be 0 (not confirmed) or an integer >= 2: the best values re-run at the main horizon")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{where}.seed must be an integer")
     if not isinstance(widen, int) or isinstance(widen, bool) or widen < 0:
@@ -333,7 +343,7 @@ def _load_tune(tune: Any, grid: dict[str, list], base: dict[str, Any], path: Pat
         raise ConfigError(f"{where}.metric {metric!r} is a test figure; tune on a validation one (final_val_loss, fewshot_val_loss)")
     overrides = [str(o) for o in tune.get("overrides") or []]
     parse_overrides(overrides)
-    return TuneSpec(fld, values, list(cell), seed, overrides, metric, widen)
+    return TuneSpec(fld, values, list(cell), seed, overrides, metric, widen, confirm)
 
 
 def _load_control(control: Any, study: Study, path: Path) -> ControlSpec | None:
@@ -485,12 +495,47 @@ def run_tuning(study: Study, launcher: Launcher, show=print) -> list[CellTuning]
         if not widened:
             break
     study.tuning = cells
+    if t.confirm:
+        confirm_choices(study, cells, launcher, show)
     for ct in cells:
         side = f", {ct.edge_side} end" if ct.edge_side else ""
         where = f"{ct.chosen:g} ({ct.position}{side})" if ct.chosen is not None else "none (every run failed)"
         tried = ", ".join(f"{d['value']:g}" for d in ct.tried)
         show(f"tuned {t.field} for {ct.label}: {where} of {tried}")
     return cells
+
+
+def confirm_choices(study: Study, cells: list[CellTuning], launcher: Launcher, show=print) -> None:
+    """Re-run each cell's best `tune.confirm` values at the main horizon (the main budget, the tuning seed) and choose the
+    best of them there; the short-horizon choice is kept in `confirm.short_choice`, the runs in <runs_dir>/tune-confirm/."""
+    t = study.tune
+    wanted: dict[str, list[Point]] = {}
+    for ct in cells:
+        finite = sorted((d for d in ct.tried if d["loss"] is not None and math.isfinite(d["loss"])), key=lambda d: (d["loss"], d["value"]))
+        if ct.chosen is None or len(finite) < 2:
+            continue
+        values = {k: (ct.cell[k] if k in ct.cell else vs[0]) for k, vs in study.grid.items()}
+        values["train.seed"] = t.seed
+        wanted[ct.label] = [build_point(study, {**values, t.field: d["value"]}, "confirm", cell=ct.cell) for d in finite[: t.confirm]]
+    points = [p for ps in wanted.values() for p in ps]
+    known = {p.run_dir: p for p in study.points}
+    points = [known.get(p.run_dir, p) for p in points]
+    study.points = [*[p for p in study.points if p.run_dir not in {q.run_dir for q in points}], *points]
+    todo = [p for p in points if p.status not in ("done", "failed") and _refresh(p, study) != "done"]
+    _stage_header(study, "confirm", points, todo, show)
+    if todo:
+        launcher.run(todo, study)
+    by_dir = {p.run_dir: p for p in points}
+    for ct in cells:
+        if ct.label not in wanted:
+            continue
+        runs = [by_dir[p.run_dir] for p in wanted[ct.label]]
+        tried = [{"value": p.values[t.field], "loss": read_metric(p, t.metric), "status": p.status, "run_dir": str(p.run_dir)} for p in runs]
+        ok = [d for d in tried if d["loss"] is not None and math.isfinite(d["loss"])]
+        ct.confirm = {"values": [d["value"] for d in tried], "tried": tried, "short_choice": ct.chosen}
+        if ok:
+            ct.chosen = min(ok, key=lambda d: (d["loss"], d["value"]))["value"]
+    write_sweep_summary(study)
 
 
 def staged_points(study: Study) -> list[Point]:
@@ -511,15 +556,24 @@ def staged_points(study: Study) -> list[Point]:
     for values in grid_values(study):
         add(values, "main", cell_of(study, values))
     if study.control is not None:
+        mains = {json.dumps(p.values, sort_keys=True, default=str): p for p in out}
         for values in grid_values(study):
             if all(values[k] == v for k, v in study.control.where.items()):
-                add(values, "control", {**cell_of(study, values), **study.control.lr_from})
+                own, other = chosen[cell_label(cell_of(study, values))], chosen[cell_label({**cell_of(study, values), **study.control.lr_from})]
+                if own.chosen is not None and own.chosen == other.chosen:  # the same runs again: recorded, not run, not a test
+                    main = mains[json.dumps({**values, t.field: own.chosen}, sort_keys=True, default=str)]
+                    p = build_point(study, {**values, t.field: own.chosen}, "control", cell={**cell_of(study, values), **study.control.lr_from})
+                    p.status, p.same_as = SAME_AS_MAIN, main.name
+                    p.error = f"{t.field} {own.chosen:g} equals the main run's: the control is the main run {main.name}"
+                    out.append(p)
+                else:
+                    add(values, "control", {**cell_of(study, values), **study.control.lr_from})
     return out
 
 
 # --------------------------------------------------------------------------- running one point
 def _after(point: Point, study: Study) -> list[str]:
-    return [] if point.stage == "tune" else study.after
+    return [] if point.stage in ("tune", "confirm") else study.after
 
 
 SUMMARY_FIX = "delete it and run the sweep again: the point's training resumes from its last checkpoint and rewrites it"
@@ -656,15 +710,15 @@ def run_study(study: Study, launcher: Launcher | None = None, parallel: int | No
         run_pretrain(study, show)
     if study.tune is not None:
         run_tuning(study, launcher, show)
-        study.points = [p for p in study.points if p.stage == "tune"] + staged_points(study)
+        study.points = [p for p in study.points if p.stage in ("tune", "confirm")] + staged_points(study)
     for stage in ("main", "control"):
         points = [p for p in study.points if p.stage == stage]
         if not points:
             continue
         for p in points:
-            if p.status != "failed":
+            if p.status not in ("failed", SAME_AS_MAIN):
                 _refresh(p, study)
-        todo = [p for p in points if p.status not in ("done", "failed")]
+        todo = [p for p in points if p.status not in ("done", "failed", SAME_AS_MAIN)]
         _stage_header(study, stage, points, todo, show)
         if todo:
             launcher.run(todo, study)
@@ -684,7 +738,7 @@ def write_sweep_summary(study: Study) -> Path:
     for p in study.points:
         rel = str(p.run_dir.relative_to(study.runs_dir)) if p.run_dir.is_relative_to(study.runs_dir) else p.name
         rows.append({"name": rel, "stage": p.stage, "values": p.values, "cell": p.cell, "status": p.status, "error": p.error,
-                     "run_dir": str(p.run_dir), "seconds": round(p.seconds, 1)})
+                     "run_dir": str(p.run_dir), "seconds": round(p.seconds, 1), **({"same_as": p.same_as} if p.same_as else {})})
     data: dict[str, Any] = {"study": study.name, "study_file": str(study.path), "runs": rows}
     if study.tune is not None:
         data["tuning"] = {**asdict(study.tune), "metric_source": "summary.json", "lower_is_better": True,
