@@ -92,8 +92,9 @@ PAPER_RULES: list[dict[str, Any]] = [
     {"id": "d-cond-numerical", "finding": "d", "test": "rank", "kind": ["cumulative_update"], "component": ["wv", "wo", "ov", "w2"],
      "metric": "condition_number_numerical", "phase": "early", "claim": "higher"},
     # the stronger null: full-rank's update cut to ReLoRA's numerical rank at the same step
+    # (d)'s primary endpoint: lower PER beyond what the rank bound forces (log ratio; sesoi: a 10% ratio)
     {"id": "d-per-rank-matched", "finding": "d", "test": "rank-matched", "kind": ["update", "cumulative_update"],
-     "component": ["wv", "wo", "ov", "w2"], "metric": "per", "phase": "early", "claim": "lower"},
+     "component": ["wv", "wo", "ov", "w2"], "metric": "per", "phase": "early", "claim": "lower", "primary": True, "sesoi": 0.1},
     # the paper's own comparison: ReLoRA's adapter update s*B*A per cycle against full-rank's gradient (different objects)
     {"id": "d-per-as-paper", "finding": "d", "test": "rank", "kind": ["cycle_update"], "reference_kind": "grad",
      "component": ["wv", "wo", "w2"], "metric": "per", "phase": "early", "claim": "lower"},
