@@ -19,3 +19,15 @@ class CheckpointError(RankscopeError):
 
 class TrainingError(RankscopeError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class BusyError(RankscopeError):
+    """Another process writes to the same run folder or sweep (rankscope.lock)."""
+
+
+class MachineError(RankscopeError):
+    """The machine failed under a correct input: disk full, a read-only file system. The CLI exits with
+    code 3 (MACHINE_EXIT_CODE), so that a script can tell it from bad input (2) and a crash (1)."""
+
+
+MACHINE_EXIT_CODE = 3

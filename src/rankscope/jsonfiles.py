@@ -42,7 +42,7 @@ def read_json_object(path: str | Path, fix: str, error: type[RankscopeError] = D
 
 def read_yaml_mapping(path: str | Path, fix: str, error: type[RankscopeError] = DataError) -> dict[str, Any]:
     """The YAML mapping in `path` (an empty file is an empty mapping); `error` otherwise."""
-    return _read_mapping(path, "YAML", yaml.safe_load, (yaml.YAMLError,), fix, error)
+    return _read_mapping(path, "YAML", _safe_load, (yaml.YAMLError,), fix, error)
 
 
 def read_jsonl_objects(path: str | Path) -> list[dict[str, Any]]:
@@ -60,3 +60,9 @@ def read_jsonl_objects(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             out.append(row)
     return out
+
+
+def _safe_load(text: str) -> Any:
+    from rankscope.config import safe_load  # duplicate keys refused (config imports nothing heavy)
+
+    return safe_load(text)

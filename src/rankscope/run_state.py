@@ -69,7 +69,7 @@ def save(trainer: Trainer) -> None:
         "config": trainer.cfg.to_dict(),
     }
     root = trainer.run_dir / "checkpoints"
-    ckpt.save_checkpoint(root, trainer.step, files, meta)
+    ckpt.save_checkpoint(root, trainer.step, files, meta, log=trainer.log)
     ckpt.prune_checkpoints(root, trainer.cfg.checkpoint.keep_last, trainer.keep_forever, log=trainer.log)
     distributed.barrier(trainer.dist)
 
@@ -78,12 +78,13 @@ def find_checkpoint(trainer: Trainer) -> ckpt.Checkpoint | None:
     """Rank 0: the newest valid checkpoint; None for a fresh start; refuses to start over in
     silence when checkpoints exist but none is valid."""
     root = trainer.run_dir / "checkpoints"
+    ckpt.recover(root, trainer.log)  # a re-save killed between its two renames
     folders = ckpt.list_checkpoints(root)
     if trainer.restart:
         for _, path in folders:
             trainer.log(f"[train] --restart: {path.name} set aside as {ckpt.set_aside(path, 'restart').name}")
         return None
-    found = ckpt.latest_valid(root, log=trainer.log)
+    found = ckpt.latest_valid(root, log=trainer.log, set_aside_invalid=True)  # damaged newer ones kept as evidence
     if found is None and folders:
         raise CheckpointError(
             f"{root} holds {len(folders)} checkpoint folder(s) but none is valid (see above); "

@@ -72,7 +72,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from rankscope.config import config_from_dict, describe_fields, merge_dicts, parse_overrides, read_yaml
+from rankscope.config import config_from_dict, describe_fields, merge_dicts, parse_overrides, read_yaml, safe_load
 from rankscope.errors import ConfigError
 from rankscope.jsonfiles import read_json_object
 
@@ -82,6 +82,7 @@ TUNE_KEYS = {"field", "grid", "cell", "seed", "overrides", "metric", "widen"}
 CONTROL_KEYS = {"where", "lr_from"}
 STEPS = ("eval", "analyze")
 STAGES = ("tune", "main", "control")
+NAME = re.compile(r"[\w.+=,@-]+")  # a study's name: one folder name (and part of each SLURM job name)
 STAGE_DIRS = {"tune": "tune", "main": "", "control": "control"}
 
 
@@ -204,7 +205,7 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     if not path.is_file():
         raise ConfigError(f"study file {path} not found; give a YAML file such as studies/paper-cpu.yaml")
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
+        spec = safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"study file {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(spec, dict):
@@ -213,6 +214,9 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     if unknown:
         raise ConfigError(f"unknown study key(s) {', '.join(sorted(unknown))} in {path}; valid keys: {', '.join(sorted(STUDY_KEYS))}")
     name = spec.get("name") or path.stem
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name.startswith("."):
+        raise ConfigError(f"study {path}: `name` {name!r} must be one folder name of letters, digits and _ . - + = , @ "
+                          "(not starting with a dot); runs go to runs/<name> unless runs_dir says otherwise")
     grid = spec.get("grid") or {}
     if not isinstance(grid, dict) or not grid or any(not isinstance(v, list) or not v for v in grid.values()):
         raise ConfigError(f"study {path}: `grid` must map config fields to non-empty lists of values, e.g. method.name: [full, relora]")
@@ -220,6 +224,8 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     for key in grid:
         if key not in valid:
             raise ConfigError(f"study {path}: grid field {key!r} is not a config field; see `rankscope info --fields`")
+    if spec.get("base") is not None and not isinstance(spec["base"], str):
+        raise ConfigError(f"study {path}: `base` must name one YAML config file (relative to the study file), got {spec['base']!r}")
     base = read_yaml(path.parent / spec["base"]) if spec.get("base") else {}
     base = merge_dicts(base, parse_overrides(list(spec.get("overrides") or [])))
     after = list(spec.get("after") or [])
@@ -230,8 +236,13 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     template = spec.get("run_name")
     if template is not None and not isinstance(template, str):
         raise ConfigError(f"study {path}: `run_name` must be a string template such as \"{{method}}-lr{{lr}}-s{{seed}}\"")
+    parallel = spec.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise ConfigError(f"study {path}: `parallel` must be a whole number >= 1 (runs at once), got {parallel!r}")
+    tuned = spec["tune"].get("field") if isinstance(spec.get("tune"), dict) else None
+    when = _check_when(spec.get("when"), [*grid, tuned], valid, path)
     study = Study(path, name, [], after, [str(a) for a in spec.get("eval_args") or []], [str(a) for a in spec.get("analyze_args") or []],
-                  int(spec.get("parallel") or 1), root, grid=grid, run_name=template, base=base, when=spec.get("when") or {},
+                  parallel, root, grid=grid, run_name=template, base=base, when=when,
                   match_memory=spec.get("match_memory"))
     study.tune = _load_tune(spec.get("tune"), grid, base, path, valid)
     study.control = _load_control(spec.get("control"), study, path)
@@ -247,6 +258,24 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
         study.points = [tune_point(study, c, v) for c in tune_cells(study) for v in study.tune.grid]
     _check_unique(study.points, path)
     return study
+
+
+def _check_when(when: Any, grid: list[str], valid: set[str], path: Path) -> dict[str, list[str]]:
+    """`when:` maps `field=value` (a grid field) to a list of overrides; anything else would be dropped in silence."""
+    if when is None:
+        return {}
+    if not isinstance(when, dict):
+        raise ConfigError(f"study {path}: `when` must map field=value to a list of overrides, e.g. \"method.name=relora\": [method.relora.rank=32]")
+    for cond, more in when.items():
+        key, eq, _ = str(cond).partition("=")
+        if not eq or key not in valid:
+            raise ConfigError(f"study {path}: `when` key {cond!r} must be written field=value with a config field, "
+                              "e.g. \"method.name=relora\"")
+        if key not in grid:
+            raise ConfigError(f"study {path}: `when` key {cond!r} names {key}, which is neither a grid field nor the tuned one; its overrides would never apply")
+        if not isinstance(more, list) or not all(isinstance(o, str) and "=" in o for o in more):
+            raise ConfigError(f"study {path}: `when` {cond!r} must hold a list of key=value overrides, got {more!r}")
+    return when
 
 
 def _load_tune(tune: Any, grid: dict[str, list], base: dict[str, Any], path: Path, valid: set[str]) -> TuneSpec | None:
@@ -339,6 +368,8 @@ def build_point(study: Study, values: dict[str, Any], stage: str, extra: list[st
 
         cfg = apply_memory_match(cfg, study.match_memory)
     pname = point_name(values, study.run_name)
+    if pname in (".", ".."):
+        raise ConfigError(f"study {study.path}: point name {pname!r} is not a folder of its own; change run_name or the grid value")
     run_dir = study.runs_dir / STAGE_DIRS[stage] / pname if STAGE_DIRS[stage] else study.runs_dir / pname
     return Point(pname, values, cfg.to_dict(), run_dir, stage=stage, cell=cell)
 
@@ -755,7 +786,13 @@ def cmd_sweep(args) -> None:
     from rankscope.paths import check_output_dir
 
     check_output_dir(study.runs_dir, "--runs-dir" if args.runs_dir else f"runs_dir of {study.path}")
-    points = run_study(study, launcher=launcher, parallel=args.parallel)
+    from rankscope import lock
+
+    held = lock.acquire(study.runs_dir, f"sweep folder {study.runs_dir}", "wait for that sweep to end, or use another --runs-dir")
+    try:
+        points = run_study(study, launcher=launcher, parallel=args.parallel)
+    finally:
+        lock.release(held)
     failed = sum(p.status == "failed" for p in points)
     print(f"sweep finished: {len(points) - failed} ok, {failed} failed; summary {study.runs_dir / 'sweep.json'}")
     if failed:

@@ -25,6 +25,7 @@ from rankscope.loggers import MetricsLog, TokenRate
 from rankscope.methods import lora
 from rankscope.preemption import Preempted, StopOnSignal
 from rankscope.progress import Progress
+from rankscope.run_dir import release_run_dir
 from rankscope.runtime import autocast, pick_precision
 
 
@@ -47,6 +48,20 @@ class Trainer:
         if not self.dist.is_main:
             self.log = lambda *_: None
         self.previous_settings = run_setup.open_run_dir(self.run_dir, self.cfg, self.device, self.dist)
+        self.locked = self.dist.is_main  # rank 0 holds the run folder's lock (rankscope.lock) until release()
+        try:
+            self._set_up()
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give back the run folder's lock (rank 0); the kernel does it too when the process dies."""
+        if getattr(self, "locked", False):
+            self.locked = False
+            release_run_dir(self.run_dir)
+
+    def _set_up(self) -> None:
         self.precision = pick_precision(self.device, self.cfg.train.precision)
         self.corpus, self.train_stream, self.val_stream = run_setup.build_data(self.cfg, self.dist, self.log)
         self.sharded = run_setup.is_sharded(self.cfg, self.dist, self.log)
@@ -131,8 +146,11 @@ class Trainer:
         return run_state.checkpoint_due(self.cfg, done, self.keep_forever)
 
     def run(self) -> dict[str, Any]:
-        with self.stop:
-            return self.train_loop()
+        try:
+            with self.stop:
+                return self.train_loop()
+        finally:
+            self.release()
 
     def train_loop(self) -> dict[str, Any]:
         t = self.cfg.train
