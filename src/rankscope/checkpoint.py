@@ -106,14 +106,18 @@ def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tens
     tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    hashes, aliases = {}, {}
-    for name, tensors in files.items():
-        path = tmp / f"{name}.safetensors"
-        stored, aliases[name] = _dedupe(tensors)
-        save_file(stored, str(path))
-        _fsync(path)
-        hashes[path.name] = _sha256(path)
-    write_meta(tmp, {**meta, "step": step, "files": hashes, "aliases": aliases})
+    try:
+        hashes, aliases = {}, {}
+        for name, tensors in files.items():
+            path = tmp / f"{name}.safetensors"
+            stored, aliases[name] = _dedupe(tensors)
+            _save_file(stored, path)
+            _fsync(path)
+            hashes[path.name] = _sha256(path)
+        write_meta(tmp, {**meta, "step": step, "files": hashes, "aliases": aliases})
+    except BaseException:  # disk full, read-only, killed: the half-written folder goes (the old ones are untouched)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = None
     if final.exists():  # re-saving the same step (e.g. after a resume): old aside, then new in (both renames)
         try:
@@ -129,6 +133,18 @@ def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tens
         shutil.rmtree(old, ignore_errors=True)
     _VERIFIED[str(final.resolve())] = _fingerprint(final)  # hashed just now: retention need not read it back
     return final
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file; its I/O failures (reported as SafetensorError) as the OSError they are."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 @dataclass
@@ -376,13 +392,13 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Te
 
 def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     state: dict[int, dict[str, Any]] = {}
-    for key, t in tensors.items():
-        _, idx, k = key.split(".", 2)
-        state.setdefault(int(idx), {})[k] = t
-    for key, v in meta.get("plain_state", {}).items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
     try:
+        for key, t in tensors.items():
+            _, idx, k = key.split(".", 2)
+            state.setdefault(int(idx), {})[k] = t
+        for key, v in meta.get("plain_state", {}).items():
+            idx, k = key.split(".", 1)
+            state.setdefault(int(idx), {})[k] = v
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointError(f"optimizer state does not match this run ({e}); resume with the config the run was started with") from None

@@ -5,16 +5,35 @@ arguments). The modules that own a verb (analysis, studies, reports, export, lm-
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
-from rankscope import export, report, study
-from rankscope.analysis import cli as analysis_cli
-from rankscope.errors import ConfigError, RankscopeError
-from rankscope.evaluate import harness
-from rankscope.preemption import Preempted
+
+def _interrupted_while_starting(signum, frame) -> None:
+    os.write(2, b"interrupted while starting; nothing was run\n")
+    os._exit(130)
+
+
+# Ctrl-C while the imports below run (torch takes seconds) ends in one line, not a KeyboardInterrupt traceback
+_previous_sigint = signal.signal(signal.SIGINT, _interrupted_while_starting) if threading.current_thread() is threading.main_thread() else None
+
+from rankscope import export, report, study  # noqa: E402
+from rankscope.analysis import cli as analysis_cli  # noqa: E402
+from rankscope.errors import MACHINE_EXIT_CODE, ConfigError, MachineError, RankscopeError  # noqa: E402
+from rankscope.evaluate import harness  # noqa: E402
+from rankscope.preemption import Preempted  # noqa: E402
+
+if _previous_sigint is not None:
+    signal.signal(signal.SIGINT, _previous_sigint)
+
+# errors of the machine, not of the input: the disk is full, the file system went read-only, a quota is reached
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -66,13 +85,32 @@ def cmd_train(args) -> None:
             raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node), the same on every node")
         argv = ["train", args.config, *args.overrides, "-o", str(out), *(["--restart"] if args.restart else [])]
         raise SystemExit(launch(argv, args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id))
-    summary = train(cfg, out, restart=args.restart, callbacks=build_callbacks(cfg))
+    try:
+        summary = train(cfg, out, restart=args.restart, callbacks=build_callbacks(cfg))
+    except OSError as e:
+        if e.errno not in MACHINE_ERRNOS:
+            raise
+        raise MachineError(machine_failure(e, out)) from None
     if summary.get("run_dir") is None:  # not rank 0
         return
     print(f"\nfinished {summary['steps']} steps ({summary['tokens']:,} tokens): train loss {summary['final_train_loss']:.4f}, "
           f"val loss {summary['final_val_loss']:.4f} (mean of train.eval_batches={cfg.train.eval_batches} val batches; "
           f"`rankscope eval` scores every held-out document), {summary['tokens_per_s'] or 0:,.0f} tokens/s ({summary['precision']})")
     print(f"run directory: {out}  (metrics.jsonl, summary.json, checkpoints/)")
+
+
+def machine_failure(e: OSError, run_dir: Path) -> str:
+    """One line for a machine failure during training: what failed, where, and the last good checkpoint."""
+    from rankscope.checkpoint import latest_valid
+
+    try:
+        last = latest_valid(run_dir / "checkpoints", log=lambda *_: None)
+    except OSError:
+        last = None
+    where = f" ({e.filename})" if e.filename else ""
+    kept = f"the last good checkpoint is {last.path}" if last else "no checkpoint was written yet"
+    return (f"the machine failed while training: {e.strerror or e}{where}; {kept}; "
+            "free space (or make the file system writable) and re-run the same command to resume")
 
 
 def cmd_eval(args) -> None:
@@ -227,11 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except Preempted as e:  # a SIGTERM / SIGINT stop with a checkpoint (rankscope.preemption)
-        import os
-
         if os.environ.get("RANK", "0") == "0":
             print(e, file=sys.stderr, flush=True)
         return e.exit_code
+    except MachineError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return MACHINE_EXIT_CODE
     except RankscopeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -105,8 +105,13 @@ def resume(trainer: Trainer) -> None:
         trainer.setup_model(found.meta["method"])
     # under FSDP the full tensors stay on the CPU; each rank moves only its shards to the device
     where = "cpu" if trainer.sharded else str(trainer.device)
-    sharding.load_full_model_state(trainer.model, found.load("model", where))
-    opt_tensors = sharding.shard_optimizer_tensors(trainer.optimizer, found.load("optimizer", where))
+    try:
+        sharding.load_full_model_state(trainer.model, found.load("model", where))
+        opt_tensors = sharding.shard_optimizer_tensors(trainer.optimizer, found.load("optimizer", where))
+    except (RuntimeError, KeyError, ValueError) as e:  # e.g. a step folder copied from another run: its hashes verify
+        raise CheckpointError(f"checkpoint {found.path} does not fit this run's model ({str(e).strip().splitlines()[0][:160]}); "
+                              "it comes from another run or config: move it out of checkpoints/, or resume with the config "
+                              "it was written with") from None
     ckpt.optimizer_from_tensors(trainer.optimizer, opt_tensors, found.meta["optimizer"])
     extra = found.load("extra")
     own = f"rng.torch.{trainer.dist.rank}"
