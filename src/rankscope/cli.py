@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return MACHINE_EXIT_CODE
     except RankscopeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "from_rank0", False):  # under torchrun rank 0 prints what every rank learnt from it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)

@@ -22,10 +22,12 @@ reaches report.html through one escaping path, the jinja2 template in rankscope.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,8 +91,14 @@ def _num(v: Any) -> float | None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows; torn or foreign lines skipped (rankscope.jsonfiles.read_jsonl_objects)."""
-    return read_jsonl_objects(path)
+    """metrics.jsonl's rows; torn or foreign lines skipped (rankscope.jsonfiles.read_jsonl_objects) and counted
+    in a one-line warning."""
+    skipped: list[int] = []
+    rows = read_jsonl_objects(path, skipped)
+    if skipped:
+        warnings.warn(f"{path}: {len(skipped)} line(s) are not JSON objects and were left out of the report "
+                      f"(the first at line {skipped[0]})", stacklevel=2)
+    return rows
 
 
 SWEEP_FIX = "re-run `rankscope sweep STUDY` to rewrite it (finished runs are kept), or delete it and report the run folders"
@@ -183,6 +191,9 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]]]:
                 if row.get("stage") == "tune":  # tuning runs are reported in the tuned-value table, not as runs
                     continue
                 run_dir = path / row["name"] if (path / row["name"]).is_dir() else Path(row.get("run_dir") or path / row["name"])
+                if not run_dir.resolve().is_relative_to(path.resolve()):  # sweep.json names only runs of its own folder
+                    raise ReportError(f"{sweep}: run {row['name']!r} points outside the study folder ({run_dir}); "
+                                      f"{SWEEP_FIX}, or name that run folder on the command line to report it")
                 add(run_dir, row.get("status", "done"), row.get("error"), row.get("stage", "main"))
         for sub in sorted(p for p in path.iterdir() if _is_run_dir(p)) if path.is_dir() else []:
             add(sub)
@@ -394,12 +405,19 @@ def table_view(t: dict[str, Any]) -> dict[str, Any]:
     return {"title": str(t["title"]), "note": str(t.get("note") or ""), "columns": [str(c) for c in t["columns"]], "rows": rows}
 
 
+def md_text(value: Any) -> str:
+    """`value` as inert Markdown text: HTML escaped (a renderer shows `<b>` as text, never as markup), table
+    pipes escaped, line breaks made spaces (a quoted value cannot end its table row or start a heading)."""
+    text = html.escape(str(value), quote=False).replace("|", "\\|")
+    return " ".join(text.splitlines()) if text.strip() else text
+
+
 def _md_table(t: dict[str, Any]) -> str:
-    lines = [f"### {t['title']}", "", *([t["note"], ""] if t.get("note") else []), "| " + " | ".join(t["columns"]) + " |",
-             "|" + "---|" * len(t["columns"])]
+    lines = [f"### {md_text(t['title'])}", "", *([md_text(t["note"]), ""] if t.get("note") else []),
+             "| " + " | ".join(md_text(c) for c in t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
     for row in t["rows"]:
         cells = [row["label"], *([str(row["n"])] if "n" in row else []), *[fmt(c, f) for c, f in zip(row["cells"], t["formats"])]]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(md_text(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -473,15 +491,16 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
     body = [*top, *([claims] if claims else []), *tables]
 
     # Markdown
-    md = [f"# rankscope report ({stamp})", "", "Inputs: " + ", ".join(map(str, paths)), "", intro, ""]
+    md = [f"# rankscope report ({stamp})", "", "Inputs: " + ", ".join(md_text(p) for p in paths), "", intro, ""]
     md += [_md_table(t) + "\n" for t in top] or [f"### Findings\n\n{no_findings}\n"]
     md += [_md_table(ref), "", paper_note, "", f"![paper reference]({ref_png.name})", ""]
     md += [_md_table(t) + "\n" for t in body[len(top):]]
     if problems:
         md += ["### Failed or unfinished runs", "", "| run | status | error | log |", "|---|---|---|---|"]
-        md += [f"| {p['run']} | {p['status']} | {(p['error'] or '').replace('|', '/')} | {p['log'] or ''} |" for p in problems] + [""]
+        md += [f"| {md_text(p['run'])} | {md_text(p['status'])} | {md_text(p['error'] or '')} | {md_text(p['log'] or '')} |"
+               for p in problems] + [""]
     for title, fn, caption in figures:
-        md += [f"### {title}", "", f"![{title}]({fn.name})", "", caption, ""]
+        md += [f"### {md_text(title)}", "", f"![{md_text(title)}]({fn.name})", "", md_text(caption), ""]
     (out / "report.md").write_text("\n".join(md))
 
     # HTML (self-contained): every value goes through the template's autoescape
@@ -511,6 +530,9 @@ def add_report_args(p) -> None:
 
 
 def cmd_report(args) -> None:
+    bad = [s for s in args.spectra_steps or [] if s < 0]
+    if bad:
+        raise ReportError(f"--spectra-steps must be steps >= 0, got {bad[0]}")
     written = write_report(args.paths, args.output, args.spectra_steps)
     for name, path in written.items():
         print(f"{name:5s} {path}")
