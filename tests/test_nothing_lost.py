@@ -82,7 +82,7 @@ def test_d1_a_damaged_newest_checkpoint_is_set_aside_when_found_not_deleted(data
 
 
 def _save(root: Path, step: int, value: float) -> Path:
-    return ckpt.save_checkpoint(root, step, {"model": {"w": torch.full((4,), value)}}, {}, log=lambda *_: None)
+    return ckpt.save_checkpoint(root, step, {"model": {"w": torch.full((4,), value)}}, {})
 
 
 def _value(root: Path, step: int) -> float:
