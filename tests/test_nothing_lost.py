@@ -244,6 +244,19 @@ def test_d4_a_float_field_given_a_huge_integer_is_one_line():
         load_config(None, ["train.lr=" + "9" * 400])
 
 
+def test_d4_every_config_field_given_a_huge_number_is_accepted_or_one_config_error():
+    from rankscope.config import describe_fields
+
+    for name, *_ in describe_fields():
+        for value in ("9" * 400, "-" + "9" * 400, str(2**64)):
+            try:
+                cfg = load_config(None, [f"{name}={value}"])
+            except ConfigError:
+                continue
+            assert not any(isinstance(v, int) and abs(v) >= 2**63 for sec in cfg.to_dict().values() if isinstance(sec, dict)
+                           for v in sec.values()), (name, "kept an integer beyond 64 bits")
+
+
 def test_d4_a_study_base_that_is_a_list_is_one_line(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text("name: s\nbase: [a.yaml, b.yaml]\ngrid: {train.seed: [0]}\n")
     assert main(["sweep", str(tmp_path / "s.yaml"), "--list"]) == 2

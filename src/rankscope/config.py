@@ -446,6 +446,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"config key {path!r} must be {_type_name(tp)}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key {path!r} must be a finite number, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:  # beyond every tensor's and C's int
+            raise ConfigError(f"config key {path!r} must be a whole number below 2**63, got one with {len(str(abs(value)))} digits")
         kwargs[key] = value
     return cls(**kwargs)
 
