@@ -279,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine, not the input (train names its last good checkpoint: cmd_train)
+        if e.errno not in MACHINE_ERRNOS:
+            raise
+        print(f"error: the machine failed: {e.strerror}{f' ({e.filename})' if e.filename else ''}; "
+              "free space (or make the file system writable) and re-run the same command", file=sys.stderr)
+        return MACHINE_EXIT_CODE
     return 0
 
 
