@@ -21,7 +21,8 @@ def _interrupted_while_starting(signum, frame) -> None:
 
 
 # Ctrl-C while the imports below run (torch takes seconds) ends in one line, not a KeyboardInterrupt traceback
-_previous_sigint = signal.signal(signal.SIGINT, _interrupted_while_starting) if threading.current_thread() is threading.main_thread() else None
+_starting = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+_previous_sigint = signal.signal(signal.SIGINT, _interrupted_while_starting) if _starting else None
 
 from rankscope import export, report, study  # noqa: E402
 from rankscope.analysis import cli as analysis_cli  # noqa: E402
@@ -29,8 +30,8 @@ from rankscope.errors import MACHINE_EXIT_CODE, ConfigError, MachineError, Ranks
 from rankscope.evaluate import harness  # noqa: E402
 from rankscope.preemption import Preempted  # noqa: E402
 
-if _previous_sigint is not None:
-    signal.signal(signal.SIGINT, _previous_sigint)
+if _starting:  # None: a handler not set from Python; Python's own is the one that raises KeyboardInterrupt
+    signal.signal(signal.SIGINT, _previous_sigint if _previous_sigint is not None else signal.default_int_handler)
 
 # errors of the machine, not of the input: the disk is full, the file system went read-only, a quota is reached
 MACHINE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO}
