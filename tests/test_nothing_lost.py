@@ -286,7 +286,9 @@ def test_d4_a_resealed_malformed_optimiser_plain_state_is_one_line(data_dir, cop
 
 def test_d4_ctrl_c_during_the_imports_is_one_line():
     proc = subprocess.Popen([sys.executable, "-m", "rankscope", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    time.sleep(0.6)  # inside the imports (torch alone takes seconds)
+    maps, t0 = Path(f"/proc/{proc.pid}/maps"), time.time()
+    while proc.poll() is None and time.time() - t0 < 60 and "libtorch" not in maps.read_text():
+        time.sleep(0.005)  # until torch's libraries load: inside the imports (rankscope.cli imports torch through export)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and err.count("\n") == 1 and out == "", (proc.returncode, err)
