@@ -409,7 +409,7 @@ def md_text(value: Any) -> str:
     """`value` as inert Markdown text: HTML escaped (a renderer shows `<b>` as text, never as markup), table
     pipes escaped, line breaks made spaces (a quoted value cannot end its table row or start a heading)."""
     text = html.escape(str(value), quote=False).replace("|", "\\|")
-    return " ".join(text.splitlines()) if text.strip() else text
+    return " ".join(text.splitlines())
 
 
 def _md_table(t: dict[str, Any]) -> str:
