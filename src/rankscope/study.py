@@ -532,7 +532,7 @@ def point_state(point: Point, study: Study) -> str:
         owner = read_marker(marker, study).get("study")
         if owner != study.name:
             raise ConfigError(f"{point.run_dir} belongs to study {owner!r}, not {study.name!r}; use another runs_dir (--runs-dir)")
-    elif point.run_dir.exists() and any(point.run_dir.iterdir()):
+    elif point.run_dir.exists() and any(p.name != ".rankscope.lock" for p in point.run_dir.iterdir()):  # a lock file alone: no run
         raise ConfigError(f"{point.run_dir} holds a run that is not part of study {study.name!r}; use another runs_dir (--runs-dir)")
     if training_finished(point.run_dir, point.config["train"]["max_steps"]):
         done = read_marker(marker, study).get("steps_done", []) if marker.exists() else []
