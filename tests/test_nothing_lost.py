@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -344,6 +345,21 @@ def test_d5_nproc_with_bad_input_exits_2_with_one_line(data_dir, copy):
     done = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=240)
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
     assert done.returncode == 2 and len(errors) == 1 and "ChildFailedError" not in done.stderr and "exitcode" not in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_d5_a_signal_stop_under_nproc_prints_only_the_promised_line(data_dir, tmp_path):
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "rankscope", *train_argv(data_dir, run, "train.max_steps=400", "train.threads=1"), "--nproc", "2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 240 and (not (run / "metrics.jsonl").exists()
+                                                              or (run / "metrics.jsonl").read_text().count("\n") < 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, (out, err)
+    assert re.fullmatch(r"stopped at step \d+; checkpoint saved; re-run the same command to resume\n", err), err
 
 
 # --------------------------------------------------------------------------- D6 nothing ignored
