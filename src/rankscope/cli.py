@@ -8,30 +8,22 @@ import argparse
 import errno
 import json
 import os
-import signal
 import sys
-import threading
+
+from rankscope import startup  # first: Ctrl-C while the modules below import is one line (rankscope.startup)
+
 from pathlib import Path
 from typing import Callable
 
+from rankscope import export, report, study
+from rankscope.analysis import cli as analysis_cli
+from rankscope.errors import ConfigError, RankscopeError
+from rankscope.evaluate import harness
+from rankscope.preemption import Preempted
 
-def _interrupted_while_starting(signum, frame) -> None:
-    os.write(2, b"interrupted while starting; nothing was run\n")
-    os._exit(130)
+from rankscope.errors import MACHINE_EXIT_CODE, MachineError
 
-
-# Ctrl-C while the imports below run (torch takes seconds) ends in one line, not a KeyboardInterrupt traceback
-_starting = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
-_previous_sigint = signal.signal(signal.SIGINT, _interrupted_while_starting) if _starting else None
-
-from rankscope import export, report, study  # noqa: E402
-from rankscope.analysis import cli as analysis_cli  # noqa: E402
-from rankscope.errors import MACHINE_EXIT_CODE, ConfigError, MachineError, RankscopeError  # noqa: E402
-from rankscope.evaluate import harness  # noqa: E402
-from rankscope.preemption import Preempted  # noqa: E402
-
-if _starting:  # None: a handler not set from Python; Python's own is the one that raises KeyboardInterrupt
-    signal.signal(signal.SIGINT, _previous_sigint if _previous_sigint is not None else signal.default_int_handler)
+startup.imported()
 
 # errors of the machine, not of the input: the disk is full, the file system went read-only, a quota is reached
 MACHINE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO}

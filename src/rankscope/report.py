@@ -406,10 +406,9 @@ def table_view(t: dict[str, Any]) -> dict[str, Any]:
 
 
 def md_text(value: Any) -> str:
-    """`value` as inert Markdown text: HTML escaped (a renderer shows `<b>` as text, never as markup), table
-    pipes escaped, line breaks made spaces (a quoted value cannot end its table row or start a heading)."""
-    text = html.escape(str(value), quote=False).replace("|", "\\|")
-    return " ".join(text.splitlines())
+    """`value` as one Markdown table cell or line: pipes escaped, line breaks made spaces (a quoted value cannot
+    end its row or start a heading). HTML is escaped once, for the whole report.md, where it is written."""
+    return " ".join(str(value).replace("|", "\\|").splitlines())
 
 
 def _md_table(t: dict[str, Any]) -> str:
@@ -468,6 +467,8 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
     from rankscope import report_plots as P
 
     from rankscope.findings import findings_tables, read_sweep, study_findings
+    if any(s < 0 for s in spectra_steps or []):  # checked before anything is read or written
+        raise ReportError(f"--spectra-steps must be steps >= 0, got {min(spectra_steps)}")
 
     runs, problems = collect(paths)
     out = check_output_dir(out_dir, "-o")
@@ -497,11 +498,10 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
     md += [_md_table(t) + "\n" for t in body[len(top):]]
     if problems:
         md += ["### Failed or unfinished runs", "", "| run | status | error | log |", "|---|---|---|---|"]
-        md += [f"| {md_text(p['run'])} | {md_text(p['status'])} | {md_text(p['error'] or '')} | {md_text(p['log'] or '')} |"
-               for p in problems] + [""]
+        md += [f"| {p['run']} | {p['status']} | {(p['error'] or '').replace('|', '/')} | {p['log'] or ''} |" for p in problems] + [""]
     for title, fn, caption in figures:
         md += [f"### {md_text(title)}", "", f"![{md_text(title)}]({fn.name})", "", md_text(caption), ""]
-    (out / "report.md").write_text("\n".join(md))
+    (out / "report.md").write_text(html.escape("\n".join(md), quote=False))  # what it quotes shows as text, never as HTML
 
     # HTML (self-contained): every value goes through the template's autoescape
     page = report_html.render(
@@ -530,9 +530,6 @@ def add_report_args(p) -> None:
 
 
 def cmd_report(args) -> None:
-    bad = [s for s in args.spectra_steps or [] if s < 0]
-    if bad:
-        raise ReportError(f"--spectra-steps must be steps >= 0, got {bad[0]}")
     written = write_report(args.paths, args.output, args.spectra_steps)
     for name, path in written.items():
         print(f"{name:5s} {path}")

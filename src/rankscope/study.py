@@ -82,7 +82,6 @@ TUNE_KEYS = {"field", "grid", "cell", "seed", "overrides", "metric", "widen"}
 CONTROL_KEYS = {"where", "lr_from"}
 STEPS = ("eval", "analyze")
 STAGES = ("tune", "main", "control")
-NAME = re.compile(r"[\w.+=,@-]+")  # a study's name: one folder name (and part of each SLURM job name)
 STAGE_DIRS = {"tune": "tune", "main": "", "control": "control"}
 
 
@@ -214,7 +213,7 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     if unknown:
         raise ConfigError(f"unknown study key(s) {', '.join(sorted(unknown))} in {path}; valid keys: {', '.join(sorted(STUDY_KEYS))}")
     name = spec.get("name") or path.stem
-    if not isinstance(name, str) or not NAME.fullmatch(name) or name.startswith("."):
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.+=,@-]+", name) or name.startswith("."):  # one folder (and SLURM job) name
         raise ConfigError(f"study {path}: `name` {name!r} must be one folder name of letters, digits and _ . - + = , @ "
                           "(not starting with a dot); runs go to runs/<name> unless runs_dir says otherwise")
     grid = spec.get("grid") or {}
