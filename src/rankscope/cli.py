@@ -5,7 +5,6 @@ arguments). The modules that own a verb (analysis, studies, reports, export, lm-
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
@@ -21,12 +20,9 @@ from rankscope.errors import ConfigError, RankscopeError
 from rankscope.evaluate import harness
 from rankscope.preemption import Preempted
 
-from rankscope.errors import MACHINE_EXIT_CODE, MachineError
+from rankscope.errors import MACHINE_ERRNOS, MACHINE_EXIT_CODE, MachineError
 
 startup.imported()
-
-# errors of the machine, not of the input: the disk is full, the file system went read-only, a quota is reached
-MACHINE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -78,32 +74,13 @@ def cmd_train(args) -> None:
             raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node), the same on every node")
         argv = ["train", args.config, *args.overrides, "-o", str(out), *(["--restart"] if args.restart else [])]
         raise SystemExit(launch(argv, args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id))
-    try:
-        summary = train(cfg, out, restart=args.restart, callbacks=build_callbacks(cfg))
-    except OSError as e:
-        if e.errno not in MACHINE_ERRNOS:
-            raise
-        raise MachineError(machine_failure(e, out)) from None
+    summary = train(cfg, out, restart=args.restart, callbacks=build_callbacks(cfg))
     if summary.get("run_dir") is None:  # not rank 0
         return
     print(f"\nfinished {summary['steps']} steps ({summary['tokens']:,} tokens): train loss {summary['final_train_loss']:.4f}, "
           f"val loss {summary['final_val_loss']:.4f} (mean of train.eval_batches={cfg.train.eval_batches} val batches; "
           f"`rankscope eval` scores every held-out document), {summary['tokens_per_s'] or 0:,.0f} tokens/s ({summary['precision']})")
     print(f"run directory: {out}  (metrics.jsonl, summary.json, checkpoints/)")
-
-
-def machine_failure(e: OSError, run_dir: Path) -> str:
-    """One line for a machine failure during training: what failed, where, and the last good checkpoint."""
-    from rankscope.checkpoint import latest_valid
-
-    try:
-        last = latest_valid(run_dir / "checkpoints", log=lambda *_: None)
-    except OSError:
-        last = None
-    where = f" ({e.filename})" if e.filename else ""
-    kept = f"the last good checkpoint is {last.path}" if last else "no checkpoint was written yet"
-    return (f"the machine failed while training: {e.strerror or e}{where}; {kept}; "
-            "free space (or make the file system writable) and re-run the same command to resume")
 
 
 def cmd_eval(args) -> None:
@@ -272,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    except OSError as e:  # the machine, not the input (train names its last good checkpoint: cmd_train)
+    except OSError as e:  # the machine, not the input (train names its last good checkpoint: run_state.machine_failure)
         if e.errno not in MACHINE_ERRNOS:
             raise
         print(f"error: the machine failed: {e.strerror}{f' ({e.filename})' if e.filename else ''}; "

@@ -1,5 +1,7 @@
 """Errors a user can cause. The CLI prints them as one line and exits with code 2."""
 
+import errno
+
 
 class RankscopeError(Exception):
     """Base class: the message names the problem and the fix."""
@@ -31,3 +33,5 @@ class MachineError(RankscopeError):
 
 
 MACHINE_EXIT_CODE = 3
+# errnos of the machine, not of the input: the disk is full, the file system went read-only, a quota is reached, I/O failed
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO}

@@ -23,7 +23,6 @@ from typing import Any
 
 import yaml
 
-from rankscope import lock
 from rankscope.errors import ConfigError, RankscopeError
 from rankscope.paths import check_output_dir
 from rankscope.runtime import describe
@@ -38,25 +37,10 @@ RESUMABLE_SECTIONS = ("checkpoint", "eval", "analysis")
 
 
 def write_run_dir(run_dir: Path, cfg, device, world_size: int) -> dict | None:
-    """Take the run folder's lock (rankscope.lock: one writer; the caller releases it with
-    `release_run_dir`), check that `run_dir` is writable and that a config.yaml already there describes
-    this same run, then write config.yaml and env.json. Returns the precision / compile settings a
-    previous attempt chose (env.json `settings`), which a resumed run keeps; None for a fresh one."""
+    """Check that `run_dir` is writable and that a config.yaml already there describes this same run,
+    then write config.yaml and env.json. Returns the precision / compile settings a previous attempt
+    chose (env.json `settings`), which a resumed run keeps; None for a fresh one."""
     check_output_dir(run_dir, "the run directory (-o)")
-    lock.acquire(run_dir, f"run folder {run_dir}", "wait for it to end, or choose another -o")
-    try:
-        return _write_run_dir(run_dir, cfg, device, world_size)
-    except BaseException:
-        release_run_dir(run_dir)
-        raise
-
-
-def release_run_dir(run_dir: Path) -> None:
-    """Give back the lock `write_run_dir` took."""
-    lock.release(Path(run_dir) / lock.LOCK_NAME)
-
-
-def _write_run_dir(run_dir: Path, cfg, device, world_size: int) -> dict | None:
     cfg_path = run_dir / "config.yaml"
     resolved = cfg.to_dict()
     if cfg_path.exists():
@@ -132,3 +116,12 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def lock_run_dir(run_dir: Path):
+    """The run folder's lock (rankscope.lock: one writer, rank 0), taken before anything in it is written; a
+    second writer gets one line naming the holder. Held while the returned handle lives (or until release())."""
+    from rankscope import lock
+
+    check_output_dir(run_dir, "the run directory (-o)")
+    return lock.acquire(run_dir, f"run folder {run_dir}", "wait for it to end, or choose another -o")

@@ -16,7 +16,7 @@ import torch
 
 from rankscope import checkpoint as ckpt
 from rankscope import distributed, sharding
-from rankscope.errors import CheckpointError
+from rankscope.errors import MACHINE_ERRNOS, CheckpointError, MachineError
 from rankscope.methods import lora
 
 if TYPE_CHECKING:
@@ -143,3 +143,18 @@ def _row_step(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
         return 1 << 62
+
+
+def machine_failure(e: OSError, run_dir: Path) -> MachineError | None:
+    """A MachineError (exit code 3) for an OSError of the machine during training (disk full, read-only; errors.MACHINE_ERRNOS),
+    naming what failed and the last good checkpoint; None for other OSErrors."""
+    if e.errno not in MACHINE_ERRNOS:
+        return None
+    try:
+        last = ckpt.latest_valid(run_dir / "checkpoints", log=lambda *_: None)
+    except OSError:
+        last = None
+    where = f" ({e.filename})" if e.filename else ""
+    kept = f"the last good checkpoint is {last.path}" if last else "no checkpoint was written yet"
+    return MachineError(f"the machine failed while training: {e.strerror or e}{where}; {kept}; "
+                        "free space (or make the file system writable) and re-run the same command to resume")

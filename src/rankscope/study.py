@@ -239,9 +239,9 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
         raise ConfigError(f"study {path}: `parallel` must be a whole number >= 1 (runs at once), got {parallel!r}")
     tuned = spec["tune"].get("field") if isinstance(spec.get("tune"), dict) else None
-    when = _check_when(spec.get("when"), [*grid, tuned], valid, path)
+    _check_when(spec.get("when"), [*grid, tuned], valid, path)
     study = Study(path, name, [], after, [str(a) for a in spec.get("eval_args") or []], [str(a) for a in spec.get("analyze_args") or []],
-                  parallel, root, grid=grid, run_name=template, base=base, when=when,
+                  int(spec.get("parallel") or 1), root, grid=grid, run_name=template, base=base, when=spec.get("when") or {},
                   match_memory=spec.get("match_memory"))
     study.tune = _load_tune(spec.get("tune"), grid, base, path, valid)
     study.control = _load_control(spec.get("control"), study, path)
@@ -257,24 +257,6 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
         study.points = [tune_point(study, c, v) for c in tune_cells(study) for v in study.tune.grid]
     _check_unique(study.points, path)
     return study
-
-
-def _check_when(when: Any, grid: list[str], valid: set[str], path: Path) -> dict[str, list[str]]:
-    """`when:` maps `field=value` (a grid field) to a list of overrides; anything else would be dropped in silence."""
-    if when is None:
-        return {}
-    if not isinstance(when, dict):
-        raise ConfigError(f"study {path}: `when` must map field=value to a list of overrides, e.g. \"method.name=relora\": [method.relora.rank=32]")
-    for cond, more in when.items():
-        key, eq, _ = str(cond).partition("=")
-        if not eq or key not in valid:
-            raise ConfigError(f"study {path}: `when` key {cond!r} must be written field=value with a config field, "
-                              "e.g. \"method.name=relora\"")
-        if key not in grid:
-            raise ConfigError(f"study {path}: `when` key {cond!r} names {key}, which is neither a grid field nor the tuned one; its overrides would never apply")
-        if not isinstance(more, list) or not all(isinstance(o, str) and "=" in o for o in more):
-            raise ConfigError(f"study {path}: `when` {cond!r} must hold a list of key=value overrides, got {more!r}")
-    return when
 
 
 def _load_tune(tune: Any, grid: dict[str, list], base: dict[str, Any], path: Path, valid: set[str]) -> TuneSpec | None:
@@ -335,6 +317,23 @@ def _load_control(control: Any, study: Study, path: Path) -> ControlSpec | None:
     if any(k not in study.tune.cell for k in control["lr_from"]):
         raise ConfigError(f"{where}.lr_from may only name cell fields ({', '.join(study.tune.cell)})")
     return ControlSpec(dict(control["where"]), dict(control["lr_from"]))
+
+
+def _check_when(when: Any, grid: list[str], valid: set[str], path: Path) -> None:
+    """`when:` maps `field=value` (a grid field) to a list of overrides; anything else would be dropped in silence."""
+    if when is None:
+        return
+    if not isinstance(when, dict):
+        raise ConfigError(f"study {path}: `when` must map field=value to a list of overrides, e.g. \"method.name=relora\": [method.relora.rank=32]")
+    for cond, more in when.items():
+        key, eq, _ = str(cond).partition("=")
+        if not eq or key not in valid:
+            raise ConfigError(f"study {path}: `when` key {cond!r} must be written field=value with a config field, "
+                              "e.g. \"method.name=relora\"")
+        if key not in grid:
+            raise ConfigError(f"study {path}: `when` key {cond!r} names {key}, which is neither a grid field nor the tuned one; its overrides would never apply")
+        if not isinstance(more, list) or not all(isinstance(o, str) and "=" in o for o in more):
+            raise ConfigError(f"study {path}: `when` {cond!r} must hold a list of key=value overrides, got {more!r}")
 
 
 def _check_unique(points: list[Point], path: Path) -> None:
@@ -791,7 +790,7 @@ def cmd_sweep(args) -> None:
     try:
         points = run_study(study, launcher=launcher, parallel=args.parallel)
     finally:
-        lock.release(held)
+        held.release()
     failed = sum(p.status == "failed" for p in points)
     print(f"sweep finished: {len(points) - failed} ok, {failed} failed; summary {study.runs_dir / 'sweep.json'}")
     if failed:

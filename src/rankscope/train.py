@@ -25,7 +25,7 @@ from rankscope.loggers import MetricsLog, TokenRate
 from rankscope.methods import lora
 from rankscope.preemption import Preempted, StopOnSignal
 from rankscope.progress import Progress
-from rankscope.run_dir import release_run_dir
+from rankscope.run_dir import lock_run_dir
 from rankscope.runtime import autocast, pick_precision
 
 
@@ -45,23 +45,10 @@ class Trainer:
         self.stop = StopOnSignal()  # installed while run() trains
         self.stop_agreed = False  # every rank's view of "a rank was signalled", from the loss all-reduce
         self.dist, self.device = run_setup.start_process(self.cfg)
+        self.lock = self.lock_run_dir()  # rank 0: one writer per run folder (rankscope.lock), until run() ends
         if not self.dist.is_main:
             self.log = lambda *_: None
         self.previous_settings = run_setup.open_run_dir(self.run_dir, self.cfg, self.device, self.dist)
-        self.locked = self.dist.is_main  # rank 0 holds the run folder's lock (rankscope.lock) until release()
-        try:
-            self._set_up()
-        except BaseException:
-            self.release()
-            raise
-
-    def release(self) -> None:
-        """Give back the run folder's lock (rank 0); the kernel does it too when the process dies."""
-        if getattr(self, "locked", False):
-            self.locked = False
-            release_run_dir(self.run_dir)
-
-    def _set_up(self) -> None:
         self.precision = pick_precision(self.device, self.cfg.train.precision)
         self.corpus, self.train_stream, self.val_stream = run_setup.build_data(self.cfg, self.dist, self.log)
         self.sharded = run_setup.is_sharded(self.cfg, self.dist, self.log)
@@ -149,8 +136,25 @@ class Trainer:
         try:
             with self.stop:
                 return self.train_loop()
+        except OSError as e:  # disk full, read-only: one line naming the last good checkpoint (exit code 3)
+            failure = run_state.machine_failure(e, self.run_dir)
+            if failure is None:
+                raise
+            raise failure from None
         finally:
             self.release()
+
+    def lock_run_dir(self):
+        """Rank 0 takes the run folder's lock (a refusal reaches every rank); None on the other ranks."""
+        held = []
+        distributed.on_rank0(lambda: held.append(lock_run_dir(self.run_dir)), self.dist)
+        return held[0] if held else None
+
+    def release(self) -> None:
+        """Give back the run folder's lock (the kernel does too when the process dies, and so does dropping the Trainer)."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
 
     def train_loop(self) -> dict[str, Any]:
         t = self.cfg.train
