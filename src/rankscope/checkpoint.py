@@ -8,6 +8,12 @@ that key. Loading checks `meta.json` against META_SCHEMA and every hash; a folde
 reported and the previous checkpoint used. A folder that is not complete never has the final
 name, so nothing finished is ever overwritten.
 
+Re-saving a step that already has a folder (a resumed run reaching it again) replaces it in two
+renames: the old folder goes aside (`invalid-step_N-<time>` when it fails verification, kept for
+good; `.old_step_N_<pid>` when it verifies, deleted once the new one is in), then the new one is
+renamed in. A kill between the two leaves both complete; `recover` (run before every resume and
+prune) renames the new one in, or the old one back.
+
 Retention (`prune_checkpoints`) counts only checkpoints that verify: it keeps the newest
 `keep_last` of them (so never the newest good one) and every `keep_steps` / log-spaced step, and
 sets invalid folders aside as `invalid-step_NNNNNN-<time>` (renamed, never deleted).
@@ -90,8 +96,9 @@ def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     _fsync(folder / "meta.json")
 
 
-def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
-    """Atomically write `files` (name -> tensors) and `meta` as the checkpoint of `step`."""
+def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any], log=print) -> Path:
+    """Atomically write `files` (name -> tensors) and `meta` as the checkpoint of `step`; a folder
+    of that step already there is set aside (never deleted while it is the only copy)."""
     if not files:
         raise CheckpointError(f"a checkpoint needs at least one file (step {step})")
     root.mkdir(parents=True, exist_ok=True)
@@ -99,20 +106,45 @@ def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tens
     tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    hashes, aliases = {}, {}
-    for name, tensors in files.items():
-        path = tmp / f"{name}.safetensors"
-        stored, aliases[name] = _dedupe(tensors)
-        save_file(stored, str(path))
-        _fsync(path)
-        hashes[path.name] = _sha256(path)
-    write_meta(tmp, {**meta, "step": step, "files": hashes, "aliases": aliases})
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace the whole folder
-        shutil.rmtree(final)
+    try:
+        hashes, aliases = {}, {}
+        for name, tensors in files.items():
+            path = tmp / f"{name}.safetensors"
+            stored, aliases[name] = _dedupe(tensors)
+            _save_file(stored, path)
+            _fsync(path)
+            hashes[path.name] = _sha256(path)
+        write_meta(tmp, {**meta, "step": step, "files": hashes, "aliases": aliases})
+    except BaseException:  # disk full, read-only, killed: the half-written folder goes (the old ones are untouched)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():  # re-saving the same step (e.g. after a resume): old aside, then new in (both renames)
+        try:
+            verify(final)
+            old = root / f".old_step_{step:06d}_{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        except CheckpointError as e:
+            log(f"[checkpoint] {e}; set aside as {set_aside(final).name}")
     os.replace(tmp, final)
     _fsync(root)
+    if old is not None:  # the new folder is in place: the replaced copy is no longer the only one
+        shutil.rmtree(old, ignore_errors=True)
     _VERIFIED[str(final.resolve())] = _fingerprint(final)  # hashed just now: retention need not read it back
     return final
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file; its I/O failures (reported as SafetensorError) as the OSError they are."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 @dataclass
@@ -241,14 +273,58 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_valid(root: Path, log=print) -> Checkpoint | None:
-    """The newest checkpoint that verifies; corrupt ones are reported and skipped (never deleted)."""
+def latest_valid(root: Path, log=print, set_aside_invalid: bool = False) -> Checkpoint | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped (never deleted).
+    `set_aside_invalid` (the run's writer, when it resumes): the corrupt folders newer than the one
+    found are renamed `invalid-step_N-<time>` at once, so a later save of their step cannot touch them.
+    When none verifies, nothing is renamed (the caller refuses to start over in silence)."""
+    bad: list[Path] = []
     for step, path in reversed(list_checkpoints(root)):
         try:
-            return verify(path)
+            found = verify(path)
         except CheckpointError as e:
             log(f"[checkpoint] {e}; falling back to the previous checkpoint")
+            bad.append(path)
+            continue
+        for p in bad if set_aside_invalid else []:
+            log(f"[checkpoint] {p.name} set aside as {set_aside(p).name} (kept for inspection)")
+        return found
     return None
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        verify(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def recover(root: Path, log=print) -> None:
+    """Finish a re-save that was killed between its two renames (see the module docstring): a complete
+    `.tmp_step_N_*` whose step has no folder is renamed in, else a `.old_step_N_*` is renamed back.
+    Only the run's writer (who holds its lock) calls this; it never deletes a folder that is the only copy."""
+    if not root.is_dir():
+        return
+    for prefix in (".tmp_step_", ".old_step_"):
+        for p in sorted(root.glob(prefix + "*")):
+            m = re.match(re.escape(prefix) + r"(\d{6,})_\d+$", p.name)
+            if m is None or not p.is_dir():
+                continue
+            final = step_dir(root, int(m.group(1)))
+            if final.exists():
+                continue
+            try:
+                meta = json.loads((p / "meta.json").read_text()) if (p / "meta.json").is_file() else None
+                complete = isinstance(meta, dict) and meta.get("step") == int(m.group(1))
+            except (OSError, ValueError):
+                complete = False
+            if complete:  # verify() checks the folder's name against its step: rename first, then check
+                os.replace(p, final)
+                if _verifies(final):
+                    log(f"[checkpoint] {p.name} (a save interrupted between its renames) restored as {final.name}")
+                    continue
+                os.replace(final, p)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -289,8 +365,15 @@ def prune_checkpoints(root: Path, keep_last: int, keep_steps: set[int], log=prin
         if kept > keep_last and step not in keep_steps:
             shutil.rmtree(path, ignore_errors=True)
             _VERIFIED.pop(str(path.resolve()), None)
-    for p in root.glob(".tmp_step_*"):  # leftovers of a write that was killed
-        shutil.rmtree(p, ignore_errors=True)
+    recover(root, log)
+    for p in root.glob(".tmp_step_*"):  # leftovers of a write that was killed (never the only copy: see recover)
+        m = re.match(r"\.tmp_step_(\d{6,})_\d+$", p.name)
+        if m is None or _verifies(step_dir(root, int(m.group(1)))) or not (p / "meta.json").is_file():
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".old_step_*"):  # the replaced copy of a re-save, once the new folder verifies
+        m = re.match(r"\.old_step_(\d{6,})_\d+$", p.name)
+        if m is not None and _verifies(step_dir(root, int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- optimiser state
@@ -309,13 +392,13 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Te
 
 def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     state: dict[int, dict[str, Any]] = {}
-    for key, t in tensors.items():
-        _, idx, k = key.split(".", 2)
-        state.setdefault(int(idx), {})[k] = t
-    for key, v in meta.get("plain_state", {}).items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
     try:
+        for key, t in tensors.items():
+            _, idx, k = key.split(".", 2)
+            state.setdefault(int(idx), {})[k] = t
+        for key, v in meta.get("plain_state", {}).items():
+            idx, k = key.split(".", 1)
+            state.setdefault(int(idx), {})[k] = v
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointError(f"optimizer state does not match this run ({e}); resume with the config the run was started with") from None

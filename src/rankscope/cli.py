@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from rankscope import startup  # first: Ctrl-C while the modules below import is one line (rankscope.startup)
+
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +19,10 @@ from rankscope.analysis import cli as analysis_cli
 from rankscope.errors import ConfigError, RankscopeError
 from rankscope.evaluate import harness
 from rankscope.preemption import Preempted
+
+from rankscope.errors import MACHINE_ERRNOS, MACHINE_EXIT_CODE, MachineError
+
+startup.imported()
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -229,17 +237,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except Preempted as e:  # a SIGTERM / SIGINT stop with a checkpoint (rankscope.preemption)
-        import os
-
         if os.environ.get("RANK", "0") == "0":
             print(e, file=sys.stderr, flush=True)
         return e.exit_code
+    except MachineError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return MACHINE_EXIT_CODE
     except RankscopeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "from_rank0", False):  # under torchrun rank 0 prints what every rank learnt from it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine, not the input (train names its last good checkpoint: run_state.machine_failure)
+        if e.errno not in MACHINE_ERRNOS:
+            raise
+        print(f"error: the machine failed: {e.strerror}{f' ({e.filename})' if e.filename else ''}; "
+              "free space (or make the file system writable) and re-run the same command", file=sys.stderr)
+        return MACHINE_EXIT_CODE
     return 0
 
 

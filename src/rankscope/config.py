@@ -260,7 +260,9 @@ def _build_method(data: Any, where: str) -> MethodConfig:
     if not isinstance(section, dict):
         raise ConfigError(f"{where}.{name} must be a mapping of {name}'s options, got {type(section).__name__}")
     for other in set(data) & set(METHODS) - {name}:  # sections of other methods (a study may name several): checked, unused
-        _build(METHODS[other].config_class, data[other] or {}, f"{where}.{other}")
+        built = _build(METHODS[other].config_class, data[other] or {}, f"{where}.{other}")
+        if hasattr(built, "validate"):  # validated like the active one: a bad value is refused, not ignored
+            built.validate()
     flat = {k: v for k, v in data.items() if k != "name" and k not in METHODS}
     unknown = sorted(set(flat) - anyone)
     if unknown:
@@ -425,13 +427,15 @@ def _coerce_float(value: Any, tp: Any) -> Any:
     """YAML 1.1 reads `3e-4` (no dot) as a string and `1` as an int; a float field takes both."""
     if tp is not float and not (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)):
         return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        except ValueError:
-            return value
+        if isinstance(value, str):
+            return float(value)
+    except ValueError:
+        return value
+    except OverflowError:  # an integer beyond float's range: refused as not finite
+        return math.inf
     return value
 
 
@@ -468,6 +472,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"config key {path!r} must be {_type_name(tp)}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key {path!r} must be a finite number, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:  # beyond every tensor's and C's int
+            raise ConfigError(f"config key {path!r} must be a whole number below 2**63, got one with {len(str(abs(value)))} digits")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -503,6 +509,33 @@ def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last in silence)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {key!r}; keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def safe_load(text: str) -> Any:
+    """yaml.safe_load, refusing duplicate keys: every YAML file rankscope reads goes through it."""
+    loader = UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
@@ -512,7 +545,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"config file {path} names itself as a base (directly or through others); break the `base:` cycle")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     except (OSError, RecursionError) as e:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -114,7 +116,9 @@ def on_rank0(fn: Callable[[], Any], info: DistInfo) -> Any:
             raise
     out = broadcast_object(out, info)
     if out[0] == "error":
-        raise getattr(errors, out[1], errors.TrainingError)(out[2])
+        error = getattr(errors, out[1], errors.TrainingError)(out[2])
+        error.from_rank0 = True  # rank 0 prints it; the CLI keeps the other ranks quiet
+        raise error
     return out[1]
 
 
@@ -186,19 +190,30 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
     else:
         where = ["--standalone"]
     args = [*where, f"--nproc-per-node={nproc}", "-m", "rankscope", *argv]
+    # torchrun logs a warning per worker it stops and an error per worker that exits non-zero: the ranks
+    # already printed the one line that matters (a stop, bad input, a machine failure); a crash gets the dump below
+    quiet = {name: logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+             if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"))}
+    levels = {name: lg.level for name, lg in quiet.items()}
+    for lg in quiet.values():
+        lg.setLevel(logging.CRITICAL)
     try:
         torchrun(args)
     except SystemExit as e:
         return int(e.code or 0)
     except SignalException as e:  # the launcher was signalled: it forwarded the signal, the workers saved and stopped
         return exit_code(e.sigval)
-    except ChildFailedError as e:  # the workers alone were signalled (and stopped cleanly), or one failed
-        codes = {f.exitcode for f in e.failures.values()}
-        if len(codes) == 1 and codes <= {exit_code(signal.SIGTERM), exit_code(signal.SIGINT)}:
-            return codes.pop()
-        print(f"error: a training process failed ({type(e).__name__}); see the output above", flush=True)
+    except ChildFailedError as e:  # the workers alone were signalled (and stopped cleanly), bad input, or one crashed
+        codes = {f.exitcode for f in e.failures.values()} - {-signal.SIGTERM, -signal.SIGKILL}  # those torchrun stopped
+        if len(codes) == 1 and codes <= {exit_code(signal.SIGTERM), exit_code(signal.SIGINT), 2, errors.MACHINE_EXIT_CODE}:
+            return codes.pop()  # a stop, bad input (2) or a machine failure (3): the ranks printed their line
+        print(e.format_msg(), file=sys.stderr, flush=True)
+        print(f"error: a training process failed ({type(e).__name__}); see the output above", file=sys.stderr, flush=True)
         return 1
     except Exception as e:
         print(f"error: a training process failed ({type(e).__name__}); see the output above", flush=True)
         return 1
+    finally:
+        for name, lg in quiet.items():
+            lg.setLevel(levels[name])
     return 0

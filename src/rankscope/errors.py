@@ -1,5 +1,7 @@
 """Errors a user can cause. The CLI prints them as one line and exits with code 2."""
 
+import errno
+
 
 class RankscopeError(Exception):
     """Base class: the message names the problem and the fix."""
@@ -19,3 +21,17 @@ class CheckpointError(RankscopeError):
 
 class TrainingError(RankscopeError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class BusyError(RankscopeError):
+    """Another process writes to the same run folder or sweep (rankscope.lock)."""
+
+
+class MachineError(RankscopeError):
+    """The machine failed under a correct input: disk full, a read-only file system. The CLI exits with
+    code 3 (MACHINE_EXIT_CODE), so that a script can tell it from bad input (2) and a crash (1)."""
+
+
+MACHINE_EXIT_CODE = 3
+# errnos of the machine, not of the input: the disk is full, the file system went read-only, a quota is reached, I/O failed
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO}

@@ -42,21 +42,32 @@ def read_json_object(path: str | Path, fix: str, error: type[RankscopeError] = D
 
 def read_yaml_mapping(path: str | Path, fix: str, error: type[RankscopeError] = DataError) -> dict[str, Any]:
     """The YAML mapping in `path` (an empty file is an empty mapping); `error` otherwise."""
-    return _read_mapping(path, "YAML", yaml.safe_load, (yaml.YAMLError,), fix, error)
+    return _read_mapping(path, "YAML", _safe_load, (yaml.YAMLError,), fix, error)
 
 
-def read_jsonl_objects(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl_objects(path: str | Path, skipped: list[int] | None = None) -> list[dict[str, Any]]:
     """The JSON objects of a .jsonl file, one per line. Lines that are not one (a torn last line of an
-    interrupted run, undecodable bytes, a bare number) are skipped: a metrics log stays readable."""
+    interrupted run, undecodable bytes, a bare number) are skipped, their line numbers appended to
+    `skipped` for the caller to report: a metrics log stays readable."""
     path = Path(path)
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except (ValueError, RecursionError):
-            continue
+            row = None
         if isinstance(row, dict):
             out.append(row)
+        elif skipped is not None:
+            skipped.append(n)
     return out
+
+
+def _safe_load(text: str) -> Any:
+    from rankscope.config import safe_load  # duplicate keys refused (config imports nothing heavy)
+
+    return safe_load(text)

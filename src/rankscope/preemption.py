@@ -5,7 +5,8 @@ The contract (used by `rankscope train` and by anything that runs it, e.g. a SLU
     writes a checkpoint (atomically, like every checkpoint), prints one line
     `stopped at step N; checkpoint saved; re-run the same command to resume`
     and the process exits with 128 + the signal number: 143 for SIGTERM, 130 for SIGINT;
-  - a second signal exits at once with the same code (no checkpoint). A duplicate that arrives
+  - a second signal exits at once with the same code (no checkpoint), even while the main thread is
+    inside a long C call (a watcher thread acts on it; see StopOnSignal.__enter__). A duplicate that arrives
     within DUPLICATE_WINDOW_S of the first is ignored: Ctrl-C reaches every process of the
     terminal's group, and torchrun (or SLURM) forwards the signal to its workers, which would
     otherwise see one keystroke as two;
@@ -75,11 +76,41 @@ class StopOnSignal:
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
+            # Python runs a signal handler in the main thread between two bytecodes, so while that thread
+            # sits in a long C call (a matmul, a collective) a second signal would wait for it. The C-level
+            # handler also writes each signal's number to the wakeup fd at once: a watcher thread reading it
+            # acts promptly, and the Python-level handler does nothing.
+            self.pipe = os.pipe()
+            os.set_blocking(self.pipe[1], False)
             for s in self.signals:
-                self.previous[s] = signal.signal(s, self.handle)
+                self.previous[s] = signal.signal(s, _noted)
+            self.previous_fd = signal.set_wakeup_fd(self.pipe[1], warn_on_full_buffer=False)
+            self.watcher = threading.Thread(target=self._watch, args=(self.pipe[0],), daemon=True, name="rankscope-signals")
+            self.watcher.start()
         return self
+
+    def _watch(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:  # __exit__ closed the write end
+                return
+            for signum in data:
+                if signum in self.signals:
+                    self.handle(signum, None)
 
     def __exit__(self, *exc) -> None:
         for s, h in self.previous.items():
             signal.signal(s, h)
+        if self.previous:
+            signal.set_wakeup_fd(self.previous_fd)
+            os.close(self.pipe[1])
+            self.watcher.join(timeout=5)
+            os.close(self.pipe[0])
         self.previous.clear()
+
+
+def _noted(signum, frame) -> None:
+    """The Python-level handler while StopOnSignal is active: the watcher thread has acted already."""

@@ -22,10 +22,12 @@ reaches report.html through one escaping path, the jinja2 template in rankscope.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,8 +91,14 @@ def _num(v: Any) -> float | None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows; torn or foreign lines skipped (rankscope.jsonfiles.read_jsonl_objects)."""
-    return read_jsonl_objects(path)
+    """metrics.jsonl's rows; torn or foreign lines skipped (rankscope.jsonfiles.read_jsonl_objects) and counted
+    in a one-line warning."""
+    skipped: list[int] = []
+    rows = read_jsonl_objects(path, skipped)
+    if skipped:
+        warnings.warn(f"{path}: {len(skipped)} line(s) are not JSON objects and were left out of the report "
+                      f"(the first at line {skipped[0]})", stacklevel=2)
+    return rows
 
 
 SWEEP_FIX = "re-run `rankscope sweep STUDY` to rewrite it (finished runs are kept), or delete it and report the run folders"
@@ -198,6 +206,9 @@ def collect(paths: list[str | Path], exclude_duplicates: bool = False) -> tuple[
                 if row.get("stage") in ("tune", "confirm") or row.get("status") == SAME_AS_MAIN:
                     continue  # tuning runs are in the tuned-value table; a control at the main lr is the main run
                 run_dir = path / row["name"] if (path / row["name"]).is_dir() else Path(row.get("run_dir") or path / row["name"])
+                if not run_dir.resolve().is_relative_to(path.resolve()):  # sweep.json names only runs of its own folder
+                    raise ReportError(f"{sweep}: run {row['name']!r} points outside the study folder ({run_dir}); "
+                                      f"{SWEEP_FIX}, or name that run folder on the command line to report it")
                 add(run_dir, row.get("status", "done"), row.get("error"), row.get("stage", "main"))
         for sub in sorted(p for p in path.iterdir() if _is_run_dir(p)) if path.is_dir() else []:
             if named is not None and sub.resolve() not in named:
@@ -433,12 +444,18 @@ def table_view(t: dict[str, Any]) -> dict[str, Any]:
     return {"title": str(t["title"]), "note": str(t.get("note") or ""), "columns": [str(c) for c in t["columns"]], "rows": rows}
 
 
+def md_text(value: Any) -> str:
+    """`value` as one Markdown table cell or line: pipes escaped, line breaks made spaces (a quoted value cannot
+    end its row or start a heading). HTML is escaped once, for the whole report.md, where it is written."""
+    return " ".join(str(value).replace("|", "\\|").splitlines())
+
+
 def _md_table(t: dict[str, Any]) -> str:
-    lines = [f"### {t['title']}", "", *([t["note"], ""] if t.get("note") else []), "| " + " | ".join(t["columns"]) + " |",
-             "|" + "---|" * len(t["columns"])]
+    lines = [f"### {md_text(t['title'])}", "", *([md_text(t["note"]), ""] if t.get("note") else []),
+             "| " + " | ".join(md_text(c) for c in t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
     for row in t["rows"]:
         cells = [row["label"], *([str(row["n"])] if "n" in row else []), *[fmt(c, f) for c, f in zip(row["cells"], t["formats"])]]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(md_text(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -490,6 +507,8 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
     from rankscope import report_plots as P
 
     from rankscope.findings import findings_tables, read_sweep, study_findings
+    if any(s < 0 for s in spectra_steps or []):  # checked before anything is read or written
+        raise ReportError(f"--spectra-steps must be steps >= 0, got {min(spectra_steps)}")
 
     runs, problems = collect(paths, exclude_duplicates)
     out = check_output_dir(out_dir, "-o")
@@ -515,7 +534,7 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
     body = [*top, *([claims] if claims else []), *tables]
 
     # Markdown
-    md = [f"# rankscope report ({stamp})", "", "Inputs: " + ", ".join(map(str, paths)), "", intro, ""]
+    md = [f"# rankscope report ({stamp})", "", "Inputs: " + ", ".join(md_text(p) for p in paths), "", intro, ""]
     md += [_md_table(t) + "\n" for t in top] or [f"### Findings\n\n{no_findings}\n"]
     md += [_md_table(ref), "", paper_note, "", f"![paper reference]({ref_png.name})", ""]
     md += [_md_table(t) + "\n" for t in body[len(top):]]
@@ -523,8 +542,8 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
         md += ["### Failed, unfinished or excluded runs", "", "| run | status | error | log |", "|---|---|---|---|"]
         md += [f"| {p['run']} | {p['status']} | {(p['error'] or '').replace('|', '/')} | {p['log'] or ''} |" for p in problems] + [""]
     for title, fn, caption in figures:
-        md += [f"### {title}", "", f"![{title}]({fn.name})", "", caption, ""]
-    (out / "report.md").write_text("\n".join(md))
+        md += [f"### {md_text(title)}", "", f"![{md_text(title)}]({fn.name})", "", md_text(caption), ""]
+    (out / "report.md").write_text(html.escape("\n".join(md), quote=False))  # what it quotes shows as text, never as HTML
 
     # HTML (self-contained): every value goes through the template's autoescape
     page = report_html.render(

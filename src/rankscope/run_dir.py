@@ -116,3 +116,12 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def lock_run_dir(run_dir: Path):
+    """The run folder's lock (rankscope.lock: one writer, rank 0), taken before anything in it is written; a
+    second writer gets one line naming the holder. Held while the returned handle lives (or until release())."""
+    from rankscope import lock
+
+    check_output_dir(run_dir, "the run directory (-o)")
+    return lock.acquire(run_dir, f"run folder {run_dir}", "wait for it to end, or choose another -o")

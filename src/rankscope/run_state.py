@@ -16,7 +16,7 @@ import torch
 
 from rankscope import checkpoint as ckpt
 from rankscope import distributed, sharding
-from rankscope.errors import CheckpointError
+from rankscope.errors import MACHINE_ERRNOS, CheckpointError, MachineError
 from rankscope.methods import lora
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def save(trainer: Trainer) -> None:
         "config": trainer.cfg.to_dict(),
     }
     root = trainer.run_dir / "checkpoints"
-    ckpt.save_checkpoint(root, trainer.step, files, meta)
+    ckpt.save_checkpoint(root, trainer.step, files, meta, log=trainer.log)
     ckpt.prune_checkpoints(root, trainer.cfg.checkpoint.keep_last, trainer.keep_forever, log=trainer.log)
     distributed.barrier(trainer.dist)
 
@@ -78,12 +78,13 @@ def find_checkpoint(trainer: Trainer) -> ckpt.Checkpoint | None:
     """Rank 0: the newest valid checkpoint; None for a fresh start; refuses to start over in
     silence when checkpoints exist but none is valid."""
     root = trainer.run_dir / "checkpoints"
+    ckpt.recover(root, trainer.log)  # a re-save killed between its two renames
     folders = ckpt.list_checkpoints(root)
     if trainer.restart:
         for _, path in folders:
             trainer.log(f"[train] --restart: {path.name} set aside as {ckpt.set_aside(path, 'restart').name}")
         return None
-    found = ckpt.latest_valid(root, log=trainer.log)
+    found = ckpt.latest_valid(root, log=trainer.log, set_aside_invalid=True)  # damaged newer ones kept as evidence
     if found is None and folders:
         raise CheckpointError(
             f"{root} holds {len(folders)} checkpoint folder(s) but none is valid (see above); "
@@ -104,8 +105,13 @@ def resume(trainer: Trainer) -> None:
         trainer.setup_model(found.meta["method"])
     # under FSDP the full tensors stay on the CPU; each rank moves only its shards to the device
     where = "cpu" if trainer.sharded else str(trainer.device)
-    sharding.load_full_model_state(trainer.model, found.load("model", where))
-    opt_tensors = sharding.shard_optimizer_tensors(trainer.optimizer, found.load("optimizer", where))
+    try:
+        sharding.load_full_model_state(trainer.model, found.load("model", where))
+        opt_tensors = sharding.shard_optimizer_tensors(trainer.optimizer, found.load("optimizer", where))
+    except (RuntimeError, KeyError, ValueError) as e:  # e.g. a step folder copied from another run: its hashes verify
+        raise CheckpointError(f"checkpoint {found.path} does not fit this run's model ({str(e).strip().splitlines()[0][:160]}); "
+                              "it comes from another run or config: move it out of checkpoints/, or resume with the config "
+                              "it was written with") from None
     ckpt.optimizer_from_tensors(trainer.optimizer, opt_tensors, found.meta["optimizer"])
     extra = found.load("extra")
     own = f"rng.torch.{trainer.dist.rank}"
@@ -137,3 +143,18 @@ def _row_step(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
         return 1 << 62
+
+
+def machine_failure(e: OSError, run_dir: Path) -> MachineError | None:
+    """A MachineError (exit code 3) for an OSError of the machine during training (disk full, read-only; errors.MACHINE_ERRNOS),
+    naming what failed and the last good checkpoint; None for other OSErrors."""
+    if e.errno not in MACHINE_ERRNOS:
+        return None
+    try:
+        last = ckpt.latest_valid(run_dir / "checkpoints", log=lambda *_: None)
+    except OSError:
+        last = None
+    where = f" ({e.filename})" if e.filename else ""
+    kept = f"the last good checkpoint is {last.path}" if last else "no checkpoint was written yet"
+    return MachineError(f"the machine failed while training: {e.strerror or e}{where}; {kept}; "
+                        "free space (or make the file system writable) and re-run the same command to resume")

@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from rankscope.config import safe_load
 from rankscope.errors import ConfigError, TrainingError
 from rankscope.jsonfiles import read_json_object
 
@@ -50,6 +51,10 @@ RDZV_SETUP = ['export RANKSCOPE_RDZV_ENDPOINT="$(scontrol show hostnames "$SLURM
 # SLURM and submitit states of a job that has not ended (a requeued job is pending again)
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
          "SIGNALING", "STAGE_OUT"}  # PREEMPTED is final unless SLURM requeues the job (it is PENDING again then)
+# What a value written into an `#SBATCH` line may hold: no white space, quote, `$`, `;` or line end,
+# so that no value can end its line (and start a shell line of the job script) or expand in a shell
+SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:@%+=/&|!*\[\]()-]+")
+SBATCH_FIELDS = ("partition", "account", "mem", "constraint", "qos")
 STOPPED = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}  # exit codes of a train stopped by a signal
 
 
@@ -100,6 +105,11 @@ class SlurmResources:
         for opt in self.sbatch:
             if not str(opt).startswith("--"):
                 raise ConfigError(f"slurm.sbatch option {opt!r} must start with --, e.g. --exclusive or --mail-type=END")
+            inert(str(opt)[2:], "slurm.sbatch item")
+        for name in SBATCH_FIELDS:
+            v = getattr(self, name)
+            if v is not None:
+                inert(v, f"slurm.{name}")
 
     @property
     def nproc(self) -> int:
@@ -109,6 +119,15 @@ class SlurmResources:
     @property
     def distributed(self) -> bool:
         return self.nodes > 1 or self.gpus_per_node > 1
+
+
+def inert(value: Any, what: str) -> str:
+    """`value` as it may stand in an `#SBATCH` line (SBATCH_VALUE), else a ConfigError naming `what`."""
+    text = value if isinstance(value, str) else str(value) if isinstance(value, int) and not isinstance(value, bool) else None
+    if text is None or not SBATCH_VALUE.fullmatch(text):
+        raise ConfigError(f"{what}={value!r} is not a single SLURM value; use letters, digits and _ . , : @ % + = / & | ! * [ ] ( ) - "
+                          "(no spaces, quotes, $ or line breaks)")
+    return text
 
 
 def time_minutes(value: str | int) -> int:
@@ -136,7 +155,7 @@ def time_minutes(value: str | int) -> int:
 
 def resources(study_path: str | Path, overrides: dict[str, Any] | None = None) -> SlurmResources:
     """The study file's `slurm:` section, then the CLI's values (those that are not None)."""
-    spec = yaml.safe_load(Path(study_path).read_text()) or {}
+    spec = safe_load(Path(study_path).read_text()) or {}
     section = spec.get("slurm") or {}
     if not isinstance(section, dict):
         raise ConfigError(f"study {study_path}: `slurm` must be a mapping (partition, time, nodes, gpus_per_node, ...)")
@@ -158,6 +177,7 @@ def slurm_parameters(res: SlurmResources, name: str) -> dict[str, Any]:
     for opt in res.sbatch:
         key, eq, value = str(opt)[2:].partition("=")
         extra[key] = value if eq else True
+    inert(name, "the job name (study name and point name)")
     params = {"job_name": name, "time": res.minutes, "nodes": res.nodes, "ntasks_per_node": 1, "signal_delay_s": res.signal_delay_s,
               "setup": [*res.setup, *(RDZV_SETUP if res.distributed else [])],
               "partition": res.partition, "account": res.account, "qos": res.qos, "constraint": res.constraint, "mem": res.mem,
@@ -183,6 +203,17 @@ def train_command(point, study, res: SlurmResources, threads: int) -> list[str]:
     if res.distributed:
         cmd += [f"--nproc={res.nproc}", f"--nnodes={res.nodes}", "--rdzv-endpoint=${RANKSCOPE_RDZV_ENDPOINT}", "--rdzv-id=${SLURM_JOB_ID}"]
     return cmd
+
+
+JOB_VARS = ("RANKSCOPE_RDZV_ENDPOINT", "SLURM_JOB_ID")  # the only ${VAR}s train_command writes
+
+
+def expand_job_vars(arg: str) -> str:
+    """`arg` with train_command's own ${VAR}s (JOB_VARS) read from the job's environment; nothing else is
+    expanded (a `$` in a run name or an override value stays as written)."""
+    for var in JOB_VARS:
+        arg = arg.replace("${" + var + "}", os.environ.get(var, ""))
+    return arg
 
 
 def _ignore_usr2() -> None:
@@ -216,7 +247,7 @@ class PointJob:
         start = log_path.stat().st_size if log_path.exists() else 0
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self._threads())}
         with open(log_path, "a") as log:
-            self.proc = subprocess.Popen([os.path.expandvars(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, env=env,
+            self.proc = subprocess.Popen([expand_job_vars(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, env=env,
                                          preexec_fn=_ignore_usr2)
             # poll, not wait(): checkpoint() runs in a signal handler while this loop waits and polls too
             while self.proc.poll() is None:

@@ -75,7 +75,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from rankscope.config import config_from_dict, describe_fields, merge_dicts, parse_overrides, read_yaml
+from rankscope.config import config_from_dict, describe_fields, merge_dicts, parse_overrides, read_yaml, safe_load
 from rankscope.errors import ConfigError
 from rankscope.jsonfiles import read_json_object
 
@@ -214,7 +214,7 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     if not path.is_file():
         raise ConfigError(f"study file {path} not found; give a YAML file such as studies/paper-cpu.yaml")
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
+        spec = safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"study file {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(spec, dict):
@@ -223,6 +223,9 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     if unknown:
         raise ConfigError(f"unknown study key(s) {', '.join(sorted(unknown))} in {path}; valid keys: {', '.join(sorted(STUDY_KEYS))}")
     name = spec.get("name") or path.stem
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.+=,@-]+", name) or name.startswith("."):  # one folder (and SLURM job) name
+        raise ConfigError(f"study {path}: `name` {name!r} must be one folder name of letters, digits and _ . - + = , @ "
+                          "(not starting with a dot); runs go to runs/<name> unless runs_dir says otherwise")
     grid = spec.get("grid") or {}
     if not isinstance(grid, dict) or not grid or any(not isinstance(v, list) or not v for v in grid.values()):
         raise ConfigError(f"study {path}: `grid` must map config fields to non-empty lists of values, e.g. method.name: [full, relora]")
@@ -230,6 +233,8 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     for key in grid:
         if key not in valid:
             raise ConfigError(f"study {path}: grid field {key!r} is not a config field; see `rankscope info --fields`")
+    if spec.get("base") is not None and not isinstance(spec["base"], str):
+        raise ConfigError(f"study {path}: `base` must name one YAML config file (relative to the study file), got {spec['base']!r}")
     base = read_yaml(path.parent / spec["base"]) if spec.get("base") else {}
     base = merge_dicts(base, parse_overrides(list(spec.get("overrides") or [])))
     root = Path(runs_dir or spec.get("runs_dir") or Path("runs") / (spec.get("name") or path.stem))
@@ -243,6 +248,11 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     template = spec.get("run_name")
     if template is not None and not isinstance(template, str):
         raise ConfigError(f"study {path}: `run_name` must be a string template such as \"{{method}}-lr{{lr}}-s{{seed}}\"")
+    parallel = spec.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise ConfigError(f"study {path}: `parallel` must be a whole number >= 1 (runs at once), got {parallel!r}")
+    tuned = spec["tune"].get("field") if isinstance(spec.get("tune"), dict) else None
+    _check_when(spec.get("when"), [*grid, tuned], valid, path)
     study = Study(path, name, [], after, [str(a) for a in spec.get("eval_args") or []], [str(a) for a in spec.get("analyze_args") or []],
                   int(spec.get("parallel") or 1), root, grid=grid, run_name=template, base=base, when=spec.get("when") or {},
                   match_memory=spec.get("match_memory"), pretrain=pretrain)
@@ -365,6 +375,23 @@ def _load_control(control: Any, study: Study, path: Path) -> ControlSpec | None:
     return ControlSpec(dict(control["where"]), dict(control["lr_from"]))
 
 
+def _check_when(when: Any, grid: list[str], valid: set[str], path: Path) -> None:
+    """`when:` maps `field=value` (a grid field) to a list of overrides; anything else would be dropped in silence."""
+    if when is None:
+        return
+    if not isinstance(when, dict):
+        raise ConfigError(f"study {path}: `when` must map field=value to a list of overrides, e.g. \"method.name=relora\": [method.relora.rank=32]")
+    for cond, more in when.items():
+        key, eq, _ = str(cond).partition("=")
+        if not eq or key not in valid:
+            raise ConfigError(f"study {path}: `when` key {cond!r} must be written field=value with a config field, "
+                              "e.g. \"method.name=relora\"")
+        if key not in grid:
+            raise ConfigError(f"study {path}: `when` key {cond!r} names {key}, which is neither a grid field nor the tuned one; its overrides would never apply")
+        if not isinstance(more, list) or not all(isinstance(o, str) and "=" in o for o in more):
+            raise ConfigError(f"study {path}: `when` {cond!r} must hold a list of key=value overrides, got {more!r}")
+
+
 def _check_unique(points: list[Point], path: Path) -> None:
     seen: dict[Path, Point] = {}
     for p in points:
@@ -395,6 +422,8 @@ def build_point(study: Study, values: dict[str, Any], stage: str, extra: list[st
 
         cfg = apply_memory_match(cfg, study.match_memory)
     pname = point_name(values, study.run_name)
+    if pname in (".", ".."):
+        raise ConfigError(f"study {study.path}: point name {pname!r} is not a folder of its own; change run_name or the grid value")
     run_dir = study.runs_dir / STAGE_DIRS[stage] / pname if STAGE_DIRS[stage] else study.runs_dir / pname
     return Point(pname, values, cfg.to_dict(), run_dir, stage=stage, cell=cell)
 
@@ -601,7 +630,7 @@ def point_state(point: Point, study: Study) -> str:
         owner = read_marker(marker, study).get("study")
         if owner != study.name:
             raise ConfigError(f"{point.run_dir} belongs to study {owner!r}, not {study.name!r}; use another runs_dir (--runs-dir)")
-    elif point.run_dir.exists() and any(point.run_dir.iterdir()):
+    elif point.run_dir.exists() and any(p.name != ".rankscope.lock" for p in point.run_dir.iterdir()):  # a lock file alone: no run
         raise ConfigError(f"{point.run_dir} holds a run that is not part of study {study.name!r}; use another runs_dir (--runs-dir)")
     if training_finished(point.run_dir, point.config["train"]["max_steps"]):
         done = read_marker(marker, study).get("steps_done", []) if marker.exists() else []
@@ -859,7 +888,13 @@ def cmd_sweep(args) -> None:
     from rankscope.paths import check_output_dir
 
     check_output_dir(study.runs_dir, "--runs-dir" if args.runs_dir else f"runs_dir of {study.path}")
-    points = run_study(study, launcher=launcher, parallel=args.parallel)
+    from rankscope import lock
+
+    held = lock.acquire(study.runs_dir, f"sweep folder {study.runs_dir}", "wait for that sweep to end, or use another --runs-dir")
+    try:
+        points = run_study(study, launcher=launcher, parallel=args.parallel)
+    finally:
+        held.release()
     failed = sum(p.status == "failed" for p in points)
     print(f"sweep finished: {len(points) - failed} ok, {failed} failed; summary {study.runs_dir / 'sweep.json'}")
     if failed:

@@ -25,6 +25,7 @@ from rankscope.loggers import MetricsLog, TokenRate
 from rankscope.methods import lora
 from rankscope.preemption import Preempted, StopOnSignal
 from rankscope.progress import Progress
+from rankscope.run_dir import lock_run_dir
 from rankscope.runtime import autocast, pick_precision
 
 
@@ -44,6 +45,7 @@ class Trainer:
         self.stop = StopOnSignal()  # installed while run() trains
         self.stop_agreed = False  # every rank's view of "a rank was signalled", from the loss all-reduce
         self.dist, self.device = run_setup.start_process(self.cfg)
+        self.lock = self.lock_run_dir()  # rank 0: one writer per run folder (rankscope.lock), until run() ends
         if not self.dist.is_main:
             self.log = lambda *_: None
         self.previous_settings = run_setup.open_run_dir(self.run_dir, self.cfg, self.device, self.dist)
@@ -140,8 +142,28 @@ class Trainer:
         return run_state.checkpoint_due(self.cfg, done, self.keep_forever)
 
     def run(self) -> dict[str, Any]:
-        with self.stop:
-            return self.train_loop()
+        try:
+            with self.stop:
+                return self.train_loop()
+        except OSError as e:  # disk full, read-only: one line naming the last good checkpoint (exit code 3)
+            failure = run_state.machine_failure(e, self.run_dir)
+            if failure is None:
+                raise
+            raise failure from None
+        finally:
+            self.release()
+
+    def lock_run_dir(self):
+        """Rank 0 takes the run folder's lock (a refusal reaches every rank); None on the other ranks."""
+        held = []
+        distributed.on_rank0(lambda: held.append(lock_run_dir(self.run_dir)), self.dist)
+        return held[0] if held else None
+
+    def release(self) -> None:
+        """Give back the run folder's lock (the kernel does too when the process dies, and so does dropping the Trainer)."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
 
     def train_loop(self) -> dict[str, Any]:
         t = self.cfg.train
