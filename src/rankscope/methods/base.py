@@ -59,6 +59,25 @@ class Method:
             from rankscope.methods import fsdp_methods
 
             raise ConfigError(f"train.parallel=fsdp supports method.name in {fsdp_methods()}, not {cls.name!r}; use train.parallel=ddp")
+        cls.check_schedule(cfg)
+
+    @classmethod
+    def check_schedule(cls, cfg) -> None:
+        """Does the method's schedule fit a run of train.max_steps steps? Refuse (ConfigError, one line
+        naming the fix) where a period the method exists for never comes round: a ReLoRA run with no
+        merge would silently be LoRA. Full-rank: the warm-up is checked by TrainConfig."""
+
+
+def schedule_must_fit(cfg, option: str, value: int, steps: int, what: str, per_run: int = 10, also: Callable[[int], str] | None = None) -> None:
+    """Refuse `method.<name>.<option>=value` unless value < steps (the steps the period runs in):
+    otherwise `what` never happens. The fix suggests `per_run` periods per run (the paper's ratio:
+    Weiss et al. merge 10 times in 20k steps); `also(suggested)` names further overrides the fix needs."""
+    if value < steps:
+        return
+    key = f"method.{cfg.method.name}.{option}"
+    suggest = max(1, steps // per_run)
+    raise ConfigError(f"{key}={value} does not fit a {steps}-step run (train.max_steps={cfg.train.max_steps}): {what}; "
+                      f"set {key}={suggest}{also(suggest) if also else ''} ({per_run} per run, the paper's ratio) or raise train.max_steps above {value}")
 
     def prepare_model(self, model: nn.Module) -> None:
         """Wrap or freeze layers before the optimiser is built (full-rank: nothing to do). Also used

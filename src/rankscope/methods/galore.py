@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from rankscope.config import check, option
-from rankscope.methods.base import Method, Notify, StepEvents
+from rankscope.methods.base import Method, Notify, StepEvents, schedule_must_fit
 from rankscope.methods.lora import DEFAULT_TARGETS
 from rankscope.optim import SplitAdamW, optimizer_state_bytes, targeted_groups
 
@@ -106,6 +106,11 @@ class GaLoreMethod(Method):
     config_class = GaLoreConfig
     supports_fsdp = False
     memory_knob = "rank"
+
+    @classmethod
+    def check_schedule(cls, cfg) -> None:
+        schedule_must_fit(cfg, "update_proj_gap", cfg.method.options.update_proj_gap, cfg.train.max_steps,
+                          "the projector would be computed once, from the first step's gradient, and never refreshed")
 
     def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
         t, m = self.cfg.train, self.config
