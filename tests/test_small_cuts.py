@@ -1,0 +1,53 @@
+"""The small cuts of the first hour (issue 23): fast --help and info, defaults in --help, aligned columns."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from rankscope.cli import build_parser, field_rows, main, param_count
+from rankscope.config import PRESETS, ModelConfig, describe_fields
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["info"], ["train", "--help"]])
+def test_help_and_info_do_not_import_torch(argv):
+    code = ("import sys\nfrom rankscope.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n" % argv)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_param_count_is_the_decoders(name):
+    import torch
+
+    from rankscope.model import Decoder
+
+    with torch.device("meta"):
+        n = Decoder(ModelConfig(**PRESETS[name])).num_params()
+    assert param_count(PRESETS[name]) == n
+    with torch.device("meta"):
+        tied = Decoder(ModelConfig(**PRESETS[name], tie_embeddings=True)).num_params()
+    assert param_count(PRESETS[name], tie_embeddings=True) == tied
+
+
+def test_info_fields_columns_line_up(capsys):
+    assert main(["info", "--fields"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = describe_fields()
+    assert len(lines) == len(rows)
+    at_type = max(len(name) for name, *_ in rows) + 2
+    at_default = at_type + max(len(tp) for _, tp, *_ in rows) + 2
+    for line, (name, tp, default, _) in zip(lines, rows):  # each column starts at one offset on every line
+        assert line[at_type:].startswith(tp + " ") and line[at_default:].startswith(repr(default) + " "), line
+    assert field_rows([("a", "int", 1, "x"), ("bbbb", "str", "long", "y")]) == ["a     int  1       x", "bbbb  str  'long'  y"]
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser("eval").parse_args(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 16)" in text and "(default: val)" in text  # --batch-size, --split
+    assert "(default: None)" not in text and "(default: False)" not in text
