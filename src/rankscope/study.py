@@ -66,6 +66,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,7 +78,7 @@ from rankscope.errors import ConfigError
 from rankscope.jsonfiles import read_json_object
 
 STUDY_KEYS = {"name", "base", "overrides", "grid", "when", "after", "eval_args", "analyze_args", "parallel", "runs_dir", "description",
-              "match_memory", "tune", "control", "findings", "run_name", "slurm"}
+              "match_memory", "tune", "control", "findings", "run_name", "slurm", "expect_unmeasured"}
 TUNE_KEYS = {"field", "grid", "cell", "seed", "overrides", "metric", "widen"}
 CONTROL_KEYS = {"where", "lr_from"}
 STEPS = ("eval", "analyze")
@@ -149,6 +150,7 @@ class Study:
     base: dict[str, Any] = field(default_factory=dict)
     when: dict[str, Any] = field(default_factory=dict)
     match_memory: Any = None
+    expect_unmeasured: list[str] = field(default_factory=list)  # findings rule ids the pre-flight check may find unmeasurable
 
 
 class Launcher(Protocol):
@@ -232,7 +234,7 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
         raise ConfigError(f"study {path}: `run_name` must be a string template such as \"{{method}}-lr{{lr}}-s{{seed}}\"")
     study = Study(path, name, [], after, [str(a) for a in spec.get("eval_args") or []], [str(a) for a in spec.get("analyze_args") or []],
                   int(spec.get("parallel") or 1), root, grid=grid, run_name=template, base=base, when=spec.get("when") or {},
-                  match_memory=spec.get("match_memory"))
+                  match_memory=spec.get("match_memory"), expect_unmeasured=[str(x) for x in spec.get("expect_unmeasured") or []])
     study.tune = _load_tune(spec.get("tune"), grid, base, path, valid)
     study.control = _load_control(spec.get("control"), study, path)
     if spec.get("findings") is not None:
@@ -333,7 +335,9 @@ def build_point(study: Study, values: dict[str, Any], stage: str, extra: list[st
     over += list(extra or [])
     if study.tune is not None and study.tune.field in values:  # the tuned value wins over `when` and budgets
         over.append(f"{study.tune.field}={json.dumps(values[study.tune.field])}")
-    cfg = config_from_dict(merge_dicts(study.base, parse_overrides(over)))  # validate every point before running any
+    with warnings.catch_warnings():  # flat method options are the form a grid over methods needs (docs/studies.md): no notice
+        warnings.filterwarnings("ignore", "flat method options", FutureWarning)
+        cfg = config_from_dict(merge_dicts(study.base, parse_overrides(over)))  # validate every point before running any
     if study.match_memory is not None:  # equal optimiser memory: rank / density per point
         from rankscope.methods.memory import apply_memory_match
 
@@ -723,6 +727,8 @@ def add_sweep_args(p) -> None:
     p.add_argument("--parallel", type=int, help="runs at once (default: the study's `parallel`)")
     p.add_argument("--runs-dir", help="where the runs go (default: the study's runs_dir or runs/<name>)")
     p.add_argument("--list", action="store_true", help="only list the points and their state")
+    p.add_argument("--check", action="store_true", help="only the pre-flight check: is each findings rule measurable, "
+                                                        "and the sweep's estimated wall time (rankscope.preflight)")
     from rankscope.slurm import add_args
 
     add_args(p)
@@ -744,6 +750,11 @@ def cmd_sweep(args) -> None:
     study = load_study(args.study, args.runs_dir)
     if args.list:
         list_points(study)
+        return
+    from rankscope.preflight import run_preflight
+
+    run_preflight(study, args.parallel, timing=not (args.status or args.dry_run))  # before any compute; --check: only this
+    if args.check:
         return
     launcher = None
     if args.launcher == "slurm" or args.dry_run or args.status:
