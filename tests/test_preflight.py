@@ -78,7 +78,7 @@ def test_kept_checkpoints_are_what_retention_leaves(tmp_path, data_dir):
     assert {1, 6, 20}.issubset(on_disk)
 
 
-@pytest.mark.parametrize("study", ["studies/paper-cpu.yaml", "studies/paper-gpu-short.yaml", "studies/methods-cpu.yaml"])
+@pytest.mark.parametrize("study", ["studies/quick.yaml", "studies/paper-cpu.yaml", "studies/paper-gpu-short.yaml", "studies/methods-cpu.yaml"])
 def test_the_shipped_studies_pass_the_check(study):
     bad = [(c.rule, c.reason) for c in preflight.check_rules(load_study(REPO / study)) if not c.measurable and not c.expected]
     assert not bad

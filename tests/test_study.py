@@ -102,10 +102,14 @@ class FakeLauncher:
             p.status = "done"
 
 
+# schedules that fit the 3-step tuning runs (flat: the grid runs several methods)
+FITS = ("method.reset_every=2", "method.restart_warmup_steps=1", "method.support_every=2", "method.update_proj_gap=2")
+
+
 def staged(tmp_path, data_dir, **extra):
     tune = {"field": "train.lr", "grid": [1e-3, 2e-3, 4e-3, 8e-3], "overrides": ["train.max_steps=3"], "widen": 2, **extra.pop("tune", {})}
     extra.setdefault("control", {"where": {"method.name": "relora"}, "lr_from": {"method.name": "full"}})
-    return write_study(tmp_path, data_dir, {"method.name": ["full", "relora", "so", "galore"], "train.seed": [0, 1]}, tune=tune,
+    return write_study(tmp_path, data_dir, {"method.name": ["full", "relora", "so", "galore"], "train.seed": [0, 1]}, *FITS, tune=tune,
                        after=["eval"], **extra)
 
 
@@ -196,7 +200,7 @@ def test_bad_staged_studies_are_clear_errors(tmp_path, data_dir, extra, message)
 def test_control_needs_tuning_and_grid_values(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="needs a `tune:` stage"):
         control = {"where": {"method.name": "relora"}, "lr_from": {"method.name": "full"}}
-        load_study(write_study(tmp_path, data_dir, {"method.name": ["full", "relora"]}, control=control))
+        load_study(write_study(tmp_path, data_dir, {"method.name": ["full", "relora"]}, *FITS, control=control))
     with pytest.raises(ConfigError, match="not a value of the grid"):
         load_study(staged(tmp_path, data_dir, control={"where": {"method.name": "lora"}, "lr_from": {"method.name": "full"}}))
 
