@@ -7,8 +7,12 @@ from rankscope.errors import ConfigError
 from rankscope.study import load_study, point_state, run_study
 
 
-def write_study(tmp_path, data_dir, grid, **extra):
-    return helpers.write_study(tmp_path, data_dir, grid, "train.max_steps=6", "train.threads=1", **extra)
+# schedules that fit the 3- and 6-step runs below (flat: the grids run several methods)
+FITS = ("method.reset_every=2", "method.restart_warmup_steps=1", "method.support_every=2", "method.update_proj_gap=2")
+
+
+def write_study(tmp_path, data_dir, grid, *overrides, **extra):
+    return helpers.write_study(tmp_path, data_dir, grid, "train.max_steps=6", "train.threads=1", *overrides, **extra)
 
 
 def test_grid_expands_to_the_cartesian_product(tmp_path, data_dir):
@@ -100,10 +104,6 @@ class FakeLauncher:
             for step in _after(p, study):
                 mark_step_done(p, step)
             p.status = "done"
-
-
-# schedules that fit the 3-step tuning runs (flat: the grid runs several methods)
-FITS = ("method.reset_every=2", "method.restart_warmup_steps=1", "method.support_every=2", "method.update_proj_gap=2")
 
 
 def staged(tmp_path, data_dir, **extra):
@@ -256,7 +256,7 @@ def test_seed_k_gives_every_method_the_same_shared_weights_and_batches(tmp_path,
     from rankscope.train import Trainer
 
     def build(method):
-        cfg = tiny_config(data_dir, f"method.name={method}", f"train.seed={seed}", "method.rank=4")
+        cfg = tiny_config(data_dir, f"method.name={method}", f"train.seed={seed}", "method.rank=4", *FITS)
         return Trainer(cfg, tmp_path / method, log=lambda *_: None)
 
     trainers = {m: build(m) for m in ("full", "relora", "lora", "so", "galore")}
