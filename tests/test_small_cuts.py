@@ -51,3 +51,19 @@ def test_help_shows_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 16)" in text and "(default: val)" in text  # --batch-size, --split
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_round_off_of_zero_prints_as_zero():
+    from rankscope.findings import _interval, _signed
+
+    assert _signed(0.3 - 0.1 - 0.2) == "0" and _signed(-1e-17) == "0"
+    assert _signed(0.01234) == "+0.01234" and _interval((-5.551e-17, 0.25)) == "[0, +0.25]"
+
+
+def test_blimp_line_names_chance():
+    from rankscope.evaluate import format_table
+
+    result = {"checkpoint": "runs/demo", "step": 300, "scoring": "x", "perplexity": {}, "blimp": {"source": "builtin", "overall": {"accuracy": 0.4887, "uids": 3, "pairs": 150, "ties": 0},
+                                       "phenomena": {}}}
+    text = format_table(result)
+    assert "chance is 0.5" in text and "-0.0113 from it" in text
