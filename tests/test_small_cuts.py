@@ -67,3 +67,23 @@ def test_blimp_line_names_chance():
                                        "phenomena": {}}}
     text = format_table(result)
     assert "chance is 0.5" in text and "-0.0113 from it" in text
+
+
+def test_report_has_a_default_output_folder():
+    from rankscope.report import default_output
+
+    assert default_output(["runs/demo"]) == "reports/demo" and default_output(["runs/quick/", "x"]) == "reports/quick"
+
+
+def test_analyze_on_a_study_folder_analyses_its_runs(tmp_path, data_dir, capsys):
+    from helpers import tiny_overrides
+
+    study = tmp_path / "study"
+    for name in ("a", "control/b"):
+        over = tiny_overrides(data_dir, "train.max_steps=4", "checkpoint.every=2", "train.tensorboard=false")
+        assert main(["train", "configs/micro.yaml", *over, "-o", str(study / name)]) == 0
+    (study / "tune" / "t").mkdir(parents=True)  # tuning runs are left out
+    assert main(["analyze", str(study), "--kinds", "weight", "--no-plots"]) == 0
+    assert "analysing 2 runs" in capsys.readouterr().out
+    assert (study / "a" / "analysis" / "rank_metrics.parquet").is_file()
+    assert (study / "control" / "b" / "analysis" / "rank_metrics.parquet").is_file()
