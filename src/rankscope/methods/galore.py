@@ -39,7 +39,7 @@ class GaLoreConfig:
     galore_scale: float = option(0.25, "scale of the projected-back update")
 
     def validate(self) -> None:
-        check(self.rank > 0, "method.rank and method.alpha must be positive")
+        check(self.rank > 0, f"method.galore.rank must be positive, got {self.rank}")
         check(self.update_proj_gap > 0 and self.galore_scale > 0,
               f"method.update_proj_gap={self.update_proj_gap} and method.galore_scale={self.galore_scale} must be positive")
 
