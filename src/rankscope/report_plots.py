@@ -430,8 +430,8 @@ def figures(runs, groups, out: Path, spectra_steps: list[int] | None = None) -> 
             for label, comps, tag in (sets if kind == "weight" else sets[:1]):
                 fig = rank_figure(runs, groups, metric, comps, kind)
                 name = f"rank_{metric}_{tag}.png" if kind == "weight" else f"rank_{metric}_{kind}.png"
-                what = f"{METRIC_NAMES[metric]} of {KIND_NAMES[kind]} vs step"
-                yield (f"{what}: {label}" if kind == "weight" else what, png(fig, name),
+                title = f"{METRIC_NAMES[metric]} vs step: {label}" if kind == "weight" else f"{METRIC_NAMES[metric]} of {KIND_NAMES[kind]} vs step"
+                yield (title, png(fig, name),
                        f"{band} Columns: components; mean over layers (and heads). Source: "
                        f"{', '.join(sources) if kind == 'weight' else 'analysis tables (' + kind + ')'}.{scale[metric]} "
                        "A dashed line lies exactly on another method's line (e.g. a control that is the same runs).")
