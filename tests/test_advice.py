@@ -107,3 +107,15 @@ def test_extending_a_finished_run_asks_for_extend(data_dir, tmp_path, capsys):
     # ... or --extend, which trains the 2 steps more
     assert main(["train", str(REPO / "configs" / "micro.yaml"), *longer, "-o", str(run), "--extend"]) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def test_a_trained_run_with_an_old_schedule_stays_readable(data_dir):
+    """Runs trained before the check (ReLoRA with no merge) are still evaluated, exported and analysed."""
+    from rankscope.config import config_from_dict
+
+    raw = load_config(None, tiny_overrides(data_dir, "method.name=relora", "method.relora.reset_every=10",
+                                           "method.relora.restart_warmup_steps=1")).to_dict()
+    raw["method"]["relora"]["reset_every"] = 2000
+    with pytest.raises(ConfigError, match="does not fit"):
+        config_from_dict(raw)
+    assert config_from_dict(raw, schedule=False).method.options.reset_every == 2000

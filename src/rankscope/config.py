@@ -357,7 +357,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
-    def validate(self) -> None:
+    def validate(self, schedule: bool = True) -> None:
+        """Every section, then the checks across them; `schedule`: also that the method's schedule fits the run
+        (off for the stored config of a run already trained, which must stay readable)."""
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
@@ -367,6 +369,8 @@ class RunConfig:
                f"train.warmup_steps={self.train.warmup_steps} must be below train.max_steps={self.train.max_steps}; "
                "lower train.warmup_steps or raise train.max_steps")
         _method_class(self.method.name).check_run(self)  # what the method allows across sections (FSDP, ...)
+        if schedule:
+            _method_class(self.method.name).check_schedule(self)  # a period that never comes round (methods/*.py)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "method"}
@@ -524,9 +528,10 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return data
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
+def config_from_dict(data: dict[str, Any], schedule: bool = True) -> RunConfig:
+    """A validated RunConfig; `schedule=False` for a stored run's config (read, not trained again)."""
     cfg = _build(RunConfig, data, "")
-    cfg.validate()
+    cfg.validate(schedule)
     return cfg
 
 

@@ -103,7 +103,7 @@ def normalised(previous: dict) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return config_from_dict(json.loads(json.dumps(previous))).to_dict()
+            return config_from_dict(json.loads(json.dumps(previous)), schedule=False).to_dict()
     except RankscopeError:
         return previous
 

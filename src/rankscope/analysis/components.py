@@ -251,7 +251,7 @@ def init_weights(config: Mapping[str, Any], include_embeddings: bool = False) ->
     from rankscope.config import config_from_dict
     from rankscope.model import Decoder
 
-    cfg = config_from_dict(dict(config))
+    cfg = config_from_dict(dict(config), schedule=False)  # a trained run's config
     torch.manual_seed(cfg.train.seed)
     with torch.no_grad():
         model = Decoder(cfg.model)

@@ -59,13 +59,13 @@ class Method:
             from rankscope.methods import fsdp_methods
 
             raise ConfigError(f"train.parallel=fsdp supports method.name in {fsdp_methods()}, not {cls.name!r}; use train.parallel=ddp")
-        cls.check_schedule(cfg)
 
     @classmethod
     def check_schedule(cls, cfg) -> None:
         """Does the method's schedule fit a run of train.max_steps steps? Refuse (ConfigError, one line
         naming the fix) where a period the method exists for never comes round: a ReLoRA run with no
-        merge would silently be LoRA. Full-rank: the warm-up is checked by TrainConfig."""
+        merge would silently be LoRA. Full-rank: the warm-up is checked by TrainConfig. Called by
+        RunConfig.validate for a run to train, not for the stored config of a run already trained."""
 
     def prepare_model(self, model: nn.Module) -> None:
         """Wrap or freeze layers before the optimiser is built (full-rank: nothing to do). Also used
