@@ -82,3 +82,13 @@ def test_kept_checkpoints_are_what_retention_leaves(tmp_path, data_dir):
 def test_the_shipped_studies_pass_the_check(study):
     bad = [(c.rule, c.reason) for c in preflight.check_rules(load_study(REPO / study)) if not c.measurable and not c.expected]
     assert not bad
+
+
+@pytest.mark.parametrize("config", ["configs/micro.yaml", "configs/mini.yaml", "configs/english-cpu.yaml"])
+def test_the_cpu_configs_keep_every_cycle_end_and_early_steps(config):
+    from rankscope.config import load_config
+
+    cfg = load_config(REPO / config).to_dict()
+    kept, steps, every = preflight.kept_checkpoints(cfg), cfg["train"]["max_steps"], cfg["checkpoint"]["every"]
+    assert set(range(every, steps + 1, every)) <= kept  # every ReLoRA cycle end (a tenth of the run)
+    assert len([s for s in kept if s <= steps / 4]) >= 4  # finding (d)'s early phase
