@@ -178,7 +178,8 @@ def log_axis(axis) -> None:
     axis.set_major_locator(LogLocator(base=10, numticks=6))
     axis.set_major_formatter(FuncFormatter(_plain))
     lo, hi = sorted(axis.get_view_interval())
-    if lo > 0 and hi / lo < 15:
+    decades = [10.0 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)] if lo > 0 else []
+    if lo > 0 and len([d for d in decades if lo <= d <= hi]) < 2:  # under two labelled decades: label 2x and 5x too
         axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0), numticks=6))
         axis.set_minor_formatter(FuncFormatter(_plain))
     else:
@@ -274,7 +275,7 @@ def loss_figure(runs, groups):
             ax.set_xscale("log")
             log_axis(ax.xaxis)
             ax.grid(alpha=0.3, which="major")
-            ax.tick_params(labelsize=8)
+            ax.tick_params(which="both", labelsize=8)
             if r == 0:
                 ax.set_title(label, fontsize=9)
             if c == 0:
@@ -313,7 +314,7 @@ def rank_figure(runs, groups, metric: str, components: list[str], kind: str = "w
             else:
                 min_span(ax, MIN_SPAN["per"])
             ax.grid(alpha=0.3, which="major")
-            ax.tick_params(labelsize=8)
+            ax.tick_params(which="both", labelsize=8)
             ax.xaxis.set_major_formatter(_plt().FuncFormatter(_tokens))
             if r == 0:
                 ax.set_title(component_name(comp), fontsize=9)
