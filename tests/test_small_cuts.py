@@ -87,3 +87,16 @@ def test_analyze_on_a_study_folder_analyses_its_runs(tmp_path, data_dir, capsys)
     assert "analysing 2 runs" in capsys.readouterr().out
     assert (study / "a" / "analysis" / "rank_metrics.parquet").is_file()
     assert (study / "control" / "b" / "analysis" / "rank_metrics.parquet").is_file()
+
+
+def test_a_report_without_findings_leads_with_the_runs():
+    from rankscope import report_html
+
+    table = {"title": "Runs: this run", "note": "", "columns": ["a"], "rows": [[{"title": "", "text": "1"}]]}
+    paper = {**table, "title": "THE PAPER"}
+    common = dict(stamp="s", inputs="runs/demo", intro="i", no_findings="none", paper=paper, paper_note="n", paper_png="data:,",
+                  tables=[table], problems=[], figures=[])
+    page = report_html.render(findings=[], **common)
+    assert page.index("Runs: this run") < page.index("THE PAPER")
+    page = report_html.render(findings=[{**table, "title": "Findings: rule"}], **common)
+    assert page.index("Findings: rule") < page.index("THE PAPER") < page.index("Runs: this run")
