@@ -20,6 +20,8 @@ demo: setup
 	@echo "next (or 'source .venv/bin/activate' once, then drop the .venv/bin/ prefix):"
 	@echo "  $(RS) analyze $(DEMO_RUN)"
 	@echo "  $(RS) report $(DEMO_RUN) -o $(DEMO_REPORT)      # then open $(DEMO_REPORT)/report.html"
+	@echo "then the paper's four questions at the smallest sizes (full vs ReLoRA, 3 paired seeds; --check first says how long):"
+	@echo "  $(RS) sweep --check studies/quick.yaml && $(RS) sweep studies/quick.yaml && $(RS) report runs/quick -o reports/quick"
 
 test: setup
 	.venv/bin/ruff check src tests bench

@@ -18,6 +18,8 @@ from rankscope.model import Decoder
 from rankscope.train import train
 from helpers import assert_same_final_weights, crash_and_resume, tiny_config, tiny_overrides
 
+CYCLE = ["method.relora.reset_every=10", "method.relora.restart_warmup_steps=1"]  # ReLoRA cycles that fit a tiny run
+
 
 def rows_of(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -148,11 +150,11 @@ def test_hybrid_trains_chosen_components_full_rank(data_dir, tmp_path):
 
 # --------------------------------------------------------------------------- equal memory
 def test_match_memory_sets_rank_and_density(data_dir):
-    ref = tiny_config(data_dir, "method.name=relora", "method.rank=4")
+    ref = tiny_config(data_dir, "method.name=relora", "method.rank=4", *CYCLE)
     target = measured_state_bytes(ref)
-    got = match_memory(tiny_config(data_dir, "method.name=relora", "method.rank=1"), target)
+    got = match_memory(tiny_config(data_dir, "method.name=relora", "method.rank=1", *CYCLE), target)
     assert got.method.rank == 4 and measured_state_bytes(got) == target
-    so = match_memory(tiny_config(data_dir, "method.name=so"), target)
+    so = match_memory(tiny_config(data_dir, "method.name=so", "method.so.support_every=10"), target)
     b = measured_state_bytes(so)
     assert 0.98 * target <= b <= target
     with pytest.raises(ConfigError):
@@ -164,7 +166,8 @@ def test_study_option_match_memory_sets_each_points_knob(data_dir, tmp_path):
     from rankscope.study import load_study
 
     study = tmp_path / "s.yaml"
-    overrides = "\n".join(f"  - {o}" for o in tiny_overrides(data_dir, "method.rank=4"))
+    overrides = "\n".join(f"  - {o}" for o in tiny_overrides(data_dir, "method.rank=4", "method.reset_every=10", "method.restart_warmup_steps=1",
+                                                                "method.support_every=10", "method.update_proj_gap=10"))
     study.write_text(f"name: mm\noverrides:\n{overrides}\ngrid:\n  method.name: [full, relora, so, galore]\nmatch_memory: relora\n")
     points = {p.values["method.name"]: config_from_dict(p.config) for p in load_study(study, tmp_path / "runs").points}
     target = measured_state_bytes(points["relora"])

@@ -154,10 +154,13 @@ def test_the_package_modules_list_their_methods():
     assert METHODS["full"] is Method
 
 
+CYCLE = ["method.relora.reset_every=10", "method.relora.restart_warmup_steps=1"]  # ReLoRA cycles that fit a tiny run
+
+
 def test_flat_method_options_are_mapped_with_a_deprecation_line(data_dir):
     with pytest.warns(FutureWarning, match="method.relora"):
-        flat = load_config(None, tiny_overrides(data_dir, "method.name=relora", "method.rank=4"))
-    nested = load_config(None, tiny_overrides(data_dir, "method.name=relora", "method.relora.rank=4"))
+        flat = load_config(None, tiny_overrides(data_dir, "method.name=relora", "method.rank=4", *CYCLE))
+    nested = load_config(None, tiny_overrides(data_dir, "method.name=relora", "method.relora.rank=4", *CYCLE))
     assert flat.method.options == nested.method.options and nested.method.rank == 4
     assert set(lora_modules(torch.nn.Module())) == set()
 

@@ -61,7 +61,7 @@ def make_lora_checkpoint(full_run, root, tie: bool, rank: int = 4, alpha: float 
     ck = open_checkpoint(full_run)
     raw = json.loads(json.dumps(ck.meta["config"]))
     raw["model"]["tie_embeddings"] = tie
-    raw["method"].update({"name": "relora", "rank": rank, "alpha": alpha})
+    raw["method"].update({"name": "relora", "rank": rank, "alpha": alpha, "reset_every": 4, "restart_warmup_steps": 1})
     cfg = config_from_dict(raw)
     torch.manual_seed(3)
     dense = Decoder(cfg.model)

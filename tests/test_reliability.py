@@ -58,7 +58,8 @@ def test_an_invalid_folder_does_not_count_toward_keep_last(data_dir, base_run, t
     run = copy_run(base_run, tmp_path / "R")
     (run / "checkpoints" / "step_999999").mkdir()
     messages: list[str] = []
-    train(tiny_config(data_dir, "train.max_steps=40", "train.tensorboard=false", "checkpoint.keep_last=1"), run, log=messages.append)
+    train(tiny_config(data_dir, "train.max_steps=40", "train.tensorboard=false", "checkpoint.keep_last=1"), run, log=messages.append,
+          extend=True)  # a longer budget than base_run's 20 steps
     assert steps_of(run) == [40]
     assert ckpt.verify(ckpt.step_dir(run / "checkpoints", 40)).step == 40
     aside = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("invalid-step_999999-")]

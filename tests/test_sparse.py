@@ -21,6 +21,8 @@ from rankscope.optim import optimizer_state_bytes
 from rankscope.train import train
 from helpers import assert_same_final_weights, crash_and_resume, tiny_config, tiny_overrides
 
+CYCLE = ["method.relora.reset_every=10", "method.relora.restart_warmup_steps=1"]  # ReLoRA cycles that fit a tiny run
+
 
 def quadratic_problem(seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -314,7 +316,7 @@ def test_so_k_zero_is_a_clear_config_error(data_dir):
     with pytest.raises(ConfigError, match="floor"):
         SOAdam([{"params": [w], "sparse": True}], density=0.04)  # floor(0.04 * 20) = 0
     SOAdam([{"params": [w], "sparse": True}], density=0.05)  # k = 1 is accepted
-    cfg = tiny_config(data_dir, "method.name=so", "method.density=1e-4")
+    cfg = tiny_config(data_dir, "method.name=so", "method.density=1e-4", "method.so.support_every=10")
     method = build_method(cfg)
     with pytest.raises(ConfigError, match=r"method.density=0.0001 .* blocks\.0\.attn\.w"):
         method.build_optimizer(Decoder(cfg.model), torch.device("cpu"))
@@ -341,18 +343,18 @@ def test_so_state_bytes_are_what_is_allocated_and_memory_matching_covers_both_va
     steps = 2 * 4  # the two float32 step counters
     assert optimizer_state_bytes(opt) == so_state_bytes(240, 0.3) + 2 * 20 * 4 + steps
     assert opt.state[w]["exp_avg"].numel() == opt.state[w]["support"].numel() == 2 * 72  # min(2k, numel), k = 72
-    ref = tiny_config(data_dir, "method.name=relora", "method.rank=4")
+    ref = tiny_config(data_dir, "method.name=relora", "method.rank=4", *CYCLE)
     budget = measured_state_bytes(ref)
     for name in ("so", "so_single"):
-        got = match_memory(tiny_config(data_dir, f"method.name={name}"), budget)
+        got = match_memory(tiny_config(data_dir, f"method.name={name}", f"method.{name}.support_every=10"), budget)
         assert 0.98 * budget <= measured_state_bytes(got) <= budget, name
-    so_d = match_memory(tiny_config(data_dir, "method.name=so"), budget).method.density
-    single_d = match_memory(tiny_config(data_dir, "method.name=so_single"), budget).method.density
+    so_d = match_memory(tiny_config(data_dir, "method.name=so", "method.so.support_every=10"), budget).method.density
+    single_d = match_memory(tiny_config(data_dir, "method.name=so_single", "method.so_single.support_every=10"), budget).method.density
     assert so_d < single_d  # so spends 40 bytes per k (2k slots + G), so_single 16
 
 
 def test_so_config_uses_the_authors_betas_and_decay_on_sparse_weights_only(data_dir):
-    cfg = tiny_config(data_dir, "method.name=so")
+    cfg = tiny_config(data_dir, "method.name=so", "method.so.support_every=10")
     assert cfg.method.so_betas == [0.9, 0.999] and cfg.method.so_weight_decay == 0.0 and cfg.method.so_weight_decay_mode == "coupled"
     opt = build_method(cfg).build_optimizer(Decoder(cfg.model), torch.device("cpu"))
     sparse = [g for g in opt.param_groups if g["sparse"]]

@@ -7,8 +7,12 @@ from rankscope.errors import ConfigError
 from rankscope.study import load_study, point_state, run_study
 
 
-def write_study(tmp_path, data_dir, grid, **extra):
-    return helpers.write_study(tmp_path, data_dir, grid, "train.max_steps=6", "train.threads=1", **extra)
+# schedules that fit the 3- and 6-step runs below (flat: the grids run several methods)
+FITS = ("method.reset_every=2", "method.restart_warmup_steps=1", "method.support_every=2", "method.update_proj_gap=2")
+
+
+def write_study(tmp_path, data_dir, grid, *overrides, **extra):
+    return helpers.write_study(tmp_path, data_dir, grid, "train.max_steps=6", "train.threads=1", *overrides, **extra)
 
 
 def test_grid_expands_to_the_cartesian_product(tmp_path, data_dir):
@@ -105,7 +109,7 @@ class FakeLauncher:
 def staged(tmp_path, data_dir, **extra):
     tune = {"field": "train.lr", "grid": [1e-3, 2e-3, 4e-3, 8e-3], "overrides": ["train.max_steps=3"], "widen": 2, **extra.pop("tune", {})}
     extra.setdefault("control", {"where": {"method.name": "relora"}, "lr_from": {"method.name": "full"}})
-    return write_study(tmp_path, data_dir, {"method.name": ["full", "relora", "so", "galore"], "train.seed": [0, 1]}, tune=tune,
+    return write_study(tmp_path, data_dir, {"method.name": ["full", "relora", "so", "galore"], "train.seed": [0, 1]}, *FITS, tune=tune,
                        after=["eval"], **extra)
 
 
@@ -216,7 +220,7 @@ def test_bad_staged_studies_are_clear_errors(tmp_path, data_dir, extra, message)
 def test_control_needs_tuning_and_grid_values(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="needs a `tune:` stage"):
         control = {"where": {"method.name": "relora"}, "lr_from": {"method.name": "full"}}
-        load_study(write_study(tmp_path, data_dir, {"method.name": ["full", "relora"]}, control=control))
+        load_study(write_study(tmp_path, data_dir, {"method.name": ["full", "relora"]}, *FITS, control=control))
     with pytest.raises(ConfigError, match="not a value of the grid"):
         load_study(staged(tmp_path, data_dir, control={"where": {"method.name": "lora"}, "lr_from": {"method.name": "full"}}))
 
@@ -272,7 +276,7 @@ def test_seed_k_gives_every_method_the_same_shared_weights_and_batches(tmp_path,
     from rankscope.train import Trainer
 
     def build(method):
-        cfg = tiny_config(data_dir, f"method.name={method}", f"train.seed={seed}", "method.rank=4")
+        cfg = tiny_config(data_dir, f"method.name={method}", f"train.seed={seed}", "method.rank=4", *FITS)
         return Trainer(cfg, tmp_path / method, log=lambda *_: None)
 
     trainers = {m: build(m) for m in ("full", "relora", "lora", "so", "galore")}

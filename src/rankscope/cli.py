@@ -1,10 +1,14 @@
 """`rankscope VERB ...`: one plain function per verb, listed in the table `VERBS` (verb -> help, function,
 arguments). The modules that own a verb (analysis, studies, reports, export, lm-eval tasks) define
-`cmd_*` and `add_*_args` and never import this module. Errors a user can cause print one line, exit 2."""
+`cmd_*` and `add_*_args` and never import this module. Errors a user can cause print one line, exit 2.
+
+Those modules are imported only for the verb that runs (`Lazy`), so `rankscope --help` and `rankscope info`
+answer without importing torch (tests/test_small_cuts.py checks that torch stays out of sys.modules)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -12,17 +16,33 @@ import sys
 from rankscope import startup  # first: Ctrl-C while the modules below import is one line (rankscope.startup)
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from rankscope import export, finetune, report, study
-from rankscope.analysis import cli as analysis_cli
-from rankscope.errors import ConfigError, RankscopeError
-from rankscope.evaluate import harness
+from rankscope.errors import MACHINE_ERRNOS, MACHINE_EXIT_CODE, ConfigError, MachineError, RankscopeError
 from rankscope.preemption import Preempted
 
-from rankscope.errors import MACHINE_ERRNOS, MACHINE_EXIT_CODE, MachineError
-
 startup.imported()
+
+
+class Lazy:
+    """`module:function`, imported on the first call: a verb's module (and torch behind it) loads only when that verb runs."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help lists each option's default where it has a meaningful one (not None, False or an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -72,9 +92,10 @@ def cmd_train(args) -> None:
 
         if args.nnodes > 1 and not args.rdzv_endpoint:
             raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node), the same on every node")
-        argv = ["train", args.config, *args.overrides, "-o", str(out), *(["--restart"] if args.restart else [])]
+        argv = ["train", args.config, *args.overrides, "-o", str(out), *(["--restart"] if args.restart else []),
+                *(["--extend"] if args.extend else [])]
         raise SystemExit(launch(argv, args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id))
-    summary = train(cfg, out, restart=args.restart, callbacks=build_callbacks(cfg))
+    summary = train(cfg, out, restart=args.restart, callbacks=build_callbacks(cfg), extend=args.extend)
     if summary.get("run_dir") is None:  # not rank 0
         return
     print(f"\nfinished {summary['steps']} steps ({summary['tokens']:,} tokens): train loss {summary['final_train_loss']:.4f}, "
@@ -116,21 +137,33 @@ def cmd_pairs(args) -> None:
     print(f"wrote {sum(counts.values()):,} generated minimal pairs (a substitute, not BLiMP) in {len(counts)} files to {args.output}")
 
 
+def param_count(shape: dict[str, Any], tie_embeddings: bool = False) -> int:
+    """Parameters of `model.Decoder` with this shape, by arithmetic (no torch import): embeddings and head,
+    per block q/k/v/o (grouped-query k, v), the SwiGLU's three linears and two RMSNorm gains, a final norm.
+    tests/test_small_cuts.py checks it against Decoder.num_params() for every preset."""
+    d, f, v = shape["d_model"], shape["ffn_dim"], shape["vocab_size"]
+    kv = shape["n_kv_heads"] * (d // shape["n_heads"])
+    block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
+    return v * d * (1 if tie_embeddings else 2) + shape["n_layers"] * block + d
+
+
+def field_rows(rows: list[tuple[str, str, Any, str]]) -> list[str]:
+    """`info --fields` lines: name, type and default in columns as wide as their longest entry."""
+    cells = [(name, tp, repr(default), help) for name, tp, default, help in rows]
+    w = [max(len(c[i]) for c in cells) for i in range(3)]
+    return [f"{a:{w[0]}s}  {b:{w[1]}s}  {c:{w[2]}s}  {h}" for a, b, c, h in cells]
+
+
 def cmd_info(args) -> None:
-    from rankscope.config import PRESETS, ModelConfig, describe_fields
-    from rankscope.model import Decoder
+    from rankscope.config import PRESETS, describe_fields
 
     if args.fields:
-        for name, tp, default, help in describe_fields():
-            print(f"{name:34s} {tp:28s} {default!r:28s} {help}")
+        print("\n".join(field_rows(describe_fields())))
         return
-    print(f"{'preset':12s} {'d_model':>7s} {'layers':>6s} {'heads':>5s} {'kv':>3s} {'ffn':>5s} {'vocab':>6s} {'params':>12s}")
-    import torch
-
+    print(f"{'preset':14s} {'d_model':>7s} {'layers':>6s} {'heads':>5s} {'kv':>3s} {'ffn':>5s} {'vocab':>6s} {'params':>12s}")
     for name, shape in PRESETS.items():
-        with torch.device("meta"):
-            n = Decoder(ModelConfig(**shape)).num_params()
-        print(f"{name:12s} {shape['d_model']:7d} {shape['n_layers']:6d} {shape['n_heads']:5d} {shape['n_kv_heads']:3d} {shape['ffn_dim']:5d} {shape['vocab_size']:6d} {n:12,d}")
+        n = param_count(shape)
+        print(f"{name:14s} {shape['d_model']:7d} {shape['n_layers']:6d} {shape['n_heads']:5d} {shape['n_kv_heads']:3d} {shape['ffn_dim']:5d} {shape['vocab_size']:6d} {n:12,d}")
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
@@ -146,6 +179,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rdzv-endpoint", help="HOST:PORT of the first machine (torchrun's c10d rendezvous) when --nnodes > 1")
     p.add_argument("--rdzv-id", help="a run id shared by the machines of one run (e.g. the SLURM job id)")
     p.add_argument("--restart", action="store_true", help="train from step 0 although checkpoints exist (they are set aside, not deleted)")
+    p.add_argument("--extend", action="store_true", help="resume with a new train.max_steps (its lr schedule re-derived over the new budget)")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -192,30 +226,38 @@ VERBS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None]]
     "prepare": ("gather the corpus, train the tokenizer, write token shards", cmd_prepare, _prepare_args),
     "train": ("train (or resume) a run", cmd_train, _train_args),
     "finetune": ("few-shot adaptation of a pretrained run or Hugging Face Llama folder with any method (resumes like train)",
-                 finetune.cmd_finetune, finetune.add_finetune_args),
+                 Lazy("rankscope.finetune", "cmd_finetune"), Lazy("rankscope.finetune", "add_finetune_args")),
     "eval": ("evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP", cmd_eval, _eval_args),
     "pairs": ("write generated minimal pairs in BLiMP's jsonl format (a substitute where BLiMP is absent)", cmd_pairs, _pairs_args),
     "info": ("list model presets and their parameter counts", cmd_info, _info_args),
     "analyze": ("rank metrics (PER, condition numbers, ...) of every checkpoint: table, spectra, plots",
-                analysis_cli.cmd_analyze, analysis_cli.add_analyze_args),
-    "sweep": ("run every point of a study grid (skips finished runs, resumes interrupted ones)", study.cmd_sweep, study.add_sweep_args),
+                Lazy("rankscope.analysis.cli", "cmd_analyze"), Lazy("rankscope.analysis.cli", "add_analyze_args")),
+    "sweep": ("run every point of a study grid (skips finished runs, resumes interrupted ones)",
+              Lazy("rankscope.study", "cmd_sweep"), Lazy("rankscope.study", "add_sweep_args")),
     "report": ("compare runs and studies side by side: tables, plots, self-contained HTML + Markdown",
-               report.cmd_report, report.add_report_args),
+               Lazy("rankscope.report", "cmd_report"), Lazy("rankscope.report", "add_report_args")),
     "export": ("write a run or checkpoint as a Hugging Face LlamaForCausalLM folder (LoRA merged)",
-               export.cmd_export, export.add_export_args),
+               Lazy("rankscope.export", "cmd_export"), Lazy("rankscope.export", "add_export_args")),
     "lm-eval-tasks": ("write BLiMP as lm-evaluation-harness tasks that score an exported model as `rankscope eval` does",
-                      harness.cmd_lm_eval_tasks, harness.add_lm_eval_args),
+                      Lazy("rankscope.evaluate.harness", "cmd_lm_eval_tasks"), Lazy("rankscope.evaluate.harness", "add_lm_eval_args")),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """Every verb's sub-parser; only `verb`'s arguments (all when None), whose module is imported for them."""
     parser = argparse.ArgumentParser(prog="rankscope", description="Pretrain small decoders with full-rank and low-rank methods; measure what they learn.")
     sub = parser.add_subparsers(dest="verb", required=True)
     for name, (help, fn, add_args) in VERBS.items():
-        p = sub.add_parser(name, help=help)
-        add_args(p)
+        p = sub.add_parser(name, help=help, formatter_class=DefaultsFormatter)
+        if verb is None or name == verb:
+            add_args(p)
         p.set_defaults(fn=fn)
     return parser
+
+
+def _verb(argv: list[str]) -> str | None:
+    """The verb of a command line (the first word that names one), before any module is imported."""
+    return next((a for a in argv if a in VERBS), None)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
@@ -227,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.formatwarning = _one_line_warning
-    parser = build_parser()
+    parser = build_parser(_verb(sys.argv[1:] if argv is None else argv) or "")
     # overrides may follow options too: `rankscope train CFG -o DIR train.lr=1e-3`
     args, extra = parser.parse_known_args(argv)
     if extra:

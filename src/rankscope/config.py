@@ -280,11 +280,32 @@ def _build_method(data: Any, where: str) -> MethodConfig:
     if both:
         raise ConfigError(f"{where}.{both[0]} and {where}.{name}.{both[0]} disagree; keep only {where}.{name}.{both[0]}")
     if flat:
-        warnings.warn(f"flat method options ({', '.join(sorted(flat))}) are deprecated: write them under {where}.{name} "
-                      f"(e.g. {where}.{name}.{sorted(flat)[0]}=...)"
-                      + (f"; {', '.join(sorted(set(flat) - own))} (options of other methods) are kept, unused by {name}" if set(flat) - own else ""),
-                      FutureWarning, stacklevel=4)
+        warnings.warn(flat_notice(where, name, flat, own), FutureWarning, stacklevel=4)
     return MethodConfig(name, _build(cls, {**mapped, **section}, f"{where}.{name}"), {k: v for k, v in flat.items() if k not in own})
+
+
+def override_text(value: Any) -> str:
+    """`value` as the right-hand side of a `key=value` override that parses back to it (one shell word
+    where the value has no spaces): [wq,wk], 0.999, true."""
+    if isinstance(value, list):
+        return "[" + ",".join(override_text(v) for v in value) + "]"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def flat_notice(where: str, name: str, flat: dict[str, Any], own: set[str]) -> str:
+    """The deprecation line for flat method options, with a fix that loads as printed: the option under the
+    section of a method that has it (this run's method if it does; a section of another method is checked
+    and kept, unused)."""
+    from rankscope.methods import METHODS
+
+    key = sorted(flat)[0]
+    having = {m: len(dataclasses.fields(c.config_class)) for m, c in METHODS.items() if key in {f.name for f in dataclasses.fields(c.config_class)}}
+    owner = name if key in own else min(having, key=having.get)  # else the method that defines it (lora's alpha, not adaptive's)
+    unused = sorted(set(flat) - own)
+    return (f"flat method options ({', '.join(sorted(flat))}) are deprecated in a run config: write each under the section of the "
+            f"method that has it, e.g. {where}.{owner}.{key}={override_text(flat[key])}"
+            + (f"; {', '.join(unused)} (not options of {name}) are kept, unused by {name}" if unused else "")
+            + "; a study grid over several methods keeps the flat form (docs/studies.md)")
 
 
 def method_options(method: dict[str, Any]) -> dict[str, Any]:
@@ -364,7 +385,9 @@ class RunConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
-    def validate(self) -> None:
+    def validate(self, schedule: bool = True) -> None:
+        """Every section, then the checks across them; `schedule`: also that the method's schedule fits the run
+        (off for the stored config of a run already trained, which must stay readable)."""
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
@@ -374,6 +397,8 @@ class RunConfig:
                f"train.warmup_steps={self.train.warmup_steps} must be below train.max_steps={self.train.max_steps}; "
                "lower train.warmup_steps or raise train.max_steps")
         _method_class(self.method.name).check_run(self)  # what the method allows across sections (FSDP, ...)
+        if schedule:
+            _method_class(self.method.name).check_schedule(self)  # a period that never comes round (methods/*.py)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "method"}
@@ -562,9 +587,10 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return data
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
+def config_from_dict(data: dict[str, Any], schedule: bool = True) -> RunConfig:
+    """A validated RunConfig; `schedule=False` for a stored run's config (read, not trained again)."""
     cfg = _build(RunConfig, data, "")
-    cfg.validate()
+    cfg.validate(schedule)
     return cfg
 
 

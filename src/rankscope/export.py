@@ -87,7 +87,7 @@ def dense_state_dict(ck: Checkpoint) -> tuple[dict[str, torch.Tensor], RunConfig
         adapters = stored_adapters(ck.meta, state)  # per-layer rank and scaling (older checkpoints: from the config)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
-    return merge_adapters(state, adapters), config_from_dict(raw)
+    return merge_adapters(state, adapters), config_from_dict(raw, schedule=False)
 
 
 # --------------------------------------------------------------------------- config and tokenizer

@@ -884,6 +884,9 @@ def _cell(value: Any, sources: list[str] | None = None) -> dict[str, Any] | None
 
 
 def _signed(x: Any) -> str:
+    """+0.1234 style; float round-off of a zero difference (5.551e-17 from 0.3 - 0.1 - 0.2) prints as 0."""
+    if isinstance(x, (int, float)) and abs(x) < 1e-12:
+        return "0"
     return f"{x:+.4g}" if isinstance(x, (int, float)) else str(x)
 
 
@@ -892,7 +895,7 @@ def _text(x: Any) -> str:
 
 
 def _interval(x: Any) -> str:
-    return f"[{x[0]:+.4g}, {x[1]:+.4g}]"
+    return f"[{_signed(x[0])}, {_signed(x[1])}]"
 
 
 def _what(r: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ class Loaded:
 def load_trained(path: str | Path, device: str = "cpu", cache_dir: str | None = None) -> Loaded:
     ck = open_checkpoint(path)
     try:
-        cfg = config_from_dict(ck.meta["config"])
+        cfg = config_from_dict(ck.meta["config"], schedule=False)  # a trained run: read, not trained again
     except KeyError:
         raise CheckpointError(f"checkpoint {ck.path} has no config in meta.json; it was not written by rankscope train") from None
     model = Decoder(cfg.model)

@@ -570,9 +570,14 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
 
 
 # --------------------------------------------------------------------------- CLI verb
+def default_output(paths: list[str]) -> str:
+    """reports/<name of the first run or study folder> (as `make demo` prints: runs/demo -> reports/demo)."""
+    return str(Path("reports") / (Path(paths[0]).resolve().name or "report"))
+
+
 def add_report_args(p) -> None:
     p.add_argument("paths", nargs="+", help="run directories and/or study directories (with sweep.json, or holding runs)")
-    p.add_argument("-o", "--output", required=True, help="report folder (report.html, report.md, report.json, PNGs)")
+    p.add_argument("-o", "--output", help="report folder (report.html, report.md, report.json, PNGs); default reports/<first path's name>")
     p.add_argument("--spectra-steps", nargs="+", type=int, help="steps whose singular-value spectra are plotted (default: up to 3 analysed steps)")
     p.add_argument("--exclude-duplicates", action="store_true",
                    help="where two runs share method, size and seed, keep the first and list the other as excluded (default: an error)")
@@ -581,7 +586,7 @@ def add_report_args(p) -> None:
 
 
 def cmd_report(args) -> None:
-    written = write_report(args.paths, args.output, args.spectra_steps, exclude_duplicates=args.exclude_duplicates,
-                           results_dir=args.results)
+    written = write_report(args.paths, args.output or default_output(args.paths), args.spectra_steps,
+                           exclude_duplicates=args.exclude_duplicates, results_dir=args.results)
     for name, path in written.items():
         print(f"{name:5s} {path}")

@@ -3,7 +3,8 @@
 Every run name, status, error, config value, metric name and number is passed to the template as
 data and escaped by jinja2; nothing is pasted into HTML by string formatting. Layout: the study's
 findings tables first, the paper's reference numbers beside them (labelled as the paper's, at
-pico scale), then the other tables, failed runs and the figures.
+pico scale), then the other tables, failed runs and the figures. Without pre-registered findings (a
+single run) the page leads with the runs' tables; the paper's numbers follow them.
 """
 
 from __future__ import annotations
@@ -27,13 +28,19 @@ TEMPLATE = """<!doctype html>
 <h1>rankscope report</h1>
 <p>{{ stamp }} — inputs: {{ inputs }}</p>
 <p>{{ intro }}</p>
+{%- if findings %}
 <div class="top">
 <div class="findings">
-{%- for t in findings %}{{ table(t) }}{% else %}<h3>Findings</h3><p class="note">{{ no_findings }}</p>{% endfor %}
+{%- for t in findings %}{{ table(t) }}{% endfor %}
 </div>
 <div class="paper">{{ table(paper) }}<p class="note">{{ paper_note }}</p><img alt="paper reference" src="{{ paper_png }}"></div>
 </div>
 {%- for t in tables %}{{ table(t) }}{% endfor %}
+{%- else %}
+{%- for t in tables %}{{ table(t) }}{% endfor %}
+<h3>Findings</h3><p class="note">{{ no_findings }}</p>
+<div class="paper">{{ table(paper) }}<p class="note">{{ paper_note }}</p><img alt="paper reference" src="{{ paper_png }}"></div>
+{%- endif %}
 {%- if problems %}
 <h3 class="bad">Failed, unfinished or excluded runs</h3>
 <table><tr><th>run</th><th>status</th><th>error</th><th>log</th></tr>

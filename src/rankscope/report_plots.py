@@ -95,10 +95,15 @@ def _cond_of(values: dict[str, dict[int, list[float]]]) -> dict[int, list[float]
     return values.get("condition_number_numerical", {})
 
 
-def rank_series(run, use_analysis: bool = True) -> tuple[dict[tuple[str, str], dict[float, float]], str]:
+KINDS = ("weight", "update", "cumulative_update", "grad")  # drawn, in this order, where the analysis has them
+KIND_NAMES = {"weight": "weights", "update": "updates between checkpoints", "cumulative_update": "cumulative updates (W_t - W_0)",
+              "grad": "gradients"}
+
+
+def rank_series(run, use_analysis: bool = True, kind: str = "weight") -> tuple[dict[tuple[str, str], dict[float, float]], str]:
     """(metric per|cond, component) -> {step: value} (mean over layers and heads, geometric for cond) and the source:
-    the analysis table of the run's checkpoints (weights) when `rankscope analyze` ran, else the
-    in-loop rows `rank/<metric>/<component>` of metrics.jsonl."""
+    the analysis table of the run's checkpoints (matrices of `kind`) when `rankscope analyze` ran, else
+    (weights only) the in-loop rows `rank/<metric>/<component>` of metrics.jsonl."""
     path = run.dir / "analysis" / "rank_metrics.parquet"
     out: dict[tuple[str, str], dict[float, float]] = {}
     if use_analysis and path.is_file():
@@ -106,8 +111,8 @@ def rank_series(run, use_analysis: bool = True) -> tuple[dict[tuple[str, str], d
 
         t = load_table(path)
         acc: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-        for name, step, comp, kind, metric, v in zip(t["run"], t["step"], t["component"], t["kind"], t["metric"], t["value"]):
-            if name == run.name and kind == "weight" and v is not None and metric in ("per", "condition_number", "condition_number_numerical"):
+        for name, step, comp, k, metric, v in zip(t["run"], t["step"], t["component"], t["kind"], t["metric"], t["value"]):
+            if name == run.name and k == kind and v is not None and metric in ("per", "condition_number", "condition_number_numerical"):
                 acc[comp][metric][step].append(v)
         for comp, by_metric in acc.items():
             for m, values in (("per", by_metric.get("per", {})), ("cond", _cond_of(by_metric))):
@@ -115,14 +120,27 @@ def rank_series(run, use_analysis: bool = True) -> tuple[dict[tuple[str, str], d
                 finite = {float(s): float(avg(v)) for s, v in values.items() if all(math.isfinite(x) and (m == "per" or x > 0) for x in v)}
                 if finite:
                     out[(m, comp)] = finite
-        if out:
+        if out or kind != "weight":
             return out, str(path)
+    if kind != "weight":
+        return out, ""
     for r in run.rows:
         for k, v in r.items():
             parts = k.split("/")
             if len(parts) == 3 and parts[0] == "rank" and parts[1] in ("per", "cond") and isinstance(v, (int, float)) and math.isfinite(v):
                 out.setdefault((parts[1], parts[2]), {})[float(r["step"])] = float(v)
     return out, f"{run.dir / 'metrics.jsonl'} (in-loop rank/* rows)"
+
+
+def rank_kinds(runs) -> list[str]:
+    """The KINDS the runs' analysis tables hold (weights always: the in-loop rows stand in for them)."""
+    found = {"weight"}
+    if analysed(runs):
+        from rankscope.analysis.run import load_table
+
+        for r in runs:
+            found |= set(load_table(r.dir / "analysis" / "rank_metrics.parquet")["kind"])
+    return [k for k in KINDS if k in found]
 
 
 def analysed(runs) -> bool:
@@ -154,12 +172,34 @@ def _plain(v: float, _pos=None) -> str:
 
 
 def log_axis(axis) -> None:
-    from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator
+    """Plain labels (100k, 1M) at the decades; where the data span less than about a decade, also at 2x and 5x
+    (never every minor tick: 2e+03 4e+04 6e+04 printed over each other). Call after the data are drawn."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     axis.set_major_locator(LogLocator(base=10, numticks=6))
     axis.set_major_formatter(FuncFormatter(_plain))
-    # minor ticks are labelled only where the axis spans less than about one decade (else no label at all)
-    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    lo, hi = sorted(axis.get_view_interval())
+    decades = [10.0 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)] if lo > 0 else []
+    if lo > 0 and len([d for d in decades if lo <= d <= hi]) < 2:  # under two labelled decades: label 2x and 5x too
+        axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0), numticks=6))
+        axis.set_minor_formatter(FuncFormatter(_plain))
+    else:
+        axis.set_minor_formatter(NullFormatter())
+
+
+MIN_SPAN = {"per": 0.05, "loss": 0.05}  # linear y-axes span at least this (PER: absolute; loss: a fraction of the value)
+
+
+def min_span(ax, span: float, relative: bool = False) -> bool:
+    """Widen a linear y-axis to at least `span` (times the mid value when `relative`) about its centre, so that
+    noise of 1e-4 is not drawn as a trend; True where it widened (the caption says so)."""
+    lo, hi = ax.get_ylim()
+    need = span * abs((lo + hi) / 2) if relative else span
+    if hi - lo >= need:
+        return False
+    mid = (lo + hi) / 2
+    ax.set_ylim(mid - need / 2, mid + need / 2)
+    return True
 
 
 def _restarts(ax, runs, groups, size: str, x: str) -> bool:
@@ -192,12 +232,19 @@ def _counts(runs, groups) -> dict[str, str]:
 
 
 def _draw(ax, series: list[dict[float, float]], method: str) -> bool:
+    """The mean over seeds and its band. A line that lies on one already drawn on these axes (a control that
+    is the same runs as its method) is drawn dashed and wider on top, so both colours show."""
     x, mean, lo, hi = mean_band(series)
     if not len(x):
         return False
-    ax.plot(x, mean, color=colour(method), lw=1.3, marker="." if len(x) <= 12 else None, ms=3)
+    drawn = ax.__dict__.setdefault("_rankscope_lines", [])
+    same = any(len(x) == len(px) and np.allclose(x, px) and np.allclose(mean, py, rtol=1e-6, atol=1e-12) for px, py in drawn)
+    style = dict(ls=(0, (3, 3)), lw=2.4, zorder=3) if same else dict(lw=1.3)
+    ax.plot(x, mean, color=colour(method), marker="." if len(x) <= 12 and not same else None, ms=3, **style)
     ax.fill_between(x, lo, hi, color=colour(method), alpha=0.25, lw=0)
+    drawn.append((x, mean))
     return True
+
 
 
 # --------------------------------------------------------------------------- figures
@@ -207,7 +254,8 @@ LOSS_PANELS = (("train_loss", "train loss"), ("val_loss", "val loss (8-batch est
 def loss_figure(runs, groups):
     """Rows = sizes, columns = train loss, validation loss, validation bits per byte; x = tokens (log)."""
     sizes = list(dict.fromkeys(g[1] for g in groups))
-    panels = [(k, lab) for k, lab in LOSS_PANELS if any(loss_series(r, k) for r in runs)]
+    # a panel needs a line: a quantity logged once per run (the final bits/byte) is a table row, not a dot
+    panels = [(k, lab) for k, lab in LOSS_PANELS if any(len(loss_series(r, k)) >= 2 for r in runs)]
     if not panels:
         return None
     fig, axes = grid(len(sizes), len(panels), (3.4, 2.2))
@@ -224,10 +272,11 @@ def loss_figure(runs, groups):
             if tail:  # the first tenth of training (loss ~ ln V) would flatten the rest
                 pad = 0.05 * (max(tail) - min(tail) or 1)
                 ax.set_ylim(min(tail) - pad, max(tail) + pad)
+                min_span(ax, MIN_SPAN["loss"], relative=True)
             ax.set_xscale("log")
             log_axis(ax.xaxis)
             ax.grid(alpha=0.3, which="major")
-            ax.tick_params(labelsize=8)
+            ax.tick_params(which="both", labelsize=8)
             if r == 0:
                 ax.set_title(label, fontsize=9)
             if c == 0:
@@ -238,10 +287,11 @@ def loss_figure(runs, groups):
     return fig
 
 
-def rank_figure(runs, groups, metric: str, components: list[str]):
-    """Rows = sizes, columns = components present; PER on a linear axis, condition number on a log axis."""
+def rank_figure(runs, groups, metric: str, components: list[str], kind: str = "weight"):
+    """Rows = sizes, columns = components present; PER on a linear axis (at least MIN_SPAN['per'] tall), condition
+    number on a log axis (at least a factor 2); the matrices of `kind` (weights, updates, cumulative updates, gradients)."""
     use = analysed(runs)
-    series = {r.name: rank_series(r, use)[0] for r in runs}
+    series = {r.name: rank_series(r, use, kind)[0] for r in runs}
     present = [c for c in components if any((metric, c) in s for s in series.values())]
     sizes = list(dict.fromkeys(g[1] for g in groups))
     if not present:
@@ -257,9 +307,15 @@ def rank_figure(runs, groups, metric: str, components: list[str]):
             restarts |= _restarts(ax, runs, groups, size, "step")
             if metric == "cond":
                 ax.set_yscale("log")
+                lo, hi = ax.get_ylim()
+                if lo > 0 and hi / lo < 2:  # a factor 2 at least: 1.01x noise is not a trend
+                    mid = math.sqrt(lo * hi)
+                    ax.set_ylim(mid / math.sqrt(2), mid * math.sqrt(2))
                 log_axis(ax.yaxis)
+            else:
+                min_span(ax, MIN_SPAN["per"])
             ax.grid(alpha=0.3, which="major")
-            ax.tick_params(labelsize=8)
+            ax.tick_params(which="both", labelsize=8)
             ax.xaxis.set_major_formatter(_plt().FuncFormatter(_tokens))
             if r == 0:
                 ax.set_title(component_name(comp), fontsize=9)
@@ -358,20 +414,29 @@ def figures(runs, groups, out: Path, spectra_steps: list[int] | None = None) -> 
 
     yield ("Loss vs tokens", png(loss_figure(runs, groups), "loss_vs_tokens.png"),
            f"{band} Log token axis; the y-axis starts after the first tenth of training. The validation loss here is the in-training "
-           "estimate (mean of train.eval_batches batches), the bits per byte the in-training per-domain evaluation (macro average).")
+           "estimate (mean of train.eval_batches batches), the bits per byte the in-training per-domain evaluation (macro average). A quantity measured once per run "
+           "(a final evaluation) is a table row, not a one-dot panel; a y-axis is at least 5% of its value tall.")
     yield ("BLiMP per phenomenon", png(blimp_figure(runs, groups), "blimp_phenomena.png"),
            "Accuracy per BLiMP phenomenon (mean over its paradigms) and overall; error bars: std over seeds; dashed: chance (0.5). "
            "Hatching marks the model size.")
     paper, other = rank_components(runs)
     sources = sorted({"analysis tables (checkpoint weights)" if rank_series(r, analysed(runs))[1].endswith(".parquet") else "in-loop metrics.jsonl rows"
                       for r in runs})
-    for metric in ("per", "cond"):
-        for label, comps, tag in (("the paper's components (V, O, OV, w2)", paper, "paper"), ("the other components", other, "other")):
-            fig = rank_figure(runs, groups, metric, comps)
-            extra = (" Log y-axis; over the numerical rank where the plain condition number is infinite (a d x d OV product has "
-                     "rank <= head_dim).") if metric == "cond" else ""
-            yield (f"{METRIC_NAMES[metric]} vs step: {label}", png(fig, f"rank_{metric}_{tag}.png"),
-                   f"{band} Columns: components; mean over layers (and heads). Source: {', '.join(sources)}.{extra}")
+    scale = {"per": f" Linear y-axis at least {MIN_SPAN['per']:g} tall (a flatter line is flat, not zoomed into).",
+             "cond": " Log y-axis, at least a factor 2 tall; over the numerical rank where the plain condition number is infinite "
+                     "(a d x d OV product has rank <= head_dim)."}
+    for kind in rank_kinds(runs):
+        # weights: the paper's components and the others; updates and gradients (finding (d)): the paper's components
+        sets = (("the paper's components (V, O, OV, w2)", paper, "paper"), ("the other components", other, "other"))
+        for metric in ("per", "cond"):
+            for label, comps, tag in (sets if kind == "weight" else sets[:1]):
+                fig = rank_figure(runs, groups, metric, comps, kind)
+                name = f"rank_{metric}_{tag}.png" if kind == "weight" else f"rank_{metric}_{kind}.png"
+                title = f"{METRIC_NAMES[metric]} vs step: {label}" if kind == "weight" else f"{METRIC_NAMES[metric]} of {KIND_NAMES[kind]} vs step"
+                yield (title, png(fig, name),
+                       f"{band} Columns: components; mean over layers (and heads). Source: "
+                       f"{', '.join(sources) if kind == 'weight' else 'analysis tables (' + kind + ')'}.{scale[metric]} "
+                       "A dashed line lies exactly on another method's line (e.g. a control that is the same runs).")
     yield ("Singular-value spectra", png(spectra_figure(runs, groups, spectra_steps), "spectra.png"),
            f"s_i / s_max of the weights at chosen checkpoints, mean over layers, heads and seeds (from RUN/analysis/spectra.parquet); "
            f"values below {FLOOR:g} are drawn at {FLOOR:g}.")

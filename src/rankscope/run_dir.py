@@ -36,9 +36,10 @@ RESUMABLE_TRAIN_FIELDS = (
 RESUMABLE_SECTIONS = ("checkpoint", "eval", "analysis")
 
 
-def write_run_dir(run_dir: Path, cfg, device, world_size: int) -> dict | None:
-    """Check that `run_dir` is writable and that a config.yaml already there describes this same run,
-    then write config.yaml and env.json. Returns the precision / compile settings a previous attempt
+def write_run_dir(run_dir: Path, cfg, device, world_size: int, new_schedule_ok: bool = False) -> dict | None:
+    """Check that `run_dir` is writable and that a config.yaml already there describes this same run
+    (a changed train.max_steps of a run with checkpoints only with `new_schedule_ok`: --extend or
+    --restart), then write config.yaml and env.json. Returns the precision / compile settings a previous attempt
     chose (env.json `settings`), which a resumed run keeps; None for a fresh one."""
     check_output_dir(run_dir, "the run directory (-o)")
     cfg_path = run_dir / "config.yaml"
@@ -52,6 +53,8 @@ def write_run_dir(run_dir: Path, cfg, device, world_size: int) -> dict | None:
             raise ConfigError(f"{cfg_path} is not a readable rankscope config; restore it, or choose a new -o directory")
         if without_budget(normalised(previous)) != without_budget(resolved):
             raise ConfigError(f"{run_dir} holds a run with a different config; choose a new -o directory (or delete that one)")
+        if not new_schedule_ok:
+            check_same_schedule(run_dir, previous, resolved)
     write_atomic(cfg_path, yaml.safe_dump(resolved, sort_keys=False))
     env = {
         **describe(device),
@@ -63,6 +66,19 @@ def write_run_dir(run_dir: Path, cfg, device, world_size: int) -> dict | None:
     previous_settings = read_settings(env_path)
     write_atomic(env_path, json.dumps(env, indent=1))
     return previous_settings
+
+
+def check_same_schedule(run_dir: Path, previous: dict, resolved: dict) -> None:
+    """A resumed run keeps its learning-rate schedule: warm-up, cosine and ReLoRA cycles are functions of
+    train.max_steps, so a new budget re-derives the lr of every step left (a finished 60-step run
+    extended to 80 would climb back from its final lr). Refused in one line unless asked for (--extend)."""
+    old = (previous.get("train") or {}).get("max_steps") if isinstance(previous.get("train"), dict) else None
+    new = resolved["train"]["max_steps"]
+    if old is None or old == new or not any((run_dir / "checkpoints").glob("step_*")):
+        return
+    raise ConfigError(f"{run_dir} was trained for train.max_steps={old}; train.max_steps={new} re-derives the learning-rate "
+                      f"schedule of the steps left: add --extend to train on under the new schedule, or pass train.max_steps={old} "
+                      f"to resume the schedule it had")
 
 
 def write_settings(run_dir: Path, settings: dict[str, Any]) -> None:
@@ -87,7 +103,7 @@ def normalised(previous: dict) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return config_from_dict(json.loads(json.dumps(previous))).to_dict()
+            return config_from_dict(json.loads(json.dumps(previous)), schedule=False).to_dict()
     except RankscopeError:
         return previous
 

@@ -38,11 +38,11 @@ def start_process(cfg: RunConfig) -> tuple[DistInfo, torch.device]:
     return dist, device
 
 
-def open_run_dir(run_dir: Path, cfg: RunConfig, device: torch.device, dist: DistInfo) -> dict | None:
+def open_run_dir(run_dir: Path, cfg: RunConfig, device: torch.device, dist: DistInfo, new_schedule_ok: bool = False) -> dict | None:
     """Rank 0 checks and writes the run directory; the other ranks never read it (a fresh folder's
     config.yaml may be half-written while they look) and learn the verdict by broadcast. Returns the
     precision / compile a previous attempt chose (a resumed run keeps them), None for a fresh run."""
-    return distributed.on_rank0(lambda: write_run_dir(run_dir, cfg, device, dist.world_size), dist)
+    return distributed.on_rank0(lambda: write_run_dir(run_dir, cfg, device, dist.world_size, new_schedule_ok), dist)
 
 
 def build_data(cfg: RunConfig, dist: DistInfo, log: Log) -> tuple[Corpus, BatchStream, BatchStream]:

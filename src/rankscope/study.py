@@ -69,6 +69,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,7 +83,7 @@ from rankscope.jsonfiles import read_json_object
 SAME_AS_MAIN = "= main"  # rankscope.findings.SAME_AS_MAIN: a control point whose lr equals its main point's (not run)
 
 STUDY_KEYS = {"name", "base", "overrides", "grid", "when", "after", "eval_args", "analyze_args", "parallel", "runs_dir", "description",
-              "match_memory", "tune", "control", "findings", "run_name", "slurm", "pretrain"}
+              "match_memory", "tune", "control", "findings", "run_name", "slurm", "pretrain", "expect_unmeasured"}
 TUNE_KEYS = {"field", "grid", "cell", "seed", "overrides", "metric", "widen", "confirm"}
 TUNE_SEED = 1000  # the default tuning seed: outside the main seeds, so the choice never sees a main seed's data
 CONTROL_KEYS = {"where", "lr_from"}
@@ -159,6 +160,7 @@ class Study:
     when: dict[str, Any] = field(default_factory=dict)
     match_memory: Any = None
     pretrain: list[str] | None = None  # `pretrain:` the train command line (config, overrides) of a fine-tuning study's base
+    expect_unmeasured: list[str] = field(default_factory=list)  # findings rule ids the pre-flight check may find unmeasurable
 
 
 class Launcher(Protocol):
@@ -255,7 +257,8 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     _check_when(spec.get("when"), [*grid, tuned], valid, path)
     study = Study(path, name, [], after, [str(a) for a in spec.get("eval_args") or []], [str(a) for a in spec.get("analyze_args") or []],
                   int(spec.get("parallel") or 1), root, grid=grid, run_name=template, base=base, when=spec.get("when") or {},
-                  match_memory=spec.get("match_memory"), pretrain=pretrain)
+                  match_memory=spec.get("match_memory"), pretrain=pretrain,
+                  expect_unmeasured=[str(x) for x in spec.get("expect_unmeasured") or []])
     study.tune = _load_tune(spec.get("tune"), grid, base, path, valid)
     study.control = _load_control(spec.get("control"), study, path)
     if spec.get("findings") is not None:
@@ -416,7 +419,9 @@ def build_point(study: Study, values: dict[str, Any], stage: str, extra: list[st
     over += list(extra or [])
     if study.tune is not None and study.tune.field in values:  # the tuned value wins over `when` and budgets
         over.append(f"{study.tune.field}={json.dumps(values[study.tune.field])}")
-    cfg = config_from_dict(merge_dicts(study.base, parse_overrides(over)))  # validate every point before running any
+    with warnings.catch_warnings():  # flat method options are the form a grid over methods needs (docs/studies.md): no notice
+        warnings.filterwarnings("ignore", "flat method options", FutureWarning)
+        cfg = config_from_dict(merge_dicts(study.base, parse_overrides(over)))  # validate every point before running any
     if study.match_memory is not None:  # equal optimiser memory: rank / density per point
         from rankscope.methods.memory import apply_memory_match
 
@@ -856,6 +861,8 @@ def add_sweep_args(p) -> None:
     p.add_argument("--parallel", type=int, help="runs at once (default: the study's `parallel`)")
     p.add_argument("--runs-dir", help="where the runs go (default: the study's runs_dir or runs/<name>)")
     p.add_argument("--list", action="store_true", help="only list the points and their state")
+    p.add_argument("--check", action="store_true", help="only the pre-flight check: is each findings rule measurable, "
+                                                        "and the sweep's estimated wall time (rankscope.preflight)")
     from rankscope.slurm import add_args
 
     add_args(p)
@@ -877,6 +884,11 @@ def cmd_sweep(args) -> None:
     study = load_study(args.study, args.runs_dir)
     if args.list:
         list_points(study)
+        return
+    from rankscope.preflight import run_preflight
+
+    run_preflight(study, args.parallel, timing=not (args.status or args.dry_run))  # before any compute; --check: only this
+    if args.check:
         return
     launcher = None
     if args.launcher == "slurm" or args.dry_run or args.status:

@@ -36,6 +36,7 @@ class Trainer:
     log: Callable[[str], None] = print
     restart: bool = False  # train from step 0 even if checkpoints exist (they are set aside, not deleted)
     callbacks: list[Callback] | None = None  # None: build_callbacks(cfg), the ones the config turns on
+    extend: bool = False  # a resumed run may take a new train.max_steps (its lr schedule re-derived over it)
     device: torch.device = field(init=False)
     precision: str = field(init=False)
 
@@ -48,7 +49,8 @@ class Trainer:
         self.lock = self.lock_run_dir()  # rank 0: one writer per run folder (rankscope.lock), until run() ends
         if not self.dist.is_main:
             self.log = lambda *_: None
-        self.previous_settings = run_setup.open_run_dir(self.run_dir, self.cfg, self.device, self.dist)
+        self.previous_settings = run_setup.open_run_dir(self.run_dir, self.cfg, self.device, self.dist,
+                                                      new_schedule_ok=self.extend or self.restart)
         self.precision = pick_precision(self.device, self.cfg.train.precision)
         self.corpus, self.train_stream, self.val_stream = self.build_data()
         self.sharded = run_setup.is_sharded(self.cfg, self.dist, self.log)
@@ -218,13 +220,14 @@ class Trainer:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, log=print, restart: bool = False,
-          callbacks: list[Callback] | None = None) -> dict[str, Any]:
+          callbacks: list[Callback] | None = None, extend: bool = False) -> dict[str, Any]:
     """Train, or resume, the run in `run_dir`; `restart` sets existing checkpoints aside and starts
     from step 0; `callbacks` (default `rankscope.callbacks.build_callbacks(cfg)`) run on rank 0.
+    `extend` lets a resumed run take a new train.max_steps (else refused: the lr schedule would change).
     Raises rankscope.preemption.Preempted after a SIGTERM / SIGINT stop."""
     trainer = None
     try:
-        trainer = Trainer(cfg, Path(run_dir), log, restart, callbacks)
+        trainer = Trainer(cfg, Path(run_dir), log, restart, callbacks, extend)
         return trainer.run()
     finally:
         trainer = None  # also on errors: the traceback must not keep FSDP state past shutdown

@@ -4,6 +4,7 @@ compact table of the final PER and condition number of each component. Listed in
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_analyze_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +26,17 @@ def add_analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
 
 
+def study_runs(path: Path) -> list[Path]:
+    """The run folders of a study folder (`rankscope sweep`'s runs_dir: main runs, then control/; tuning runs left
+    out), each with checkpoints; [] for anything else."""
+    if (path / "checkpoints").is_dir() or not path.is_dir():
+        return []
+    found = []
+    for folder in (path, path / "control"):
+        found += sorted(p for p in folder.iterdir() if (p / "checkpoints").is_dir()) if folder.is_dir() else []
+    return found
+
+
 def cmd_analyze(args) -> None:
     from rankscope.analysis.metrics import AnalysisError
     from rankscope.analysis.run import analyze_runs
@@ -33,6 +45,16 @@ def cmd_analyze(args) -> None:
     if args.workers < 1:
         raise AnalysisError(f"--workers must be >= 1, got {args.workers}")
     pick_device(args.device, what="--device")  # before any checkpoint is read
+    studies = {r: study_runs(Path(r)) for r in args.runs}
+    if any(studies.values()):  # a study folder: each of its runs analysed into its own RUN/analysis, as the sweep does
+        if args.output:
+            raise AnalysisError("-o does not apply to a study folder: each run's tables go to RUN/analysis (the report reads them there)")
+        runs = [p for r in args.runs for p in (studies[r] or [Path(r)])]
+        print(f"analysing {len(runs)} runs of {', '.join(r for r in args.runs if studies[r])} (each into RUN/analysis)")
+        for run in runs:
+            args.runs, args.output = [str(run)], None
+            cmd_analyze(args)
+        return
     written = analyze_runs(args.runs, args.output, plots=not args.no_plots, spectra_steps=args.spectra_steps, cache=not args.no_cache,
                            kinds=tuple(args.kinds), metrics=args.metrics, dtype="float32" if args.fp32 else "float64", device=args.device,
                            include_embeddings=args.embeddings, cumulative_from=args.cumulative_from, workers=args.workers, steps=args.steps)

@@ -48,6 +48,7 @@ from rankscope.analysis.metrics import AnalysisError
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 EMBEDDINGS = ("embed", "lm_head")
 OV_FORMS = ("ov", "ov_layer", "ov_product")
+OV_KINDS = ("weight", "update", "cumulative_update")  # kinds whose OV circuits analyze forms (rankscope.preflight reads it)
 _MODULE = re.compile(r"^blocks\.(\d+)\.(?:attn|mlp)\.(\w+)$")
 
 
@@ -281,7 +282,7 @@ def init_weights(config: Mapping[str, Any], include_embeddings: bool = False) ->
     from rankscope.config import config_from_dict
     from rankscope.model import Decoder
 
-    cfg = config_from_dict(dict(config))
+    cfg = config_from_dict(dict(config), schedule=False)  # a trained run's config
     torch.manual_seed(cfg.train.seed)
     with torch.no_grad():
         model = Decoder(cfg.model)

@@ -111,7 +111,8 @@ def format_table(result: dict) -> str:
     if "blimp" in result:
         b = result["blimp"]
         o = b["overall"]
-        lines.append(f"BLiMP ({b['source']}): {o['accuracy']:.4f} mean over {o['uids']} paradigms, {o['pairs']:,} pairs ({o['ties']} ties, counted wrong)")
+        lines.append(f"BLiMP ({b['source']}): {o['accuracy']:.4f} mean over {o['uids']} paradigms, {o['pairs']:,} pairs "
+                     f"({o['ties']} ties, counted wrong); chance is 0.5 (one of two sentences), {o['accuracy'] - 0.5:+.4f} from it")
         for ph, r in b["phenomena"].items():
             lines.append(f"  {ph:28s} {r['accuracy']:.4f}  ({r['uids']} paradigms, {r['pairs']:,} pairs)")
     return "\n".join(lines)

@@ -60,6 +60,13 @@ class Method:
 
             raise ConfigError(f"train.parallel=fsdp supports method.name in {fsdp_methods()}, not {cls.name!r}; use train.parallel=ddp")
 
+    @classmethod
+    def check_schedule(cls, cfg) -> None:
+        """Does the method's schedule fit a run of train.max_steps steps? Refuse (ConfigError, one line
+        naming the fix) where a period the method exists for never comes round: a ReLoRA run with no
+        merge would silently be LoRA. Full-rank: the warm-up is checked by TrainConfig. Called by
+        RunConfig.validate for a run to train, not for the stored config of a run already trained."""
+
     def prepare_model(self, model: nn.Module) -> None:
         """Wrap or freeze layers before the optimiser is built (full-rank: nothing to do). Also used
         to rebuild a model from a checkpoint: after `load_state_dict`, it gives the saved structure."""
@@ -101,6 +108,20 @@ class Method:
     def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return {"method": self.name, "trainable_params": trainable, "optimizer_state_bytes": optimizer_state_bytes(optimizer)}
+
+
+def schedule_must_fit(cfg, option: str, value: int, steps: int, what: str, per_run: int = 10,
+                      also: Callable[[int], str] | None = None) -> None:
+    """Refuse `method.<name>.<option>=value` unless value < steps (the steps the period runs in):
+    otherwise `what` never happens. The fix suggests `per_run` periods per run (the paper's ratio:
+    Weiss et al. merge 10 times in 20k steps); `also(suggested)` names further overrides the fix needs."""
+    if value < steps:
+        return
+    key = f"method.{cfg.method.name}.{option}"
+    suggest = max(1, steps // per_run)
+    raise ConfigError(f"{key}={value} does not fit a {steps}-step run (train.max_steps={cfg.train.max_steps}): {what}; "
+                      f"set {key}={suggest}{also(suggest) if also else ''} ({per_run} per run, the paper's ratio) "
+                      f"or raise train.max_steps above {value + cfg.train.max_steps - steps}")
 
 
 def emit(notify: Notify | None, event: str, step: int, model: nn.Module) -> dict[str, Any]:

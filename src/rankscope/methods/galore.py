@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from rankscope.config import check, option
-from rankscope.methods.base import Method, Notify, StepEvents
+from rankscope.methods.base import Method, Notify, StepEvents, schedule_must_fit
 from rankscope.methods.lora import DEFAULT_TARGETS
 from rankscope.optim import SplitAdamW, optimizer_state_bytes, targeted_groups
 
@@ -39,7 +39,7 @@ class GaLoreConfig:
     galore_scale: float = option(0.25, "scale of the projected-back update")
 
     def validate(self) -> None:
-        check(self.rank > 0, "method.rank and method.alpha must be positive")
+        check(self.rank > 0, f"method.galore.rank must be positive, got {self.rank}")
         check(self.update_proj_gap > 0 and self.galore_scale > 0,
               f"method.update_proj_gap={self.update_proj_gap} and method.galore_scale={self.galore_scale} must be positive")
 
@@ -106,6 +106,11 @@ class GaLoreMethod(Method):
     config_class = GaLoreConfig
     supports_fsdp = False
     memory_knob = "rank"
+
+    @classmethod
+    def check_schedule(cls, cfg) -> None:
+        schedule_must_fit(cfg, "update_proj_gap", cfg.method.options.update_proj_gap, cfg.train.max_steps,
+                          "the projector would be computed once, from the first step's gradient, and never refreshed")
 
     def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
         t, m = self.cfg.train, self.config

@@ -410,9 +410,18 @@ class LoRAMethod(Method):
 
     @classmethod
     def check_run(cls, cfg) -> None:
-        super().check_run(cfg)
         if cfg.train.parallel == "fsdp" and cfg.method.options.warm_start_steps > 0:
-            raise ConfigError("train.parallel=fsdp does not support a ReLoRA warm start (method.warm_start_steps > 0); use train.parallel=ddp")
+            raise ConfigError(f"train.parallel=fsdp does not support a ReLoRA warm start (method.{cls.name}.warm_start_steps > 0); "
+                              f"use train.parallel=ddp or method.{cls.name}.warm_start_steps=0")
+        super().check_run(cfg)
+
+    @classmethod
+    def check_schedule(cls, cfg) -> None:
+        warm, steps = cfg.method.options.warm_start_steps, cfg.train.max_steps
+        if warm >= steps:
+            raise ConfigError(f"method.{cls.name}.warm_start_steps={warm} covers the whole {steps}-step run: no step trains the "
+                              f"adapters; lower method.{cls.name}.warm_start_steps below {steps} (e.g. {steps // 10}) "
+                              "or use method.name=full")
 
     # ------------------------------------------------------------------ model and optimiser
     def prepare_model(self, model: nn.Module) -> None:

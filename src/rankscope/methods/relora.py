@@ -34,7 +34,8 @@ import torch.nn as nn
 
 from rankscope.config import check, option
 from rankscope.distributed import is_main_process
-from rankscope.methods.base import Notify, StepEvents, emit
+from rankscope.errors import ConfigError
+from rankscope.methods.base import Notify, StepEvents, emit, schedule_must_fit
 from rankscope.methods.common import seeded_generator
 from rankscope.methods.lora import LoRAConfig, LoRAMethod, adapter_generator, lora_modules, lora_parameters
 from rankscope.schedules import jagged_cosine
@@ -63,8 +64,8 @@ class ReLoRAConfig(LoRAConfig):
         check(self.reset_every > 0 and self.restart_warmup_steps >= 0,
               f"method.reset_every={self.reset_every} must be > 0 and method.restart_warmup_steps={self.restart_warmup_steps} >= 0")
         check(self.optimizer_reset_every >= 0, "method.optimizer_reset_every must be >= 0")
-        check(self.restart_warmup_steps <= self.optimizer_period,
-              "method.restart_warmup_steps must not exceed the optimiser-reset period (method.optimizer_reset_every or method.reset_every)")
+        # restart_warmup_steps <= the optimiser period: checked with the run (ReLoRAMethod.check_schedule), where the
+        # message can name the method's own section
 
 
 def keep_count(n: int, keep_fraction: float) -> int:
@@ -135,6 +136,25 @@ class ReLoRAMethod(LoRAMethod):
         self.merges = 0  # merge-and-restarts done (the cycle number of the adapters now training)
         self.optimizer_resets = 0
         self.pending_files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+
+    @classmethod
+    def check_schedule(cls, cfg) -> None:
+        super().check_schedule(cfg)  # the warm start leaves adapter steps
+        c = cfg.method.options
+        steps = cfg.train.max_steps - c.warm_start_steps  # the steps adapters train: merges count from the switch
+        def warmup(period: int) -> str:  # the paper's re-warm-up is 5% of a cycle (100 of 2000 steps)
+            fits = c.restart_warmup_steps <= period and not c.optimizer_reset_every
+            return "" if fits else f" method.{cfg.method.name}.restart_warmup_steps={max(1, round(period / 20))}"
+
+        schedule_must_fit(cfg, "reset_every", c.reset_every, steps, "no merge-and-restart would happen and ReLoRA would train as LoRA",
+                          also=warmup)
+        if c.optimizer_reset_every:
+            schedule_must_fit(cfg, "optimizer_reset_every", c.optimizer_reset_every, steps, "the optimiser state would never be reset")
+        if c.restart_warmup_steps > c.optimizer_period:
+            key, period = f"method.{cfg.method.name}", "optimizer_reset_every" if c.optimizer_reset_every else "reset_every"
+            raise ConfigError(f"{key}.restart_warmup_steps={c.restart_warmup_steps} is longer than the {c.optimizer_period}-step cycle "
+                              f"({key}.{period}) it re-warms; set {key}.restart_warmup_steps={max(1, round(c.optimizer_period / 20))} "
+                              f"(5% of a cycle, the paper's ratio)")
 
     def lr_multiplier(self, step: int) -> float:
         t, c = self.cfg.train, self.config

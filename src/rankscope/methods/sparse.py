@@ -53,7 +53,7 @@ import torch.nn as nn
 
 from rankscope.config import check, option
 from rankscope.errors import ConfigError
-from rankscope.methods.base import Method, Notify, StepEvents
+from rankscope.methods.base import Method, Notify, StepEvents, schedule_must_fit
 from rankscope.methods.common import seeded_generator
 from rankscope.methods.lora import DEFAULT_TARGETS
 from rankscope.optim import SplitAdamW, adamw_update_, optimizer_state_bytes, targeted_groups
@@ -307,6 +307,11 @@ class SparseMethodBase(Method):
 
     supports_fsdp = False
     memory_knob = "density"
+
+    @classmethod
+    def check_schedule(cls, cfg) -> None:
+        schedule_must_fit(cfg, "support_every", cfg.method.options.support_every, cfg.train.max_steps,
+                          "the random support would be drawn once and never re-drawn")
 
     def sparse_groups(self, model: nn.Module) -> list[dict]:
         t, m = self.cfg.train, self.config

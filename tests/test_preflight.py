@@ -1,0 +1,94 @@
+"""The pre-flight check: each findings rule measurable or why not, before any compute; retention as analyze sees it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rankscope import preflight
+from rankscope.cli import main
+from rankscope.study import load_study
+from rankscope.train import train
+from helpers import REPO, tiny_config, write_study
+
+CYCLES = ["method.reset_every=5", "method.restart_warmup_steps=1"]  # flat: the grid runs full and relora
+RULES = {"method": "relora", "reference": "full", "rules": [
+    {"id": "a-loss", "test": "paired", "metric": "final_val_loss", "claim": "higher"},
+    {"id": "b-loss", "test": "slope", "metric": "final_val_loss", "claim": "higher"},
+    {"id": "c-blimp", "test": "paired", "metric": "blimp_overall", "claim": "lower", "chance": 0.5, "margin": 0.05},
+    {"id": "d-grad", "test": "rank", "kind": "grad", "component": "wv", "metric": "per", "phase": "early", "claim": "lower"},
+    {"id": "d-cum", "test": "rank", "kind": "cumulative_update", "component": ["wv", "ov"], "metric": "per", "phase": "early",
+     "claim": "lower"},
+]}
+
+
+def reasons(study_path: Path) -> dict[str, str]:
+    return {c.rule: (c.reason if not c.measurable else "measurable") for c in preflight.check_rules(load_study(study_path))}
+
+
+def test_every_unmeasurable_rule_is_named_with_its_reason(tmp_path, data_dir, capsys):
+    path = write_study(tmp_path, data_dir, {"method.name": ["full", "relora"], "train.seed": [0, 1]}, *CYCLES,
+                       "checkpoint.keep_last=1", findings=RULES, after=["analyze"])
+    got = reasons(path)
+    assert got["a-loss"] == "measurable"
+    assert "one size for a slope" in got["b-loss"]
+    assert "BLiMP is not scored" in got["c-blimp"]
+    assert "gradients are not saved: set checkpoint.save_grads=true" in got["d-grad [grad wv]"]
+    assert "no early checkpoint kept" in got["d-cum [cumulative_update wv]"]
+    assert "OV circuits" in got["d-cum [cumulative_update ov]"]
+    assert main(["sweep", "--check", str(path)]) == 2  # an error before any compute
+    out, err = capsys.readouterr()
+    assert "cannot be measured" in err and err.strip().count("\n") == 0
+    for rule in got:
+        assert rule in out
+
+
+def test_a_study_that_fixes_them_is_measurable_and_gets_an_estimate(tmp_path, data_dir, monkeypatch, capsys):
+    rules = {**RULES, "rules": [r for r in RULES["rules"] if r["id"] != "c-blimp"]}
+    rules["rules"][-1] = {**rules["rules"][-1], "component": "wv"}
+    path = write_study(tmp_path, data_dir, {"model.d_model": [32, 64], "method.name": ["full", "relora"], "train.seed": [0, 1]},
+                       *CYCLES, "checkpoint.save_grads=true", "checkpoint.log_spaced=3", findings=rules, after=["analyze"],
+                       parallel=2)
+    assert set(reasons(path).values()) == {"measurable"}
+    monkeypatch.setattr(preflight, "time_steps", lambda cfg, steps=3, threads=1: 0.5)
+    assert main(["sweep", "--check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "estimated training wall time: 0 min 40 s" in out  # 8 runs x 20 steps x 0.5 s / 2 at once
+
+
+def test_expect_unmeasured_lets_a_study_through(tmp_path, data_dir, monkeypatch):
+    path = write_study(tmp_path, data_dir, {"method.name": ["full", "relora"], "train.seed": [0, 1]}, *CYCLES, findings=RULES,
+                       after=["analyze"], expect_unmeasured=["b-loss", "c-blimp", "d-grad", "d-cum"])
+    monkeypatch.setattr(preflight, "time_steps", lambda cfg, steps=3, threads=1: 0.01)
+    assert main(["sweep", "--check", str(path)]) == 0
+
+
+def test_time_steps_measures_a_real_step(data_dir):
+    cfg = tiny_config(data_dir).to_dict()
+    assert 0 < preflight.time_steps(cfg, steps=1) < 60
+
+
+def test_kept_checkpoints_are_what_retention_leaves(tmp_path, data_dir):
+    cfg = tiny_config(data_dir, "checkpoint.every=4", "checkpoint.keep_last=2", "checkpoint.log_spaced=3",
+                      "checkpoint.keep_steps=[6]", "train.tensorboard=false")
+    train(cfg, tmp_path / "run", log=lambda *_: None)
+    on_disk = {int(p.name.removeprefix("step_")) for p in (tmp_path / "run" / "checkpoints").glob("step_*")}
+    assert on_disk == preflight.kept_checkpoints(cfg.to_dict())
+    assert {1, 6, 20}.issubset(on_disk)
+
+
+@pytest.mark.parametrize("study", ["studies/quick.yaml", "studies/paper-cpu.yaml", "studies/paper-gpu-short.yaml", "studies/methods-cpu.yaml"])
+def test_the_shipped_studies_pass_the_check(study):
+    bad = [(c.rule, c.reason) for c in preflight.check_rules(load_study(REPO / study)) if not c.measurable and not c.expected]
+    assert not bad
+
+
+@pytest.mark.parametrize("config", ["configs/micro.yaml", "configs/mini.yaml", "configs/english-cpu.yaml"])
+def test_the_cpu_configs_keep_every_cycle_end_and_early_steps(config):
+    from rankscope.config import load_config
+
+    cfg = load_config(REPO / config).to_dict()
+    kept, steps, every = preflight.kept_checkpoints(cfg), cfg["train"]["max_steps"], cfg["checkpoint"]["every"]
+    assert set(range(every, steps + 1, every)) <= kept  # every ReLoRA cycle end (a tenth of the run)
+    assert len([s for s in kept if s <= steps / 4]) >= 4  # finding (d)'s early phase
