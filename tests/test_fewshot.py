@@ -228,9 +228,10 @@ def test_a_study_point_with_a_base_runs_finetune_and_pretrain_is_validated(data_
         assert argv[3:7] == ["finetune", str(tmp_path / "runs" / "pretrain" / "base"), "--config", str(p.run_dir / "study-config.yaml")]
     plain = load_study(write_study(tmp_path, data_dir, {"method.name": ["lora"]}))
     assert point_commands(plain.points[0], plain, 1)[0][1][3] == "train"  # pretraining points are unchanged
-    tune = {"field": "train.lr", "grid": [1e-3, 2e-3], "metric": "fewshot_test_loss"}
-    with pytest.raises(ConfigError, match="is a test figure"):  # the lr is never chosen on test data
-        load_study(write_study(tmp_path, data_dir, {"method.name": ["lora"]}, *FT, tune=tune))
+    for metric in ("fewshot_test_loss", "fewshot_gain", "fewshot_gap"):  # the lr is never chosen on (or from) test data
+        tune = {"field": "train.lr", "grid": [1e-3, 2e-3], "metric": metric}
+        with pytest.raises(ConfigError, match="is not a validation figure"):
+            load_study(write_study(tmp_path, data_dir, {"method.name": ["lora"]}, *FT, tune=tune))
     with pytest.raises(ConfigError, match="pretrain must be a mapping"):
         load_study(write_study(tmp_path, data_dir, {"method.name": ["lora"]}, pretrain="pre.yaml"))
 

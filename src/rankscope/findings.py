@@ -93,8 +93,10 @@ PAPER_RULES: list[dict[str, Any]] = [
      "metric": "condition_number_numerical", "phase": "early", "claim": "higher"},
     # the stronger null: full-rank's update cut to ReLoRA's numerical rank at the same step
     # (d)'s primary endpoint: lower PER beyond what the rank bound forces (log ratio; sesoi: a 10% ratio)
-    {"id": "d-per-rank-matched", "finding": "d", "test": "rank-matched", "kind": ["update", "cumulative_update"],
-     "component": ["wv", "wo", "ov", "w2"], "metric": "per", "phase": "early", "claim": "lower", "primary": True, "sesoi": 0.1},
+    {"id": "d-per-rank-matched", "finding": "d", "test": "rank-matched", "kind": ["update"],
+     "component": ["wv", "wo", "w2"], "metric": "per", "phase": "early", "claim": "lower", "primary": True, "sesoi": 0.1},
+    {"id": "d-per-rank-matched-cumulative", "finding": "d", "test": "rank-matched", "kind": ["cumulative_update"],
+     "component": ["ov", "wv", "wo", "w2"], "metric": "per", "phase": "early", "claim": "lower", "sesoi": 0.1},
     # the paper's own comparison: ReLoRA's adapter update s*B*A per cycle against full-rank's gradient (different objects)
     {"id": "d-per-as-paper", "finding": "d", "test": "rank", "kind": ["cycle_update"], "reference_kind": "grad",
      "component": ["wv", "wo", "w2"], "metric": "per", "phase": "early", "claim": "lower"},
@@ -505,13 +507,15 @@ def _slope(runs, rule, row, method, ref, same=None) -> dict[str, Any]:
                 "group_means": [{"group": g, "x": x, "mean_gap": m, "seeds": n} for g, x, m, n in fit.points],
                 "estimate": iv.estimate, "lo": iv.lo, "hi": iv.hi, "interval": f"ols-t on {iv.n} group means, {iv.df} df", "bootstrap": None,
                 "verdict": verdict, "reason": reason + f" (slope of the {method} - {ref} gap per unit {unit}, {iv.n} groups of "
-                                                       f"{min(seeds)}-{max(seeds)} seeds, {iv.df} df)", "sources": sources, "p_fit": fit.p})
+                                                       f"{min(seeds)}-{max(seeds)} seeds, {iv.df} df)" + "".join(f"; {w}, averaged" for w in why),
+                "sources": sources, "p_fit": fit.p})
     if rule.get("extrapolate_to"):
         x0 = math.log(float(rule["extrapolate_to"]))
         pred = stats.predict_mean(fit, x0, row["confidence"])
         inside = min(x for _, x, _, _ in fit.points) <= x0 <= max(x for _, x, _, _ in fit.points)
         row["extrapolation"] = {"to": rule["extrapolate_to"], "log_x": x0, "estimate": pred.estimate, "lo": pred.lo, "hi": pred.hi,
-                                "df": pred.df, "label": "interpolation" if inside else
+                                "df": pred.df, "interval": "confidence interval of the fitted line's mean (not a prediction interval)",
+                                "label": "interpolation" if inside else
                                 "EXTRAPOLATION of a straight line far beyond the measured range, not a measurement"}
         if pred.lo is not None:
             row["reason"] += (f"; the line at {rule['extrapolate_to']:g} ({row['extrapolation']['label']}): {pred.estimate:+.3g} "
@@ -573,14 +577,10 @@ def apply_statistics(rows: list[dict[str, Any]], spec: dict[str, Any], runs: lis
         xs = list(r["per_seed"].values())
         if r["test"] == "slope":
             r["p"] = r.get("p_fit")
-            if r.get("stderr") and r.get("df"):
-                m = stats.power_multiplier(r["df"], alpha)
-                r["mde"] = None if m is None else m * r["stderr"]
             if r.get("sesoi"):
                 r["tost"] = {"sesoi": r["sesoi"], "p": _tost_slope(r, r["sesoi"]), "p_adj": None}
         else:
             r["p"] = stats.t_test_p(xs)
-            r["mde"] = stats.mde(xs, alpha) if len(xs) >= 2 else None
             if r.get("sesoi"):
                 r["tost"] = {"sesoi": r["sesoi"], "p": stats.tost_p(xs, r["sesoi"]), "p_adj": None}
     for fam in dict.fromkeys(r["family"] for r in rows):
@@ -591,6 +591,14 @@ def apply_statistics(rows: list[dict[str, Any]], spec: dict[str, Any], runs: lis
         tosts = [r for r in rows if r["family"] == fam and r["tost"] and r["tost"]["p"] is not None]
         for r, pa in zip(tosts, adjust([r["tost"]["p"] for r in tosts]) if tosts else []):
             r["tost"]["p_adj"] = pa
+        for r in members:  # the MDE at the family's strictest level alpha / m (what the smallest p must beat after adjustment)
+            r["mde_alpha"] = level = alpha / len(members)
+            if r["test"] == "slope":
+                m = stats.power_multiplier(r["df"], level) if r.get("stderr") and r.get("df") else None
+                r["mde"] = None if m is None else m * r["stderr"]
+            else:
+                xs = list(r["per_seed"].values())
+                r["mde"] = stats.mde(xs, level) if len(xs) >= 2 else None
     by_size = {}
     for run in runs or []:
         by_size.setdefault(run.size, []).append(run)
@@ -626,6 +634,10 @@ def _decide_adjusted(r: dict[str, Any], alpha: float, min_seeds: int) -> None:
         r["verdict"] = "inconclusive"
         need = f">= {min_seeds} paired seeds" + (" in each of >= 3 groups" if r["test"] == "slope" else "")
         r["reason"] = f"a primary endpoint needs {need}; {ptxt}"
+    elif pa < alpha and r["tost"] and r["tost"].get("p_adj") is not None and r["tost"]["p_adj"] < alpha:
+        r["verdict"] = EQUIVALENT  # significant, yet the whole interval lies inside the pre-registered +-sesoi: too small to matter
+        r["reason"] = (f"TOST p = {r['tost']['p']:.3g}, adjusted {r['tost']['p_adj']:.3g}: the effect is nonzero ({ptxt}) but lies "
+                       f"within ±{r['sesoi']:g} (sesoi)")
     elif pa < alpha and est > 0:
         if lo is not None and lo > r["min_effect"]:
             r["verdict"] = before if before.startswith("confirmed") else "confirmed"
@@ -641,7 +653,8 @@ def _decide_adjusted(r: dict[str, Any], alpha: float, min_seeds: int) -> None:
         r["reason"] = f"TOST p = {r['tost']['p']:.3g}, adjusted {r['tost']['p_adj']:.3g}: the effect lies within ±{r['sesoi']:g} (sesoi); {ptxt}"
     else:
         r["verdict"] = "inconclusive"
-        mde = f"; detectable at 80% power: effects of {r['mde']:.3g} or more" if r.get("mde") is not None else ""
+        mde = (f"; detectable at 80% power (at the family's level {r['mde_alpha']:.2g}): effects of {r['mde']:.3g} or more"
+               if r.get("mde") is not None else "")
         sesoi = "" if r.get("sesoi") else "; no sesoi pre-registered, so no equivalence test"
         r["reason"] = f"{ptxt}, not below {alpha:g}{mde}{sesoi}" + _tail(r["reason"])
 
@@ -1008,7 +1021,8 @@ def findings_tables(runs: list[Any], sweep: dict[str, Any] | None, results: list
         tables.append({"title": f"Findings: pre-registered rules, {conf} intervals over paired seeds (rankscope.findings)",
                        "note": ("Verdicts on adjusted p: Holm across the primary endpoints, "
                                 f"{_secondary_name(results)} within each finding's secondary (exploratory) rows; the interval is "
-                                "unadjusted. MDE: the smallest effect a test of this row's n detects with 80% power. "
+                                "unadjusted. MDE: the smallest effect a test of this row's n detects with 80% power at its "
+                                "family's strictest level (alpha / rows in the family). "
                                 "At a glance (rows per verdict, by rule): " + verdict_counts(results)),
                        "columns": ["finding", "size", "role", "claim", "n", "estimate", f"{conf} interval", "p / adjusted p", "MDE",
                                    "verdict", "why"], "rows": rows,

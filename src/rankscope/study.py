@@ -352,8 +352,9 @@ def _load_tune(tune: Any, grid: dict[str, list], base: dict[str, Any], path: Pat
     metric = tune.get("metric", "final_val_loss")
     if not isinstance(metric, str):
         raise ConfigError(f"{where}.metric must name a summary.json key such as final_val_loss")
-    if "test" in metric.split("_"):  # a choice made on test data would leak into every figure scored on it
-        raise ConfigError(f"{where}.metric {metric!r} is a test figure; tune on a validation one (final_val_loss, fewshot_val_loss)")
+    parts = metric.split("_")
+    if "test" in parts or "val" not in parts:  # a choice made on (or derived from) test data leaks into every figure scored on it
+        raise ConfigError(f"{where}.metric {metric!r} is not a validation figure; tune on one (final_val_loss, fewshot_val_loss)")
     overrides = [str(o) for o in tune.get("overrides") or []]
     parse_overrides(overrides)
     return TuneSpec(fld, values, list(cell), seed, overrides, metric, widen, confirm)

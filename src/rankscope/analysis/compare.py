@@ -89,6 +89,8 @@ def window_label(start: int, end: int, ends: Iterable[int], first: int = 0) -> s
     ends = sorted(set(ends))
     if not ends:
         return "no cycles"
+    if start < first:  # full-rank warm-start steps lie in the window: no rank bound of the adapters holds
+        return "includes the warm start"
     inside = [e for e in ends if start < e < end]
     if inside:
         return f"spans {len(inside)} merge{'s' if len(inside) > 1 else ''}"
