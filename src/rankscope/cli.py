@@ -116,13 +116,18 @@ def cmd_info(args) -> None:
         for name, tp, default, help in describe_fields():
             print(f"{name:34s} {tp:28s} {default!r:28s} {help}")
         return
-    print(f"{'preset':12s} {'d_model':>7s} {'layers':>6s} {'heads':>5s} {'kv':>3s} {'ffn':>5s} {'vocab':>6s} {'params':>12s}")
+    print(f"{'preset':14s} {'d_model':>7s} {'layers':>6s} {'heads':>5s} {'kv':>3s} {'ffn':>5s} {'vocab':>6s} {'params':>12s} "
+          f"{'body':>12s} {'embeddings':>12s}")
     import torch
 
     for name, shape in PRESETS.items():
         with torch.device("meta"):
-            n = Decoder(ModelConfig(**shape)).num_params()
-        print(f"{name:12s} {shape['d_model']:7d} {shape['n_layers']:6d} {shape['n_heads']:5d} {shape['n_kv_heads']:3d} {shape['ffn_dim']:5d} {shape['vocab_size']:6d} {n:12,d}")
+            model = Decoder(ModelConfig(**shape))
+        # body: the blocks and the final norm; embeddings: the token embedding and the LM head (once if tied)
+        n = model.num_params()
+        emb = sum(p.numel() for p in {id(p): p for p in (model.embed.weight, model.lm_head.weight)}.values())
+        print(f"{name:14s} {shape['d_model']:7d} {shape['n_layers']:6d} {shape['n_heads']:5d} {shape['n_kv_heads']:3d} {shape['ffn_dim']:5d} "
+              f"{shape['vocab_size']:6d} {n:12,d} {n - emb:12,d} {emb:12,d}")
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
@@ -185,7 +190,7 @@ VERBS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None]]
     "train": ("train (or resume) a run", cmd_train, _train_args),
     "eval": ("evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP", cmd_eval, _eval_args),
     "pairs": ("write generated minimal pairs in BLiMP's jsonl format (a substitute where BLiMP is absent)", cmd_pairs, _pairs_args),
-    "info": ("list model presets and their parameter counts", cmd_info, _info_args),
+    "info": ("list model presets and their parameter counts (all, body, embeddings)", cmd_info, _info_args),
     "analyze": ("rank metrics (PER, condition numbers, ...) of every checkpoint: table, spectra, plots",
                 analysis_cli.cmd_analyze, analysis_cli.add_analyze_args),
     "sweep": ("run every point of a study grid (skips finished runs, resumes interrupted ones)", study.cmd_sweep, study.add_sweep_args),
