@@ -3,6 +3,12 @@
 Reads top to bottom: RMSNorm -> RoPE helpers -> Attention -> SwiGLU -> Block -> Decoder.
 Linear names (wq, wk, wv, wo; w1 gate, w2 down, w3 up) are what methods target and what the
 analysis reports; `rankscope.export` maps them to Hugging Face Llama names.
+
+Fast paths (issue 27), the same maths with fewer, larger kernels; parameters keep their names and
+shapes, so checkpoints, export and analysis never see them (`FAST_PATHS = False` gives the plain path):
+Q, K, V in one GEMM and the SwiGLU gate and up in one (`project`): the weights are concatenated at
+forward (a copy of a few KiB per call; autograd splits the gradient back) where each is a plain
+nn.Linear without hooks; a layer class with a `grouped_forward` (the LoRA layer) does its own.
 """
 
 from __future__ import annotations
@@ -13,6 +19,24 @@ import torch.nn.functional as F
 
 from rankscope.config import ModelConfig
 from rankscope.losses import linear_cross_entropy
+
+FAST_PATHS = True  # fused projections; False: the plain path (tests, benches)
+
+
+def project(x: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor]:
+    """[m(x) for m in linears], as one GEMM on the concatenated weights where each m is a plain,
+    hook-free, bias-free nn.Linear (the maths is the same: each output column is the same dot product),
+    or by the layers' own `grouped_forward` (e.g. LoRA adapters sharing one input)."""
+    if FAST_PATHS and len(linears) > 1:
+        kind = type(linears[0])
+        if all(type(m) is kind and not m._forward_hooks and not m._forward_pre_hooks for m in linears):
+            if kind is nn.Linear and all(m.bias is None for m in linears):
+                w = torch.cat([m.weight for m in linears])  # (sum of outs, in)
+                return list(F.linear(x, w).split([m.out_features for m in linears], dim=-1))
+            grouped = getattr(kind, "grouped_forward", None)
+            if grouped is not None:
+                return grouped(x, linears)
+    return [m(x) for m in linears]
 
 
 class RMSNorm(nn.Module):
@@ -54,11 +78,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = project(x, [self.wq, self.wk, self.wv])
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # GQA: query head h reads key/value head h // (n_heads / n_kv_heads)
+        # GQA: query head h reads key/value head h // (n_heads / n_kv_heads). At head dim 8 this is CPU's
+        # flash kernel, the fastest of the exact forms measured (bench/README.md: a bmm form, and a chunked
+        # recomputing one, were 1.2-2x slower)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, d)
         return self.wo(y)
@@ -72,7 +99,8 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = project(x, [self.w1, self.w3])
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
