@@ -33,7 +33,8 @@ SHAPE = dict(d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=96, vocab_
 
 @pytest.fixture
 def plain_path(monkeypatch):
-    """A context that runs the model's plain path (FAST_PATHS off) inside it."""
+    """The fused path on for the test; a context that runs the plain path (FAST_PATHS off) inside it."""
+    monkeypatch.setattr(model_mod, "FAST_PATHS", True)
 
     @contextlib.contextmanager
     def plain():
@@ -96,7 +97,8 @@ def test_fused_projections_equal_the_plain_path_in_fp64(plain_path):
     assert sum(k.startswith("grad:") for k in got[1]) == sum(1 for _ in fast.parameters())  # every parameter got its gradient
 
 
-def test_fused_projection_is_one_gemm_and_falls_back_for_hooked_layers():
+def test_fused_projection_is_one_gemm_and_falls_back_for_hooked_layers(monkeypatch):
+    monkeypatch.setattr(model_mod, "FAST_PATHS", True)
     model = Decoder(ModelConfig(**SHAPE))
     x = torch.randn(2, 16, 48)
     with torch.profiler.profile() as prof:
@@ -177,6 +179,30 @@ def test_grouped_relora_eval_and_no_dropout_equal_the_plain_path(plain_path, dro
     assert (fast.eval()(x) - ref_eval).abs().max() <= 1e-10
     if dropout == 0:
         assert_same(train_steps(fast.train())[1], ref[1])
+
+
+def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
+    """bf16 autocast on a CPU: attention of the (bf16) q, k, v computed in fp32, exactly the fp32 result;
+    outside autocast the kernel is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 16, 8, generator=g).bfloat16() for h in (6, 2, 2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model_mod.attention(q, k, v)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(model_mod.attention(q, k, v), plain) and plain.dtype == torch.bfloat16
+
+
+def test_bf16_training_step_stays_close_to_fp32():
+    """The whole model under bf16 autocast (fp32 attention) gives the fp32 loss to bf16 accuracy."""
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(**SHAPE))
+    x, y = (torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    ref = model(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(x, y)
+    assert abs(got.item() - ref.item()) < 0.02 * ref.item()
 
 
 def test_grouped_dropout_masks_have_dropouts_distribution_and_are_independent(monkeypatch):

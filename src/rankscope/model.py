@@ -4,11 +4,16 @@ Reads top to bottom: RMSNorm -> RoPE helpers -> Attention -> SwiGLU -> Block -> 
 Linear names (wq, wk, wv, wo; w1 gate, w2 down, w3 up) are what methods target and what the
 analysis reports; `rankscope.export` maps them to Hugging Face Llama names.
 
-Fast paths (issue 27), the same maths with fewer, larger kernels; parameters keep their names and
-shapes, so checkpoints, export and analysis never see them (`FAST_PATHS = False` gives the plain path):
-Q, K, V in one GEMM and the SwiGLU gate and up in one (`project`): the weights are concatenated at
-forward (a copy of a few KiB per call; autograd splits the gradient back) where each is a plain
-nn.Linear without hooks; a layer class with a `grouped_forward` (the LoRA layer) does its own.
+Precision: under bf16 autocast on a CPU the attention runs in fp32 (q, k, v cast up, `attention`):
+CPU's flash kernel at head dim 8 took 2.2x longer for forward + backward in bf16 than in fp32, which
+made bf16 training 0.73x fp32, while bf16 matmuls with fp32 attention train 1.24x faster than fp32
+(bench/README.md, 2026-12-02). Where bf16 is used at all is still `train.precision: auto`'s timing.
+
+Fused projections (issue 27; `FAST_PATHS`, off): Q, K, V in one GEMM and the SwiGLU gate and up in one
+(`project`), the weights concatenated at forward (autograd splits the gradient back), or a layer class's
+own `grouped_forward` (the LoRA layer: bases in one GEMM, dropout masks in one draw, A products in one
+bmm). Same maths and the same parameters (names, shapes), tested equal in fp64; off because on this CPU
+at pico-tiny-body it did not pay (0.96x full-rank, 0.97-1.04x ReLoRA at dropout 0.1; bench/README.md).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch.nn.functional as F
 from rankscope.config import ModelConfig
 from rankscope.losses import linear_cross_entropy
 
-FAST_PATHS = True  # fused projections; False: the plain path (tests, benches)
+FAST_PATHS = False  # fused projections (measured slower on CPU at pico-tiny-body); True: the fused path
 
 
 def project(x: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor]:
@@ -67,6 +72,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention, q (B, nh, T, hd), k and v (B, nkv, T, hd) -> (B, nh, T, hd); query head h reads
+    key/value head h // (nh / nkv) (GQA). Under CPU autocast in fp32, and fp32 out (the next linear
+    casts it; see the module docstring). At head dim 8 CPU's flash kernel is the fastest exact form measured: a bmm form and a
+    chunked recomputing one were 1.2-2x slower (bench/README.md)."""
+    gqa = k.shape[1] != q.shape[1]
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -83,10 +100,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # GQA: query head h reads key/value head h // (n_heads / n_kv_heads). At head dim 8 this is CPU's
-        # flash kernel, the fastest of the exact forms measured (bench/README.md: a bmm form, and a chunked
-        # recomputing one, were 1.2-2x slower)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = attention(q, k, v)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, d)
         return self.wo(y)
 
