@@ -1,12 +1,13 @@
 """Where a training step goes: torch.profiler over a few full-rank (or ReLoRA) steps of a preset.
 
     .venv/bin/python bench/profile_step.py [--preset pico-tiny-body] [--batch 16] [--seq 128] [--steps 5] [--threads 1]
-                                          [--method full|relora] [--dropout 0.1] [--fast | --plain]
+                                          [--method full|relora] [--dropout 0.1] [--precision fp32|bf16] [--fused]
 
 Prints wall time per phase (forward incl. the fused head + loss, backward, AdamW step) and the
 self CPU time per op kind (matmul, attention, elementwise, reductions, copies/views, RNG, optimiser,
-autograd bookkeeping), then the top ops. `--plain` turns off the model's fused projections
-(rankscope.model.FAST_PATHS) to compare with the plain path.
+autograd bookkeeping), then the top ops. Phase times are CPU seconds of the process (time.process_time,
+best of `--steps` unprofiled steps): on a shared machine the time it ran, not the time it waited.
+`--fused` turns on the model's fused projections (rankscope.model.FAST_PATHS).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ KINDS = [  # (kind, substrings of the op name), first match wins
     ("optimizer (fused AdamW)", ("adam",)),
     ("matmul", ("mm", "matmul", "linear", "addmm", "bmm", "baddbmm")),
     ("attention (sdpa)", ("attention", "flash", "sdpa")),
-    ("RNG (dropout masks)", ("rand", "bernoulli", "dropout")),
+    ("RNG (dropout masks)", ("rand", "uniform", "bernoulli", "dropout")),
     ("reductions / norms", ("sum", "mean", "rsqrt", "pow", "norm", "logsumexp", "max", "nll", "cross_entropy", "log_softmax", "softmax")),
     ("elementwise", ("mul", "add", "sub", "div", "silu", "neg", "sigmoid", "exp", "where", "ge", "lt", "threshold", "fill", "zero", "clamp")),
     ("copies / layout", ("copy", "cat", "clone", "contiguous", "to", "index", "embedding", "stack", "split", "chunk", "narrow", "empty",
@@ -60,12 +61,12 @@ def main() -> None:
     ap.add_argument("--method", choices=["full", "relora"], default="full")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--plain", action="store_true", help="the plain path (no fused projections)")
+    ap.add_argument("--fused", action="store_true", help="fused projections on (rankscope.model.FAST_PATHS)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 master weights")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.plain and hasattr(model_mod, "FAST_PATHS"):
-        model_mod.FAST_PATHS = False
+    model_mod.FAST_PATHS = args.fused
     torch.manual_seed(0)
     cfg = ModelConfig(**PRESETS[args.preset])
     model = Decoder(cfg)
@@ -82,17 +83,17 @@ def main() -> None:
     y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
 
     def step(prof: bool = False):
-        t = [time.perf_counter()]
-        with record_function("forward"):
+        t = [time.process_time()]
+        with record_function("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             loss = model(x, y)
-        t.append(time.perf_counter())
+        t.append(time.process_time())
         with record_function("backward"):
             loss.backward()
-        t.append(time.perf_counter())
+        t.append(time.process_time())
         with record_function("optimizer"):
             opt.step()
             opt.zero_grad(set_to_none=True)
-        t.append(time.perf_counter())
+        t.append(time.process_time())
         return [b - a for a, b in zip(t, t[1:])]
 
     for _ in range(3):
@@ -105,7 +106,7 @@ def main() -> None:
     total = sum(phases)
     tokens = args.batch * args.seq
     print(f"{args.preset} {args.method} (dropout {args.dropout if args.method == 'relora' else '-'}), {args.batch} x {args.seq}, "
-          f"{args.threads} thread(s), fast paths {'off' if args.plain else 'on'}: best step {total * 1e3:.1f} ms, {tokens / total:,.0f} tokens/s")
+          f"{args.threads} thread(s), {args.precision}, fused projections {'on' if args.fused else 'off'}: best step {total * 1e3:.1f} ms, {tokens / total:,.0f} tokens/s")
     for name, s in zip(("forward (+ head/loss)", "backward", "optimizer"), phases):
         print(f"  {name:24s} {s * 1e3:8.1f} ms  {s / total:6.1%}")
     by_kind: dict[str, float] = collections.defaultdict(float)
@@ -115,7 +116,7 @@ def main() -> None:
     for e in events:
         by_kind[kind_of(e.key)] += e.self_cpu_time_total
         counts[kind_of(e.key)] += e.count
-    print(f"self CPU time by op kind (per step; {self_total / args.steps / 1e3:.1f} ms of ops):")
+    print(f"self time by op kind (profiler clock: wall, so the shares, not the ms, are what load leaves intact):")
     for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:28s} {us / args.steps / 1e3:8.2f} ms  {us / self_total:6.1%}  {counts[kind] // args.steps:5d} calls")
     print(f"top {args.top} ops by self CPU time (per step):")

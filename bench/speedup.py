@@ -3,8 +3,8 @@
     .venv/bin/python bench/speedup.py --old-src /tmp/rankscope-ff51925/src [--preset pico-tiny-body] [--batch 16] [--seq 128]
                                       [--rounds 4] [--steps 3] [--methods full relora] [--dropout 0.1] [--parallel]
 
-Each (source, method) runs in its own subprocess with that checkout first on sys.path, one thread,
-fp32, eager (forward + fused head/loss + backward + fused AdamW step + zero_grad, as bench/throughput.py);
+Each (source, precision, method) runs in its own subprocess with that checkout first on sys.path, one
+thread, eager or `--compile`d (forward + fused head/loss + backward + fused AdamW step + zero_grad, as bench/throughput.py);
 the subprocesses alternate round by round, so load from other processes hits old and new alike. A
 round reports the median CPU seconds per step of the process (time.process_time: on a shared machine
 the time the process ran, not the time it waited). ReLoRA: every linear adapted at rank 16, alpha 32,
@@ -52,13 +52,16 @@ def worker(args) -> None:
     else:
         groups = param_groups(model, tcfg.weight_decay)
     opt = build_adamw(groups, tcfg, torch.device("cpu"))
+    fwd = torch.compile(model) if args.compile else model  # warm-up steps below compile it (excluded)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
     y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
     cpu, wall = [], []
     for i in range(args.steps + 2):
         t0, w0 = time.process_time(), time.perf_counter()
-        model(x, y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = fwd(x, y)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i >= 2:  # two warm-up steps
@@ -67,10 +70,11 @@ def worker(args) -> None:
     print(json.dumps({"cpu_s": statistics.median(cpu), "wall_s": statistics.median(wall), "src": __import__("rankscope").__file__}))
 
 
-def run(src: str, method: str, args, threads: int = 1) -> dict:
+def run(src: str, method: str, args, threads: int = 1, precision: str = "fp32") -> dict:
     env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--worker", "--method", method, "--preset", args.preset, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--steps", str(args.steps), "--dropout", str(args.dropout), "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--worker", "--method", method, "--precision", precision, "--preset", args.preset, "--batch", str(args.batch),
+           "--seq", str(args.seq), "--steps", str(args.steps), "--dropout", str(args.dropout), "--threads", str(threads)] + \
+        (["--compile"] if args.compile else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     res = json.loads(out.strip().splitlines()[-1])
     assert res["src"].startswith(src), f"{res['src']} is not under {src}"
@@ -87,32 +91,38 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=["full", "relora"])
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--sides", nargs="+", default=["old:fp32", "new:fp32", "new:bf16"],
+                    help="CHECKOUT:PRECISION pairs timed side by side (bf16: autocast, fp32 master weights)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model in every worker (compile time excluded)")
     ap.add_argument("--parallel", action="store_true", help="also: 1 run x 2 threads against 2 runs x 1 thread (new code)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="full", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
     tokens = args.batch * args.seq
-    print(f"# {args.preset}, {args.batch} x {args.seq}, fp32 eager, 1 thread, ReLoRA r 16 dropout {args.dropout}; "
+    print(f"# {args.preset}, {args.batch} x {args.seq}, {'compiled' if args.compile else 'eager'}, 1 thread, ReLoRA r 16 dropout {args.dropout}; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
-    sides = {"new": NEW_SRC, **({"old": args.old_src} if args.old_src else {})}
+    srcs = {"new": NEW_SRC, "old": args.old_src}
+    sides = [s for s in args.sides if srcs[s.split(":")[0]]]
     cpu = {(s, m): [] for s in sides for m in args.methods}
     for r in range(args.rounds):
         for m in args.methods:
-            for s, src in sides.items():
-                res = run(src, m, args)
+            for s in sides:
+                side, prec = s.split(":")
+                res = run(srcs[side], m, args, precision=prec)
                 cpu[s, m].append(res["cpu_s"])
                 print(f"round {r} {m:6s} {s}: {res['cpu_s'] * 1e3:7.1f} ms CPU/step ({res['wall_s'] * 1e3:7.1f} ms wall), "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)
-    print("\n| method | old tokens/s | new tokens/s | new / old |")
-    print("|---|---:|---:|---:|")
     best = {k: min(v) for k, v in cpu.items()}
+    ref = sides[0]
+    print(f"\n| method | {' | '.join(f'{s} tokens/s' for s in sides)} | {' | '.join(f'{s} / {ref}' for s in sides[1:])} |")
+    print("|---|" + "---:|" * (2 * len(sides) - 1))
     for m in args.methods:
-        old = best.get(("old", m))
-        print(f"| {m} | {tokens / old:,.0f} | {tokens / best['new', m]:,.0f} | {old / best['new', m]:.2f}x |" if old else
-              f"| {m} | n/a | {tokens / best['new', m]:,.0f} | n/a |")
+        print(f"| {m} | {' | '.join(f'{tokens / best[s, m]:,.0f}' for s in sides)} | "
+              f"{' | '.join(f'{best[ref, m] / best[s, m]:.2f}x' for s in sides[1:])} |")
     if "relora" in args.methods and "full" in args.methods:
         for s in sides:
             print(f"{s}: ReLoRA (dropout {args.dropout}) step / full-rank step = {best[s, 'relora'] / best[s, 'full']:.2f}x")

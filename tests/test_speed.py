@@ -60,21 +60,7 @@ def fp64_model(relora_dropout: float | None = None) -> Decoder:
 
 def train_steps(model: nn.Module, steps: int = 2) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Losses, then the gradients of the last step, the parameters and AdamW's moments after `steps` steps."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    g = torch.Generator().manual_seed(3)
-    losses, out = [], {}
-    for _ in range(steps):
-        x, y = torch.randint(0, 64, (3, 16), generator=g), torch.randint(0, 64, (3, 16), generator=g)
-        loss = model(x, y)
-        loss.backward()
-        losses.append(loss.detach())
-        out.update({f"grad:{n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        opt.step()
-        opt.zero_grad()
-    out.update({f"param:{n}": p.detach().clone() for n, p in model.named_parameters()})
-    for i, (p, s) in enumerate(opt.state.items()):
-        out.update({f"state{i}:{k}": v.clone() for k, v in s.items() if torch.is_tensor(v)})
-    return losses, out
+    return train_steps_on(model, "cpu", steps)
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-10) -> None:
@@ -284,3 +270,55 @@ def test_checkpoints_of_either_path_load_in_the_other_and_export(data_dir, tmp_p
         with torch.no_grad():
             hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
         assert (hf - fast).abs().max() < 1e-4
+
+
+# --------------------------------------------------------------------------- on a GPU (bench/gpu_check.sh runs these)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_fused_and_grouped_paths_match_the_plain_path(plain_path, monkeypatch):
+    """On CUDA (fp64): the fused projections and grouped ReLoRA adapters (dropout 0.1, masks replayed)
+    give the plain path's losses, gradients and AdamW state."""
+    for dropout in (None, 0.1):
+        fast, plain = fp64_model(dropout).cuda(), fp64_model(dropout).cuda()
+        tape = MaskTape(monkeypatch)
+        tape.record()
+        got = train_steps_on(fast, "cuda")
+        tape.replay()
+        with plain_path():
+            ref = train_steps_on(plain, "cuda")
+        monkeypatch.setattr(LoRALinear, "group_masks", staticmethod(tape.orig))
+        assert torch.stack(got[0]).sub(torch.stack(ref[0])).abs().max() <= 1e-10
+        assert_same(got[1], ref[1])
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_attention_stays_bf16_under_autocast():
+    """The fp32 attention is a CPU measure: CUDA's bf16 flash kernel is kept."""
+    q, k, v = (torch.randn(2, h, 16, 8, device="cuda") for h in (6, 2, 2))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = model_mod.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert y.dtype == torch.bfloat16
+
+
+def train_steps_on(model: nn.Module, device: str, steps: int = 2) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Losses, then the gradients of the last step, the parameters and AdamW's moments after `steps` steps
+    (batches on `device`)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(3)
+    losses, out = [], {}
+    for _ in range(steps):
+        x, y = (torch.randint(0, 64, (3, 16), generator=g).to(device) for _ in range(2))
+        loss = model(x, y)
+        loss.backward()
+        losses.append(loss.detach())
+        out.update({f"grad:{n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+        opt.zero_grad()
+    out.update({f"param:{n}": p.detach().clone() for n, p in model.named_parameters()})
+    for i, (p, s) in enumerate(opt.state.items()):
+        out.update({f"state{i}:{k}": v.clone() for k, v in s.items() if torch.is_tensor(v)})
+    return losses, out
