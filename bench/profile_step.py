@@ -116,7 +116,7 @@ def main() -> None:
     for e in events:
         by_kind[kind_of(e.key)] += e.self_cpu_time_total
         counts[kind_of(e.key)] += e.count
-    print(f"self time by op kind (profiler clock: wall, so the shares, not the ms, are what load leaves intact):")
+    print("self time by op kind (profiler clock: wall, so the shares, not the ms, are what load leaves intact):")
     for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:28s} {us / args.steps / 1e3:8.2f} ms  {us / self_total:6.1%}  {counts[kind] // args.steps:5d} calls")
     print(f"top {args.top} ops by self CPU time (per step):")
