@@ -5,15 +5,16 @@ Linear names (wq, wk, wv, wo; w1 gate, w2 down, w3 up) are what methods target a
 analysis reports; `rankscope.export` maps them to Hugging Face Llama names.
 
 Precision: under bf16 autocast on a CPU the attention runs in fp32 (q, k, v cast up, `attention`):
-CPU's flash kernel at head dim 8 took 2.2x longer for forward + backward in bf16 than in fp32, which
-made bf16 training 0.73x fp32, while bf16 matmuls with fp32 attention train 1.24x faster than fp32
-(bench/README.md, 2026-12-02). Where bf16 is used at all is still `train.precision: auto`'s timing.
+CPU's flash kernel at head dim 8 took 2.6x longer for forward + backward in bf16 than in fp32
+(bench/attention_paths.py), which made bf16 training slower than fp32; bf16 linears with fp32
+attention trained pico-tiny-body 1.13x faster than fp32, eager (bench/speedup.py; bench/README.md,
+2026-12-02). Where bf16 is used at all is still `train.precision: auto`'s timing.
 
 Fused projections (issue 27; `FAST_PATHS`, off): Q, K, V in one GEMM and the SwiGLU gate and up in one
 (`project`), the weights concatenated at forward (autograd splits the gradient back), or a layer class's
 own `grouped_forward` (the LoRA layer: bases in one GEMM, dropout masks in one draw, A products in one
 bmm). Same maths and the same parameters (names, shapes), tested equal in fp64; off because on this CPU
-at pico-tiny-body it did not pay (0.96x full-rank, 0.97-1.04x ReLoRA at dropout 0.1; bench/README.md).
+at pico-tiny-body it did not pay (bench/speedup.py --sides new:fp32 fused:fp32; bench/README.md).
 """
 
 from __future__ import annotations
