@@ -76,8 +76,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention, q (B, nh, T, hd), k and v (B, nkv, T, hd) -> (B, nh, T, hd); query head h reads
     key/value head h // (nh / nkv) (GQA). Under CPU autocast in fp32, and fp32 out (the next linear
-    casts it; see the module docstring). At head dim 8 CPU's flash kernel is the fastest exact form measured: a bmm form and a
-    chunked recomputing one were 1.2-2x slower (bench/README.md)."""
+    casts it; see the module docstring). At head dim 8 CPU's flash kernel is the fastest exact form
+    measured: a bmm form and a chunked recomputing one were 1.5x and 1.9x slower (bench/attention_paths.py)."""
     gqa = k.shape[1] != q.shape[1]
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
