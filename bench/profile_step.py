@@ -7,7 +7,8 @@ Prints wall time per phase (forward incl. the fused head + loss, backward, AdamW
 self CPU time per op kind (matmul, attention, elementwise, reductions, copies/views, RNG, optimiser,
 autograd bookkeeping), then the top ops. Phase times are CPU seconds of the process (time.process_time,
 best of `--steps` unprofiled steps): on a shared machine the time it ran, not the time it waited.
-`--fused` turns on the model's fused projections (rankscope.model.FAST_PATHS).
+`--fused` turns on the fused plain projections (rankscope.model.FUSED_LINEARS; LoRA adapters are
+grouped as rankscope.model.GROUPED_ADAPTERS says).
 """
 
 from __future__ import annotations
@@ -61,12 +62,12 @@ def main() -> None:
     ap.add_argument("--method", choices=["full", "relora"], default="full")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--fused", action="store_true", help="fused projections on (rankscope.model.FAST_PATHS)")
+    ap.add_argument("--fused", action="store_true", help="fused projections on (rankscope.model.FUSED_LINEARS)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 master weights")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model_mod.FAST_PATHS = args.fused
+    model_mod.FUSED_LINEARS = args.fused
     torch.manual_seed(0)
     cfg = ModelConfig(**PRESETS[args.preset])
     model = Decoder(cfg)

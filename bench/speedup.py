@@ -40,8 +40,8 @@ def worker(args) -> None:
     from rankscope.model import Decoder
     from rankscope.optim import build_adamw, param_groups
 
-    if args.fused:
-        rankscope.model.FAST_PATHS = True
+    if args.paths != "default":  # plain: both off; fused: both on (rankscope.model.FUSED_LINEARS, GROUPED_ADAPTERS)
+        rankscope.model.FUSED_LINEARS = rankscope.model.GROUPED_ADAPTERS = args.paths == "fused"
     torch.manual_seed(0)
     cfg = ModelConfig(**PRESETS[args.preset])
     model = Decoder(cfg)
@@ -73,11 +73,11 @@ def worker(args) -> None:
     print(json.dumps({"cpu_s": statistics.median(cpu), "wall_s": statistics.median(wall), "src": __import__("rankscope").__file__}))
 
 
-def run(src: str, method: str, args, threads: int = 1, precision: str = "fp32", fused: bool = False) -> dict:
+def run(src: str, method: str, args, threads: int = 1, precision: str = "fp32", paths: str = "default") -> dict:
     env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, __file__, "--worker", "--method", method, "--precision", precision, "--preset", args.preset, "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps), "--dropout", str(args.dropout), "--threads", str(threads)] + \
-        (["--compile"] if args.compile else []) + (["--fused"] if fused else [])
+        (["--compile"] if args.compile else []) + ["--paths", paths]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     res = json.loads(out.strip().splitlines()[-1])
     assert res["src"].startswith(src), f"{res['src']} is not under {src}"
@@ -96,13 +96,14 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--sides", nargs="+", default=["old:fp32", "new:fp32", "new:bf16"],
                     help="CHECKOUT:PRECISION pairs timed side by side (bf16: autocast, fp32 master weights); "
-                         "CHECKOUT old, new, or fused (new with rankscope.model.FAST_PATHS on)")
+                         "CHECKOUT old, new (its defaults), plain or fused (new with rankscope.model.FUSED_LINEARS and "
+                         "GROUPED_ADAPTERS both off / both on)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model in every worker (compile time excluded)")
     ap.add_argument("--parallel", action="store_true", help="also: 1 run x 2 threads against 2 runs x 1 thread (new code)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="full", help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
-    ap.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--paths", default="default", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -110,14 +111,14 @@ def main() -> None:
     tokens = args.batch * args.seq
     print(f"# {args.preset}, {args.batch} x {args.seq}, {'compiled' if args.compile else 'eager'}, 1 thread, ReLoRA r 16 dropout {args.dropout}; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
-    srcs = {"new": NEW_SRC, "fused": NEW_SRC, "old": args.old_src}
+    srcs = {"new": NEW_SRC, "plain": NEW_SRC, "fused": NEW_SRC, "old": args.old_src}
     sides = [s for s in args.sides if srcs[s.split(":")[0]]]
     cpu = {(s, m): [] for s in sides for m in args.methods}
     for r in range(args.rounds):
         for m in args.methods:
             for s in sides:
                 side, prec = s.split(":")
-                res = run(srcs[side], m, args, precision=prec, fused=side == "fused")
+                res = run(srcs[side], m, args, precision=prec, paths=side if side in ("plain", "fused") else "default")
                 cpu[s, m].append(res["cpu_s"])
                 print(f"round {r} {m:6s} {s}: {res['cpu_s'] * 1e3:7.1f} ms CPU/step ({res['wall_s'] * 1e3:7.1f} ms wall), "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)

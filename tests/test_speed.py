@@ -33,17 +33,22 @@ SHAPE = dict(d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=96, vocab_
 
 @pytest.fixture
 def plain_path(monkeypatch):
-    """The fused path on for the test; a context that runs the plain path (FAST_PATHS off) inside it."""
-    monkeypatch.setattr(model_mod, "FAST_PATHS", True)
+    """Both fast paths on for the test; a context that runs the plain path (both off) inside it."""
+    set_paths(monkeypatch, True)
 
     @contextlib.contextmanager
     def plain():
-        monkeypatch.setattr(model_mod, "FAST_PATHS", False)
+        set_paths(monkeypatch, False)
         try:
             yield
         finally:
-            monkeypatch.setattr(model_mod, "FAST_PATHS", True)
+            set_paths(monkeypatch, True)
     return plain
+
+
+def set_paths(monkeypatch, on: bool) -> None:
+    monkeypatch.setattr(model_mod, "FUSED_LINEARS", on)
+    monkeypatch.setattr(model_mod, "GROUPED_ADAPTERS", on)
 
 
 def fp64_model(relora_dropout: float | None = None) -> Decoder:
@@ -84,7 +89,7 @@ def test_fused_projections_equal_the_plain_path_in_fp64(plain_path):
 
 
 def test_fused_projection_is_one_gemm_and_falls_back_for_hooked_layers(monkeypatch):
-    monkeypatch.setattr(model_mod, "FAST_PATHS", True)
+    set_paths(monkeypatch, True)
     model = Decoder(ModelConfig(**SHAPE))
     x = torch.randn(2, 16, 48)
     with torch.profiler.profile() as prof:

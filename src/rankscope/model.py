@@ -10,11 +10,13 @@ CPU's flash kernel at head dim 8 took 2.6x longer for forward + backward in bf16
 attention trained pico-tiny-body 1.13x faster than fp32, eager (bench/speedup.py; bench/README.md,
 2026-12-02). Where bf16 is used at all is still `train.precision: auto`'s timing.
 
-Fused projections (issue 27; `FAST_PATHS`, off): Q, K, V in one GEMM and the SwiGLU gate and up in one
-(`project`), the weights concatenated at forward (autograd splits the gradient back), or a layer class's
-own `grouped_forward` (the LoRA layer: bases in one GEMM, dropout masks in one draw, A products in one
-bmm). Same maths and the same parameters (names, shapes), tested equal in fp64; off because on this CPU
-at pico-tiny-body it did not pay (bench/speedup.py --sides new:fp32 fused:fp32; bench/README.md).
+Projections that share an input (issue 27; `project`), same maths and the same parameters (names,
+shapes), tested equal to the plain per-layer path in fp64:
+  FUSED_LINEARS (off): Q, K, V in one GEMM and the SwiGLU gate and up in one, the weights concatenated
+    at forward (autograd splits the gradient back); on this CPU at pico-tiny-body it did not pay (0.99x);
+  GROUPED_ADAPTERS (on): a layer class's own `grouped_forward` (the LoRA layer: bases in one GEMM,
+    the adapters' dropout masks in one draw, their A products in one bmm); 1.04x for ReLoRA at
+    dropout 0.1, faster in each of 3 interleaved rounds (bench/speedup.py; bench/README.md).
 """
 
 from __future__ import annotations
@@ -26,21 +28,22 @@ import torch.nn.functional as F
 from rankscope.config import ModelConfig
 from rankscope.losses import linear_cross_entropy
 
-FAST_PATHS = False  # fused projections (measured slower on CPU at pico-tiny-body); True: the fused path
+FUSED_LINEARS = False  # plain nn.Linear projections as one GEMM (did not pay on CPU at pico-tiny-body)
+GROUPED_ADAPTERS = True  # LoRA adapters sharing an input as one group (paid for ReLoRA with dropout)
 
 
 def project(x: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor]:
     """[m(x) for m in linears], as one GEMM on the concatenated weights where each m is a plain,
     hook-free, bias-free nn.Linear (the maths is the same: each output column is the same dot product),
     or by the layers' own `grouped_forward` (e.g. LoRA adapters sharing one input)."""
-    if FAST_PATHS and len(linears) > 1:
+    if len(linears) > 1:
         kind = type(linears[0])
         if all(type(m) is kind and not m._forward_hooks and not m._forward_pre_hooks for m in linears):
-            if kind is nn.Linear and all(m.bias is None for m in linears):
+            if FUSED_LINEARS and kind is nn.Linear and all(m.bias is None for m in linears):
                 w = torch.cat([m.weight for m in linears])  # (sum of outs, in)
                 return list(F.linear(x, w).split([m.out_features for m in linears], dim=-1))
             grouped = getattr(kind, "grouped_forward", None)
-            if grouped is not None:
+            if GROUPED_ADAPTERS and grouped is not None:
                 return grouped(x, linears)
     return [m(x) for m in linears]
 
