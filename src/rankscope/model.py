@@ -12,11 +12,12 @@ attention trained pico-tiny-body 1.13x faster than fp32, eager (bench/speedup.py
 
 Projections that share an input (issue 27; `project`), same maths and the same parameters (names,
 shapes), tested equal to the plain per-layer path in fp64:
-  FUSED_LINEARS (off): Q, K, V in one GEMM and the SwiGLU gate and up in one, the weights concatenated
-    at forward (autograd splits the gradient back); on this CPU at pico-tiny-body it did not pay (0.99x);
-  GROUPED_ADAPTERS (on): a layer class's own `grouped_forward` (the LoRA layer: bases in one GEMM,
-    the adapters' dropout masks in one draw, their A products in one bmm); 1.04x for ReLoRA at
-    dropout 0.1, faster in each of 3 interleaved rounds (bench/speedup.py; bench/README.md).
+  FUSED_LINEARS: Q, K, V in one GEMM and the SwiGLU gate and up in one, the weights concatenated at
+    forward (autograd splits the gradient back);
+  GROUPED_ADAPTERS: a layer class's own `grouped_forward` (the LoRA layer: bases in one GEMM, the
+    adapters' dropout masks in one draw, their A products in one bmm).
+Both off: on this CPU at pico-tiny-body neither paid beyond the noise of a shared machine (0.94x and
+1.00-1.04x, bench/speedup.py; bench/README.md); a quiet-machine or GPU measurement may turn them on.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from rankscope.config import ModelConfig
 from rankscope.losses import linear_cross_entropy
 
 FUSED_LINEARS = False  # plain nn.Linear projections as one GEMM (did not pay on CPU at pico-tiny-body)
-GROUPED_ADAPTERS = True  # LoRA adapters sharing an input as one group (paid for ReLoRA with dropout)
+GROUPED_ADAPTERS = False  # LoRA adapters sharing an input as one group (within noise on CPU at pico-tiny-body)
 
 
 def project(x: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor]:
