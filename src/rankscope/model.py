@@ -17,7 +17,7 @@ shapes), tested equal to the plain per-layer path in fp64:
   GROUPED_ADAPTERS: a layer class's own `grouped_forward` (the LoRA layer: bases in one GEMM, the
     adapters' dropout masks in one draw, their A products in one bmm).
 Both off: on this CPU at pico-tiny-body neither paid beyond the noise of a shared machine (0.94x and
-1.00-1.04x, bench/speedup.py; bench/README.md); a quiet-machine or GPU measurement may turn them on.
+1.00x, bench/speedup.py; bench/README.md); a quiet-machine or GPU measurement may turn them on.
 """
 
 from __future__ import annotations
