@@ -93,21 +93,26 @@ def write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
 
 def time_steps(module: nn.Module, params: list[nn.Parameter], device: torch.device, precision: str, batch: tuple[int, int, int],
                steps: int = TIMED_STEPS) -> float:
-    """Median seconds of a forward + backward pass, after one untimed warm-up (or compile) pass."""
+    """Median seconds of a forward + backward pass, after one untimed warm-up (or compile) pass. On a
+    CPU with one thread, CPU seconds of this process (time.process_time): on a shared machine the wall
+    clock also counts the time other processes held the core (2026-12-02, load 7-13 on 2 cores: wall
+    1.5-5.8 s against 0.6-1.0 s of CPU per step, bench/results/speedup_pico_tiny_body.txt), which would
+    make the choice a draw of the load."""
     b, t, vocab = batch
+    clock = time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     g = torch.Generator(device="cpu").manual_seed(1234)
     x, y = torch.randint(0, vocab, (b, t), generator=g).to(device), torch.randint(0, vocab, (b, t), generator=g).to(device)
     times = []
     for i in range(steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         with autocast(device, precision):
             module(x, y).backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i:
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         for p in params:
             p.grad = None
     return statistics.median(times)

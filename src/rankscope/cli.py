@@ -160,10 +160,13 @@ def cmd_info(args) -> None:
     if args.fields:
         print("\n".join(field_rows(describe_fields())))
         return
-    print(f"{'preset':14s} {'d_model':>7s} {'layers':>6s} {'heads':>5s} {'kv':>3s} {'ffn':>5s} {'vocab':>6s} {'params':>12s}")
+    print(f"{'preset':14s} {'d_model':>7s} {'layers':>6s} {'heads':>5s} {'kv':>3s} {'ffn':>5s} {'vocab':>6s} {'params':>12s} "
+          f"{'body':>12s} {'embeddings':>12s}")
     for name, shape in PRESETS.items():
         n = param_count(shape)
-        print(f"{name:14s} {shape['d_model']:7d} {shape['n_layers']:6d} {shape['n_heads']:5d} {shape['n_kv_heads']:3d} {shape['ffn_dim']:5d} {shape['vocab_size']:6d} {n:12,d}")
+        emb = 2 * shape["vocab_size"] * shape["d_model"]  # body: the blocks and the final norm; embeddings: embedding + LM head
+        print(f"{name:14s} {shape['d_model']:7d} {shape['n_layers']:6d} {shape['n_heads']:5d} {shape['n_kv_heads']:3d} {shape['ffn_dim']:5d} "
+              f"{shape['vocab_size']:6d} {n:12,d} {n - emb:12,d} {emb:12,d}")
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
@@ -229,7 +232,7 @@ VERBS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None]]
                  Lazy("rankscope.finetune", "cmd_finetune"), Lazy("rankscope.finetune", "add_finetune_args")),
     "eval": ("evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP", cmd_eval, _eval_args),
     "pairs": ("write generated minimal pairs in BLiMP's jsonl format (a substitute where BLiMP is absent)", cmd_pairs, _pairs_args),
-    "info": ("list model presets and their parameter counts", cmd_info, _info_args),
+    "info": ("list model presets and their parameter counts (all, body, embeddings)", cmd_info, _info_args),
     "analyze": ("rank metrics (PER, condition numbers, ...) of every checkpoint: table, spectra, plots",
                 Lazy("rankscope.analysis.cli", "cmd_analyze"), Lazy("rankscope.analysis.cli", "add_analyze_args")),
     "sweep": ("run every point of a study grid (skips finished runs, resumes interrupted ones)",

@@ -3,6 +3,21 @@
 Reads top to bottom: RMSNorm -> RoPE helpers -> Attention -> SwiGLU -> Block -> Decoder.
 Linear names (wq, wk, wv, wo; w1 gate, w2 down, w3 up) are what methods target and what the
 analysis reports; `rankscope.export` maps them to Hugging Face Llama names.
+
+Precision: under bf16 autocast on a CPU the attention runs in fp32 (q, k, v cast up, `attention`):
+CPU's flash kernel at head dim 8 took 2.6x longer for forward + backward in bf16 than in fp32
+(bench/attention_paths.py), which made bf16 training slower than fp32; bf16 linears with fp32
+attention trained pico-tiny-body 1.13x faster than fp32, eager (bench/speedup.py; bench/README.md,
+2026-12-02). Where bf16 is used at all is still `train.precision: auto`'s timing.
+
+Projections that share an input (issue 27; `project`), same maths and the same parameters (names,
+shapes), tested equal to the plain per-layer path in fp64:
+  FUSED_LINEARS: Q, K, V in one GEMM and the SwiGLU gate and up in one, the weights concatenated at
+    forward (autograd splits the gradient back);
+  GROUPED_ADAPTERS: a layer class's own `grouped_forward` (the LoRA layer: bases in one GEMM, the
+    adapters' dropout masks in one draw, their A products in one bmm).
+Both off: on this CPU at pico-tiny-body neither paid beyond the noise of a shared machine (0.94x and
+1.00x, bench/speedup.py; bench/README.md); a quiet-machine or GPU measurement may turn them on.
 """
 
 from __future__ import annotations
@@ -13,6 +28,25 @@ import torch.nn.functional as F
 
 from rankscope.config import ModelConfig
 from rankscope.losses import linear_cross_entropy
+
+FUSED_LINEARS = False  # plain nn.Linear projections as one GEMM (did not pay on CPU at pico-tiny-body)
+GROUPED_ADAPTERS = False  # LoRA adapters sharing an input as one group (within noise on CPU at pico-tiny-body)
+
+
+def project(x: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor]:
+    """[m(x) for m in linears], as one GEMM on the concatenated weights where each m is a plain,
+    hook-free, bias-free nn.Linear (the maths is the same: each output column is the same dot product),
+    or by the layers' own `grouped_forward` (e.g. LoRA adapters sharing one input)."""
+    if len(linears) > 1:
+        kind = type(linears[0])
+        if all(type(m) is kind and not m._forward_hooks and not m._forward_pre_hooks for m in linears):
+            if FUSED_LINEARS and kind is nn.Linear and all(m.bias is None for m in linears):
+                w = torch.cat([m.weight for m in linears])  # (sum of outs, in)
+                return list(F.linear(x, w).split([m.out_features for m in linears], dim=-1))
+            grouped = getattr(kind, "grouped_forward", None)
+            if GROUPED_ADAPTERS and grouped is not None:
+                return grouped(x, linears)
+    return [m(x) for m in linears]
 
 
 class RMSNorm(nn.Module):
@@ -43,6 +77,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention, q (B, nh, T, hd), k and v (B, nkv, T, hd) -> (B, nh, T, hd); query head h reads
+    key/value head h // (nh / nkv) (GQA). Under CPU autocast in fp32, and fp32 out (the next linear
+    casts it; see the module docstring). At head dim 8 CPU's flash kernel is the fastest exact form
+    measured: a bmm form and a chunked recomputing one were 1.5x and 1.9x slower (bench/attention_paths.py)."""
+    gqa = k.shape[1] != q.shape[1]
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -54,12 +100,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = project(x, [self.wq, self.wk, self.wv])
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # GQA: query head h reads key/value head h // (n_heads / n_kv_heads)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = attention(q, k, v)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, d)
         return self.wo(y)
 
@@ -72,7 +118,8 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = project(x, [self.w1, self.w3])
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -223,6 +223,46 @@ class LoRALinear(nn.Module):
             out.register_hook(partial(self._accumulate_grad, x.detach()))
         return out
 
+    @staticmethod
+    def grouped_forward(x: torch.Tensor, layers: list["LoRALinear"]) -> list[torch.Tensor]:
+        """[m(x) for m in layers] for adapters that read one input (Q, K, V; the SwiGLU gate and up),
+        with fewer, larger kernels and the same maths (rankscope.model.project calls it):
+          factored (adapter dropout on): the frozen bases in one GEMM on their concatenated weights;
+            every layer's dropout mask drawn in one call (`group_masks`: one independent mask per
+            adapted linear, as peft, each element kept with probability 1 - p and scaled by 1 / (1 - p));
+            the k down-projections x_i A_i^T in one bmm; then each layer's B_i (outputs differ in width);
+          merged: the concatenated W_i + s_i B_i A_i in one GEMM.
+        Anything else (hybrid, capture of effective gradients, biases, ranks or dtypes that differ) runs
+        each layer's own forward."""
+        paths = {m.path(x) for m in layers}
+        l0 = layers[0]
+        plain = (len(paths) > 1 or paths == {"hybrid"} or any(m.capture_grad or m.base.bias is not None for m in layers)
+                 or len({(m.rank, m.base.in_features, m.base.weight.dtype, type(m.dropout)) for m in layers}) > 1
+                 or (paths == {"factored"} and isinstance(l0.dropout, nn.Dropout) and len({m.dropout.p for m in layers}) > 1))
+        if plain:
+            return [m(x) for m in layers]
+        outs = [m.base.out_features for m in layers]
+        if paths == {"merged"}:
+            w = torch.cat([m.delta_weight(grad=True, base=m.base.weight) for m in layers])  # (sum outs, in)
+            return list(F.linear(x, w).split(outs, dim=-1))
+        lead, d = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, d)  # (N, in)
+        base = F.linear(x2, torch.cat([m.base.weight for m in layers])).split(outs, dim=-1)  # frozen: no dW
+        active = isinstance(l0.dropout, nn.Dropout) and l0.training
+        xs = x2.unsqueeze(0) * LoRALinear.group_masks(x2, len(layers), l0.dropout.p) if active else x2.unsqueeze(0)  # (k, N, in)
+        a = torch.stack([m.lora_A for m in layers])  # (k, r, in)
+        h = torch.matmul(xs, a.transpose(1, 2))  # (k, N, r); under autocast cast as F.linear casts
+        return [(o + F.linear(h[i], m.lora_B * m.scaling)).view(*lead, n) for i, (o, m, n) in enumerate(zip(base, layers, outs))]
+
+    @staticmethod
+    def group_masks(x: torch.Tensor, k: int, p: float) -> torch.Tensor:
+        """k independent inverted-dropout masks for x, (k, *x.shape) in x's dtype: 0 with probability
+        p, else 1 / (1 - p), from uniform draws (fp32 where x is half precision, whose draws would be
+        coarse), one call for all k from the global generator (so resume stays bit-exact)."""
+        dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        keep = torch.rand((k, *x.shape), dtype=dt, device=x.device) >= p
+        return keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """Inverted dropout with nn.Dropout's distribution while training: each element kept with
         probability 1 - p and scaled by 1 / (1 - p). For an fp32 input on a CPU the mask is drawn as
