@@ -151,13 +151,18 @@ def render_summary(data: dict[str, Any]) -> str:
         out.append("")
     tuning = data.get("tuning")
     if tuning:
-        out += [f"Tuned {tuning['field']} (seed {tuning.get('seed')}; tuning overrides: {' '.join(tuning.get('overrides') or []) or 'none'}):", "",
-                "| cell | tried | losses | chosen | position |", "|---|---|---|---|---|"]
+        table = next((t for t in data.get("findings_tables") or [] if "tuning_seed_in_main_seeds" in t), {})
+        h = table.get("horizon") or {}
+        leak = {True: "; it IS a main seed", False: "; not a main seed"}.get(table.get("tuning_seed_in_main_seeds"), "")
+        out += [f"Tuned {tuning['field']} (seed {tuning.get('seed')}{leak}; tuned at {h.get('tune_steps', '?')} steps, main runs "
+                f"{h.get('main_steps', '?')}; tuning overrides: {' '.join(tuning.get('overrides') or []) or 'none'}):", "",
+                "| cell | tried | losses | chosen | position | at the main horizon |", "|---|---|---|---|---|---|"]
+        confirmed = {row["label"]: (row["cells"][-1] or {}).get("mean") for row in table.get("rows", []) if row.get("cells")}
         for ct in tuning.get("cells", []):
             tried = ", ".join(f"{d['value']:g}" for d in ct["tried"])
             losses = ", ".join("failed" if d["loss"] is None else f"{d['loss']:.4f}" for d in ct["tried"])
             chosen = "–" if ct["chosen"] is None else f"{ct['chosen']:g}"
-            out.append(f"| {ct['label']} | {tried} | {losses} | {chosen} | {ct['position']} |")
+            out.append(f"| {ct['label']} | {tried} | {losses} | {chosen} | {ct['position']} | {confirmed.get(ct['label']) or 'not confirmed'} |")
         out.append("")
     return "\n".join(out)
 
