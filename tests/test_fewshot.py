@@ -31,7 +31,7 @@ BASE = ["model.preset=micro", "model.vocab_size=512", "data.sources=[shakespeare
 FT = ["finetune.target=python", "finetune.shots=6", "finetune.shot_len=32", "finetune.val_docs=3", "finetune.test_docs=3",
       "finetune.source_docs=2", "finetune.eval_tokens=64", "train.seq_len=32", "train.batch_size=4", "train.max_steps=6",
       "train.eval_every=3", "train.log_every=1", "train.progress=false", "train.precision=fp32", "train.tensorboard=false",
-      "checkpoint.every=0"]
+      "checkpoint.every=0", "method.so.support_every=2", "method.so_single.support_every=2", "method.galore.update_proj_gap=2"]
 
 
 @pytest.fixture(scope="module")

@@ -326,7 +326,7 @@ def test_holm_across_primaries_decides_and_both_p_values_are_kept(tmp_path):
     assert raw[0] < 0.05 < res[0]["p_adj"] and res[0]["lo"] < res[0]["hi"] < 0  # the raw interval excludes 0 ...
     assert res[0]["verdict"] == "inconclusive"  # ... but not after Holm over the three sizes
     assert res[2]["verdict"] == "confirmed" and res[2]["verdict_text"].startswith("confirmed at ")
-    assert res[1]["verdict"] == "inconclusive" and res[1]["mde"] == pytest.approx(stats.mde(gaps["milli"]))
+    assert res[1]["verdict"] == "inconclusive" and res[1]["mde"] == pytest.approx(stats.mde(gaps["milli"], 0.05 / 3))  # at alpha / m
     assert "detectable at 80% power" in res[1]["reason"]
     sec = evaluate_findings(runs, spec({**rule, "primary": False}))  # the same rows as secondaries: Benjamini-Hochberg
     assert [r["p_adj"] for r in sec] == pytest.approx(list(multipletests(raw, method="fdr_bh")[1]))

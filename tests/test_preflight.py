@@ -28,15 +28,17 @@ def reasons(study_path: Path) -> dict[str, str]:
 
 
 def test_every_unmeasurable_rule_is_named_with_its_reason(tmp_path, data_dir, capsys):
+    grad_ov = {"id": "d-grad-ov", "test": "rank", "kind": "grad", "component": "ov", "metric": "per", "phase": "early", "claim": "lower"}
     path = write_study(tmp_path, data_dir, {"method.name": ["full", "relora"], "train.seed": [0, 1]}, *CYCLES,
-                       "checkpoint.keep_last=1", findings=RULES, after=["analyze"])
+                       "checkpoint.keep_last=1", findings={**RULES, "rules": [*RULES["rules"], grad_ov]}, after=["analyze"])
     got = reasons(path)
     assert got["a-loss"] == "measurable"
     assert "one size for a slope" in got["b-loss"]
     assert "BLiMP is not scored" in got["c-blimp"]
     assert "gradients are not saved: set checkpoint.save_grads=true" in got["d-grad [grad wv]"]
     assert "no early checkpoint kept" in got["d-cum [cumulative_update wv]"]
-    assert "OV circuits" in got["d-cum [cumulative_update ov]"]
+    assert "OV circuits" in got["d-grad-ov [grad ov]"]  # analyze forms OV circuits of weights and updates, not of gradients
+    assert "no early checkpoint kept" in got["d-cum [cumulative_update ov]"]
     assert main(["sweep", "--check", str(path)]) == 2  # an error before any compute
     out, err = capsys.readouterr()
     assert "cannot be measured" in err and err.strip().count("\n") == 0

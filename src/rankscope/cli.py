@@ -272,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.formatwarning = _one_line_warning
-    parser = build_parser(_verb(sys.argv[1:] if argv is None else argv) or "")
+    try:  # building the verb's parser imports its module (and torch): Ctrl-C there is one line too
+        parser = build_parser(_verb(sys.argv[1:] if argv is None else argv) or "")
+    except KeyboardInterrupt:
+        print("interrupted while starting; nothing was run", file=sys.stderr)
+        return 130
     # overrides may follow options too: `rankscope train CFG -o DIR train.lr=1e-3`
     args, extra = parser.parse_known_args(argv)
     if extra:

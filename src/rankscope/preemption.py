@@ -59,6 +59,7 @@ class StopOnSignal:
         self.signum: int | None = None
         self.first_at = 0.0
         self.previous: dict[int, object] = {}
+        self.lock = threading.Lock()
 
     @property
     def requested(self) -> bool:
@@ -66,9 +67,10 @@ class StopOnSignal:
 
     def handle(self, signum: int, frame) -> None:
         now = time.monotonic()
-        if self.signum is None:
-            self.signum, self.first_at = signum, now
-            return
+        with self.lock:
+            if self.signum is None:
+                self.signum, self.first_at = signum, now
+                return
         if now - self.first_at < DUPLICATE_WINDOW_S:
             return
         os.write(2, b"second signal: exiting now, without a checkpoint\n")
@@ -79,15 +81,23 @@ class StopOnSignal:
             # Python runs a signal handler in the main thread between two bytecodes, so while that thread
             # sits in a long C call (a matmul, a collective) a second signal would wait for it. The C-level
             # handler also writes each signal's number to the wakeup fd at once: a watcher thread reading it
-            # acts promptly, and the Python-level handler does nothing.
+            # acts promptly; the Python-level handler only sets the first signal's flag (without waiting for that thread).
             self.pipe = os.pipe()
             os.set_blocking(self.pipe[1], False)
             for s in self.signals:
-                self.previous[s] = signal.signal(s, _noted)
+                self.previous[s] = signal.signal(s, self._first)
             self.previous_fd = signal.set_wakeup_fd(self.pipe[1], warn_on_full_buffer=False)
             self.watcher = threading.Thread(target=self._watch, args=(self.pipe[0],), daemon=True, name="rankscope-signals")
             self.watcher.start()
         return self
+
+    def _first(self, signum: int, frame) -> None:
+        """The Python-level handler: runs in the main thread before the loop's next check, so the flag is set by the
+        time the step that the signal interrupted ends (the watcher thread may read the pipe later; it then sees a
+        duplicate). A second signal is the watcher's to act on."""
+        with self.lock:
+            if self.signum is None:
+                self.signum, self.first_at = signum, time.monotonic()
 
     def _watch(self, fd: int) -> None:
         while True:
@@ -110,7 +120,3 @@ class StopOnSignal:
             self.watcher.join(timeout=5)
             os.close(self.pipe[0])
         self.previous.clear()
-
-
-def _noted(signum, frame) -> None:
-    """The Python-level handler while StopOnSignal is active: the watcher thread has acted already."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,7 +228,9 @@ def time_steps(cfg_dict: dict[str, Any], steps: int = 3, threads: int = 1) -> fl
     from rankscope.config import config_from_dict
     from rankscope.methods import build_model
 
-    cfg = config_from_dict(cfg_dict)
+    with warnings.catch_warnings():  # a study point's flat method options: the form a grid over methods needs (study.build_point)
+        warnings.filterwarnings("ignore", "flat method options", FutureWarning)
+        cfg = config_from_dict(cfg_dict)
     old = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
