@@ -103,3 +103,26 @@ def write_study(tmp_path: Path, data_dir: str | Path, grid: dict, *overrides: st
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def one_line_error(capsys, *needles: str) -> str:
+    """The one `error: ` line a bad input printed (and no traceback), holding each of `needles`."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def write_rank_table(r, rows) -> None:
+    """A run's analysis/rank_metrics.parquet from (step, layer, component, kind, metric, value) rows (head -1)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {c: [] for c in ("run", "method", "step", "layer", "component", "head", "kind", "metric", "value")}
+    for step, layer, comp, kind, metric, value in rows:
+        for c, v in zip(cols, (r.name, r.method, step, layer, comp, -1, kind, metric, value)):
+            cols[c].append(v)
+    (r.dir / "analysis").mkdir(exist_ok=True)
+    pq.write_table(pa.table(cols), r.dir / "analysis" / "rank_metrics.parquet")

@@ -8,19 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import tiny_config, write_study
+from helpers import one_line_error, tiny_config, write_study
 
 from rankscope.cli import main
 from rankscope.train import train
-
-
-def one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

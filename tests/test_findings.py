@@ -1,10 +1,9 @@
 import math
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import numpy as np
 import pytest
 
+from helpers import write_rank_table
 from rankscope import stats
 from rankscope.errors import ConfigError
 from rankscope.findings import OPPOSITE, PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings, verdict_counts
@@ -119,15 +118,6 @@ def test_slope_rule_fits_size_means_with_their_true_degrees_of_freedom(tmp_path)
 
 
 # ------------------------------------------------------------------ rank rules
-def write_rank(r, rows):
-    cols = {c: [] for c in ("run", "method", "step", "layer", "component", "head", "kind", "metric", "value")}
-    for step, layer, comp, kind, metric, value in rows:
-        for c, v in zip(cols, (r.name, r.method, step, layer, comp, -1, kind, metric, value)):
-            cols[c].append(v)
-    (r.dir / "analysis").mkdir(exist_ok=True)
-    pq.write_table(pa.table(cols), r.dir / "analysis" / "rank_metrics.parquet")
-
-
 def test_rank_rule_uses_the_early_phase_and_log_ratio_per_seed(tmp_path):
     runs, expected = [], []
     for k in range(3):
@@ -135,9 +125,9 @@ def test_rank_rule_uses_the_early_phase_and_log_ratio_per_seed(tmp_path):
         runs += [f, r]
         fr, rr = 0.5 + 0.01 * k, 0.3 + 0.02 * k
         # early phase: steps 40 and 100 (<= 400 / 4); step 200 and the inf value must not count
-        write_rank(f, [(s, l, "wv", "cumulative_update", "per", fr + 0.001 * l) for s in (40, 100) for l in (0, 1)]
+        write_rank_table(f, [(s, l, "wv", "cumulative_update", "per", fr + 0.001 * l) for s in (40, 100) for l in (0, 1)]
                    + [(200, 0, "wv", "cumulative_update", "per", 9.0), (0, 0, "wv", "cumulative_update", "per", 1.0)])
-        write_rank(r, [(s, l, "wv", "cumulative_update", "per", rr + 0.001 * l) for s in (40, 100) for l in (0, 1)]
+        write_rank_table(r, [(s, l, "wv", "cumulative_update", "per", rr + 0.001 * l) for s in (40, 100) for l in (0, 1)]
                    + [(100, 2, "wv", "cumulative_update", "per", float("inf")), (200, 0, "wv", "cumulative_update", "per", 0.1)])
         expected.append(math.log((rr + 0.0005) / (fr + 0.0005)))
     rule = {"id": "d", "finding": "d", "test": "rank", "kind": ["cumulative_update", "grad"], "component": ["wv", "ov"],
@@ -161,8 +151,8 @@ def test_rank_rule_reports_the_rank_bound_and_flags_a_result_it_forces(tmp_path,
     for k in range(3):
         f, r = run(tmp_path, "full", "micro", k), run(tmp_path, "relora", "micro", k)
         runs += [f, r]
-        write_rank(f, [(40, 0, "wv", "update", "per", 0.5 + 0.01 * k)])
-        write_rank(r, [(40, 0, "wv", "update", "per", 0.2 + 0.002 * k), (40, 0, "wv", "update", "rank_bound", bound)])
+        write_rank_table(f, [(40, 0, "wv", "update", "per", 0.5 + 0.01 * k)])
+        write_rank_table(r, [(40, 0, "wv", "update", "per", 0.2 + 0.002 * k), (40, 0, "wv", "update", "rank_bound", bound)])
     rule = {"id": "d", "test": "rank", "kind": "update", "component": "wv", "metric": "per", "phase": "early", "claim": "lower"}
     (res,) = evaluate_findings(runs, spec(rule))
     assert res["verdict"] == verdict and f"PER <= {bound:g} by construction" in res["reason"]
@@ -173,8 +163,8 @@ def test_condition_number_of_a_rank_deficient_update_is_flagged(tmp_path):
     for k in range(3):
         f, r = run(tmp_path, "full", "micro", k), run(tmp_path, "relora", "micro", k)
         runs += [f, r]
-        write_rank(f, [(40, 0, "wv", "update", "condition_number", 30.0 + k)])
-        write_rank(r, [(40, 0, "wv", "update", "condition_number", 1e15 * (1 + k)), (40, 0, "wv", "update", "rank_bound", 0.25)])
+        write_rank_table(f, [(40, 0, "wv", "update", "condition_number", 30.0 + k)])
+        write_rank_table(r, [(40, 0, "wv", "update", "condition_number", 1e15 * (1 + k)), (40, 0, "wv", "update", "rank_bound", 0.25)])
     rule = {"id": "d", "test": "rank", "kind": "update", "component": "wv", "metric": "condition_number", "phase": "early",
             "claim": "higher"}
     (res,) = evaluate_findings(runs, spec(rule))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO, tiny_config, tiny_overrides, write_study
+from helpers import one_line_error, REPO, tiny_config, tiny_overrides, write_study
 
 from rankscope import checkpoint as ckpt
 from rankscope.cli import main
@@ -31,15 +31,6 @@ from rankscope.train import train
 
 QUIET = {"log": lambda *_: None}
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-
-
-def one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

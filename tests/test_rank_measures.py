@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, write_rank_table
 from scipy import stats as ss
 
 from rankscope.analysis import analyze_run, analyze_runs, matrix_metrics
@@ -103,12 +103,7 @@ def run(tmp_path, method, seed, max_steps=400, method_cfg=None):
 
 
 def write(r, rows, spectra=None):
-    cols = {c: [] for c in ("run", "method", "step", "layer", "component", "head", "kind", "metric", "value")}
-    for step, layer, comp, kind, metric, value in rows:
-        for c, v in zip(cols, (r.name, r.method, step, layer, comp, -1, kind, metric, value)):
-            cols[c].append(v)
-    (r.dir / "analysis").mkdir(exist_ok=True)
-    pq.write_table(pa.table(cols), r.dir / "analysis" / "rank_metrics.parquet")
+    write_rank_table(r, rows)
     if spectra is not None:
         sc = {c: [] for c in ("run", "method", "step", "layer", "component", "head", "kind", "index", "value")}
         for (step, layer, comp, kind), s in spectra.items():

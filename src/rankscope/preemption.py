@@ -60,16 +60,21 @@ class StopOnSignal:
         self.first_at = 0.0
         self.previous: dict[int, object] = {}
         self.lock = threading.Lock()
+        self.seen = 0  # signals counted (by `handle`)
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     def handle(self, signum: int, frame) -> None:
+        """One signal, counted once (the watcher thread calls it for each byte of the wakeup fd): the first sets the
+        flag (unless the main thread's handler did already), a later one outside the duplicate window exits."""
         now = time.monotonic()
         with self.lock:
-            if self.signum is None:
-                self.signum, self.first_at = signum, now
+            self.seen += 1
+            if self.seen == 1:
+                if self.signum is None:
+                    self.signum, self.first_at = signum, now
                 return
         if now - self.first_at < DUPLICATE_WINDOW_S:
             return
@@ -93,8 +98,8 @@ class StopOnSignal:
 
     def _first(self, signum: int, frame) -> None:
         """The Python-level handler: runs in the main thread before the loop's next check, so the flag is set by the
-        time the step that the signal interrupted ends (the watcher thread may read the pipe later; it then sees a
-        duplicate). A second signal is the watcher's to act on."""
+        time the step that the signal interrupted ends (the watcher thread, which may read the pipe later, counts it
+        there). A second signal is the watcher's to act on."""
         with self.lock:
             if self.signum is None:
                 self.signum, self.first_at = signum, time.monotonic()
