@@ -451,3 +451,14 @@ def test_a_gradient_rule_cannot_be_the_primary_endpoint():
             "component": "attn.v", "primary": True}
     with pytest.raises(ConfigError, match="cannot be the primary endpoint"):
         validate_findings({"method": "relora", "reference": "full", "rules": [rule]})
+
+
+def test_paper_rules_ask_for_no_ov_circuit_that_analyze_does_not_form():
+    from rankscope.analysis.components import OV_FORMS, OV_KINDS
+
+    for rule in PAPER_RULES:
+        kinds = [rule["kind"]] if isinstance(rule.get("kind"), str) else rule.get("kind") or []
+        comps = [rule["component"]] if isinstance(rule.get("component"), str) else rule.get("component") or []
+        for kind in [*kinds, rule.get("reference_kind", kinds[0] if kinds else None)]:
+            if kind and kind not in OV_KINDS:
+                assert not set(comps) & set(OV_FORMS), (rule["id"], kind)

@@ -17,7 +17,7 @@ RULES = {"method": "relora", "reference": "full", "rules": [
     {"id": "a-loss", "test": "paired", "metric": "final_val_loss", "claim": "higher"},
     {"id": "b-loss", "test": "slope", "metric": "final_val_loss", "claim": "higher"},
     {"id": "c-blimp", "test": "paired", "metric": "blimp_overall", "claim": "lower", "chance": 0.5, "margin": 0.05},
-    {"id": "d-grad", "test": "rank", "kind": "grad", "component": "wv", "metric": "per", "phase": "early", "claim": "lower"},
+    {"id": "d-grad", "test": "rank", "kind": "grad", "component": ["wv", "ov"], "metric": "per", "phase": "early", "claim": "lower"},
     {"id": "d-cum", "test": "rank", "kind": "cumulative_update", "component": ["wv", "ov"], "metric": "per", "phase": "early",
      "claim": "lower"},
 ]}
@@ -33,7 +33,7 @@ def test_every_unmeasurable_rule_is_named_with_its_reason(tmp_path, data_dir, ca
                        "checkpoint.keep_last=1", findings={**RULES, "rules": [*RULES["rules"], grad_ov]}, after=["analyze"])
     got = reasons(path)
     assert got["a-loss"] == "measurable"
-    assert "one size for a slope" in got["b-loss"]
+    assert "1 size(s) for a slope: it needs 3 or more" in got["b-loss"]
     assert "BLiMP is not scored" in got["c-blimp"]
     assert "gradients are not saved: set checkpoint.save_grads=true" in got["d-grad [grad wv]"]
     assert "no early checkpoint kept" in got["d-cum [cumulative_update wv]"]
@@ -49,14 +49,51 @@ def test_every_unmeasurable_rule_is_named_with_its_reason(tmp_path, data_dir, ca
 def test_a_study_that_fixes_them_is_measurable_and_gets_an_estimate(tmp_path, data_dir, monkeypatch, capsys):
     rules = {**RULES, "rules": [r for r in RULES["rules"] if r["id"] != "c-blimp"]}
     rules["rules"][-1] = {**rules["rules"][-1], "component": "wv"}
-    path = write_study(tmp_path, data_dir, {"model.d_model": [32, 64], "method.name": ["full", "relora"], "train.seed": [0, 1]},
+    rules["rules"][-2] = {**rules["rules"][-2], "component": "wv"}
+    path = write_study(tmp_path, data_dir, {"model.d_model": [32, 48, 64], "method.name": ["full", "relora"], "train.seed": [0, 1]},
                        *CYCLES, "checkpoint.save_grads=true", "checkpoint.log_spaced=3", findings=rules, after=["analyze"],
                        parallel=2)
     assert set(reasons(path).values()) == {"measurable"}
     monkeypatch.setattr(preflight, "time_steps", lambda cfg, steps=3, threads=1: 0.5)
     assert main(["sweep", "--check", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "estimated training wall time: 0 min 40 s" in out  # 8 runs x 20 steps x 0.5 s / 2 at once
+    assert "estimated training wall time: 1 min 00 s" in out  # 12 runs x 20 steps x 0.5 s / 2 at once
+    assert "micro d32/full" in out and "micro d48/relora" in out  # timed per width, not once for the preset
+
+
+SLOPE = {"id": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"}
+
+
+@pytest.mark.parametrize("widths, ok", [([32, 64], False), ([32, 48, 64], True)])
+def test_a_size_slope_needs_three_sizes_as_the_engine_does(tmp_path, data_dir, widths, ok):
+    path = write_study(tmp_path, data_dir, {"model.d_model": widths, "method.name": ["full", "relora"], "train.seed": [0, 1]},
+                       *CYCLES, findings={"rules": [SLOPE]})
+    got = reasons(path)["b"]
+    assert got == "measurable" if ok else "2 size(s) for a slope: it needs 3 or more" in got
+
+
+@pytest.mark.parametrize("steps, ok", [([20, 40], False), ([20, 40, 80], True)])
+def test_a_token_slope_needs_three_budgets(tmp_path, data_dir, steps, ok):
+    rule = {**SLOPE, "axis": "tokens_per_param"}
+    path = write_study(tmp_path, data_dir, {"train.max_steps": steps, "method.name": ["full", "relora"], "train.seed": [0, 1]},
+                       *CYCLES, findings={"rules": [rule]})
+    got = reasons(path)["b"]
+    assert got == "measurable" if ok else "2 token budget(s) for a slope on tokens per parameter: it needs 3 or more" in got
+
+
+@pytest.mark.parametrize("min_seeds, note", [(None, True), (3, False)])
+def test_a_primary_with_too_few_seeds_is_measurable_with_a_note(tmp_path, data_dir, min_seeds, note):
+    rules = {"rules": [{"id": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "primary": True},
+                       {"id": "a2", "test": "paired", "metric": "final_train_loss", "claim": "higher"}]}
+    if min_seeds:
+        rules["min_primary_seeds"] = min_seeds
+    path = write_study(tmp_path, data_dir, {"method.name": ["full", "relora"], "train.seed": [0, 1, 2]}, *CYCLES, findings=rules)
+    checks = {c.rule: c for c in preflight.check_rules(load_study(path))}
+    assert checks["a"].measurable and checks["a2"].measurable and checks["a2"].reason == ""
+    want = "3 paired seeds: a primary endpoint needs 5 or more (findings.min_primary_seeds), so its verdict stays inconclusive"
+    assert checks["a"].reason == (want if note else "")
+    if note:
+        assert f"a   measurable ({want})" in "\n".join(preflight.Preflight(list(checks.values())).lines())
 
 
 def test_expect_unmeasured_lets_a_study_through(tmp_path, data_dir, monkeypatch):

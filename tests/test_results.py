@@ -146,3 +146,24 @@ def test_a_preset_with_its_width_overridden_is_another_size():
     assert size_label({"preset": "pico-tiny-body", "d_model": 96, "n_layers": 12, "n_heads": 12, "n_kv_heads": 4, "ffn_dim": 384}) == "pico-tiny-body"
     assert size_label({"preset": "pico-tiny-body", "d_model": 48, "n_layers": 12, "n_heads": 6, "n_kv_heads": 2, "ffn_dim": 192}) == "d48-L12"
     assert size_label({"preset": "micro"}) == "micro" and size_label({"d_model": 64, "n_layers": 4}) == "d64-L4"
+
+
+def test_a_primary_block_quotes_the_scale_the_primary_rows_and_every_verdict_count(tmp_path):
+    """`<!-- results: DIR primary -->`: a short quote (README) of the committed quick study, in sync with its folder."""
+    data = json.loads((REPO / "results" / "quick" / "report.json").read_text())
+    short, full = render_summary(data, primary_only=True), render_summary(data)
+    rows = data["study_findings"]
+    primaries = [r for r in rows if r.get("primary")]
+    assert 0 < len(primaries) < len(rows)
+    assert short.count("\n| ") - full.count("\n| ") == len(primaries) - len(rows)  # the same scale box, only the primary rows
+    assert f"All {len(rows)} findings rows: " in short and "not measured" not in short
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    assert all(f"{n} {v}" in short for v, n in counts.items()) and sum(counts.values()) == len(rows)
+    doc = tmp_path / "docs" / "x.md"
+    doc.parent.mkdir()
+    (tmp_path / "results").symlink_to(REPO / "results")
+    doc.write_text("<!-- results: results/quick primary -->\nold\n<!-- end results -->\n")
+    assert sync_docs(doc, root=tmp_path) == ["results/quick"] and short in doc.read_text()
+    assert "<!-- results: results/quick primary -->" in doc.read_text() and sync_docs(doc, root=tmp_path, check=True) == []

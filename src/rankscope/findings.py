@@ -84,9 +84,13 @@ PAPER_RULES: list[dict[str, Any]] = [
     {"id": "b-val-loss", "finding": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher", "primary": True, "sesoi": 0.02},
     {"id": "c-blimp", "finding": "c", "test": "paired", "metric": "blimp_overall", "claim": "lower", "chance": 0.5, "margin": 0.05,
      "primary": True, "sesoi": 0.01},
-    {"id": "d-per", "finding": "d", "test": "rank", "kind": ["cumulative_update", "grad"], "component": ["wv", "wo", "ov", "w2"],
+    {"id": "d-per", "finding": "d", "test": "rank", "kind": ["cumulative_update"], "component": ["wv", "wo", "ov", "w2"],
      "metric": "per", "phase": "early", "claim": "lower"},
-    {"id": "d-cond", "finding": "d", "test": "rank", "kind": ["cumulative_update", "grad"], "component": ["wv", "wo", "ov", "w2"],
+    {"id": "d-per-grad", "finding": "d", "test": "rank", "kind": ["grad"], "component": ["wv", "wo", "w2"],  # no OV of a gradient
+     "metric": "per", "phase": "early", "claim": "lower"},
+    {"id": "d-cond", "finding": "d", "test": "rank", "kind": ["cumulative_update"], "component": ["wv", "wo", "ov", "w2"],
+     "metric": "condition_number", "phase": "early", "claim": "higher"},
+    {"id": "d-cond-grad", "finding": "d", "test": "rank", "kind": ["grad"], "component": ["wv", "wo", "w2"],
      "metric": "condition_number", "phase": "early", "claim": "higher"},
     # over the numerical rank (the raw one is "rank-deficient" where s_min is rounding noise), geometric means
     {"id": "d-cond-numerical", "finding": "d", "test": "rank", "kind": ["cumulative_update"], "component": ["wv", "wo", "ov", "w2"],

@@ -2,7 +2,7 @@
 
 `rankscope sweep --check STUDY` (and the start of every sweep) reads the study's points as they will run
 and lists each findings rule (per kind and component for rank rules) as "measurable" or the reason it
-cannot be: the method or reference not in the grid, one seed (no interval), one size for a slope, a
+cannot be: the method or reference not in the grid, one seed (no interval), fewer than 3 sizes (or token budgets) for a slope, a
 metric no run writes (BLiMP without --blimp), `analyze` not run after training, a kind `analyze` is not
 asked for or does not compute (OV circuits of updates), gradients not saved, no kept checkpoint in the
 early phase. A rule that cannot be measured is an error before any compute unless the study lists its id
@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rankscope.errors import ConfigError
-from rankscope.findings import CONTROL_SUFFIX
+from rankscope.findings import CONTROL_SUFFIX, MIN_PRIMARY_SEEDS
+
+MIN_SLOPE_GROUPS = 3  # a slope rule's groups (sizes or token budgets), as rankscope.findings.slope_row requires
 
 EVAL_METRICS = {"val_bpb_macro": "per-domain evaluation", "blimp_overall": "BLiMP"}
 ALWAYS = {"final_val_loss", "final_train_loss"}  # summary.json of every finished run
@@ -130,6 +132,7 @@ def check_rules(study) -> list[RuleCheck]:
     spec, expected = study.findings, set(getattr(study, "expect_unmeasured", None) or [])
     analyze_kinds = _flag_values(study.analyze_args, "--kinds") or list(KINDS)
     analyze_steps = _flag_values(study.analyze_args, "--steps")
+    min_primary = int(spec.get("min_primary_seeds", MIN_PRIMARY_SEEDS))
     out = []
     for rule in spec["rules"]:
         method, ref = rule.get("method", spec["method"]), rule.get("reference", spec["reference"])
@@ -138,7 +141,7 @@ def check_rules(study) -> list[RuleCheck]:
         base = _pair_reason(method, ref, a, b, rule)
         if rule["test"] not in ("rank", "rank-matched"):
             reason = base or _metric_reason(rule["metric"], a + b, study)
-            out.append(RuleCheck(rule["id"], not reason, reason or _seed_note(a, b), rule["id"] in expected))
+            out.append(RuleCheck(rule["id"], not reason, reason or _seed_note(a, b, rule, min_primary), rule["id"] in expected))
             continue
         kinds = rule["kind"] if isinstance(rule["kind"], list) else [rule["kind"]]
         comps = rule["component"] if isinstance(rule["component"], list) else [rule["component"]]
@@ -148,7 +151,7 @@ def check_rules(study) -> list[RuleCheck]:
                 reason = base or (_rank_reason(kind, comp, rule, a, study, analyze_kinds, analyze_steps, OV_FORMS)
                                   or _rank_reason(ref_kind, comp, rule, b, study, analyze_kinds, analyze_steps, OV_FORMS))
                 name = f"{rule['id']} [{kind} {comp}]"
-                out.append(RuleCheck(name, not reason, reason or _seed_note(a, b), rule["id"] in expected or name in expected))
+                out.append(RuleCheck(name, not reason, reason or _seed_note(a, b, rule, min_primary), rule["id"] in expected or name in expected))
     return out
 
 
@@ -160,11 +163,17 @@ def _pair_reason(method: str, ref: str, a: list, b: list, rule: dict) -> str:
     seeds = {r["seed"] for r in a} & {r["seed"] for r in b}
     if not seeds:
         return f"no seed shared by {method} and {ref} runs (pairs are by train.seed)"
+    # as rankscope.findings: one point per group (its seeds' mean gap), k - 2 degrees of freedom, so k >= 3 groups
     if rule["test"] == "slope" and rule.get("axis") == "tokens_per_param":
-        if len({_tokens(r) for r in a} & {_tokens(r) for r in b}) < 2:
-            return "one token budget for a slope on tokens per parameter: the grid needs 2 or more train.max_steps values"
-    elif rule["test"] == "slope" and len({r["size"] for r in a} & {r["size"] for r in b}) < 2:
-        return "one size for a slope: the grid needs 2 or more model sizes (e.g. model.preset: [nano, micro])"
+        k = len({_tokens(r) for r in a} & {_tokens(r) for r in b})
+        if k < MIN_SLOPE_GROUPS:
+            return (f"{k} token budget(s) for a slope on tokens per parameter: it needs {MIN_SLOPE_GROUPS} or more (one point "
+                    f"per budget, k - 2 degrees of freedom); give train.max_steps {MIN_SLOPE_GROUPS} or more values")
+    elif rule["test"] == "slope":
+        k = len({r["size"] for r in a} & {r["size"] for r in b})
+        if k < MIN_SLOPE_GROUPS:
+            return (f"{k} size(s) for a slope: it needs {MIN_SLOPE_GROUPS} or more (one point per size, k - 2 degrees of "
+                    f"freedom); give the grid {MIN_SLOPE_GROUPS} or more model sizes (e.g. model.preset: [nano, micro, milli])")
     return ""
 
 
@@ -173,9 +182,14 @@ def _tokens(run: dict) -> int:
     return int(t["max_steps"]) * int(t["batch_size"]) * int(t["seq_len"])
 
 
-def _seed_note(a: list, b: list) -> str:
+def _seed_note(a: list, b: list, rule: dict, min_primary: int) -> str:
     n = len({r["seed"] for r in a} & {r["seed"] for r in b})
-    return "" if n >= 2 else "1 seed: the verdict stays inconclusive without 2 or more paired seeds"
+    if n < 2:
+        return "1 seed: the verdict stays inconclusive without 2 or more paired seeds"
+    if rule.get("primary") and n < min_primary:
+        return (f"{n} paired seeds: a primary endpoint needs {min_primary} or more (findings.min_primary_seeds), "
+                f"so its verdict stays inconclusive")
+    return ""
 
 
 def _metric_reason(metric: str, runs: list, study) -> str:
@@ -269,7 +283,8 @@ def estimate_seconds(study, parallel: int, cores: int | None = None) -> tuple[fl
     timing: dict[str, float] = {}
     total = 0.0
     for cfg in configs:
-        key = f"{_run(cfg, '')['size'][0]}/{cfg['method']['name']}"
+        size = _run(cfg, "")["size"]
+        key = f"{size[0]}{'' if not cfg['model'].get('preset') else f' d{size[1]}'}/{cfg['method']['name']}"
         if key not in timing:
             timing[key] = time_steps(cfg, threads=threads)
         total += timing[key] * int(cfg["train"]["max_steps"])

@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-BLOCK = re.compile(r"<!-- results: (?P<dir>\S+) -->\n.*?<!-- end results -->", re.S)
+# `<!-- results: DIR -->` quotes every row; `<!-- results: DIR primary -->` the scale box, the primary rows and the verdict counts
+BLOCK = re.compile(r"<!-- results: (?P<dir>\S+)(?P<mode> primary)? -->\n.*?<!-- end results -->", re.S)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -126,8 +127,9 @@ def _num(x: Any, spec: str = "+.4g") -> str:
     return "–" if x is None else format(x, spec)
 
 
-def render_summary(data: dict[str, Any]) -> str:
-    """Markdown from report.json alone (so a test can regenerate it): the scale box, the findings rows, the tuned values."""
+def render_summary(data: dict[str, Any], primary_only: bool = False) -> str:
+    """Markdown from report.json alone (so a test can regenerate it): the scale box, the findings rows, the tuned values;
+    with primary_only, the scale box, the primary rows and a count of every row's verdict (a short quote for a README)."""
     out: list[str] = []
     for t in data.get("findings_tables", []):
         if t["title"].startswith("Scale"):
@@ -135,6 +137,14 @@ def render_summary(data: dict[str, Any]) -> str:
             out += ["| " + r["label"] + " | " + " | ".join(str(c["mean"]) if c else "–" for c in r["cells"]) + " |" for r in t["rows"]]
             out.append("")
     rows = data.get("study_findings") or []
+    if primary_only:
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+        out.append(f"All {len(rows)} findings rows: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+                   + f"; {sum(1 for r in rows if r.get('primary'))} of them primary:")
+        out.append("")
+        rows = [r for r in rows if r.get("primary")]
     if rows:
         out += ["| rule | size | role | n | estimate | interval | p | adjusted p | MDE (80%) | verdict |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
@@ -150,7 +160,7 @@ def render_summary(data: dict[str, Any]) -> str:
                            f"[{_num(e['lo'])}, {_num(e['hi'])}] | | | | |")
         out.append("")
     tuning = data.get("tuning")
-    if tuning:
+    if tuning and not primary_only:
         table = next((t for t in data.get("findings_tables") or [] if "tuning_seed_in_main_seeds" in t), {})
         h = table.get("horizon") or {}
         leak = {True: "; it IS a main seed", False: "; not a main seed"}.get(table.get("tuning_seed_in_main_seeds"), "")
@@ -171,14 +181,15 @@ def sync_docs(doc: str | Path, root: str | Path | None = None, check: bool = Fal
     """Rewrite (or with check, compare) every `<!-- results: DIR -->` block of `doc` from DIR/report.json; returns the DIRs whose
     block differed."""
     doc = Path(doc)
-    root = Path(root) if root else doc.resolve().parent.parent
+    # the repository: the nearest folder above the document with a pyproject.toml (README.md sits in it, docs/*.md one below)
+    root = Path(root) if root else next((d for d in doc.resolve().parents if (d / "pyproject.toml").is_file()), doc.resolve().parent.parent)
     text = doc.read_text()
     stale: list[str] = []
 
     def fill(m: re.Match) -> str:
         folder = root / m.group("dir")
-        body = render_summary(json.loads((folder / "report.json").read_text()))
-        new = f"<!-- results: {m.group('dir')} -->\n{body}\n<!-- end results -->"
+        body = render_summary(json.loads((folder / "report.json").read_text()), primary_only=bool(m.group("mode")))
+        new = f"<!-- results: {m.group('dir')}{m.group('mode') or ''} -->\n{body}\n<!-- end results -->"
         if new != m.group(0):
             stale.append(m.group("dir"))
         return new
