@@ -528,7 +528,9 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
              + (f", {len(excluded)} excluded by name ({', '.join(p['run'] for p in excluded)})" if excluded else "") + ". "
              "Cells: mean ± sample std over seeds; the line under each table names the file its values come from. "
              "report.json lists every cell's per-run values and the file each came from.")
-    no_findings = "This study pre-registered no findings (a `findings:` block in the study file); the paper's claims are checked below."
+    no_findings = ("No pre-registered findings (a `findings:` block in a study file); "
+                   + ("the paper's claims are compared on these runs, descriptively, in the table below." if claims else
+                      "the paper's claims need full-rank and ReLoRA runs side by side, so none is checked here."))
     paper_note = ("The paper's numbers are at pico scale (11-66M parameters, 41.9B tokens); a CPU study is orders of magnitude smaller, "
                   "so compare directions, not values.")
     body = [*top, *([claims] if claims else []), *tables]
