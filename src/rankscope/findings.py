@@ -230,11 +230,42 @@ def read_sweep(paths: Iterable[str | Path]) -> dict[str, Any] | None:
 
 
 def _sizes(runs: list[Any]) -> list[str]:
+    return size_order(runs)
+
+
+def shape_body_params(model: dict[str, Any]) -> int | None:
+    """Non-embedding parameters of a model section (its preset's shape with any field overridden), by arithmetic:
+    per block q/k/v/o (grouped-query k, v), the SwiGLU's three linears and two norm gains, and a final norm."""
+    from rankscope.config import PRESETS
+
+    shape = {**PRESETS.get(model.get("preset") or "", {}), **{k: v for k, v in model.items() if v is not None}}
+    try:
+        d, f, L = int(shape["d_model"]), int(shape["ffn_dim"]), int(shape["n_layers"])
+        kv = int(shape["n_kv_heads"]) * (d // int(shape["n_heads"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return L * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + d
+
+
+def size_order(runs: list[Any]) -> list[str]:
+    """The runs' size labels, smallest model body first (non-embedding parameters: summary.json's count less the
+    embeddings, else the config's shape; the preset's place in config.PRESETS where neither is known); labels as given."""
     from rankscope.config import PRESETS
 
     order = list(PRESETS)
     sizes = list(dict.fromkeys(r.size for r in runs))
-    return sorted(sizes, key=lambda s: (order.index(s.split(" ")[0]) if s.split(" ")[0] in order else len(order), sizes.index(s)))
+    params: dict[str, float] = {}
+    for r in runs:
+        n = body_params(r) or shape_body_params(((r.config or {}).get("model") or {}) if isinstance((r.config or {}).get("model"), dict) else {})
+        if n:
+            params[r.size] = min(params.get(r.size, math.inf), n)
+    if len(params) < len(sizes):  # a size without a count: fall back to the preset's name (the config's shape is unknown)
+        for s in sizes:
+            base = s.split(" ")[0]
+            if s not in params and base in PRESETS:
+                params[s] = shape_body_params({"preset": base}) or math.inf
+    return sorted(sizes, key=lambda s: (params.get(s, math.inf), order.index(s.split(" ")[0]) if s.split(" ")[0] in order else len(order),
+                                        sizes.index(s)))
 
 
 def _by_seed(runs: list[Any], method: str, size: str) -> dict[int, Any]:

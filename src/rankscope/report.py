@@ -276,12 +276,13 @@ def label_other_dimensions(runs: list[Run], ignore: set[str] | frozenset = froze
 
 # --------------------------------------------------------------------------- tables
 def group_order(runs: list[Run]) -> list[tuple[str, str]]:
-    from rankscope.config import PRESETS
+    """(method, size) groups: sizes smallest body first (findings.size_order: by non-embedding parameters, so `d32-L4`
+    comes before `micro`), then full, lora, relora and the rest by name."""
+    from rankscope.findings import size_order
 
-    sizes = list(PRESETS)
+    sizes = size_order(runs)
     methods = ["full", "lora", "relora"]
-    base = lambda size: size.split(" ")[0]  # noqa: E731  (the preset, before any extra dimension)
-    rank = lambda g: (sizes.index(base(g[1])) if base(g[1]) in sizes else len(sizes), g[1], methods.index(g[0]) if g[0] in methods else len(methods), g[0])  # noqa: E731
+    rank = lambda g: (sizes.index(g[1]), methods.index(g[0]) if g[0] in methods else len(methods), g[0])  # noqa: E731
     return sorted({r.group for r in runs}, key=rank)
 
 
@@ -497,6 +498,32 @@ def claims_table(items: list[dict[str, Any]]) -> dict[str, Any] | None:
             "formats": [text, text, g, g]}
 
 
+# figures shown right after the summary: loss, and PER of the paper's components, of updates and of gradients (finding (d))
+KEY_FIGURES = ("loss_vs_tokens.png", "rank_per_paper.png", "rank_per_update.png", "rank_per_cumulative_update.png", "rank_per_grad.png")
+LONG_FINDINGS = "Paired differences per seed"  # findings_tables' per-seed table: with the long tables, after the figures
+
+
+def summary_tables(top: list[dict[str, Any]], verdicts: list[dict[str, Any]],
+                   tables: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the summary's tables, the findings tables shown beside the paper's numbers, the report's other tables).
+
+    With pre-registered findings the summary is the findings table's primary rows and the headline; without, the
+    headline alone (a single-run report leads with the run). The per-seed table goes with the long tables (write_report)."""
+    head = [t for t in tables if t["title"].startswith("Headline")]
+    rest = [t for t in tables if t not in head]
+    short = [t for t in top if not t.get("title", "").startswith(LONG_FINDINGS)]
+    if not verdicts:
+        return head, short, rest
+    full = next((t for t in top if t.get("title", "").startswith("Findings")), None)
+    summary = []
+    if full is not None and len(full["rows"]) == len(verdicts):
+        primary = [row for row, v in zip(full["rows"], verdicts) if v.get("primary")]
+        if primary:
+            summary.append({**full, "title": f"Primary endpoints ({len(primary)} of {len(verdicts)} findings rows; all rows below)",
+                            "note": "", "rows": primary})
+    return summary + head, short, rest
+
+
 def _jsonable(tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in t.items() if k != "formats"} for t in tables]
 
@@ -506,7 +533,7 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
     from rankscope import report_html
     from rankscope import report_plots as P
 
-    from rankscope.findings import findings_tables, read_sweep, study_findings
+    from rankscope.findings import findings_tables, read_sweep, study_findings, verdict_counts
     if any(s < 0 for s in spectra_steps or []):  # checked before anything is read or written
         raise ReportError(f"--spectra-steps must be steps >= 0, got {min(spectra_steps)}")
 
@@ -533,26 +560,39 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
                       "the paper's claims need full-rank and ReLoRA runs side by side, so none is checked here."))
     paper_note = ("The paper's numbers are at pico scale (11-66M parameters, 41.9B tokens); a CPU study is orders of magnitude smaller, "
                   "so compare directions, not values.")
-    body = [*top, *([claims] if claims else []), *tables]
+    # Layout (issue 23): a short summary and the key figures first, then the findings tables beside the paper's numbers,
+    # the other figures, and last the long tables (per-seed differences, the paper's claims, per-domain, every run).
+    summary, short, long_tables = summary_tables(top, verdicts, tables)
+    key_figs = [f for f in figures if f[1].name in KEY_FIGURES]
+    other_figs = [f for f in figures if f[1].name not in KEY_FIGURES]
+    counts = verdict_counts(verdicts) if verdicts else ""
+    long_tables = [t for t in top if t.get("title", "").startswith(LONG_FINDINGS)] + ([claims] if claims else []) + long_tables
 
-    # Markdown
+    # Markdown (linear, the same order)
     md = [f"# rankscope report ({stamp})", "", "Inputs: " + ", ".join(md_text(p) for p in paths), "", intro, ""]
-    md += [_md_table(t) + "\n" for t in top] or [f"### Findings\n\n{no_findings}\n"]
+    if counts:
+        md += ["## Summary", "", "At a glance (rows per verdict, by rule): " + md_text(counts), ""]
+    md += [_md_table(t) + "\n" for t in summary]
+    for title, fn, caption in key_figs:
+        md += [f"### {md_text(title)}", "", f"![{md_text(title)}]({fn.name})", "", md_text(caption), ""]
+    md += [_md_table(t) + "\n" for t in short] or [f"### Findings\n\n{no_findings}\n"]
     md += [_md_table(ref), "", paper_note, "", f"![paper reference]({ref_png.name})", ""]
-    md += [_md_table(t) + "\n" for t in body[len(top):]]
+    for title, fn, caption in other_figs:
+        md += [f"### {md_text(title)}", "", f"![{md_text(title)}]({fn.name})", "", md_text(caption), ""]
+    md += [_md_table(t) + "\n" for t in long_tables]
     if problems:
         md += ["### Failed, unfinished or excluded runs", "", "| run | status | error | log |", "|---|---|---|---|"]
         md += [f"| {p['run']} | {p['status']} | {(p['error'] or '').replace('|', '/')} | {p['log'] or ''} |" for p in problems] + [""]
-    for title, fn, caption in figures:
-        md += [f"### {md_text(title)}", "", f"![{md_text(title)}]({fn.name})", "", md_text(caption), ""]
     (out / "report.md").write_text(html.escape("\n".join(md), quote=False))  # what it quotes shows as text, never as HTML
 
     # HTML (self-contained): every value goes through the template's autoescape
+    fig_view = lambda fs: [{"title": t, "src": P.data_uri(fn), "caption": c} for t, fn, c in fs]  # noqa: E731
     page = report_html.render(
-        stamp=stamp, inputs=", ".join(map(str, paths)), intro=intro, findings=[table_view(t) for t in top], no_findings=no_findings,
-        paper=table_view(ref), paper_note=paper_note, paper_png=P.data_uri(ref_png), tables=[table_view(t) for t in body[len(top):]],
+        stamp=stamp, inputs=", ".join(map(str, paths)), intro=intro, counts=counts, summary=[table_view(t) for t in summary],
+        findings=[table_view(t) for t in short], no_findings=no_findings,
+        paper=table_view(ref), paper_note=paper_note, paper_png=P.data_uri(ref_png), tables=[table_view(t) for t in long_tables],
         problems=[{k: str(p.get(k) or "") for k in ("run", "status", "error", "log")} for p in problems],
-        figures=[{"title": t, "src": P.data_uri(fn), "caption": c} for t, fn, c in figures])
+        key_figures=fig_view(key_figs), figures=fig_view(other_figs))
     (out / "report.html").write_text(page)
 
     data = {"generated": stamp, "inputs": [str(p) for p in paths],

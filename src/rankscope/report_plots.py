@@ -213,12 +213,18 @@ def _restarts(ax, runs, groups, size: str, x: str) -> bool:
     return drawn
 
 
-def _legend(fig, methods: list[str], restarts: bool, counts: dict[str, str]) -> None:
+def has_band(runs, groups) -> bool:
+    """A min-max band exists where some group holds two or more runs (seeds); with one run each there is none."""
+    return any(len([r for r in runs if r.group == g]) >= 2 for g in groups)
+
+
+def _legend(fig, methods: list[str], restarts: bool, counts: dict[str, str], band: bool = True) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     handles = [Line2D([], [], color=colour(m), lw=1.6, label=f"{m} {counts.get(m, '')}".strip()) for m in methods]
-    handles.append(Patch(color="gray", alpha=0.25, label=BAND))
+    if band:  # "min-max over seeds" only where a group has 2+ runs
+        handles.append(Patch(color="gray", alpha=0.25, label=BAND))
     if restarts:
         handles.append(Line2D([], [], color="gray", ls=":", lw=0.8, label="ReLoRA merge"))
     fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=8, frameon=False)
@@ -263,12 +269,15 @@ def loss_figure(runs, groups):
     for r, size in enumerate(sizes):
         for c, (key, label) in enumerate(panels):
             ax = axes[r][c]
-            tail = []
+            tail, xs = [], []
             for method, s in groups:
                 if s == size and _draw(ax, [loss_series(m, key) for m in runs if m.group == (method, s)], method):
                     x, _, lo, hi = mean_band([loss_series(m, key) for m in runs if m.group == (method, s)])
                     tail += hi[x >= x[-1] / 10].tolist() + lo.tolist()
+                    xs += [x[0], x[-1]]
             restarts |= _restarts(ax, runs, groups, size, "tokens")
+            if xs:  # each panel its own token range (validation starts later than training): merge lines never widen it
+                ax.set_xlim(min(xs) / 1.15, max(xs) * 1.15)
             if tail:  # the first tenth of training (loss ~ ln V) would flatten the rest
                 pad = 0.05 * (max(tail) - min(tail) or 1)
                 ax.set_ylim(min(tail) - pad, max(tail) + pad)
@@ -283,7 +292,7 @@ def loss_figure(runs, groups):
                 ax.set_ylabel(size, fontsize=9)
             if r == len(sizes) - 1:
                 ax.set_xlabel("tokens", fontsize=8)
-    _legend(fig, list(dict.fromkeys(g[0] for g in groups)), restarts, _counts(runs, groups))
+    _legend(fig, list(dict.fromkeys(g[0] for g in groups)), restarts, _counts(runs, groups), has_band(runs, groups))
     return fig
 
 
@@ -323,7 +332,7 @@ def rank_figure(runs, groups, metric: str, components: list[str], kind: str = "w
                 ax.set_ylabel(f"{size}\n{METRIC_NAMES[metric]}", fontsize=8)
             if r == len(sizes) - 1:
                 ax.set_xlabel("step", fontsize=8)
-    _legend(fig, list(dict.fromkeys(g[0] for g in groups)), restarts, _counts(runs, groups))
+    _legend(fig, list(dict.fromkeys(g[0] for g in groups)), restarts, _counts(runs, groups), has_band(runs, groups))
     return fig
 
 
@@ -407,13 +416,16 @@ def plot_paper_reference(path: Path) -> Path:
 
 def figures(runs, groups, out: Path, spectra_steps: list[int] | None = None) -> Iterator[tuple[str, Path | None, str]]:
     """(title, png or None, caption) of every figure of the report."""
-    band = f"Rows: model size. Line: mean over seeds; band: {BAND}; dotted vertical lines: ReLoRA merge-and-restarts."
+    band = (f"Rows: model size. Line: mean over seeds; band: {BAND}; dotted vertical lines: ReLoRA merge-and-restarts."
+            if has_band(runs, groups) else
+            "Rows: model size. One run per group (no band over seeds); dotted vertical lines: ReLoRA merge-and-restarts.")
 
     def png(fig, name: str) -> Path | None:
         return save(fig, out / name) if fig is not None else None
 
     yield ("Loss vs tokens", png(loss_figure(runs, groups), "loss_vs_tokens.png"),
-           f"{band} Log token axis; the y-axis starts after the first tenth of training. The validation loss here is the in-training "
+           f"{band} Log token axis, each panel over its own token range (validation starts at the first evaluation); "
+           "the y-axis starts after the first tenth of training. The validation loss here is the in-training "
            "estimate (mean of train.eval_batches batches), the bits per byte the in-training per-domain evaluation (macro average). A quantity measured once per run "
            "(a final evaluation) is a table row, not a one-dot panel; a y-axis is at least 5% of its value tall.")
     yield ("BLiMP per phenomenon", png(blimp_figure(runs, groups), "blimp_phenomena.png"),

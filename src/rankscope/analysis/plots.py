@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -103,42 +104,64 @@ def spectra_panels(spectra: dict[str, list], kind: str, label=lambda run, method
     return dict(acc)
 
 
+def spectra_layout(n_comps: int, n_columns: int, max_cols: int = 4) -> tuple[int, int, bool]:
+    """(rows, columns, wrapped) of the spectra grid: components x groups where there are 3+ groups; else the
+    panels wrap into up to `max_cols` columns (one group's 5 components: a 2 x 3 grid, not one column of 5)."""
+    if n_columns >= 3 or n_comps * n_columns <= 1:
+        return n_comps, n_columns, False
+    n = n_comps * n_columns
+    cols = min(max_cols, n)
+    return math.ceil(n / cols), cols, True
+
+
 def spectra_figure(acc: dict[tuple, list[np.ndarray]], columns: list[str], steps: list[int] | None = None, max_steps: int = 4,
                    floor: float = 1e-12, title: str | None = None):
-    """Rows = components, columns = `columns`, one line per step (mean over the arrays of a panel);
-    values below `floor` are drawn at `floor`. The one spectra plot of `analyze` and `report`."""
+    """Rows = components, columns = `columns`, one line per step (mean over the arrays of a panel); with fewer than three
+    columns the panels wrap into a grid that fills the width (spectra_layout). Values below `floor` are drawn at `floor`.
+    Major and minor tick labels share one size. The one spectra plot of `analyze` and `report`."""
     plt = _plt()
     comps = _ordered({k[1] for k in acc})
     all_steps = sorted({k[2] for k in acc})
     chosen = sorted({min(all_steps, key=lambda h: abs(h - s)) for s in steps}) if steps else \
         sorted({all_steps[int(i)] for i in np.linspace(0, len(all_steps) - 1, min(max_steps, len(all_steps)))})
-    width = min(11.8, 2.7 * len(columns) + 0.8)
-    fig, axes = plt.subplots(len(comps), len(columns), figsize=(width, 2.0 * len(comps) + 0.9), squeeze=False, layout="constrained")
+    nrows, ncols, wrapped = spectra_layout(len(comps), len(columns))
+    width = min(11.8, 2.7 * ncols + 0.8)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(width, 2.0 * nrows + 0.9), squeeze=False, layout="constrained")
+    panels = [(comp, col) for comp in comps for col in columns]  # row-major: a component's groups side by side
+    where = {p: divmod(i, ncols) if wrapped else (comps.index(p[0]), columns.index(p[1])) for i, p in enumerate(panels)}
     cmap = plt.get_cmap("viridis")
     for (col, comp, step), ss in sorted(acc.items()):
         if step not in chosen or col not in columns or len({len(x) for x in ss}) != 1:
             continue
-        ax = axes[comps.index(comp)][columns.index(col)]
+        r, c = where[(comp, col)]
         mean = np.mean(np.stack(ss), axis=0)
-        ax.plot(np.arange(1, len(mean) + 1), np.clip(mean, floor, None), color=cmap(chosen.index(step) / max(1, len(chosen) - 1) * 0.9),
-                lw=1.2, label=f"step {step}")
-    for r, comp in enumerate(comps):
-        for c, col in enumerate(columns):
-            ax = axes[r][c]
-            ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.tick_params(labelsize=7)
+        grid[r][c].plot(np.arange(1, len(mean) + 1), np.clip(mean, floor, None), color=cmap(chosen.index(step) / max(1, len(chosen) - 1) * 0.9),
+                        lw=1.2, label=f"step {step}")
+    for (comp, col), (r, c) in where.items():
+        ax = grid[r][c]
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.tick_params(which="both", labelsize=7)  # minor log labels (2x10^-1 ...) no larger than the decades'
+        if wrapped:
+            ax.set_title(f"{comp} — {col}" if len(columns) > 1 else comp, fontsize=8)
+            if c == 0:
+                ax.set_ylabel("s_i / s_max", fontsize=8)
+            if r == nrows - 1 or (r + 1) * ncols + c >= len(panels):
+                ax.set_xlabel("index i", fontsize=8)
+        else:
             if r == 0:
                 ax.set_title(col, fontsize=8)
             if c == 0:
                 ax.set_ylabel(f"{comp}\ns_i / s_max", fontsize=8)
-            if r == len(comps) - 1:
+            if r == nrows - 1:
                 ax.set_xlabel("index i", fontsize=8)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    for i in range(len(panels), nrows * ncols):  # the wrapped grid's empty cells
+        grid[i // ncols][i % ncols].set_visible(False)
+    handles, labels = grid[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside upper center", ncol=len(handles), fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title or (wrapped and len(columns) == 1):
+        fig.suptitle(title or columns[0], fontsize=10 if title else 9)
     return fig
 
 
