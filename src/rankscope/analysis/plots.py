@@ -110,7 +110,7 @@ def spectra_layout(n_comps: int, n_columns: int, max_cols: int = 4) -> tuple[int
     if n_columns >= 3 or n_comps * n_columns <= 1:
         return n_comps, n_columns, False
     n = n_comps * n_columns
-    cols = min(max_cols, n)
+    cols = n if n <= max_cols else min((max_cols, max_cols - 1), key=lambda c: (math.ceil(n / c) * c - n, -c))  # fewest empty cells
     return math.ceil(n / cols), cols, True
 
 
@@ -156,7 +156,7 @@ def spectra_figure(acc: dict[tuple, list[np.ndarray]], columns: list[str], steps
             if r == nrows - 1:
                 ax.set_xlabel("index i", fontsize=8)
     for i in range(len(panels), nrows * ncols):  # the wrapped grid's empty cells
-        grid[i // ncols][i % ncols].set_visible(False)
+        grid[i // ncols][i % ncols].remove()
     handles, labels = grid[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside upper center", ncol=len(handles), fontsize=8, frameon=False)
