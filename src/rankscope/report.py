@@ -500,7 +500,7 @@ def claims_table(items: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 # figures shown right after the summary: loss, and PER of the paper's components, of updates and of gradients (finding (d))
 KEY_FIGURES = ("loss_vs_tokens.png", "rank_per_paper.png", "rank_per_update.png", "rank_per_cumulative_update.png", "rank_per_grad.png")
-LONG_FINDINGS = "Paired differences per seed"  # findings_tables' per-seed table: with the long tables, after the figures
+LONG_FINDINGS = ("Findings:", "Paired differences per seed")  # every findings row and the per-seed table: long, after the figures
 
 
 def summary_tables(top: list[dict[str, Any]], verdicts: list[dict[str, Any]],
@@ -508,7 +508,8 @@ def summary_tables(top: list[dict[str, Any]], verdicts: list[dict[str, Any]],
     """(the summary's tables, the findings tables shown beside the paper's numbers, the report's other tables).
 
     With pre-registered findings the summary is the findings table's primary rows and the headline; without, the
-    headline alone (a single-run report leads with the run). The per-seed table goes with the long tables (write_report)."""
+    headline alone (a single-run report leads with the run). The full findings table and the per-seed table go with the long
+    tables (write_report); the scale box and a tuning table stay beside the paper's numbers."""
     head = [t for t in tables if t["title"].startswith("Headline")]
     rest = [t for t in tables if t not in head]
     short = [t for t in top if not t.get("title", "").startswith(LONG_FINDINGS)]
@@ -519,7 +520,7 @@ def summary_tables(top: list[dict[str, Any]], verdicts: list[dict[str, Any]],
     if full is not None and len(full["rows"]) == len(verdicts):
         primary = [row for row, v in zip(full["rows"], verdicts) if v.get("primary")]
         if primary:
-            summary.append({**full, "title": f"Primary endpoints ({len(primary)} of {len(verdicts)} findings rows; all rows below)",
+            summary.append({**full, "title": f"Primary endpoints ({len(primary)} of {len(verdicts)} findings rows; every row under Tables below)",
                             "note": "", "rows": primary})
     return summary + head, short, rest
 

@@ -3,8 +3,9 @@
 Every run name, status, error, config value, metric name and number is passed to the template as
 data and escaped by jinja2; nothing is pasted into HTML by string formatting. Layout: a summary (verdict
 counts, the primary endpoints' rows, the headline table), the key figures (loss; PER of weights, updates
-and gradients), the study's findings tables with the paper's reference numbers beside them (labelled as
-the paper's, at pico scale), the other figures, then the long tables each in a collapsible <details>
+and gradients), the scale box (and tuned values) with the paper's reference numbers beside them (labelled
+as the paper's, at pico scale), the other figures, then the long tables (every findings row, per-seed
+differences, the paper's claims checked, per-domain tables, every run) each in a collapsible <details>
 block, and failed runs. Without pre-registered findings (a single run) the summary is the run's
 headline table; the paper's numbers follow the key figures.
 """
