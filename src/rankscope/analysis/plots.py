@@ -125,7 +125,7 @@ def spectra_figure(acc: dict[tuple, list[np.ndarray]], columns: list[str], steps
     chosen = sorted({min(all_steps, key=lambda h: abs(h - s)) for s in steps}) if steps else \
         sorted({all_steps[int(i)] for i in np.linspace(0, len(all_steps) - 1, min(max_steps, len(all_steps)))})
     nrows, ncols, wrapped = spectra_layout(len(comps), len(columns))
-    width = min(11.8, 2.7 * ncols + 0.8)
+    width = 11.8 if wrapped else min(11.8, 2.7 * ncols + 0.8)  # a wrapped grid takes the page's width
     fig, grid = plt.subplots(nrows, ncols, figsize=(width, 2.0 * nrows + 0.9), squeeze=False, layout="constrained")
     panels = [(comp, col) for comp in comps for col in columns]  # row-major: a component's groups side by side
     where = {p: divmod(i, ncols) if wrapped else (comps.index(p[0]), columns.index(p[1])) for i, p in enumerate(panels)}
@@ -143,7 +143,7 @@ def spectra_figure(acc: dict[tuple, list[np.ndarray]], columns: list[str], steps
         ax.grid(alpha=0.3)
         ax.tick_params(which="both", labelsize=7)  # minor log labels (2x10^-1 ...) no larger than the decades'
         if wrapped:
-            ax.set_title(f"{comp} — {col}" if len(columns) > 1 else comp, fontsize=8)
+            ax.set_title(f"{comp} ({col})", fontsize=8)
             if c == 0:
                 ax.set_ylabel("s_i / s_max", fontsize=8)
             if r == nrows - 1 or (r + 1) * ncols + c >= len(panels):
@@ -160,8 +160,8 @@ def spectra_figure(acc: dict[tuple, list[np.ndarray]], columns: list[str], steps
     handles, labels = grid[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside upper center", ncol=len(handles), fontsize=8, frameon=False)
-    if title or (wrapped and len(columns) == 1):
-        fig.suptitle(title or columns[0], fontsize=10 if title else 9)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 
