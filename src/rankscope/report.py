@@ -14,9 +14,13 @@ Evaluation values (val_*, blimp*) come from RUN/eval.json (the post-training `ra
 where it exists, else from summary.json (the in-training evaluation at the last step, over the
 first eval.max_docs documents per domain); a line under each table names which. The headline's one
 validation loss is `val_loss_all` (every scored token pooled) where every run has it, else the
-8-batch in-training estimate `final_val_loss`, and says so. The page opens with the study's
-findings tables (rankscope.findings, where present) beside the paper's own numbers (Weiss et al.
-2025, at pico scale), which are labelled and never mixed into this study's numbers. Every value
+8-batch in-training estimate `final_val_loss`, and says so. The page opens with a summary (the
+findings' verdict counts and primary rows where a study pre-registered findings, the headline table)
+and any failed runs, then the key figures (loss; PER of weights, updates, gradients), the scale box
+beside the paper's own numbers (Weiss et al. 2025, at pico scale; labelled and never mixed into this
+study's numbers), the other figures, and last the long tables (every findings row, per-seed
+differences, the paper's claims checked, per-domain tables, every run; collapsed in the HTML).
+Sizes are ordered by non-embedding parameters (findings.size_order), labels as given. Every value
 reaches report.html through one escaping path, the jinja2 template in rankscope.report_html.
 """
 
@@ -574,6 +578,9 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
     if counts:
         md += ["## Summary", "", "At a glance (rows per verdict, by rule): " + md_text(counts), ""]
     md += [_md_table(t) + "\n" for t in summary]
+    if problems:
+        md += ["### Failed, unfinished or excluded runs", "", "| run | status | error | log |", "|---|---|---|---|"]
+        md += [f"| {p['run']} | {p['status']} | {(p['error'] or '').replace('|', '/')} | {p['log'] or ''} |" for p in problems] + [""]
     for title, fn, caption in key_figs:
         md += [f"### {md_text(title)}", "", f"![{md_text(title)}]({fn.name})", "", md_text(caption), ""]
     md += [_md_table(t) + "\n" for t in short] or [f"### Findings\n\n{no_findings}\n"]
@@ -581,9 +588,6 @@ def write_report(paths: list[str | Path], out_dir: str | Path, spectra_steps: li
     for title, fn, caption in other_figs:
         md += [f"### {md_text(title)}", "", f"![{md_text(title)}]({fn.name})", "", md_text(caption), ""]
     md += [_md_table(t) + "\n" for t in long_tables]
-    if problems:
-        md += ["### Failed, unfinished or excluded runs", "", "| run | status | error | log |", "|---|---|---|---|"]
-        md += [f"| {p['run']} | {p['status']} | {(p['error'] or '').replace('|', '/')} | {p['log'] or ''} |" for p in problems] + [""]
     (out / "report.md").write_text(html.escape("\n".join(md), quote=False))  # what it quotes shows as text, never as HTML
 
     # HTML (self-contained): every value goes through the template's autoescape

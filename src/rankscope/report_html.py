@@ -6,7 +6,7 @@ counts, the primary endpoints' rows, the headline table), the key figures (loss;
 and gradients), the scale box (and tuned values) with the paper's reference numbers beside them (labelled
 as the paper's, at pico scale), the other figures, then the long tables (every findings row, per-seed
 differences, the paper's claims checked, per-domain tables, every run) each in a collapsible <details>
-block, and failed runs. Without pre-registered findings (a single run) the summary is the run's
+block. Failed, unfinished or excluded runs are listed right after the summary. Without pre-registered findings (a single run) the summary is the run's
 headline table; the paper's numbers follow the key figures.
 """
 
@@ -37,6 +37,12 @@ TEMPLATE = """<!doctype html>
 {%- if counts %}<p class="note">At a glance (rows per verdict, by rule): {{ counts }}</p>{% endif %}
 {%- for t in summary %}{{ table(t) }}{% endfor %}
 {%- endif %}
+{%- if problems %}
+<h3 class="bad">Failed, unfinished or excluded runs</h3>
+<table><tr><th>run</th><th>status</th><th>error</th><th>log</th></tr>
+{%- for p in problems %}<tr class="bad"><td>{{ p.run }}</td><td>{{ p.status }}</td><td>{{ p.error }}</td><td>{{ p.log }}</td></tr>{% endfor %}
+</table>
+{%- endif %}
 {%- for f in key_figures %}
 <h3>{{ f.title }}</h3><img alt="{{ f.title }}" src="{{ f.src }}"><p class="note">{{ f.caption }}</p>
 {%- endfor %}
@@ -57,12 +63,6 @@ TEMPLATE = """<!doctype html>
 {%- if tables %}
 <h2>Tables</h2>
 {%- for t in tables %}<details class="long"><summary>{{ t.title }} ({{ t.rows|length }} rows)</summary>{{ table(t) }}</details>{% endfor %}
-{%- endif %}
-{%- if problems %}
-<h3 class="bad">Failed, unfinished or excluded runs</h3>
-<table><tr><th>run</th><th>status</th><th>error</th><th>log</th></tr>
-{%- for p in problems %}<tr class="bad"><td>{{ p.run }}</td><td>{{ p.status }}</td><td>{{ p.error }}</td><td>{{ p.log }}</td></tr>{% endfor %}
-</table>
 {%- endif %}
 </body></html>
 """
