@@ -272,7 +272,8 @@ def test_report_puts_findings_first_and_reads_stages_from_sweep_json(tmp_path):
     assert verdicts[("a-val-bpb", "micro")] == "not measured" and verdicts[("b-val-loss", "across sizes")] == "not measured"
     assert verdicts[("a-control", "micro")] == "confirmed" and verdicts[("a-control", "mini")] == "not measured"
     html = (out / "report.html").read_text()
-    assert html.index("Findings: pre-registered") < html.index("Headline")
+    assert html.index("At a glance") < html.index("Primary endpoints") < html.index("Headline")  # the summary leads
+    assert html.index("Headline") < html.index("Findings: pre-registered")  # every row, collapsed under Tables
 
 
 def test_a_pair_of_different_estimates_is_not_measured(tmp_path):

@@ -95,8 +95,9 @@ def test_a_report_without_findings_leads_with_the_runs():
     table = {"title": "Runs: this run", "note": "", "columns": ["a"], "rows": [[{"title": "", "text": "1"}]]}
     paper = {**table, "title": "THE PAPER"}
     common = dict(stamp="s", inputs="runs/demo", intro="i", no_findings="none", paper=paper, paper_note="n", paper_png="data:,",
-                  tables=[table], problems=[], figures=[])
-    page = report_html.render(findings=[], **common)
+                  problems=[], figures=[], key_figures=[], tables=[])
+    page = report_html.render(findings=[], counts="", summary=[table], **common)  # a single run: its headline leads
     assert page.index("Runs: this run") < page.index("THE PAPER")
-    page = report_html.render(findings=[{**table, "title": "Findings: rule"}], **common)
-    assert page.index("Findings: rule") < page.index("THE PAPER") < page.index("Runs: this run")
+    primary = {**table, "title": "Primary endpoints: rule"}
+    page = report_html.render(findings=[{**table, "title": "Scale: box"}], counts="rule: confirmed 1", summary=[primary, table], **common)
+    assert page.index("confirmed 1") < page.index("Primary endpoints: rule") < page.index("Runs: this run") < page.index("THE PAPER")
