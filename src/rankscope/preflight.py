@@ -71,13 +71,8 @@ def _duration(s: float) -> str:
 # --------------------------------------------------------------------------- the points as they will run
 def planned_runs(study) -> list[dict[str, Any]]:
     """Every main and control run as {method label, size, seed, config dict}; a tuned field at its first grid value."""
-    from rankscope.study import build_point, grid_values
-
     runs = []
-    for values in grid_values(study):
-        if study.tune is not None:
-            values = {**values, study.tune.field: study.tune.grid[0]}
-        p = build_point(study, values, "main")
+    for values, p in study.planned():
         runs.append(_run(p.config, p.config["method"]["name"]))
         if study.control and all(values.get(k) == v for k, v in study.control.where.items()):
             runs.append(_run(p.config, p.config["method"]["name"] + CONTROL_SUFFIX))
@@ -270,16 +265,9 @@ def estimate_seconds(study, parallel: int, cores: int | None = None) -> tuple[fl
     """Training wall time: every run's steps x the timed seconds per step of its (size, method), over `parallel`."""
     import os
 
-    from rankscope.study import build_point, grid_values
-
     cores = cores or os.cpu_count() or 1
     threads = max(1, cores // max(1, parallel))
-    configs = [r["config"] for r in planned_runs(study)]
-    if study.tune is not None:
-        extra = list(study.tune.overrides or [])
-        for values in grid_values(study):
-            for v in study.tune.grid:
-                configs.append(build_point(study, {**values, study.tune.field: v}, "main", extra).config)
+    configs = [r["config"] for r in planned_runs(study)] + study.tuning_configs()
     timing: dict[str, float] = {}
     total = 0.0
     for cfg in configs:

@@ -162,6 +162,24 @@ class Study:
     pretrain: list[str] | None = None  # `pretrain:` the train command line (config, overrides) of a fine-tuning study's base
     expect_unmeasured: list[str] = field(default_factory=list)  # findings rule ids the pre-flight check may find unmeasurable
 
+    def planned(self) -> list[tuple[dict[str, Any], Point]]:
+        """(grid values, main point) for every main run, a tuned field at its first grid value (rankscope.preflight reads
+        the study through this and `tuning_configs`, so it never imports this module)."""
+        out = []
+        for values in grid_values(self):
+            if self.tune is not None:
+                values = {**values, self.tune.field: self.tune.grid[0]}
+            out.append((values, build_point(self, values, "main")))
+        return out
+
+    def tuning_configs(self) -> list[dict[str, Any]]:
+        """The config of every tuning run (each grid value of each main point, with the tuning overrides)."""
+        if self.tune is None:
+            return []
+        extra = list(self.tune.overrides or [])
+        return [build_point(self, {**values, self.tune.field: v}, "main", extra).config
+                for values in grid_values(self) for v in self.tune.grid]
+
 
 class Launcher(Protocol):
     def run(self, points: list[Point], study: Study) -> None: ...
