@@ -109,7 +109,7 @@ def main() -> None:
     if args.skip_run:
         return
     from rankscope.analysis.run import analyze_run
-    from rankscope.checkpoint import save_checkpoint
+    from rankscope.store.checkpoint import save_checkpoint
 
     cfg = load_config(None, ["model.preset=pico-small", f"model.n_layers={args.layers}"])
     with tempfile.TemporaryDirectory() as tmp:

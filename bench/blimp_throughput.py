@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from rankscope.config import PRESETS, ModelConfig
-from rankscope.errors import DataError
+from rankscope.core.errors import DataError
 from rankscope.evaluate.blimp import SHARED_BLIMP, accuracy, load_pairs, sentence_logprobs
 from rankscope.model import Decoder
 

@@ -38,7 +38,7 @@ def rss_kib(field: str) -> int:
 
 
 def local_bytes(t: torch.Tensor | None) -> int:
-    from rankscope.sharding import local
+    from rankscope.train.sharding import local
 
     return 0 if t is None else local(t).numel() * local(t).element_size()
 
@@ -46,11 +46,11 @@ def local_bytes(t: torch.Tensor | None) -> int:
 def worker(rank: int, world: int, port: int, args, layout: str, method: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
-    from rankscope import distributed, sharding
+    from rankscope.train import distributed, sharding
     from rankscope.config import load_config
     from rankscope.methods import build_method
     from rankscope.model import Decoder
-    from rankscope.runtime import autocast, pick_device, pick_precision
+    from rankscope.core.runtime import autocast, pick_device, pick_precision
 
     base_rss = rss_kib("VmRSS")
     info = distributed.from_env()

@@ -1,5 +1,5 @@
 """Short runs of the paper configs (configs/paper/*.yaml) on this machine's device: tokens/s,
-MFU (GPU, against the datasheet peak in rankscope.runtime.GPU_PEAKS), peak memory, optimiser
+MFU (GPU, against the datasheet peak in rankscope.core.runtime.GPU_PEAKS), peak memory, optimiser
 state, full-rank vs ReLoRA side by side in one run.
 
     python bench/paper_steps.py --steps 30 --batch 16 --accum 2 [--sources python] [--tokenizer PATH] [--compile]
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from rankscope.config import load_config
-from rankscope.train import train
+from rankscope.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

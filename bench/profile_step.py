@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from rankscope import model as model_mod  # noqa: E402
+from rankscope import model as model_mod# noqa: E402
 from rankscope.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from rankscope.model import Decoder  # noqa: E402
 from rankscope.optim import build_adamw, param_groups  # noqa: E402

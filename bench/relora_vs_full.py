@@ -27,7 +27,7 @@ from rankscope.config import load_config
 from rankscope.methods import build_method
 from rankscope.model import Decoder
 from rankscope.optim import optimizer_state_bytes
-from rankscope.runtime import autocast, pick_device, pick_precision
+from rankscope.core.runtime import autocast, pick_device, pick_precision
 
 
 def build(preset: str, method: str, args, device):

@@ -15,7 +15,7 @@ In one run it measures, on this CPU:
       report VmHWM (peak resident set, /proc/self/status) minus the RSS right after `import
       torch`: weights + grads + AdamW moments + activations + allocator slack. tracemalloc does
       not see torch's allocations, so it cannot be used.
-Ours runs with the settings `train.precision: auto` / `train.compile: auto` pick (rankscope.autotune's
+Ours runs with the settings `train.precision: auto` / `train.compile: auto` pick (rankscope.train.autotune's
 measurement, run here for each preset, compile trial included), HF at the same precision both eager
 and under `torch.compile` of its forward + loss (inductor; compile time excluded by two warm-up
 steps): the ratios ours / HF-eager and ours / HF-compiled, side by side in one run.
@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from rankscope.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from rankscope.model import Decoder  # noqa: E402
 from rankscope.optim import build_adamw, param_groups  # noqa: E402
-from rankscope.runtime import autocast  # noqa: E402
+from rankscope.core.runtime import autocast  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -124,8 +124,8 @@ def build_ours(cfg: ModelConfig, compile: bool = False):
 
 def auto_settings(cfg: ModelConfig, shape: Shape) -> dict:
     """What `train.precision: auto` + `train.compile: auto` pick for this preset and batch
-    (rankscope.autotune's own measurement, with the compile trial always run)."""
-    import rankscope.autotune as autotune
+    (rankscope.train.autotune's own measurement, with the compile trial always run)."""
+    import rankscope.train.autotune as autotune
     from rankscope.config import RunConfig
 
     run = RunConfig()

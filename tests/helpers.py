@@ -58,7 +58,7 @@ class CrashAfter:
 def crash_and_resume(overrides: list[str], tmp_path: Path, crash_at: int) -> tuple[Path, Path]:
     """Train the same config straight through, and again with a crash at `crash_at` followed by a
     resume in the same directory. Returns the two run directories."""
-    from rankscope.train import Trainer, train
+    from rankscope.train.loop import Trainer, train
 
     straight, resumed = Path(tmp_path) / "straight", Path(tmp_path) / "resumed"
     train(load_config(None, overrides), straight, log=lambda *_: None)
@@ -77,7 +77,7 @@ def crash_and_resume(overrides: list[str], tmp_path: Path, crash_at: int) -> tup
 def final_weights(run: Path, name: str = "model") -> dict:
     from safetensors.torch import load_file
 
-    from rankscope.checkpoint import list_checkpoints
+    from rankscope.store.checkpoint import list_checkpoints
 
     return load_file(str(list_checkpoints(Path(run) / "checkpoints")[-1][1] / f"{name}.safetensors"))
 

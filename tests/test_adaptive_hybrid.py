@@ -8,14 +8,14 @@ import torch
 from safetensors.torch import load_file
 
 from rankscope.config import load_config
-from rankscope.errors import ConfigError
-from rankscope.loading import load_trained
+from rankscope.core.errors import ConfigError
+from rankscope.evaluate.loading import load_trained
 from rankscope.methods import build_method
 from rankscope.methods.adaptive import allocate_ranks, update_effective_rank
 from rankscope.methods.memory import match_memory, measured_state_bytes
 from rankscope.methods.lora import LoRALinear, lora_modules
 from rankscope.model import Decoder
-from rankscope.train import train
+from rankscope.train.loop import train
 from helpers import assert_same_final_weights, crash_and_resume, tiny_config, tiny_overrides
 
 CYCLE = ["method.relora.reset_every=10", "method.relora.restart_warmup_steps=1"]  # ReLoRA cycles that fit a tiny run
@@ -163,7 +163,7 @@ def test_match_memory_sets_rank_and_density(data_dir):
 
 def test_study_option_match_memory_sets_each_points_knob(data_dir, tmp_path):
     from rankscope.config import config_from_dict
-    from rankscope.study import load_study
+    from rankscope.studies.study import load_study
 
     study = tmp_path / "s.yaml"
     overrides = "\n".join(f"  - {o}" for o in tiny_overrides(data_dir, "method.rank=4", "method.reset_every=10", "method.restart_warmup_steps=1",

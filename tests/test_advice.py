@@ -11,7 +11,7 @@ import pytest
 
 from rankscope.cli import main
 from rankscope.config import load_config
-from rankscope.errors import ConfigError
+from rankscope.core.errors import ConfigError
 from helpers import REPO, tiny_overrides
 
 METHODS_WITH_SCHEDULES = ["lora", "relora", "adaptive", "hybrid", "galore", "so", "so_single"]

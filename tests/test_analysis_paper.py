@@ -136,7 +136,7 @@ KINDS = ["weight", "update", "cumulative_update", "cycle_update", "grad"]
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, data_dir):
-    from rankscope.train import Trainer, train
+    from rankscope.train.loop import Trainer, train
 
     root = tmp_path_factory.mktemp("paper")
     out = {}
@@ -235,7 +235,7 @@ def test_analyze_cli_all_kinds_and_grads_each_checkpoint(two_runs, tmp_path):
 
 
 def test_save_grads_leaves_training_unchanged(two_runs, data_dir, tmp_path):
-    from rankscope.train import train
+    from rankscope.train.loop import train
 
     cfg, run, _ = two_runs["relora"]
     other = tiny_config(data_dir, *RUNS, "method.name=relora", "checkpoint.save_grads=false")

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from rankscope.analysis import analyze_run, compare_subspaces, matrix_metrics
 from rankscope.analysis import components as C
-from rankscope.checkpoint import save_checkpoint
+from rankscope.store.checkpoint import save_checkpoint
 from rankscope.config import load_config
 from rankscope.model import Decoder
 
@@ -100,7 +100,7 @@ def test_cycle_updates_with_angles(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
-    from rankscope.train import train
+    from rankscope.train.loop import train
 
     run = tmp_path_factory.mktemp("runs") / "full"
     cfg = tiny_config(data_dir, "train.max_steps=20", "checkpoint.every=10", "checkpoint.save_grads=true",
@@ -125,7 +125,7 @@ def test_analyze_trained_run_end_to_end(trained, tmp_path):
     import pyarrow.parquet as pq
 
     from rankscope.cli import main
-    from rankscope.train import Trainer
+    from rankscope.train.loop import Trainer
 
     cfg, run = trained
     out = tmp_path / "out"
@@ -153,7 +153,7 @@ def test_analyze_trained_run_end_to_end(trained, tmp_path):
 
 
 def test_relora_merge_events(data_dir, tmp_path):
-    from rankscope.train import train
+    from rankscope.train.loop import train
 
     cfg = tiny_config(data_dir, "train.max_steps=20", "method.name=relora", "method.rank=4", "method.reset_every=10",
                       "method.restart_warmup_steps=2", "method.save_cycle_updates=true", "analysis.every=10", "checkpoint.every=10")

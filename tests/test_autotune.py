@@ -5,8 +5,8 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from rankscope import autotune
-from rankscope.train import Trainer, train
+from rankscope.train import autotune
+from rankscope.train.loop import Trainer, train
 
 
 def losses(run):

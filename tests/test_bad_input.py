@@ -11,7 +11,7 @@ import pytest
 from helpers import one_line_error, tiny_config, write_study
 
 from rankscope.cli import main
-from rankscope.train import train
+from rankscope.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_a_corrupt_corpus_manifest_is_one_line_for_eval(run, tmp_path, capsys, c
     shutil.copytree(src, corpus)
     (corpus / "manifest.json").write_bytes(content)
     from rankscope.data.corpus import Corpus
-    from rankscope.errors import DataError
+    from rankscope.core.errors import DataError
 
     with pytest.raises(DataError, match="rankscope prepare CONFIG --force"):
         Corpus.open(corpus)
@@ -55,7 +55,7 @@ def test_a_corrupt_corpus_manifest_is_one_line_for_eval(run, tmp_path, capsys, c
 
 def _repoint(meta_file: Path, corpus: Path) -> None:
     """Point a checkpoint at another corpus folder, its meta.json hash kept valid."""
-    from rankscope.checkpoint import canonical_sha256
+    from rankscope.store.checkpoint import canonical_sha256
 
     meta = json.loads(meta_file.read_text())
     meta["corpus"] = str(corpus)
@@ -78,7 +78,7 @@ def test_a_corrupt_corpus_manifest_is_one_line_for_prepare(data_dir, tmp_path, c
                                          ("val.docs.npy", "truncate")])
 def test_a_damaged_token_shard_is_one_line(run, capsys, name, damage):
     from rankscope.data.corpus import Corpus
-    from rankscope.errors import DataError
+    from rankscope.core.errors import DataError
 
     corpus = Corpus.open(corpus_of(run))
     path = corpus.root / name

@@ -13,7 +13,7 @@ from helpers import BLIMP_DIR
 
 from rankscope.config import ModelConfig
 from rankscope.data.tokenizer import train_bpe
-from rankscope.errors import DataError, RankscopeError
+from rankscope.core.errors import DataError, RankscopeError
 from rankscope.evaluate.blimp import PHENOMENA, BlimpFormatError, Pair, accuracy, evaluate_blimp, load_pairs, sentence_logprobs
 from rankscope.model import Decoder
 

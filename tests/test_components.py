@@ -10,15 +10,15 @@ import torch
 from helpers import tiny_overrides
 
 from rankscope.analysis.run import analyze_run
-from rankscope.checkpoint import open_checkpoint
+from rankscope.store.checkpoint import open_checkpoint
 from rankscope.cli import main
 from rankscope.config import check, load_config, option
 from rankscope.export import dense_state_dict
-from rankscope.loading import load_trained
+from rankscope.evaluate.loading import load_trained
 from rankscope.methods import METHODS, register_method
 from rankscope.methods.base import Method, StepEvents
 from rankscope.methods.lora import lora_modules, merged_state_dict, adapter_layout
-from rankscope.train import train
+from rankscope.train.loop import train
 
 
 def _adaptive_run(data_dir, tmp_path, *extra):

@@ -1,7 +1,7 @@
 import pytest
 
 from rankscope.config import PRESETS, describe_fields, load_config, parse_overrides
-from rankscope.errors import ConfigError
+from rankscope.core.errors import ConfigError
 
 
 def test_defaults_yaml_and_overrides_layer(tmp_path):

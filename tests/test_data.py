@@ -8,7 +8,7 @@ from rankscope.data.corpus import Corpus, assign_splits, prepare, split_of
 from rankscope.data.sources import SOURCES, Document, read_files, read_hf_dataset
 from rankscope.data.stream import BatchStream
 from rankscope.data.tokenizer import TextTokenizer, train_bpe
-from rankscope.errors import DataError
+from rankscope.core.errors import DataError
 
 
 def small_data_cfg(tmp_path, **kw) -> DataConfig:
@@ -244,7 +244,7 @@ def test_eval_only_domains_are_absent_from_training_and_present_in_eval(tmp_path
 
 def test_eval_only_domains_validation(tmp_path):
     from rankscope.config import load_config
-    from rankscope.errors import ConfigError
+    from rankscope.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="holds every source"):
         load_config(None, ["data.sources=[shakespeare]", "data.eval_only_domains=[shakespeare]"])

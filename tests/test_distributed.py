@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import tiny_config
 
-from rankscope import distributed
-from rankscope.train import Trainer, train
+from rankscope.train import distributed
+from rankscope.train.loop import Trainer, train
 
 
 def free_port() -> int:
@@ -57,7 +57,7 @@ def worker(rank, world, port, data_dir, run_dir, overrides, stop_at):
         trainer.run()
     except KeyboardInterrupt:
         pass
-    trainer = None  # as rankscope.train.train: drop the trainer, then shut the group down
+    trainer = None  # as rankscope.train.loop.train: drop the trainer, then shut the group down
     distributed.shutdown()
 
 
@@ -138,7 +138,7 @@ RELORA = ("method.name=relora", "method.rank=3", "method.reset_every=3", "method
 
 
 def final_state(run):
-    from rankscope.checkpoint import open_checkpoint
+    from rankscope.store.checkpoint import open_checkpoint
 
     ck = open_checkpoint(run)
     return ck.load("model"), ck.load("optimizer")
@@ -175,7 +175,7 @@ def shard_ops_worker(rank, world, port, out):
 
     from rankscope.methods.lora import LoRALinear, seeded_generator
     from rankscope.methods.relora import reset_state_
-    from rankscope.sharding import full
+    from rankscope.train.sharding import full
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo")

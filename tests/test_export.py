@@ -8,13 +8,13 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from rankscope.checkpoint import open_checkpoint, save_checkpoint, write_meta
+from rankscope.store.checkpoint import open_checkpoint, save_checkpoint, write_meta
 from rankscope.cli import main
 from rankscope.config import config_from_dict
 from rankscope.export import ExportError, export
-from rankscope.loading import load_trained
+from rankscope.evaluate.loading import load_trained
 from rankscope.model import Decoder
-from rankscope.train import train
+from rankscope.train.loop import train
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,8 +10,8 @@ from helpers import tiny_config
 
 from rankscope.data.corpus import prepare
 from rankscope.data.tokenizer import train_bpe
-from rankscope.errors import ConfigError, DataError
-from rankscope.train import train
+from rankscope.core.errors import ConfigError, DataError
+from rankscope.train.loop import train
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 

@@ -17,9 +17,9 @@ from rankscope.cli import main
 from rankscope.config import load_config
 from rankscope.data.corpus import prepare
 from rankscope.data.fewshot import build_fewshot, select_shots
-from rankscope.finetune import SELECTION_METRIC, choose_step, finetune, finetune_config, open_base
-from rankscope.preemption import Preempted
-from rankscope.train import train
+from rankscope.train.finetune import SELECTION_METRIC, choose_step, finetune, finetune_config, open_base
+from rankscope.train.preemption import Preempted
+from rankscope.train.loop import train
 
 QUIET = dict(log=lambda *_: None)
 # a tiny corpus with a held-out target: Shakespeare to pretrain on, Python source held out
@@ -117,12 +117,12 @@ def test_finetune_from_a_run_and_from_its_hf_export(base_run, tmp_path):
 def test_a_sigterm_stops_the_finetune_and_it_resumes_bit_exact(base_run, tmp_path):
     from test_reliability import SignalAt
 
-    from rankscope.finetune import FinetuneTrainer
+    from rankscope.train.finetune import FinetuneTrainer
 
     cfg = ft_config(base_run, "method.name=so", "method.so.density=0.05", "method.so.support_every=2")
     straight = finetune(cfg, tmp_path / "straight", **QUIET)
-    from rankscope.callbacks import build_callbacks
-    from rankscope.finetune import FewshotCallback
+    from rankscope.train.callbacks import build_callbacks
+    from rankscope.train.finetune import FewshotCallback
 
     trainer = FinetuneTrainer(cfg, tmp_path / "resumed", callbacks=[*build_callbacks(cfg), FewshotCallback(), SignalAt(4, signal.SIGTERM)],
                               **QUIET)
@@ -216,8 +216,8 @@ def test_lora_finetune_equals_peft_lora_after_10_steps(base_run):
 def test_a_study_point_with_a_base_runs_finetune_and_pretrain_is_validated(data_dir, tmp_path):
     from helpers import write_study
 
-    from rankscope.errors import ConfigError
-    from rankscope.study import load_study, point_commands
+    from rankscope.core.errors import ConfigError
+    from rankscope.studies.study import load_study, point_commands
 
     (tmp_path / "pre.yaml").write_text(yaml.safe_dump({"model": {"preset": "micro"}, "train": {"max_steps": 5, "warmup_steps": 1}}))
     path = write_study(tmp_path, data_dir, {"method.name": ["lora", "so"]}, *FT, pretrain={"config": "pre.yaml"})
@@ -257,7 +257,7 @@ def stream(ds):
 
 
 def test_update_measures_on_updates_whose_answer_is_known():
-    from rankscope.finetune import update_measures
+    from rankscope.train.finetune import update_measures
 
     torch.manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(32, 32))

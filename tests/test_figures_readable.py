@@ -13,8 +13,8 @@ import pytest
 
 matplotlib.use("Agg")
 
-from rankscope import report_plots as P  # noqa: E402
-from rankscope.report import Run  # noqa: E402
+from rankscope.reports import plots as P# noqa: E402
+from rankscope.reports.report import Run  # noqa: E402
 from test_report_figures import fake_runs  # noqa: E402
 
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from helpers import write_rank_table
-from rankscope import stats
-from rankscope.errors import ConfigError
-from rankscope.findings import OPPOSITE, PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings, verdict_counts
-from rankscope.report import Run, _md_table, table_view
+from rankscope.studies import stats
+from rankscope.core.errors import ConfigError
+from rankscope.studies.findings import OPPOSITE, PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings, verdict_counts
+from rankscope.reports.report import Run, _md_table, table_view
 
 PARAMS = {"micro": 508_480, "milli": 1_070_112, "mini": 2_524_800}
 
@@ -231,8 +231,8 @@ def test_report_puts_findings_first_and_reads_stages_from_sweep_json(tmp_path):
 
     import yaml
 
-    from rankscope.report import write_report
-    from rankscope.study import Point, Study, write_sweep_summary
+    from rankscope.reports.report import write_report
+    from rankscope.studies.study import Point, Study, write_sweep_summary
 
     root = tmp_path / "runs"
     points = []
@@ -437,7 +437,7 @@ def test_controls_at_the_main_lr_are_not_a_second_test_and_stand_in_for_the_cont
 
 
 def test_gradient_and_cross_object_rows_are_adjusted_apart_and_counted_apart():
-    from rankscope.findings import _family, verdict_counts
+    from rankscope.studies.findings import _family, verdict_counts
 
     upd = {"id": "d-per", "finding": "d", "primary": False, "verdict": "confirmed", "counts_toward_verdict": True}
     grad = {"id": "d-per", "finding": "d", "primary": False, "verdict": "confirmed", "counts_toward_verdict": False, "object": "gradient"}

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from rankscope.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from rankscope.store.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from rankscope.config import load_config
 from rankscope.methods.galore import GaLoreAdamW, galore_projector, projection_side
-from rankscope.train import train
+from rankscope.train.loop import train
 from helpers import assert_same_final_weights, crash_and_resume, tiny_overrides
 
 

@@ -18,8 +18,8 @@ from rankscope.cli import main
 from rankscope.evaluate.blimp import evaluate_blimp, load_pairs, sentence_logprobs
 from rankscope.evaluate.harness import GROUP
 from rankscope.export import export
-from rankscope.loading import load_trained
-from rankscope.train import train
+from rankscope.evaluate.loading import load_trained
+from rankscope.train.loop import train
 
 # two paradigms whose rows have different extra fields (one_prefix_* in the second only)
 PARADIGMS = ("regular_plural_subject_verb_agreement_1", "determiner_noun_agreement_1")

@@ -9,7 +9,7 @@ import torch.nn as nn
 from rankscope.methods import build_method
 from rankscope.methods.lora import LoRALinear, MergeError, adapter_generator, lora_modules, lora_parameters, wrap_linears
 from rankscope.model import Decoder
-from rankscope.errors import RankscopeError
+from rankscope.core.errors import RankscopeError
 from helpers import tiny_config
 
 

@@ -23,11 +23,11 @@ import torch
 import yaml
 from helpers import one_line_error, REPO, tiny_config, tiny_overrides, write_study
 
-from rankscope import checkpoint as ckpt
+from rankscope.store import checkpoint as ckpt
 from rankscope.cli import main
 from rankscope.config import load_config
-from rankscope.errors import ConfigError
-from rankscope.train import train
+from rankscope.core.errors import ConfigError
+from rankscope.train.loop import train
 
 QUIET = {"log": lambda *_: None}
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
@@ -137,7 +137,7 @@ time.sleep(120)
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process holding the folder's lock (as a second `rankscope train` would)."""
     folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder / ".rankscope.lock")], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder / ".rankscope.core.lock")], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "held\n"
     return proc
 
@@ -209,7 +209,7 @@ def test_d3_a_cli_flag_with_a_newline_is_refused_too(data_dir, tmp_path, capsys)
 def test_d3_inside_the_job_user_strings_are_not_expanded(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from rankscope import slurm
+    from rankscope.studies import slurm
 
     seen = []
 
@@ -421,7 +421,7 @@ def test_d8_report_md_escapes_what_it_quotes(run4, tmp_path):
 
 SECOND = """
 import datetime, sys
-import rankscope.preemption as p
+import rankscope.train.preemption as p
 import torch.distributed as dist
 p.DUPLICATE_WINDOW_S = 0.2
 with p.StopOnSignal():

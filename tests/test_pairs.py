@@ -66,7 +66,7 @@ def test_written_files_load_with_the_blimp_loader_and_cli(tmp_path):
 def test_every_paradigm_gives_the_default_200_or_a_clear_error(monkeypatch):
     import pytest
 
-    from rankscope.errors import DataError
+    from rankscope.core.errors import DataError
     from rankscope.evaluate import pairs as module
 
     assert {uid: len(rows) for uid, rows in generate_pairs().items()} == {uid: 200 for uid in PARADIGMS}

@@ -17,7 +17,7 @@ from helpers import tiny_config
 
 from rankscope.config import ModelConfig
 from rankscope.data.tokenizer import train_bpe
-from rankscope.errors import DataError
+from rankscope.core.errors import DataError
 from rankscope.evaluate.paloma import load_paloma, paloma_perplexity
 from rankscope.model import Decoder
 
@@ -110,7 +110,7 @@ def test_clear_errors(model, tmp_path, monkeypatch):
 
 def test_eval_cli_reports_paloma_per_source(tmp_path, data_dir, capsys):
     from rankscope.cli import main
-    from rankscope.train import train
+    from rankscope.train.loop import train
 
     run = tmp_path / "run"
     cfg = tiny_config(data_dir, "train.max_steps=3", "checkpoint.every=0", "eval.per_domain=false")

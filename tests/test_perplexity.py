@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 from helpers import tiny_config
 
-from rankscope.checkpoint import write_meta
+from rankscope.store.checkpoint import write_meta
 from rankscope.config import ModelConfig
 from rankscope.data.sources import Document
 from rankscope.data.tokenizer import train_bpe
-from rankscope.errors import DataError
+from rankscope.core.errors import DataError
 from rankscope.evaluate.perplexity import cap_docs, domain_perplexity, score_documents, tokenize_documents
 from rankscope.model import Decoder
 
@@ -123,7 +123,7 @@ def test_cap_docs_and_empty_sets(docset, tok):
 # ------------------------------------------------------------------ integration: callback and CLI
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_dir):
-    from rankscope.train import train
+    from rankscope.train.loop import train
 
     out = tmp_path_factory.mktemp("run")
     cfg = tiny_config(data_dir, "train.max_steps=6", "checkpoint.every=0", "eval.every=3", "eval.max_docs=3",

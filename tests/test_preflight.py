@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from rankscope import preflight
+from rankscope.studies import preflight
 from rankscope.cli import main
-from rankscope.study import load_study
-from rankscope.train import train
+from rankscope.studies.study import load_study
+from rankscope.train.loop import train
 from helpers import REPO, tiny_config, write_study
 
 CYCLES = ["method.reset_every=5", "method.restart_warmup_steps=1"]  # flat: the grid runs full and relora

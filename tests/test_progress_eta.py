@@ -8,7 +8,7 @@ import select
 
 import pytest
 
-from rankscope.progress import Progress
+from rankscope.core.progress import Progress
 
 
 class Clock:

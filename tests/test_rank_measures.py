@@ -17,8 +17,8 @@ from rankscope.analysis import analyze_run, analyze_runs, matrix_metrics
 from rankscope.analysis import components as C
 from rankscope.analysis.compare import cycle_end_steps, early_cycle_end_steps, summarise, truncated_per, window_label
 from rankscope.config import load_config
-from rankscope.findings import GRADIENT_NOTE, PAPER_RULES, evaluate_findings, findings_tables, validate_findings
-from rankscope.report import Run, load_run
+from rankscope.studies.findings import GRADIENT_NOTE, PAPER_RULES, evaluate_findings, findings_tables, validate_findings
+from rankscope.reports.report import Run, load_run
 
 
 def known(m, n, s, dtype=np.float64, seed=0):
@@ -227,7 +227,7 @@ def test_update_rows_name_their_windows(tmp_path):
 
 
 def fake_checkpoints(root, cfg, steps_merges):
-    from rankscope.checkpoint import save_checkpoint
+    from rankscope.store.checkpoint import save_checkpoint
     from rankscope.model import Decoder
 
     torch.manual_seed(cfg.train.seed)
@@ -272,7 +272,7 @@ def test_analysis_writes_window_rows_and_ov_of_updates(tmp_path):
 # ------------------------------------------------------------------ the paper's comparison on a tiny pair of runs
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, data_dir):
-    from rankscope.train import train
+    from rankscope.train.loop import train
 
     root = tmp_path_factory.mktemp("pair")
     common = ["train.max_steps=20", "checkpoint.every=10", "checkpoint.save_grads=true", "train.seed=0"]

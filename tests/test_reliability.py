@@ -19,11 +19,11 @@ import pytest
 import torch
 from helpers import REPO, assert_same_final_weights, tiny_config, tiny_overrides
 
-from rankscope import checkpoint as ckpt
+from rankscope.store import checkpoint as ckpt
 from rankscope.cli import main
-from rankscope.errors import CheckpointError, ConfigError
-from rankscope.preemption import Preempted
-from rankscope.train import Trainer, train
+from rankscope.core.errors import CheckpointError, ConfigError
+from rankscope.train.preemption import Preempted
+from rankscope.train.loop import Trainer, train
 
 QUIET = {"log": lambda *_: None}
 STOP_LINE = re.compile(r"^stopped at step (\d+); checkpoint saved; re-run the same command to resume$")
@@ -144,7 +144,7 @@ def test_no_silent_start_over_and_restart_sets_folders_aside(data_dir, base_run,
 
 
 def test_eval_writes_a_corpus_only_where_the_user_asked(data_dir, base_run, tmp_path):
-    from rankscope.loading import load_trained
+    from rankscope.evaluate.loading import load_trained
 
     folder = tmp_path / "step"
     shutil.copytree(ckpt.step_dir(base_run / "checkpoints", 20), folder)
@@ -190,7 +190,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resumes_bit_exact(d
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-import rankscope.preemption as p
+import rankscope.train.preemption as p
 p.DUPLICATE_WINDOW_S = float(sys.argv[1])
 with p.StopOnSignal() as s:
     os.kill(os.getpid(), signal.SIGTERM)
@@ -276,7 +276,7 @@ def free_port() -> int:
 def agree_worker(rank, world, port, data_dir, run_dir, stop_at, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from rankscope import distributed
+    from rankscope.train import distributed
 
     trainer = Trainer(tiny_config(data_dir, "train.max_steps=20", "train.tensorboard=false"), Path(run_dir), **QUIET)
     trainer.callbacks.append(SignalAt(stop_at, signal.SIGTERM, rank=1))  # only rank 1 is signalled
@@ -373,7 +373,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from rankscope.config import describe_fields, load_config  # noqa: E402
-from rankscope.errors import RankscopeError  # noqa: E402
+from rankscope.core.errors import RankscopeError  # noqa: E402
 
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
 FIELDS = [name for name, *_ in describe_fields()]
@@ -466,6 +466,6 @@ def test_fuzz_config_verbs_on_bad_files(tmp_path_factory, verb, content, shape):
     def reached(*a, **k):
         raise Reached("compute reached")
 
-    with mock.patch("rankscope.data.corpus.prepare", reached), mock.patch("rankscope.train.train", reached):
+    with mock.patch("rankscope.data.corpus.prepare", reached), mock.patch("rankscope.train.loop.train", reached):
         extra = {"prepare": [], "train": ["-o", str(tmp / "out")], "sweep": ["--list", "--runs-dir", str(tmp / "runs")]}[verb]
         _expect_clean_exit([verb, str(path), *extra])

@@ -10,7 +10,7 @@ from rankscope.methods import build_method
 from rankscope.methods.lora import lora_modules, lora_parameters, seeded_generator
 from rankscope.methods.relora import keep_random_, keep_top_magnitude_, reset_state_
 from rankscope.model import Decoder
-from rankscope.train import train
+from rankscope.train.loop import train
 from helpers import assert_same_final_weights, crash_and_resume, final_weights, tiny_config, tiny_overrides
 
 
@@ -222,7 +222,7 @@ def test_resume_mid_cycle_is_bit_exact(data_dir, tmp_path, extra):
 
 
 def test_a_warm_started_run_loads_for_evaluation(data_dir, tmp_path):
-    from rankscope.loading import load_trained
+    from rankscope.evaluate.loading import load_trained
 
     cfg = tiny_config(data_dir, "method.name=relora", "method.rank=4", "method.reset_every=4", "method.restart_warmup_steps=1",
                       "method.warm_start_steps=3", "train.max_steps=10", "train.tensorboard=false", "eval.per_domain=false")

@@ -14,9 +14,9 @@ import yaml
 from helpers import BLIMP_DIR, tiny_config
 
 from rankscope.cli import main
-from rankscope.report import ReportError, write_report
-from rankscope.study import Point, Study, write_sweep_summary
-from rankscope.train import train
+from rankscope.reports.report import ReportError, write_report
+from rankscope.studies.study import Point, Study, write_sweep_summary
+from rankscope.train.loop import train
 
 STEPS = 10
 
@@ -177,7 +177,7 @@ def test_no_runs_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_runs_differing_beyond_method_size_and_seed_are_not_averaged_together(tmp_path):
-    from rankscope.report import Run, label_other_dimensions
+    from rankscope.reports.report import Run, label_other_dimensions
 
     def run(method, lr, seed):
         cfg = {"method": {"name": method, "rank": 16 if method == "relora" else 8}, "model": {"preset": "micro"}, "train": {"lr": lr, "seed": seed, "threads": seed}}

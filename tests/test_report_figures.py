@@ -9,8 +9,8 @@ import numpy as np
 
 matplotlib.use("Agg")
 
-from rankscope import report_plots as P  # noqa: E402
-from rankscope.report import Run, write_report  # noqa: E402
+from rankscope.reports import plots as P# noqa: E402
+from rankscope.reports.report import Run, write_report  # noqa: E402
 
 COMPONENTS = ("wq", "wk", "wv", "wo", "ov", "ov_layer", "ov_product", "w1", "w2", "w3", "custom_x")
 
@@ -143,8 +143,8 @@ def fabricated_study(root, shapes, methods=("full", "relora"), seeds=(0,), steps
 
 def test_sizes_are_ordered_by_body_parameters_with_labels_kept(tmp_path):
     """A preset narrowed by an override (`d32-L4`) is smaller than the preset: tables and figures list it first."""
-    from rankscope.findings import size_order
-    from rankscope.report import collect, group_order
+    from rankscope.studies.findings import size_order
+    from rankscope.reports.report import collect, group_order
 
     shapes = {"mini": {"preset": "mini"}, "micro": {"preset": "micro"}, "d48": {"preset": "micro", "d_model": 48},
               "d32": {"preset": "micro", "d_model": 32}}
@@ -211,7 +211,7 @@ def test_spectra_panels_fill_the_width_with_one_tick_label_size():
 
 
 def test_report_leads_with_summary_and_key_figures_and_collapses_long_tables(tmp_path):
-    from rankscope.report import summary_tables
+    from rankscope.reports.report import summary_tables
 
     dirs = fabricated_study(tmp_path / "runs", {"micro": {"preset": "micro"}}, seeds=(0, 1))
     write_report(dirs, tmp_path / "out", log=lambda *_: None)

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from rankscope.cli import main
-from rankscope.findings import SAME_AS_MAIN, validate_findings
-from rankscope.report import ReportError, collect, write_report
-from rankscope.results import BLOCK, render_summary, sync_docs
-from rankscope.study import Point, Study, write_sweep_summary
+from rankscope.studies.findings import SAME_AS_MAIN, validate_findings
+from rankscope.reports.report import ReportError, collect, write_report
+from rankscope.reports.results import BLOCK, render_summary, sync_docs
+from rankscope.studies.study import Point, Study, write_sweep_summary
 
 PARAMS = {"micro": 508_480, "mini": 2_524_800}
 RULES = [{"id": "a-loss", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "sesoi": 0.5}]
@@ -133,15 +133,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("doc", ["docs/study.md", "docs/fewshot.md", "README.md"])
 def test_committed_documents_quote_the_committed_results(doc):
-    """Every results block of the document equals what its committed folder renders (python -m rankscope.results DOC)."""
+    """Every results block of the document equals what its committed folder renders (python -m rankscope.reports.results DOC)."""
     text = (REPO / doc).read_text()
     for m in BLOCK.finditer(text):
         assert (REPO / m.group("dir") / "report.json").is_file(), f"{doc} quotes {m.group('dir')}, which holds no report.json"
-    assert sync_docs(REPO / doc, root=REPO, check=True) == [], f"{doc} disagrees with its results; run python -m rankscope.results {doc}"
+    assert sync_docs(REPO / doc, root=REPO, check=True) == [], f"{doc} disagrees with its results; run python -m rankscope.reports.results {doc}"
 
 
 def test_a_preset_with_its_width_overridden_is_another_size():
-    from rankscope.report import size_label
+    from rankscope.reports.report import size_label
 
     assert size_label({"preset": "pico-tiny-body", "d_model": 96, "n_layers": 12, "n_heads": 12, "n_kv_heads": 4, "ffn_dim": 384}) == "pico-tiny-body"
     assert size_label({"preset": "pico-tiny-body", "d_model": 48, "n_layers": 12, "n_heads": 6, "n_kv_heads": 2, "ffn_dim": 192}) == "d48-L12"

@@ -1,11 +1,11 @@
 import torch
 
-from rankscope import runtime
+from rankscope.core import runtime
 
 
 def test_static_precision_never_follows_cpu_flags(monkeypatch):
     """Without timing (short runs, torchrun) a CPU gets fp32 whatever its flags: bf16 autocast was slower than
-    fp32 on an AMX Xeon and ~100x slower on AVX2-only CPUs; only rankscope.autotune's timing picks bf16 there."""
+    fp32 on an AMX Xeon and ~100x slower on AVX2-only CPUs; only rankscope.train.autotune's timing picks bf16 there."""
     cpu = torch.device("cpu")
     for flags in ({"avx2", "fma"}, {"avx512f", "avx512_bf16"}, {"amx_bf16"}):
         monkeypatch.setattr(runtime, "cpu_flags", lambda f=flags: frozenset(f))

@@ -1,4 +1,4 @@
-"""rankscope.slurm: studies as SLURM jobs through submitit. The end-to-end tests run submitit's real
+"""rankscope.studies.slurm: studies as SLURM jobs through submitit. The end-to-end tests run submitit's real
 code path with its local executor (cluster="local": a controller process per job, the pickled job,
 its signal handlers and requeue); the sbatch script is checked against a golden file."""
 
@@ -15,9 +15,9 @@ from helpers import assert_same_final_weights, tiny_overrides, write_study
 
 from rankscope.cli import main
 from rankscope.config import merge_dicts, parse_overrides
-from rankscope.errors import ConfigError
-from rankscope.slurm import SlurmLauncher, SlurmResources, job_key, load_jobs, resources, sbatch_script, status_rows, time_minutes
-from rankscope.study import load_study, point_state, run_study
+from rankscope.core.errors import ConfigError
+from rankscope.studies.slurm import SlurmLauncher, SlurmResources, job_key, load_jobs, resources, sbatch_script, status_rows, time_minutes
+from rankscope.studies.study import load_study, point_state, run_study
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm-2node-4gpu.sbatch"
 
@@ -124,7 +124,7 @@ def test_local_study_is_submitted_finished_reported_and_not_rerun(tmp_path, prep
     table = capsys.readouterr().out
     assert all(rec["job_id"] in table for rec in jobs.values()) and "6/6" in table
 
-    from rankscope.report import write_report
+    from rankscope.reports.report import write_report
 
     written = write_report([study.runs_dir], tmp_path / "report", log=lambda *_: None)
     assert all(Path(f).exists() for f in written.values())
@@ -151,7 +151,7 @@ def test_failed_point_is_resubmitted_and_a_running_job_is_left_alone(tmp_path, p
     # a second process sees a job of an earlier process still running: it waits on it instead of resubmitting
     jobs = load_jobs(study)
     jobs[job_key(p, study)] = {**jobs[job_key(p, study)], "job_id": str(os.getpid())}  # this process: alive
-    from rankscope.slurm import save_jobs
+    from rankscope.studies.slurm import save_jobs
 
     save_jobs(study, jobs)
     other = SlurmLauncher(resources(path), cluster="local", show=lambda *_: None)
@@ -173,8 +173,8 @@ def test_a_signalled_job_requeues_and_ends_bit_identical(tmp_path, prepared, how
     import psutil
 
     from rankscope.config import config_from_dict
-    from rankscope.slurm import save_jobs
-    from rankscope.train import train
+    from rankscope.studies.slurm import save_jobs
+    from rankscope.train.loop import train
 
     path = write_study(tmp_path, prepared, {"train.seed": [0]}, "train.max_steps=60", "checkpoint.every=10", "train.log_every=1",
                        slurm={"cpus_per_task": 1})
@@ -200,7 +200,7 @@ def test_a_signalled_job_requeues_and_ends_bit_identical(tmp_path, prepared, how
     out = Path(rec["stdout"]).read_text() + Path(rec["stderr"]).read_text()
     assert "Calling checkpoint method" in out and "Requeued job" in out, out[-2000:]
     assert out.count("Starting with JobEnvironment") == 2 and "resumed from" in log, log[-2000:]
-    assert "checkpoint saved; re-run the same command to resume" in log  # rankscope.preemption: saved at the stop step
+    assert "checkpoint saved; re-run the same command to resume" in log  # rankscope.train.preemption: saved at the stop step
     assert point_state(point, study) == "done"
     # the same run, unkilled, with the job's thread count (1: cpus_per_task)
     cfg = config_from_dict(merge_dicts(point.config, parse_overrides(["train.threads=1", "train.progress=false"])))

@@ -54,7 +54,7 @@ def test_help_shows_defaults(capsys):
 
 
 def test_round_off_of_zero_prints_as_zero():
-    from rankscope.findings import _interval, _signed
+    from rankscope.studies.findings import _interval, _signed
 
     assert _signed(0.3 - 0.1 - 0.2) == "0" and _signed(-1e-17) == "0"
     assert _signed(0.01234) == "+0.01234" and _interval((-5.551e-17, 0.25)) == "[0, +0.25]"
@@ -70,7 +70,7 @@ def test_blimp_line_names_chance():
 
 
 def test_report_has_a_default_output_folder():
-    from rankscope.report import default_output
+    from rankscope.reports.report import default_output
 
     assert default_output(["runs/demo"]) == "reports/demo" and default_output(["runs/quick/", "x"]) == "reports/quick"
 
@@ -90,7 +90,7 @@ def test_analyze_on_a_study_folder_analyses_its_runs(tmp_path, data_dir, capsys)
 
 
 def test_a_report_without_findings_leads_with_the_runs():
-    from rankscope import report_html
+    from rankscope.reports import html as report_html
 
     table = {"title": "Runs: this run", "note": "", "columns": ["a"], "rows": [[{"title": "", "text": "1"}]]}
     paper = {**table, "title": "THE PAPER"}

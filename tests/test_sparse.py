@@ -9,16 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rankscope.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from rankscope.store.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from rankscope.config import load_config
-from rankscope.errors import ConfigError
+from rankscope.core.errors import ConfigError
 from rankscope.methods import build_method
 from rankscope.methods.lora import seeded_generator
 from rankscope.methods.memory import match_memory, measured_state_bytes
 from rankscope.methods.sparse import SOAdam, SparseAdamW, draw_gradient_support, draw_support, member, so_state_bytes, support_size
 from rankscope.model import Decoder
 from rankscope.optim import optimizer_state_bytes
-from rankscope.train import train
+from rankscope.train.loop import train
 from helpers import assert_same_final_weights, crash_and_resume, tiny_config, tiny_overrides
 
 CYCLE = ["method.relora.reset_every=10", "method.relora.restart_warmup_steps=1"]  # ReLoRA cycles that fit a tiny run

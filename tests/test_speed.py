@@ -249,8 +249,8 @@ def test_checkpoints_of_either_path_load_in_the_other_and_export(data_dir, tmp_p
     Hugging Face export reproduces them: the fast paths leave parameter names and shapes alone."""
     transformers = pytest.importorskip("transformers")
     from rankscope.export import export
-    from rankscope.loading import load_trained
-    from rankscope.train import train
+    from rankscope.evaluate.loading import load_trained
+    from rankscope.train.loop import train
 
     extra = ["method.name=relora", "method.relora.rank=4", "method.relora.reset_every=3", "method.relora.restart_warmup_steps=1",
              "method.relora.dropout=0.1"] \

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as ss
 
-from rankscope import stats
+from rankscope.studies import stats
 
 A = [3.912, 4.105, 3.877, 4.020, 3.951, 4.188]
 B = [3.801, 3.990, 3.842, 3.874, 3.905, 4.010]

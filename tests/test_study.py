@@ -3,8 +3,8 @@ import json
 import pytest
 import helpers
 
-from rankscope.errors import ConfigError
-from rankscope.study import load_study, point_state, run_study
+from rankscope.core.errors import ConfigError
+from rankscope.studies.study import load_study, point_state, run_study
 
 
 # schedules that fit the 3- and 6-step runs below (flat: the grids run several methods)
@@ -38,8 +38,8 @@ def test_sweep_runs_skips_finished_resumes_partial_and_reports_failures(tmp_path
     study = load_study(path)
     # a run interrupted earlier: train the first point to step 3 only
     from rankscope.config import config_from_dict
-    from rankscope.study import prepare_point as _start
-    from rankscope.train import Trainer
+    from rankscope.studies.study import prepare_point as _start
+    from rankscope.train.loop import Trainer
 
     first = study.points[0]
     _start(first, study, 1)
@@ -82,7 +82,7 @@ def test_run_directory_of_another_study_is_refused(tmp_path, data_dir):
 # ------------------------------------------------------------------ staged studies (tuning, main, control)
 import math  # noqa: E402
 
-from rankscope.study import LocalLauncher, _Progress, _after, mark_step_done, point_name, prepare_point, tune_decision  # noqa: E402
+from rankscope.studies.study import LocalLauncher, _Progress, _after, mark_step_done, point_name, prepare_point, tune_decision  # noqa: E402
 
 # each method's loss has its minimum at a known learning rate (a synthetic objective for the tuner)
 OPTIMUM = {"full": 2.5e-3, "relora": 12e-3, "so": 0.1, "galore": 1e-5}
@@ -273,7 +273,7 @@ def test_seed_k_gives_every_method_the_same_shared_weights_and_batches(tmp_path,
     import torch
 
     from helpers import tiny_config
-    from rankscope.train import Trainer
+    from rankscope.train.loop import Trainer
 
     def build(method):
         cfg = tiny_config(data_dir, f"method.name={method}", f"train.seed={seed}", "method.rank=4", *FITS)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import REPO, Crash, CrashAfter, assert_same_final_weights, crash_and_resume, tiny_config, tiny_overrides
 
-from rankscope import checkpoint as ckpt
+from rankscope.store import checkpoint as ckpt
 from rankscope.cli import main
-from rankscope.errors import TrainingError
-from rankscope.train import Trainer, train
+from rankscope.core.errors import TrainingError
+from rankscope.train.loop import Trainer, train
 
 
 def rows(run):
@@ -100,7 +100,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
 
 def test_run_directory_refuses_a_different_config(data_dir, tmp_path):
     train(tiny_config(data_dir, "train.max_steps=4"), tmp_path / "run", log=lambda *_: None)
-    from rankscope.errors import ConfigError
+    from rankscope.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="different config"):
         train(tiny_config(data_dir, "train.max_steps=4", "train.lr=1e-4"), tmp_path / "run", log=lambda *_: None)

@@ -13,13 +13,13 @@ import json
 import os
 import sys
 
-from rankscope import startup  # first: Ctrl-C while the modules below import is one line (rankscope.startup)
+from rankscope import startup# first: Ctrl-C while the modules below import is one line (rankscope.startup)
 
 from pathlib import Path
 from typing import Any, Callable
 
-from rankscope.errors import MACHINE_ERRNOS, MACHINE_EXIT_CODE, ConfigError, MachineError, RankscopeError
-from rankscope.preemption import Preempted
+from rankscope.core.errors import MACHINE_ERRNOS, MACHINE_EXIT_CODE, ConfigError, MachineError, RankscopeError
+from rankscope.train.preemption import Preempted
 
 startup.imported()
 
@@ -77,10 +77,10 @@ def cmd_train(args) -> None:
     import os
 
     from rankscope.config import load_config
-    from rankscope.errors import ConfigError
-    from rankscope.callbacks import build_callbacks
-    from rankscope.paths import check_output_dir
-    from rankscope.train import train
+    from rankscope.core.errors import ConfigError
+    from rankscope.train.callbacks import build_callbacks
+    from rankscope.core.paths import check_output_dir
+    from rankscope.train.loop import train
 
     at_least(args.nproc, 1, "--nproc")
     cfg = load_config(args.config, args.overrides)  # validate before launching anything
@@ -88,7 +88,7 @@ def cmd_train(args) -> None:
     if os.environ.get("RANK", "0") == "0":  # the other ranks never touch the run directory before rank 0
         check_output_dir(out, "-o")
     if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:
-        from rankscope.distributed import launch
+        from rankscope.train.distributed import launch
 
         if args.nnodes > 1 and not args.rdzv_endpoint:
             raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node), the same on every node")
@@ -106,7 +106,7 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from rankscope.evaluate import run_eval
-    from rankscope.paths import check_output_file
+    from rankscope.core.paths import check_output_file
 
     at_least(args.batch_size, 1, "--batch-size")
     for flag, value in (("--max-docs", args.max_docs), ("--blimp-max-pairs", args.blimp_max_pairs), ("--hf-max-docs", args.hf_max_docs)):
@@ -129,7 +129,7 @@ def cmd_eval(args) -> None:
 
 def cmd_pairs(args) -> None:
     from rankscope.evaluate.pairs import write_pairs
-    from rankscope.paths import check_output_dir
+    from rankscope.core.paths import check_output_dir
 
     at_least(args.n, 1, "-n")
     check_output_dir(args.output, "-o")
@@ -229,16 +229,16 @@ VERBS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None]]
     "prepare": ("gather the corpus, train the tokenizer, write token shards", cmd_prepare, _prepare_args),
     "train": ("train (or resume) a run", cmd_train, _train_args),
     "finetune": ("few-shot adaptation of a pretrained run or Hugging Face Llama folder with any method (resumes like train)",
-                 Lazy("rankscope.finetune", "cmd_finetune"), Lazy("rankscope.finetune", "add_finetune_args")),
+                 Lazy("rankscope.train.finetune", "cmd_finetune"), Lazy("rankscope.train.finetune", "add_finetune_args")),
     "eval": ("evaluate a run or checkpoint: per-domain loss, perplexity, bits-per-byte, BLiMP", cmd_eval, _eval_args),
     "pairs": ("write generated minimal pairs in BLiMP's jsonl format (a substitute where BLiMP is absent)", cmd_pairs, _pairs_args),
     "info": ("list model presets and their parameter counts (all, body, embeddings)", cmd_info, _info_args),
     "analyze": ("rank metrics (PER, condition numbers, ...) of every checkpoint: table, spectra, plots",
                 Lazy("rankscope.analysis.cli", "cmd_analyze"), Lazy("rankscope.analysis.cli", "add_analyze_args")),
     "sweep": ("run every point of a study grid (skips finished runs, resumes interrupted ones)",
-              Lazy("rankscope.study", "cmd_sweep"), Lazy("rankscope.study", "add_sweep_args")),
+              Lazy("rankscope.studies.study", "cmd_sweep"), Lazy("rankscope.studies.study", "add_sweep_args")),
     "report": ("compare runs and studies side by side: tables, plots, self-contained HTML + Markdown",
-               Lazy("rankscope.report", "cmd_report"), Lazy("rankscope.report", "add_report_args")),
+               Lazy("rankscope.reports.report", "cmd_report"), Lazy("rankscope.reports.report", "add_report_args")),
     "export": ("write a run or checkpoint as a Hugging Face LlamaForCausalLM folder (LoRA merged)",
                Lazy("rankscope.export", "cmd_export"), Lazy("rankscope.export", "add_export_args")),
     "lm-eval-tasks": ("write BLiMP as lm-evaluation-harness tasks that score an exported model as `rankscope eval` does",
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         args.fn(args)
-    except Preempted as e:  # a SIGTERM / SIGINT stop with a checkpoint (rankscope.preemption)
+    except Preempted as e:  # a SIGTERM / SIGINT stop with a checkpoint (rankscope.train.preemption)
         if os.environ.get("RANK", "0") == "0":
             print(e, file=sys.stderr, flush=True)
         return e.exit_code

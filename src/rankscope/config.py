@@ -8,8 +8,6 @@ that names the field and the fix. A resolved config is plain data (`to_dict`), s
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -18,14 +16,12 @@ from typing import Any, Literal
 
 import yaml
 
-from rankscope.errors import ConfigError
+from rankscope.core.errors import ConfigError
+from rankscope.core.schema import (  # noqa: F401  (re-exported: the run config's loader)
+    build, check, merge_dicts, option, parse_overrides, read_yaml, safe_load, type_name,
+)
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a one-line help text."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 # --------------------------------------------------------------------------- model presets
@@ -64,13 +60,23 @@ class ModelConfig:
     tie_embeddings: bool = option(False, "share input embedding and LM head (Pico unties them)")
     init_std: float = option(0.02, "std of the normal weight init")
 
+    @staticmethod
+    def schema_prepare(data: dict[str, Any], where: str) -> dict[str, Any]:
+        """`preset: NAME` fills in that preset's fields; keys given beside it win."""
+        if data.get("preset") is None:
+            return data
+        preset = data["preset"]
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise ConfigError(f"unknown model.preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+        return {**PRESETS[preset], **data}
+
     def validate(self) -> None:
         # ranges first: the divisibility checks below divide by these
         _positive(self, "model", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
                   "rope_theta", "norm_eps", "init_std")
-        _check(self.d_model % self.n_heads == 0, f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}")
-        _check(self.n_heads % self.n_kv_heads == 0, f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
-        _check((self.d_model // self.n_heads) % 2 == 0, "RoPE needs an even head dimension (d_model / n_heads)")
+        check(self.d_model % self.n_heads == 0, f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}")
+        check(self.n_heads % self.n_kv_heads == 0, f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
+        check((self.d_model // self.n_heads) % 2 == 0, "RoPE needs an even head dimension (d_model / n_heads)")
 
     @property
     def head_dim(self) -> int:
@@ -99,20 +105,20 @@ class DataConfig:
     cache_dir: str = option("data", "where prepared corpora live (one folder per data fingerprint)")
 
     def validate(self) -> None:
-        _check(0 < self.val_fraction < 0.5 and 0 <= self.test_fraction < 0.5, "data.val_fraction must be in (0, 0.5) and data.test_fraction in [0, 0.5)")
-        _check(self.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size must be >= 260 (256 bytes + special tokens)")
-        _check(self.max_bytes_per_source > 0 and self.eval_only_max_bytes > 0,
+        check(0 < self.val_fraction < 0.5 and 0 <= self.test_fraction < 0.5, "data.val_fraction must be in (0, 0.5) and data.test_fraction in [0, 0.5)")
+        check(self.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size must be >= 260 (256 bytes + special tokens)")
+        check(self.max_bytes_per_source > 0 and self.eval_only_max_bytes > 0,
                "data.max_bytes_per_source and data.eval_only_max_bytes must be positive")
-        _check(len(set(self.eval_only_domains)) == len(self.eval_only_domains)
+        check(len(set(self.eval_only_domains)) == len(self.eval_only_domains)
                and all(d and isinstance(d, str) for d in self.eval_only_domains),
                "data.eval_only_domains must be distinct domain names, e.g. [python, gcide]")
-        _check(bool(self.files or self.hf_dataset or self.pretokenized or set(self.sources) - set(self.eval_only_domains)),
+        check(bool(self.files or self.hf_dataset or self.pretokenized or set(self.sources) - set(self.eval_only_domains)),
                "data.eval_only_domains holds every source: leave at least one domain to train on")
         _positive(self, "data", "hf_max_docs")
         _at_least(self, "data", 0, "split_seed")
-        _check(bool(self.cache_dir), "data.cache_dir must name a folder (it is empty)")
-        _check(bool(self.sources or self.files or self.hf_dataset or self.pretokenized), "data: name at least one of sources, files, hf_dataset or pretokenized")
-        _check(not (self.pretokenized and self.tokenizer == "bpe"), "data.pretokenized needs the tokenizer its ids come from: set data.tokenizer=olmo or a tokenizer.json path")
+        check(bool(self.cache_dir), "data.cache_dir must name a folder (it is empty)")
+        check(bool(self.sources or self.files or self.hf_dataset or self.pretokenized), "data: name at least one of sources, files, hf_dataset or pretokenized")
+        check(not (self.pretokenized and self.tokenizer == "bpe"), "data.pretokenized needs the tokenizer its ids come from: set data.tokenizer=olmo or a tokenizer.json path")
 
 
 @dataclass
@@ -148,11 +154,11 @@ class TrainConfig:
     def validate(self) -> None:
         _positive(self, "train", "max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches", "lr", "eps")
         _at_least(self, "train", 0, "warmup_steps", "weight_decay", "grad_clip", "eval_every", "threads")
-        _check(0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32), got {self.seed}")
-        _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32), got {self.seed}")
+        check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("beta1", "beta2"):
-            _check(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
-        _check(self.warmup_steps <= self.max_steps,
+            check(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        check(self.warmup_steps <= self.max_steps,
                f"train.warmup_steps={self.warmup_steps} must be in [0, train.max_steps={self.max_steps}]; "
                f"lower train.warmup_steps or raise train.max_steps")
 
@@ -170,7 +176,7 @@ class CheckpointConfig:
         _at_least(self, "checkpoint", 0, "every", "log_spaced")
         _at_least(self, "checkpoint", 1, "keep_last")
         bad = [s for s in self.keep_steps if s < 1]
-        _check(not bad, f"checkpoint.keep_steps must hold steps >= 1, got {bad}")
+        check(not bad, f"checkpoint.keep_steps must hold steps >= 1, got {bad}")
 
 
 class MethodConfig:
@@ -183,6 +189,10 @@ class MethodConfig:
     new method's options, keeping the values of the options both methods have. Flat options of the
     earlier form that belong to other methods only are kept in `extra` (checked, unused by this
     method, written back flat) so a study point keeps them when its method changes."""
+
+    @staticmethod
+    def schema_build(data: Any, where: str) -> "MethodConfig":
+        return _build_method(data, where)
 
     def __init__(self, name: str = "full", options: Any = None, extra: dict[str, Any] | None = None):
         object.__setattr__(self, "name", name)
@@ -260,7 +270,7 @@ def _build_method(data: Any, where: str) -> MethodConfig:
     if not isinstance(section, dict):
         raise ConfigError(f"{where}.{name} must be a mapping of {name}'s options, got {type(section).__name__}")
     for other in set(data) & set(METHODS) - {name}:  # sections of other methods (a study may name several): checked, unused
-        built = _build(METHODS[other].config_class, data[other] or {}, f"{where}.{other}")
+        built = build(METHODS[other].config_class, data[other] or {}, f"{where}.{other}")
         if hasattr(built, "validate"):  # validated like the active one: a bad value is refused, not ignored
             built.validate()
     flat = {k: v for k, v in data.items() if k != "name" and k not in METHODS}
@@ -272,7 +282,7 @@ def _build_method(data: Any, where: str) -> MethodConfig:
     for m in METHODS.values():  # kept but unused: still checked, together, by each method that has them
         theirs = {k: flat[k] for k in ignored & {f.name for f in dataclasses.fields(m.config_class)}}
         if theirs:
-            built = _build(m.config_class, theirs, where)
+            built = build(m.config_class, theirs, where)
             if hasattr(built, "validate"):
                 built.validate()
     mapped = {k: v for k, v in flat.items() if k in own}
@@ -281,7 +291,7 @@ def _build_method(data: Any, where: str) -> MethodConfig:
         raise ConfigError(f"{where}.{both[0]} and {where}.{name}.{both[0]} disagree; keep only {where}.{name}.{both[0]}")
     if flat:
         warnings.warn(flat_notice(where, name, flat, own), FutureWarning, stacklevel=4)
-    return MethodConfig(name, _build(cls, {**mapped, **section}, f"{where}.{name}"), {k: v for k, v in flat.items() if k not in own})
+    return MethodConfig(name, build(cls, {**mapped, **section}, f"{where}.{name}"), {k: v for k, v in flat.items() if k not in own})
 
 
 def override_text(value: Any) -> str:
@@ -329,9 +339,9 @@ class EvalConfig:
     max_docs: int = option(32, "documents per domain in the in-training evaluation (0: all)")
 
     def validate(self) -> None:
-        _check(self.batch_size > 0, "eval.batch_size must be positive")
+        check(self.batch_size > 0, "eval.batch_size must be positive")
         for name in ("blimp_every", "blimp_max_pairs", "every", "max_docs"):
-            _check(getattr(self, name) >= 0, f"eval.{name} must be >= 0")
+            check(getattr(self, name) >= 0, f"eval.{name} must be >= 0")
 
 
 @dataclass
@@ -343,15 +353,15 @@ class AnalysisConfig:
     dtype: Literal["float64", "float32"] = option("float64", "dtype of the singular value decompositions")
 
     def validate(self) -> None:
-        _check(self.every >= 0, "analysis.every must be >= 0")
+        check(self.every >= 0, "analysis.every must be >= 0")
         valid = ("wq", "wk", "wv", "wo", "ov", "ov_layer", "ov_product", "w1", "w2", "w3")
         bad = [c for c in self.components if c not in valid]
-        _check(not bad, f"analysis.components: unknown {bad}; valid components: {', '.join(valid)}")
+        check(not bad, f"analysis.components: unknown {bad}; valid components: {', '.join(valid)}")
 
 
 @dataclass
 class FinetuneConfig:
-    """`rankscope finetune BASE`: few-shot adaptation of a pretrained model (rankscope.finetune, rankscope.data.fewshot)."""
+    """`rankscope finetune BASE`: few-shot adaptation of a pretrained model (rankscope.train.finetune, rankscope.data.fewshot)."""
 
     base: str = option("", "pretrained model: a rankscope run folder or a Hugging Face LlamaForCausalLM folder (empty: pretraining)")
     base_step: int = option(0, "the base run's checkpoint step (0: its newest valid checkpoint)")
@@ -368,10 +378,10 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         _at_least(self, "finetune", 0, "base_step", "shots", "shot_tokens", "shot_len", "val_docs", "test_docs", "source_docs", "eval_tokens")
-        _check(bool(self.shots) != bool(self.shot_tokens) or not self.base,
+        check(bool(self.shots) != bool(self.shot_tokens) or not self.base,
                "set exactly one of finetune.shots (k documents) and finetune.shot_tokens (a token budget)")
-        _check(0 < self.pool_fraction < 1, f"finetune.pool_fraction must be in (0, 1), got {self.pool_fraction}")
-        _check(self.target != "files" or bool(self.files), "finetune.target=files needs finetune.files=[PATH, ...]")
+        check(0 < self.pool_fraction < 1, f"finetune.pool_fraction must be in (0, 1), got {self.pool_fraction}")
+        check(self.target != "files" or bool(self.files), "finetune.target=files needs finetune.files=[PATH, ...]")
 
 
 @dataclass
@@ -392,8 +402,8 @@ class RunConfig:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
-        _check(self.train.seq_len <= self.model.max_seq_len, f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        _check(self.train.max_steps > self.train.warmup_steps or self.train.warmup_steps == 0,
+        check(self.train.seq_len <= self.model.max_seq_len, f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        check(self.train.max_steps > self.train.warmup_steps or self.train.warmup_steps == 0,
                f"train.warmup_steps={self.train.warmup_steps} must be below train.max_steps={self.train.max_steps}; "
                "lower train.warmup_steps or raise train.max_steps")
         _method_class(self.method.name).check_run(self)  # what the method allows across sections (FSDP, ...)
@@ -406,190 +416,22 @@ class RunConfig:
                 **{k: out[k] for k in ("eval", "analysis")}, **({"finetune": out["finetune"]} if self.finetune.base else {})}
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-check = _check  # for the config classes of method modules
-
-
 def _positive(obj: Any, section: str, *names: str) -> None:
     """Range check of numeric fields, up front: each must be > 0."""
     for name in names:
         value = getattr(obj, name)
-        _check(value > 0, f"{section}.{name} must be positive, got {value!r}")
+        check(value > 0, f"{section}.{name} must be positive, got {value!r}")
 
 
 def _at_least(obj: Any, section: str, low: int, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        _check(value >= low, f"{section}.{name} must be >= {low}, got {value!r}")
-
-
-# --------------------------------------------------------------------------- loading
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _coerce_float(value: Any, tp: Any) -> Any:
-    """YAML 1.1 reads `3e-4` (no dot) as a string and `1` as an int; a float field takes both."""
-    if tp is not float and not (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)):
-        return value
-    try:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            return float(value)
-    except ValueError:
-        return value
-    except OverflowError:  # an integer beyond float's range: refused as not finite
-        return math.inf
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    if cls is ModelConfig and data.get("preset") is not None:
-        preset = data["preset"]
-        if not isinstance(preset, str) or preset not in PRESETS:
-            raise ConfigError(f"unknown model.preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-        data = {**PRESETS[preset], **data}
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        if key not in names:
-            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(names)}")
-        tp = hints[key]
-        if tp is MethodConfig:
-            kwargs[key] = _build_method(value or {}, path)
-            continue
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, path)
-            continue
-        value = _coerce_float(value, tp)
-        if not _type_ok(value, tp):
-            raise ConfigError(f"config key {path!r} must be {_type_name(tp)}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"config key {path!r} must be a finite number, got {value!r}")
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:  # beyond every tensor's and C's int
-            raise ConfigError(f"config key {path!r} must be a whole number below 2**63, got one with {len(str(abs(value)))} digits")
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["train.lr=1e-3", "method.name=relora"]` -> nested dict; values parsed as YAML scalars."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"override {pair!r} must look like section.key=value, e.g. train.lr=1e-3")
-        key, raw = pair.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {pair!r} conflicts with another override of {part!r}")
-        node[parts[-1]] = value
-    return out
-
-
-def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge_dicts(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last in silence)."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                    seen.add(key)
-                except TypeError:  # an unhashable key: the base class reports it
-                    continue
-                if duplicate:
-                    raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {key!r}; keep one", key_node.start_mark)
-        return super().construct_mapping(node, deep)
-
-
-def safe_load(text: str) -> Any:
-    """yaml.safe_load, refusing duplicate keys: every YAML file rankscope reads goes through it."""
-    loader = UniqueKeyLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
-def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder; pass a YAML file such as configs/micro.yaml")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/micro.yaml")
-    if path.resolve() in _seen:
-        raise ConfigError(f"config file {path} names itself as a base (directly or through others); break the `base:` cycle")
-    try:
-        data = safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    except (OSError, RecursionError) as e:
-        raise ConfigError(f"config file {path} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
-    if data is None:  # an empty (or comments-only) file is a save gone wrong more often than a wish for every default
-        raise ConfigError(f"config file {path} is empty; put sections in it (see configs/micro.yaml), or write {{}} for all defaults")
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, train, ...)")
-    base = data.pop("base", None)  # `base: other.yaml` inherits another config, relative to this file
-    if base is not None and not isinstance(base, str):
-        raise ConfigError(f"config file {path}: `base:` must name a YAML file, got {base!r}")
-    if base:
-        data = merge_dicts(read_yaml(path.parent / base, (*_seen, path.resolve())), data)
-    return data
+        check(value >= low, f"{section}.{name} must be >= {low}, got {value!r}")
 
 
 def config_from_dict(data: dict[str, Any], schedule: bool = True) -> RunConfig:
     """A validated RunConfig; `schedule=False` for a stored run's config (read, not trained again)."""
-    cfg = _build(RunConfig, data, "")
+    cfg = build(RunConfig, data, "")
     cfg.validate(schedule)
     return cfg
 
@@ -617,5 +459,5 @@ def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, 
             rows += describe_fields(tp, f"{prefix}{f.name}.")
         else:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            rows.append((prefix + f.name, _type_name(tp), default, f.metadata.get("help", "")))
+            rows.append((prefix + f.name, type_name(tp), default, f.metadata.get("help", "")))
     return rows

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from rankscope.checkpoint import Checkpoint, open_checkpoint
+from rankscope.store.checkpoint import Checkpoint, open_checkpoint
 from rankscope.config import ModelConfig, RunConfig, config_from_dict
 from rankscope.data.tokenizer import EOS, PAD, TextTokenizer
-from rankscope.errors import CheckpointError, RankscopeError
+from rankscope.core.errors import CheckpointError, RankscopeError
 from rankscope.methods.lora import merged_state_dict, stored_adapters
-from rankscope.paths import check_output_dir
+from rankscope.core.paths import check_output_dir
 
 
 class ExportError(RankscopeError):
@@ -122,7 +122,7 @@ def write_tokenizer(tok: TextTokenizer, out: Path, max_len: int) -> None:
 
 
 def load_tokenizer(cfg: RunConfig, ck: Checkpoint) -> TextTokenizer:
-    from rankscope.loading import open_corpus  # prepares the corpus again only if it was moved
+    from rankscope.evaluate.loading import open_corpus  # prepares the corpus again only if it was moved
 
     return open_corpus(cfg, ck).tokenizer
 

@@ -65,7 +65,7 @@ def targeted_groups(model: nn.Module, cfg: TrainConfig, targets: list[str], name
     linears' weights: how SO and GaLore hand their matrices to their own optimiser rules."""
     special = targeted_weights(model, targets)
     if not special:
-        from rankscope.errors import ConfigError
+        from rankscope.core.errors import ConfigError
 
         raise ConfigError(f"method.targets={targets} matches no linear layer; valid names: wq, wk, wv, wo, w1, w2, w3")
     groups = param_groups(model, cfg.weight_decay, exclude={id(p) for p in special})

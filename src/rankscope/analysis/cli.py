@@ -40,7 +40,7 @@ def study_runs(path: Path) -> list[Path]:
 def cmd_analyze(args) -> None:
     from rankscope.analysis.metrics import AnalysisError
     from rankscope.analysis.run import analyze_runs
-    from rankscope.runtime import pick_device
+    from rankscope.core.runtime import pick_device
 
     if args.workers < 1:
         raise AnalysisError(f"--workers must be >= 1, got {args.workers}")
@@ -69,7 +69,7 @@ def final_table(rows: dict[str, list]) -> tuple[list[str], list[list[str]]]:
     import math
     from collections import defaultdict
 
-    from rankscope.report_plots import order_components
+    from rankscope.reports.plots import order_components
 
     acc: dict[tuple, list[float]] = defaultdict(list)
     last: dict[str, int] = {}

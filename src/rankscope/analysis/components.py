@@ -48,7 +48,7 @@ from rankscope.analysis.metrics import AnalysisError
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 EMBEDDINGS = ("embed", "lm_head")
 OV_FORMS = ("ov", "ov_layer", "ov_product")
-OV_KINDS = ("weight", "update", "cumulative_update")  # kinds whose OV circuits analyze forms (rankscope.preflight reads it)
+OV_KINDS = ("weight", "update", "cumulative_update")  # kinds whose OV circuits analyze forms (rankscope.studies.preflight reads it)
 _MODULE = re.compile(r"^blocks\.(\d+)\.(?:attn|mlp)\.(\w+)$")
 
 

@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from rankscope.errors import RankscopeError
+from rankscope.core.errors import RankscopeError
 
 
 class AnalysisError(RankscopeError):

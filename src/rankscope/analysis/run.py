@@ -47,11 +47,11 @@ from safetensors.torch import load_file
 from rankscope.analysis import components as C
 from rankscope.analysis.metrics import AnalysisError, principal_angles, resolve_metrics
 from rankscope.analysis.spectra import Result, analyze_items
-from rankscope.checkpoint import check_meta, list_checkpoints
+from rankscope.store.checkpoint import check_meta, list_checkpoints
 from rankscope.config import method_options
-from rankscope.errors import CheckpointError
+from rankscope.core.errors import CheckpointError
 from rankscope.methods.lora import stored_adapters
-from rankscope.paths import check_output_dir
+from rankscope.core.paths import check_output_dir
 
 KINDS = ("weight", "lora_update", "grad", "update", "cumulative_update", "cycle_update")
 ROW_COLUMNS = ("run", "method", "step", "layer", "component", "head", "kind", "metric", "value")
@@ -230,7 +230,7 @@ class CheckpointState:
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:
-    """A checkpoint's meta.json if it passes the checkpoint schema (rankscope.checkpoint.check_meta)
+    """A checkpoint's meta.json if it passes the checkpoint schema (rankscope.store.checkpoint.check_meta)
     and its files exist; None (skipped) otherwise. The tensors' hashes are not re-read here."""
     try:
         meta = check_meta(json.loads((path / "meta.json").read_text()), path)
@@ -401,7 +401,7 @@ def analyze_run(run_dir: str | Path, options: AnalysisOptions | None = None, ste
         todo_idx = {p[0]: p for p in todo}
         states: dict[int, CheckpointState] = {}
         load = lambda i: load_state(found[i][1], found[i][2], opts.include_embeddings, "grad" in opts.kinds)  # noqa: E731
-        from rankscope.progress import Progress
+        from rankscope.core.progress import Progress
 
         bar = Progress(len(todo), f"analyze {Path(run).name}", unit="checkpoint", enabled=log is not None)
         for i, state in zip(need, prefetch(load, need, opts.workers)):

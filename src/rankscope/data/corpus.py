@@ -29,8 +29,8 @@ import numpy as np
 from rankscope.config import DataConfig
 from rankscope.data.sources import SOURCES, Document, SourceUnavailable, read_files, read_hf_dataset, read_pretokenized
 from rankscope.data.tokenizer import TextTokenizer, olmo_tokenizer_path, train_bpe
-from rankscope.errors import DataError
-from rankscope.paths import check_output_dir
+from rankscope.core.errors import DataError
+from rankscope.core.paths import check_output_dir
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1

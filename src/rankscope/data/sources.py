@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from rankscope.errors import DataError
+from rankscope.core.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rankscope.errors import DataError
+from rankscope.core.errors import DataError
 
 
 class BatchStream:

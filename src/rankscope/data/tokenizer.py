@@ -12,7 +12,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from rankscope.errors import DataError
+from rankscope.core.errors import DataError
 
 EOS = "<|endoftext|>"
 PAD = "<|padding|>"

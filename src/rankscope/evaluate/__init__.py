@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from rankscope.errors import CheckpointError, DataError
+from rankscope.core.errors import CheckpointError, DataError
 from rankscope.evaluate.blimp import evaluate_blimp, load_pairs
 from rankscope.evaluate.perplexity import DocSet, corpus_docset, domain_perplexity, tokenize_documents
 
@@ -57,8 +57,8 @@ def run_eval(path: str | Path, blimp_dir: str | None = None, batch_size: int = 1
     load_paloma's keyword arguments and "max_length" (default: the model's max_seq_len, as pico-train).
     `progress`: show progress (a bar on a terminal, plain lines otherwise)."""
     from rankscope.evaluate.callback import flat_blimp, flat_perplexity
-    from rankscope.loading import load_trained
-    from rankscope.runtime import pick_device
+    from rankscope.evaluate.loading import load_trained
+    from rankscope.core.runtime import pick_device
 
     if batch_size < 1:
         raise DataError(f"the evaluation batch size must be >= 1, got {batch_size}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch.nn as nn
 
-from rankscope.errors import DataError
+from rankscope.core.errors import DataError
 from rankscope.evaluate.perplexity import score_sequences
 
 PHENOMENA = ("anaphor_agreement", "argument_structure", "binding", "control_raising", "determiner_noun_agreement", "ellipsis",

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from rankscope.evaluate.blimp import SHARED_BLIMP
-from rankscope.errors import DataError
+from rankscope.core.errors import DataError
 
 GROUP = "blimp_local"
 TEMPLATE = "_blimp_local_template_yaml"  # lm-eval reads every *.yaml as a task: the template is not one

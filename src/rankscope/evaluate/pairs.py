@@ -20,7 +20,7 @@ from typing import Callable
 import inflect
 from lemminflect import getInflection
 
-from rankscope.errors import DataError
+from rankscope.core.errors import DataError
 
 MALE = ["man", "boy", "king", "father", "brother", "son", "uncle", "husband"]
 FEMALE = ["woman", "girl", "queen", "mother", "sister", "daughter", "aunt", "wife"]

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch.nn as nn
 
-from rankscope.errors import DataError
+from rankscope.core.errors import DataError
 from rankscope.evaluate.perplexity import score_sequences
 
 DEFINITION = ("pico-train Paloma: per row, exp(mean NLL of tokens 1..L-1), no BOS, truncated to max_length; "

@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rankscope.data.sources import Document
-from rankscope.errors import DataError
-from rankscope.runtime import autocast
+from rankscope.core.errors import DataError
+from rankscope.core.runtime import autocast
 
 # cap on logits elements per forward pass (B * T * V), so pico-sized vocabularies (50k) at seq 2048
 # do not allocate tens of GB; a batch then holds fewer rows, which does not change any score.
@@ -112,8 +112,8 @@ def score_sequences(model: nn.Module, seqs: list[np.ndarray], batch_size: int, p
     """Total NLL (nats, float64) of each sequence's tokens 1.. given the ones before it.
 
     Sequences are sorted by length and batched with right padding; padded targets are masked.
-    `progress` names a progress display (rankscope.progress) counting the sequences; None shows none."""
-    from rankscope.progress import Progress
+    `progress` names a progress display (rankscope.core.progress) counting the sequences; None shows none."""
+    from rankscope.core.progress import Progress
 
     bar = Progress(len(seqs), progress or "", unit="sequence", enabled=progress is not None)
     device = next(model.parameters()).device

@@ -16,7 +16,7 @@ import importlib
 import pkgutil
 from typing import Iterable
 
-from rankscope.errors import ConfigError
+from rankscope.core.errors import ConfigError
 from rankscope.methods.base import Method
 
 
@@ -81,7 +81,7 @@ def build_model(cfg, method_state: dict | None = None, device=None, init: dict |
     """The run's model and method: the Decoder from `cfg.train.seed`, then the method's structure
     (adapters, ...) for its state `method_state` (a checkpoint's; None: a fresh run). Training,
     resuming, loading, memory matching and export all build through here. `init`: dense weights
-    loaded before the method adapts the model (a fine-tune's base, rankscope.finetune). Returns (model, method)."""
+    loaded before the method adapts the model (a fine-tune's base, rankscope.train.finetune). Returns (model, method)."""
     import torch
 
     from rankscope.model import Decoder

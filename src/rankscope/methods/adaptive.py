@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from rankscope.config import check, option
-from rankscope.errors import ConfigError
+from rankscope.core.errors import ConfigError
 from rankscope.methods.base import Notify, StepEvents
 from rankscope.methods.common import matches, target_linears  # noqa: F401  (matches: re-exported)
 from rankscope.methods.lora import LoRALinear, lora_modules, wrap_layers

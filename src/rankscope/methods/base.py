@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from rankscope.errors import ConfigError
+from rankscope.core.errors import ConfigError
 from rankscope.optim import build_adamw, check_coverage, optimizer_state_bytes, param_groups
 from rankscope.schedules import cosine_with_warmup
 
@@ -45,7 +45,7 @@ class Method:
 
     name = "full"
     config_class: type = FullConfig
-    supports_fsdp = True  # the optimiser and weight surgery work on FSDP2 shards (rankscope.sharding)
+    supports_fsdp = True  # the optimiser and weight surgery work on FSDP2 shards (rankscope.train.sharding)
     memory_knob: str | None = None  # the option methods.memory sets to match optimiser memory (rank, density)
 
     def __init__(self, cfg):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from rankscope.errors import ConfigError
+from rankscope.core.errors import ConfigError
 
 
 def seeded_generator(*key: int) -> torch.Generator:

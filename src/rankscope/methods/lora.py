@@ -50,12 +50,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rankscope.config import check, option
-from rankscope.distributed import all_ranks_true
-from rankscope.errors import CheckpointError, ConfigError, RankscopeError
+from rankscope.train.distributed import all_ranks_true
+from rankscope.core.errors import CheckpointError, ConfigError, RankscopeError
 from rankscope.methods.base import Method, Notify, StepEvents
 from rankscope.methods.common import replace_module, seeded_generator
 from rankscope.optim import build_adamw, check_coverage, optimizer_state_bytes, param_groups
-from rankscope.sharding import assign_, full, local, shard_of
+from rankscope.train.sharding import assign_, full, local, shard_of
 
 __all__ = ["LoRAConfig", "LoRALinear", "LoRAMethod", "MergeError", "seeded_generator", "lora_modules", "merged_state_dict"]
 

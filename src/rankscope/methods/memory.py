@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from rankscope.errors import ConfigError
+from rankscope.core.errors import ConfigError
 from rankscope.methods.common import target_linears
 
 

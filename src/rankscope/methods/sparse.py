@@ -37,7 +37,7 @@ with moments, re-drawn every `support_every` steps; at refresh number j
   acts on the support only (decoupled by default here, coupled L2 as an option). With density
   1.0 and no re-draw inside the run the update is AdamW's, entry for entry.
 
-State tensors are plain tensors, so rankscope.checkpoint saves and resumes them bit-exactly.
+State tensors are plain tensors, so rankscope.store.checkpoint saves and resumes them bit-exactly.
 Every other parameter (embeddings, norms, head, non-targeted linears) is trained densely by AdamW
 in the same optimiser.
 """
@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from rankscope.config import check, option
-from rankscope.errors import ConfigError
+from rankscope.core.errors import ConfigError
 from rankscope.methods.base import Method, Notify, StepEvents, schedule_must_fit
 from rankscope.methods.common import seeded_generator
 from rankscope.methods.lora import DEFAULT_TARGETS
