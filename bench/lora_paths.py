@@ -1,7 +1,7 @@
 """The three exact forms of a LoRA layer (dropout 0), timed side by side per layer shape.
 
 For each adapted linear shape of the chosen presets (wq, wk/wv, w1/w3, w2 ...) and N = batch x seq
-tokens: forward + backward of one layer on each path of `rankscope.methods.lora.LoRALinear`
+tokens: forward + backward of one layer on each path of `rankscope.adapters.lora.LoRALinear`
 (factored, merged, hybrid) and of the trainable full-rank `nn.Linear` it replaces, rounds
 interleaved, median reported; then what the cost model (`choose_path`, THIN_PENALTY) picks beside
 the path that was fastest here. The optimiser step is left out (see bench/relora_vs_full.py).
@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from rankscope.config import PRESETS
-from rankscope.methods.lora import THIN_PENALTY, LoRALinear, choose_path
+from rankscope.adapters.lora import LoRALinear
+from rankscope.adapters.paths import THIN_PENALTY, choose_path
 
 PATHS = ("factored", "merged", "hybrid")
 

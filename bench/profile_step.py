@@ -73,7 +73,7 @@ def main() -> None:
     model = Decoder(cfg)
     groups = param_groups(model, TrainConfig().weight_decay)
     if args.method == "relora":
-        from rankscope.methods.lora import lora_parameters, wrap_linears
+        from rankscope.adapters.lora import lora_parameters, wrap_linears
 
         wrap_linears(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], args.rank, 2.0 * args.rank, args.dropout, 0)
         lora = lora_parameters(model)

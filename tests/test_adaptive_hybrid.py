@@ -13,7 +13,7 @@ from rankscope.evaluate.loading import load_trained
 from rankscope.methods import build_method
 from rankscope.methods.adaptive import allocate_ranks, update_effective_rank
 from rankscope.methods.memory import match_memory, measured_state_bytes
-from rankscope.methods.lora import LoRALinear, lora_modules
+from rankscope.adapters.lora import LoRALinear, lora_modules
 from rankscope.model import Decoder
 from rankscope.train.loop import train
 from helpers import assert_same_final_weights, crash_and_resume, tiny_config, tiny_overrides

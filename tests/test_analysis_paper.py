@@ -14,7 +14,7 @@ from rankscope.analysis import analyze_run
 from rankscope.analysis import components as C
 from rankscope.analysis.spectra import analyze_items
 from rankscope.config import load_config
-from rankscope.methods.lora import capture_effective_grads, effective_grads, lora_modules, wrap_linears
+from rankscope.adapters.lora import capture_effective_grads, effective_grads, lora_modules, wrap_linears
 from rankscope.model import Decoder
 
 

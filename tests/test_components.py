@@ -17,7 +17,8 @@ from rankscope.export import dense_state_dict
 from rankscope.evaluate.loading import load_trained
 from rankscope.methods import METHODS, register_method
 from rankscope.methods.base import Method, StepEvents
-from rankscope.methods.lora import lora_modules, merged_state_dict, adapter_layout
+from rankscope.adapters.lora import lora_modules
+from rankscope.adapters.stored import adapter_layout, merged_state_dict
 from rankscope.train.loop import train
 
 

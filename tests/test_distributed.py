@@ -47,10 +47,10 @@ def worker(rank, world, port, data_dir, run_dir, overrides, stop_at):
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    if os.environ.get("TEST_LORA_PATH"):  # every LoRA layer on one forward path (lora.choose_path's pick)
-        from rankscope.methods import lora
+    if os.environ.get("TEST_LORA_PATH"):  # every LoRA layer on one forward path (adapters.paths.choose_path's pick)
+        from rankscope.adapters import paths
 
-        lora.choose_path = lambda *a, path=os.environ["TEST_LORA_PATH"], **k: path
+        paths.choose_path = lambda *a, path=os.environ["TEST_LORA_PATH"], **k: path
     trainer = Trainer(tiny_config(data_dir, *overrides), Path(run_dir), log=lambda *_: None)
     trainer.callbacks.append(MergeChecker(Path(run_dir) / "merge_checks.json", stop_at))
     try:
@@ -173,7 +173,8 @@ def shard_ops_worker(rank, world, port, out):
 
     from torch.distributed.fsdp import fully_shard
 
-    from rankscope.methods.lora import LoRALinear, seeded_generator
+    from rankscope.adapters.common import seeded_generator
+    from rankscope.adapters.lora import LoRALinear
     from rankscope.methods.relora import reset_state_
     from rankscope.train.sharding import full
 

@@ -136,7 +136,7 @@ def test_cli_errors_are_one_line(full_run, tmp_path, capsys):
 
 
 def test_trained_relora_run_matches_transformers(data_dir, tmp_path):
-    pytest.importorskip("rankscope.methods.lora")
+    pytest.importorskip("rankscope.adapters.stored")
     run = tmp_path / "relora"
     cfg = tiny_config(data_dir, "method.name=relora", "method.rank=4", "method.reset_every=5", "method.restart_warmup_steps=1",
                       "train.max_steps=12", "checkpoint.every=0")

@@ -162,7 +162,8 @@ def test_a_bad_base_is_one_line(base_run, data_dir, tmp_path, capsys):
 def test_lora_finetune_equals_peft_lora_after_10_steps(base_run):
     from peft import LoraConfig, get_peft_model
 
-    from rankscope.methods import build_model, lora
+    from rankscope.adapters.lora import lora_modules
+    from rankscope.methods import build_model
     from rankscope.model import Decoder
 
     cfg = ft_config(base_run, "method.name=lora", "method.lora.rank=4", "method.lora.alpha=8", "method.lora.dropout=0.0",
@@ -181,7 +182,7 @@ def test_lora_finetune_equals_peft_lora_after_10_steps(base_run):
     theirs.load_state_dict(base.state)
     targets = cfg.method.targets
     theirs = get_peft_model(theirs, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
-    for name, layer in lora.lora_modules(ours).items():  # the same initial adapters
+    for name, layer in lora_modules(ours).items():  # the same initial adapters
         mod = theirs.base_model.model.get_submodule(name)
         with torch.no_grad():
             mod.lora_A["default"].weight.copy_(layer.lora_A)

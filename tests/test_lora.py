@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from rankscope.methods import build_method
-from rankscope.methods.lora import LoRALinear, MergeError, adapter_generator, lora_modules, lora_parameters, wrap_linears
+from rankscope.adapters.lora import LoRALinear, MergeError, adapter_generator, lora_modules, lora_parameters, wrap_linears
 from rankscope.model import Decoder
 from rankscope.core.errors import RankscopeError
 from helpers import tiny_config
@@ -190,7 +190,7 @@ def test_dropout_forces_the_factored_path_only_while_training():
 
 
 def test_cost_model_prefers_merged_for_narrow_layers_and_hybrid_for_wide():
-    from rankscope.methods.lora import choose_path
+    from rankscope.adapters.paths import choose_path
 
     assert choose_path(4096, 64, 64, 16) == "merged"  # micro: the dense dW is cheaper than 4 thin matmuls
     assert choose_path(1024, 1536, 1536, 16) == "hybrid"  # wide layers: the dense dW dominates, thin dA, dB instead

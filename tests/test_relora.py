@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from rankscope.methods import build_method
-from rankscope.methods.lora import lora_modules, lora_parameters, seeded_generator
+from rankscope.adapters.common import seeded_generator
+from rankscope.adapters.lora import lora_modules, lora_parameters
 from rankscope.methods.relora import keep_random_, keep_top_magnitude_, reset_state_
 from rankscope.model import Decoder
 from rankscope.train.loop import train
@@ -141,7 +142,7 @@ def test_merge_keeps_function_and_is_exact(data_dir, mode, dtype):
 
 
 def test_merge_single_layer_fp32():
-    from rankscope.methods.lora import LoRALinear, adapter_generator
+    from rankscope.adapters.lora import LoRALinear, adapter_generator
 
     torch.manual_seed(0)
     layer = LoRALinear(torch.nn.Linear(64, 256, bias=False), 16, 32.0, 0.1, adapter_generator(0, 0, 0)).eval()

@@ -13,7 +13,7 @@ from rankscope.store.checkpoint import optimizer_from_tensors, optimizer_to_tens
 from rankscope.config import load_config
 from rankscope.core.errors import ConfigError
 from rankscope.methods import build_method
-from rankscope.methods.lora import seeded_generator
+from rankscope.adapters.common import seeded_generator
 from rankscope.methods.memory import match_memory, measured_state_bytes
 from rankscope.methods.sparse import SOAdam, SparseAdamW, draw_gradient_support, draw_support, member, so_state_bytes, support_size
 from rankscope.model import Decoder

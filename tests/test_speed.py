@@ -12,7 +12,7 @@ from helpers import tiny_config
 from rankscope import model as model_mod
 from rankscope.cli import main
 from rankscope.config import ModelConfig
-from rankscope.methods.lora import LoRALinear, lora_modules, lora_parameters, wrap_linears
+from rankscope.adapters.lora import LoRALinear, lora_modules, lora_parameters, wrap_linears
 from rankscope.model import Decoder
 
 

@@ -25,7 +25,7 @@ from rankscope.store.checkpoint import Checkpoint, open_checkpoint
 from rankscope.config import ModelConfig, RunConfig, config_from_dict
 from rankscope.data.tokenizer import EOS, PAD, TextTokenizer
 from rankscope.core.errors import CheckpointError, RankscopeError
-from rankscope.methods.lora import merged_state_dict, stored_adapters
+from rankscope.adapters.stored import merged_state_dict, stored_adapters
 from rankscope.core.paths import check_output_dir
 
 
@@ -46,7 +46,7 @@ EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
 # --------------------------------------------------------------------------- weights
 def merge_adapters(state: dict[str, torch.Tensor], adapters: dict[str, dict[str, float]]) -> dict[str, torch.Tensor]:
     """Dense fp32 weights under our own names: each adapted layer (`X.base.weight` + `X.lora_A` +
-    `X.lora_B`, its rank and scaling in `adapters`) becomes `X.weight` (lora.merged_state_dict);
+    `X.lora_B`, its rank and scaling in `adapters`) becomes `X.weight` (adapters.stored.merged_state_dict);
     plain tensors pass through. Non-finite merged weights are refused."""
     try:
         merged = merged_state_dict(state, adapters)

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from rankscope.analysis import components as C
 from rankscope.analysis.spectra import analyze_items
-from rankscope.methods.lora import adapter_layout
+from rankscope.adapters.stored import adapter_layout
 
 MERGE_EVENTS = ("before_merge", "after_merge")
 

@@ -123,7 +123,7 @@ def read_tensors(path: Path, include_embeddings: bool = False, aliases: Mapping[
 
 def lora_scaling(config: Mapping[str, Any] | None) -> float | None:
     """alpha / rank from a run config dict (either method form), None when absent: one scaling for
-    every layer, as runs with a fixed rank store it (per-layer facts: lora.stored_adapters)."""
+    every layer, as runs with a fixed rank store it (per-layer facts: adapters.stored.stored_adapters)."""
     from rankscope.config import method_options
 
     opts = method_options(dict((config or {}).get("method") or {}))
@@ -137,9 +137,9 @@ def effective_weights(state: Mapping[str, torch.Tensor], adapters: Mapping[str, 
     """module -> effective weight (fp32), and module -> LoRA update factors (scaling B, A).
 
     A LoRA-wrapped linear (keys X.base.weight, X.lora_A (r x in), X.lora_B (out x r)) with its rank
-    and scaling in `adapters` (rankscope.methods.lora.stored_adapters / adapter_layout) has the
-    effective weight W0 + dW, merged by rankscope.methods.lora.merged_state_dict (the one ΔW code)."""
-    from rankscope.methods.lora import merged_state_dict, update_factors
+    and scaling in `adapters` (rankscope.adapters.stored.stored_adapters / adapter_layout) has the
+    effective weight W0 + dW, merged by rankscope.adapters.stored.merged_state_dict (the one ΔW code)."""
+    from rankscope.adapters.stored import merged_state_dict, update_factors
 
     if adapters is None or isinstance(adapters, (int, float)):  # one scaling for every wrapped layer (or none known)
         ranks = {k[: -len(".lora_A")]: int(t.shape[0]) for k, t in state.items() if k.endswith(".lora_A")}

@@ -50,7 +50,7 @@ from rankscope.analysis.spectra import Result, analyze_items
 from rankscope.store.checkpoint import check_meta, list_checkpoints
 from rankscope.config import method_options
 from rankscope.core.errors import CheckpointError
-from rankscope.methods.lora import stored_adapters
+from rankscope.adapters.stored import stored_adapters
 from rankscope.core.paths import check_output_dir
 
 KINDS = ("weight", "lora_update", "grad", "update", "cumulative_update", "cycle_update")

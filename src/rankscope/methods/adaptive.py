@@ -36,7 +36,7 @@ from rankscope.config import check, option
 from rankscope.core.errors import ConfigError
 from rankscope.methods.base import Notify, StepEvents
 from rankscope.methods.common import matches, target_linears  # noqa: F401  (matches: re-exported)
-from rankscope.methods.lora import LoRALinear, lora_modules, wrap_layers
+from rankscope.adapters.lora import LoRALinear, lora_modules, wrap_layers
 from rankscope.methods.relora import ReLoRAConfig, ReLoRAMethod
 
 
@@ -89,6 +89,7 @@ class AdaptiveReLoRAMethod(ReLoRAMethod):
     name = "adaptive"
     config_class = AdaptiveConfig
     supports_fsdp = False
+    low_rank_updates = False  # the ranks change at every restart: no fixed bound on an update's rank
 
     def __init__(self, cfg):
         super().__init__(cfg)

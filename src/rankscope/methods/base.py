@@ -47,6 +47,9 @@ class Method:
     config_class: type = FullConfig
     supports_fsdp = True  # the optimiser and weight surgery work on FSDP2 shards (rankscope.train.sharding)
     memory_knob: str | None = None  # the option methods.memory sets to match optimiser memory (rank, density)
+    # adapters of one fixed rank r each (LoRA, ReLoRA, hybrid): an update is a sum of (merges x r)-rank terms,
+    # so analysis bounds its rank (rankscope.analysis.bounds); not so where the ranks change (adaptive)
+    low_rank_updates = False
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -92,6 +95,20 @@ class Method:
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, notify: Notify | None = None) -> StepEvents:
         """Called after optimiser step `step` (1-based count of completed steps)."""
         return StepEvents({})
+
+    def adapter_facts(self, model: nn.Module) -> dict[str, dict[str, float]]:
+        """Per-layer facts of the adapters the method wrapped ({name: {rank, scaling}}), written into each
+        checkpoint's meta (`adapters`) so a reader merges it without the method (rankscope.adapters.stored).
+        None wrapped: {}."""
+        return {}
+
+    def capture_grads(self, model: nn.Module, on: bool) -> None:
+        """Start (on) or stop capturing the gradients of weights the method froze behind adapters, for
+        checkpoint.save_grads (the training loop calls it around a snapshot step). Nothing frozen: no-op."""
+
+    def captured_grads(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The captured gradients by state-dict key (this process's, not yet reduced over ranks); none: {}."""
+        return {}
 
     def take_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
         """(tensors, metadata) the method wants written to the run folder as safetensors files, by

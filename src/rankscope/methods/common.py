@@ -1,22 +1,14 @@
-"""Pieces several methods share: seeded generators and the selection of targeted linears."""
+"""Pieces several methods share: the selection of targeted linears (seeded generators and module
+replacement live below, in rankscope.adapters.common, which the adapters use too)."""
 
 from __future__ import annotations
 
 from fnmatch import fnmatch
 
-import numpy as np
-import torch
 import torch.nn as nn
 
+from rankscope.adapters.common import replace_module, seeded_generator  # noqa: F401  (re-exported: the methods' seeded draws)
 from rankscope.core.errors import ConfigError
-
-
-def seeded_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded from integers (seed, purpose, cycle, index): identical on every
-    process and device, so re-drawn adapters and pruning masks agree across distributed ranks."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1))
-    return g
 
 
 def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
@@ -39,10 +31,3 @@ def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]
 def matches(name: str, patterns: list[str]) -> bool:
     """`wv` matches any `...wv`; `blocks.0.*` (fnmatch) matches module names."""
     return any(name.rsplit(".", 1)[-1] == p or fnmatch(name, p) for p in patterns)
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` where the submodule `name` is."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)

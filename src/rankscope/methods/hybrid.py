@@ -20,7 +20,7 @@ import torch.nn as nn
 from rankscope.config import option
 from rankscope.core.errors import ConfigError
 from rankscope.methods.common import matches, target_linears
-from rankscope.methods.lora import LoRALinear, wrap_layers
+from rankscope.adapters.lora import LoRALinear, wrap_layers
 from rankscope.methods.relora import ReLoRAConfig, ReLoRAMethod
 
 

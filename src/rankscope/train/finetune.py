@@ -269,10 +269,10 @@ def record_base(run_dir: Path, base: Base) -> None:
 # --------------------------------------------------------------------------- measures
 def dense_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights as a plain fp32 Decoder state dict (LoRA factors merged)."""
-    from rankscope.methods import lora
+    from rankscope.adapters.stored import adapter_layout, merged_state_dict
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {k: v.float() for k, v in lora.merged_state_dict(state, lora.adapter_layout(model)).items()}
+    return {k: v.float() for k, v in merged_state_dict(state, adapter_layout(model)).items()}
 
 
 def update_measures(base: dict[str, torch.Tensor], adapted: dict[str, torch.Tensor], top_k: int = TOP_K) -> dict[str, dict[str, float]]:

@@ -13,7 +13,6 @@ import torch.nn as nn
 from rankscope.train import distributed, sharding
 from rankscope.train.distributed import DistInfo
 from rankscope.core.errors import TrainingError
-from rankscope.methods import lora
 
 
 def clip_grads(model: nn.Module, max_norm: float) -> float:
@@ -51,18 +50,19 @@ def check_finite(loss: float, norm: float | None, step: int, model: nn.Module, s
                             "lower train.lr or set train.grad_clip; the last good checkpoint is kept")
 
 
-def gradient_snapshot(model: nn.Module, dist: DistInfo) -> dict[str, torch.Tensor] | None:
+def gradient_snapshot(model: nn.Module, dist: DistInfo, captured: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """The 2-D gradients of this step's loss (summed over micro-batches, averaged over ranks as
     DDP / FSDP average them), before clipping, fp32 on rank 0's CPU (None elsewhere); under FSDP
-    gathered one tensor at a time. LoRA-wrapped linears add `<name>.base.weight`: the gradient
-    with respect to the effective weight, captured by the layer and all-reduced here."""
+    gathered one tensor at a time. `captured` adds the method's gradients of frozen weights
+    (Method.captured_grads: for LoRA-wrapped linears `<name>.base.weight`, the gradient with respect
+    to the effective weight), each rank's own, all-reduced here."""
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if p.grad is not None and p.dim() == 2:
             g = sharding.full(p.grad)
             if dist.is_main:
                 out[name] = g.float().cpu().clone()
-    for name, g in lora.effective_grads(model).items():
+    for name, g in captured.items():
         if dist.enabled:  # each rank holds its micro-batches' sum: average as DDP does
             torch.distributed.all_reduce(g)
             g = g / dist.world_size

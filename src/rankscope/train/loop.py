@@ -23,7 +23,6 @@ from rankscope.train.callbacks import Callback, CallbackRunner
 from rankscope.config import RunConfig
 from rankscope.evaluate.perplexity import stream_loss
 from rankscope.train.loggers import MetricsLog, TokenRate
-from rankscope.methods import lora
 from rankscope.train.preemption import Preempted, StopOnSignal
 from rankscope.core.progress import Progress
 from rankscope.store.run_dir import lock_run_dir
@@ -118,8 +117,8 @@ class Trainer:
         self.model.train()
         total = 0.0
         snapshot = self.cfg.checkpoint.save_grads and self.will_checkpoint(step + 1)
-        if snapshot:  # LoRA-wrapped linears: also the frozen base's gradient, this step only
-            lora.capture_effective_grads(self.model, True)
+        if snapshot:  # weights a method froze (LoRA's bases): their gradient too, this step only
+            self.method.capture_grads(self.model, True)
         for micro in range(t.grad_accum):
             x, y = self.train_stream.get(step, micro)
             # DDP all-reduces (FSDP reduce-scatters) gradients on the last micro-batch only
@@ -133,8 +132,8 @@ class Trainer:
         total, self.stop_agreed = distributed.mean_and_any(total, self.stop.requested, self.dist, self.device)
         gradients.check_finite(total, None, step, self.model, self.sharded, self.device)
         if snapshot:  # before clipping: dL/dW itself, the same definition for every method
-            self.last_grads = gradients.gradient_snapshot(self.model, self.dist)
-            lora.capture_effective_grads(self.model, False)
+            self.last_grads = gradients.gradient_snapshot(self.model, self.dist, self.method.captured_grads(self.model))
+            self.method.capture_grads(self.model, False)
         norm = gradients.clip_grads(self.model, t.grad_clip)
         gradients.check_finite(total, norm, step, self.model, self.sharded, self.device)
         self.optimizer.step()

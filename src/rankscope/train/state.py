@@ -17,7 +17,6 @@ import torch
 from rankscope.store import checkpoint as ckpt
 from rankscope.train import distributed, sharding
 from rankscope.core.errors import MACHINE_ERRNOS, CheckpointError, MachineError
-from rankscope.methods import lora
 
 if TYPE_CHECKING:
     from rankscope.train.loop import Trainer
@@ -61,7 +60,7 @@ def save(trainer: Trainer) -> None:
         "optimizer": opt_meta,
         "method": trainer.method.state_dict(),
         "method_name": trainer.method.name,
-        "adapters": lora.adapter_layout(trainer.model),
+        "adapters": trainer.method.adapter_facts(trainer.model),
         "world_size": trainer.dist.world_size,
         "tokens": trainer.tokens_seen(trainer.step),
         "tokenizer_hash": trainer.corpus.manifest["tokenizer"]["hash"],
