@@ -74,18 +74,18 @@ class RankCallback:
             out[f"rank/{metric}/{comp}"] = _mean(metric, vals)
         return out
 
-    def wants(self, trainer, step: int) -> bool:
+    def wants(self, run, step: int) -> bool:
         return step % self.every == 0
 
-    def on_step_end(self, trainer, step: int) -> dict[str, Any] | None:
-        if self.wants(trainer, step):
-            return self.measure(trainer.eval_model)
+    def on_step_end(self, run, step: int) -> dict[str, Any] | None:
+        if self.wants(run, step):
+            return self.measure(run.eval_model)  # run: rankscope.train.callbacks.RunView
         return None
 
-    def on_train_end(self, trainer) -> dict[str, Any] | None:
+    def on_train_end(self, run) -> dict[str, Any] | None:
         return None
 
-    def on_method_event(self, trainer, event: str, step: int, model: nn.Module) -> dict[str, Any] | None:
+    def on_method_event(self, run, event: str, step: int, model: nn.Module) -> dict[str, Any] | None:
         if event not in MERGE_EVENTS:
             return None
         return {f"{k}/{event}": v for k, v in self.measure(model).items()}

@@ -233,6 +233,9 @@ class FinetuneTrainer(Trainer):
     def initial_weights(self) -> dict[str, torch.Tensor]:
         return self.base.state
 
+    def view_extra(self) -> dict[str, Any]:
+        return {"base": self.base, "fewshot": self.fewshot}  # what FewshotCallback reads besides the run's facts
+
     def build_data(self):
         from rankscope.data.corpus import prepare
         from rankscope.data.fewshot import build_fewshot, stream_tokens

@@ -1,6 +1,9 @@
-"""The training loop: `train_step` reads like pseudocode; set-up is rankscope.train.setup's, and the loop calls
-out for save and resume (rankscope.train.state), gradient clipping and NaN checks (rankscope.train.gradients),
-callbacks (rankscope.train.callbacks), metric rows (rankscope.train.loggers) and summary.json (rankscope.train.summary).
+"""The training loop: `train_step` reads like pseudocode; set-up is rankscope.train.setup's. The loop owns the
+run's `TrainState` (step, model, method, optimiser; rankscope.train.state) and calls out for save and resume
+(rankscope.train.state: save writes the state, resume returns the checkpoint it found, which the loop builds the
+model for and then restores), gradient clipping and NaN checks (rankscope.train.gradients), callbacks, which see
+a read-only `RunView` (rankscope.train.callbacks), metric rows (rankscope.train.loggers) and summary.json
+(rankscope.train.summary).
 Re-running `train` on a run directory resumes from its newest valid checkpoint; when checkpoints exist but
 none is valid it refuses (`restart=True`, `--restart`, starts from step 0). Only rank 0 reads or writes the
 run directory. SIGTERM / SIGINT stop after the current step with a checkpoint (rankscope.train.preemption).
@@ -20,6 +23,7 @@ from rankscope.train import distributed, gradients, setup as run_setup, state as
 from rankscope import optim
 from rankscope.store import checkpoint as ckpt
 from rankscope.train.callbacks import Callback, CallbackRunner
+from rankscope.train.state import RunFacts, TrainState
 from rankscope.config import RunConfig
 from rankscope.evaluate.perplexity import stream_loss
 from rankscope.train.loggers import MetricsLog, TokenRate
@@ -54,12 +58,13 @@ class Trainer:
         self.precision = pick_precision(self.device, self.cfg.train.precision)
         self.corpus, self.train_stream, self.val_stream = self.build_data()
         self.sharded = run_setup.is_sharded(self.cfg, self.dist, self.log)
-        self.callback_runner = CallbackRunner(self)
-        self.setup_model(None)
+        self.state: TrainState | None = None
+        self.callback_runner: CallbackRunner | None = None
+        self.setup_model(None)  # the state, and the precision / compile settings (self.precision settles here)
         self.callbacks = run_setup.rank_callbacks(self.cfg, self.callbacks, self.dist)
+        self.facts = RunFacts(self.cfg, self.run_dir, self.dist, self.device, self.sharded, self.precision, self.corpus, self.log)
+        self.callback_runner = CallbackRunner(self.facts, self.state, self.callbacks, self.view_extra())
         self.metrics = MetricsLog(self.cfg, self.run_dir, enabled=self.dist.is_main)
-        self.step = 0
-        self.last_grads: dict[str, torch.Tensor] | None = None  # checkpoint.save_grads: this step's gradients
         self.keep_forever = run_state.kept_steps(self.cfg)
 
     def build_data(self):
@@ -71,11 +76,38 @@ class Trainer:
         the base's for a fine-tune (rankscope.train.finetune)."""
         return None
 
+    def view_extra(self) -> dict[str, Any]:
+        """Facts a loop above this one shows its callbacks besides the run's own (a fine-tune: its base and data)."""
+        return {}
+
+    # ------------------------------------------------------------------ the state (rankscope.train.state)
+    @property
+    def model(self) -> nn.Module:
+        return self.state.model
+
+    @property
+    def method(self):
+        return self.state.method
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.state.optimizer
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
     def setup_model(self, method_state: dict[str, Any] | None) -> None:
-        """Model, method (in `method_state`: a checkpoint's, or None), shards, optimiser, wrappers."""
-        parts = run_setup.build_parts(self.cfg, method_state, self.device, self.sharded, self.precision, self.initial_weights())
-        self.model, self.method, self.optimizer = parts
-        self.callback_runner.reset()
+        """Model, method (in `method_state`: a checkpoint's, or None), shards, optimiser, wrappers: a new
+        TrainState at step 0, or on a rebuild (a resume that restructures the method) the same state's parts."""
+        model, method, optimizer = run_setup.build_parts(self.cfg, method_state, self.device, self.sharded, self.precision,
+                                                         self.initial_weights())
+        if self.state is None:
+            self.state = TrainState(model, method, optimizer, run_state.tokens_per_step(self.cfg, self.dist.world_size))
+        else:
+            self.state.model, self.state.method, self.state.optimizer = model, method, optimizer
+        if self.callback_runner is not None:
+            self.callback_runner.reset()
         compiled = None  # on a rebuild (resume with a restructured method) autotune's module wraps the old model
         if not hasattr(self, "settings"):  # the first build: precision / compile, as configured or measured
             self.settings, compiled = run_setup.choose_settings(self.cfg, self.model, self.device, self.dist,
@@ -93,7 +125,7 @@ class Trainer:
         gets a new optimiser, files it hands over are written (rank 0). Returns the rows to log."""
         events = self.method.after_step(self.step, self.model, self.optimizer, self.callback_runner.method_event)
         if events.rebuild_optimizer:
-            self.optimizer = self.method.rebuild_optimizer(self.model, self.device, self.optimizer)
+            self.state.optimizer = self.method.rebuild_optimizer(self.model, self.device, self.optimizer)
             self.wrap_parallel()
         for rel, (tensors, metadata) in self.method.take_files().items():
             if self.dist.is_main:
@@ -107,8 +139,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def tokens_seen(self, step: int) -> int:
-        t = self.cfg.train
-        return step * t.batch_size * t.grad_accum * t.seq_len * self.dist.world_size
+        return step * self.state.tokens_per_step
 
     def train_step(self, step: int) -> tuple[float, float]:
         """One optimiser step on the batches of `step`; returns (mean loss, grad norm)."""
@@ -132,7 +163,7 @@ class Trainer:
         total, self.stop_agreed = distributed.mean_and_any(total, self.stop.requested, self.dist, self.device)
         gradients.check_finite(total, None, step, self.model, self.sharded, self.device)
         if snapshot:  # before clipping: dL/dW itself, the same definition for every method
-            self.last_grads = gradients.gradient_snapshot(self.model, self.dist, self.method.captured_grads(self.model))
+            self.state.last_grads = gradients.gradient_snapshot(self.model, self.dist, self.method.captured_grads(self.model))
             self.method.capture_grads(self.model, False)
         norm = gradients.clip_grads(self.model, t.grad_clip)
         gradients.check_finite(total, norm, step, self.model, self.sharded, self.device)
@@ -142,6 +173,16 @@ class Trainer:
 
     def will_checkpoint(self, done: int) -> bool:
         return run_state.checkpoint_due(self.cfg, done, self.keep_forever)
+
+    def resume(self) -> None:
+        """Continue from the newest valid checkpoint, if any: the model is rebuilt for its method state where
+        that differs (e.g. past a switch to adapters, or new ranks), then the checkpoint is restored into it."""
+        found = run_state.resume(self.facts, self.restart)
+        if found is None:
+            return
+        if run_state.method_state(found) != self.method.state_dict():
+            self.setup_model(run_state.method_state(found))
+        run_state.restore(found, self.state, self.facts)
 
     def run(self) -> dict[str, Any]:
         try:
@@ -169,7 +210,7 @@ class Trainer:
 
     def train_loop(self) -> dict[str, Any]:
         t = self.cfg.train
-        run_state.resume(self)  # sets self.step (0 for a fresh run)
+        self.resume()  # sets the step (0 for a fresh run)
         if self.step >= t.max_steps:
             self.log(f"[train] {self.run_dir} is already finished ({self.step} steps)")
             return self.finish(0.0)
@@ -181,7 +222,7 @@ class Trainer:
         with Progress(t.max_steps, f"train {self.method.name}", initial=self.step, enabled=shown) as bar:
             while self.step < t.max_steps:
                 loss, norm = self.train_step(self.step)
-                self.step += 1
+                self.state.step += 1
                 events = self.after_method_step()
                 tokens = self.tokens_seen(self.step)
                 tps = rate.rate(tokens)
@@ -199,7 +240,7 @@ class Trainer:
                 # under torchrun the ranks' agreed flag (so all stop at the same step); else the local one
                 stopping = (self.stop_agreed if self.dist.enabled else self.stop.requested) and self.step < t.max_steps
                 if stopping or self.will_checkpoint(self.step):
-                    run_state.save(self)
+                    run_state.save(self.state, self.facts)
                 bar.update(1, loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
                 if stopping:
                     self.metrics.close()

@@ -1,25 +1,69 @@
-"""A run's state in checkpoints: `save` writes the model, optimiser, method state and every rank's
-RNG (rank 0 writes, under FSDP after gathering the shards); `resume` finds the newest valid
-checkpoint (rank 0) and loads that same one on every rank, so a killed run resumed reaches
-bit-identical weights. The functions take the Trainer whose state they save or restore;
-only the training loop calls them.
+"""A run's state and how checkpoints keep it. The training loop owns one `TrainState` (step, model, method,
+optimiser, the step's gradient snapshot); `save` writes it with every rank's RNG (rank 0 writes, under FSDP after
+gathering the shards); `resume` finds the newest valid checkpoint (rank 0) and returns it to every rank, and
+`restore` loads that same one into the state the loop built for it, so a killed run resumed reaches
+bit-identical weights. `RunFacts` are the run's fixed facts (config, folder, process, device, corpus) that
+save, resume and the callbacks' view read. Nothing here builds a model: the loop does (rankscope.train.setup).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 
+from rankscope.core.errors import MACHINE_ERRNOS, CheckpointError, MachineError
 from rankscope.store import checkpoint as ckpt
 from rankscope.train import distributed, sharding
-from rankscope.core.errors import MACHINE_ERRNOS, CheckpointError, MachineError
+from rankscope.train.distributed import DistInfo
 
 if TYPE_CHECKING:
-    from rankscope.train.loop import Trainer
+    from rankscope.config import RunConfig
+    from rankscope.data.corpus import Corpus
+    from rankscope.methods.base import Method
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What does not change while a run trains: its config and folder, this process and device, whether the model
+    is sharded, the precision the steps compute in (settled at set-up), the corpus, and where it logs."""
+
+    cfg: RunConfig
+    run_dir: Path
+    dist: DistInfo
+    device: torch.device
+    sharded: bool
+    precision: str
+    corpus: Corpus
+    log: Callable[[str], None]
+
+
+@dataclass
+class TrainState:
+    """What the loop owns and a checkpoint holds: the step count, the model, its method and optimiser (rebuilt
+    in place when a resume restructures the method), and this step's gradients for checkpoint.save_grads. The
+    RNG streams are torch's own, saved and restored with it; the lr schedule is the method's function of the step."""
+
+    model: nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    tokens_per_step: int  # tokens of one optimiser step, over all ranks
+    step: int = 0
+    last_grads: dict[str, torch.Tensor] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.step * self.tokens_per_step
+
+
+def tokens_per_step(cfg: RunConfig, world_size: int) -> int:
+    t = cfg.train
+    return t.batch_size * t.grad_accum * t.seq_len * world_size
 
 
 def log_spaced_steps(max_steps: int, n: int) -> set[int]:
@@ -40,50 +84,50 @@ def checkpoint_due(cfg, done: int, keep_forever: set[int]) -> bool:
     return done == cfg.train.max_steps or bool(every and done % every == 0) or done in keep_forever
 
 
-def save(trainer: Trainer) -> None:
+def save(state: TrainState, run: RunFacts) -> None:
     """Rank 0 writes; every rank's dropout RNG is gathered into the one checkpoint. Under FSDP
     the shards are gathered first, so the files are the same as an unsharded run's."""
-    rngs = distributed.gather_objects(torch.get_rng_state(), trainer.dist)
-    model_state = sharding.full_model_state(trainer.model)
-    opt_tensors, opt_meta = ckpt.optimizer_to_tensors(trainer.optimizer)
-    opt_tensors = sharding.full_optimizer_tensors(opt_tensors, keep=trainer.dist.is_main)
-    if not trainer.dist.is_main:
-        distributed.barrier(trainer.dist)
+    rngs = distributed.gather_objects(torch.get_rng_state(), run.dist)
+    model_state = sharding.full_model_state(state.model)
+    opt_tensors, opt_meta = ckpt.optimizer_to_tensors(state.optimizer)
+    opt_tensors = sharding.full_optimizer_tensors(opt_tensors, keep=run.dist.is_main)
+    if not run.dist.is_main:
+        distributed.barrier(run.dist)
         return
     extra = {"rng.torch": rngs[0], **{f"rng.torch.{r}": t for r, t in enumerate(rngs)}}
-    if trainer.device.type == "cuda":
-        extra["rng.cuda"] = torch.cuda.get_rng_state(trainer.device)
+    if run.device.type == "cuda":
+        extra["rng.cuda"] = torch.cuda.get_rng_state(run.device)
     files = {"model": model_state, "optimizer": opt_tensors, "extra": extra}
-    if trainer.cfg.checkpoint.save_grads and trainer.last_grads:
-        files["grads"] = trainer.last_grads
+    if run.cfg.checkpoint.save_grads and state.last_grads:
+        files["grads"] = state.last_grads
     meta = {
         "optimizer": opt_meta,
-        "method": trainer.method.state_dict(),
-        "method_name": trainer.method.name,
-        "adapters": trainer.method.adapter_facts(trainer.model),
-        "world_size": trainer.dist.world_size,
-        "tokens": trainer.tokens_seen(trainer.step),
-        "tokenizer_hash": trainer.corpus.manifest["tokenizer"]["hash"],
-        "corpus": str(trainer.corpus.root.resolve()),
-        "config": trainer.cfg.to_dict(),
+        "method": state.method.state_dict(),
+        "method_name": state.method.name,
+        "adapters": state.method.adapter_facts(state.model),
+        "world_size": run.dist.world_size,
+        "tokens": state.tokens,
+        "tokenizer_hash": run.corpus.manifest["tokenizer"]["hash"],
+        "corpus": str(run.corpus.root.resolve()),
+        "config": run.cfg.to_dict(),
     }
-    root = trainer.run_dir / "checkpoints"
-    ckpt.save_checkpoint(root, trainer.step, files, meta, log=trainer.log)
-    ckpt.prune_checkpoints(root, trainer.cfg.checkpoint.keep_last, trainer.keep_forever, log=trainer.log)
-    distributed.barrier(trainer.dist)
+    root = run.run_dir / "checkpoints"
+    ckpt.save_checkpoint(root, state.step, files, meta, log=run.log)
+    ckpt.prune_checkpoints(root, run.cfg.checkpoint.keep_last, kept_steps(run.cfg), log=run.log)
+    distributed.barrier(run.dist)
 
 
-def find_checkpoint(trainer: Trainer) -> ckpt.Checkpoint | None:
-    """Rank 0: the newest valid checkpoint; None for a fresh start; refuses to start over in
-    silence when checkpoints exist but none is valid."""
-    root = trainer.run_dir / "checkpoints"
-    ckpt.recover(root, trainer.log)  # a re-save killed between its two renames
+def find_checkpoint(run: RunFacts, restart: bool) -> ckpt.Checkpoint | None:
+    """Rank 0: the newest valid checkpoint; None for a fresh start (with `restart`, existing ones are set
+    aside); refuses to start over in silence when checkpoints exist but none is valid."""
+    root = run.run_dir / "checkpoints"
+    ckpt.recover(root, run.log)  # a re-save killed between its two renames
     folders = ckpt.list_checkpoints(root)
-    if trainer.restart:
+    if restart:
         for _, path in folders:
-            trainer.log(f"[train] --restart: {path.name} set aside as {ckpt.set_aside(path, 'restart').name}")
+            run.log(f"[train] --restart: {path.name} set aside as {ckpt.set_aside(path, 'restart').name}")
         return None
-    found = ckpt.latest_valid(root, log=trainer.log, set_aside_invalid=True)  # damaged newer ones kept as evidence
+    found = ckpt.latest_valid(root, log=run.log, set_aside_invalid=True)  # damaged newer ones kept as evidence
     if found is None and folders:
         raise CheckpointError(
             f"{root} holds {len(folders)} checkpoint folder(s) but none is valid (see above); "
@@ -93,40 +137,54 @@ def find_checkpoint(trainer: Trainer) -> ckpt.Checkpoint | None:
     return found
 
 
-def resume(trainer: Trainer) -> None:
-    """Rank 0 picks the checkpoint; every rank loads that same one."""
-    found = distributed.on_rank0(lambda: find_checkpoint(trainer), trainer.dist)
-    if found is None:
-        if trainer.dist.is_main:
-            truncate_metrics(trainer.run_dir, 0)  # rows of an attempt that died before its first checkpoint
-        return
-    if found.meta["method"] != trainer.method.state_dict():  # e.g. past a switch to adapters, or new ranks
-        trainer.setup_model(found.meta["method"])
+def resume(run: RunFacts, restart: bool) -> ckpt.Checkpoint | None:
+    """The checkpoint to resume from, the same one on every rank (rank 0 picks it); None for a fresh start.
+    The loop builds the model for its method state (`method_state`) and hands it to `restore`."""
+    found = distributed.on_rank0(lambda: find_checkpoint(run, restart), run.dist)
+    if found is None and run.dist.is_main:
+        truncate_metrics(run.run_dir, 0)  # rows of an attempt that died before its first checkpoint
+    return found
+
+
+def method_state(found: ckpt.Checkpoint) -> dict[str, Any]:
+    """The method state a checkpoint was written with: the model to load it into must have its structure."""
+    return found.meta["method"]
+
+
+def restore(found: ckpt.Checkpoint, state: TrainState, run: RunFacts) -> None:
+    """Load `found` into `state` (built for its method state): weights, optimiser, every rank's RNG, the
+    method's state and the step; the metrics log is cut back to that step."""
     # under FSDP the full tensors stay on the CPU; each rank moves only its shards to the device
-    where = "cpu" if trainer.sharded else str(trainer.device)
+    where = "cpu" if run.sharded else str(run.device)
     try:
-        sharding.load_full_model_state(trainer.model, found.load("model", where))
-        opt_tensors = sharding.shard_optimizer_tensors(trainer.optimizer, found.load("optimizer", where))
+        sharding.load_full_model_state(state.model, found.load("model", where))
+        opt_tensors = sharding.shard_optimizer_tensors(state.optimizer, found.load("optimizer", where))
     except (RuntimeError, KeyError, ValueError) as e:  # e.g. a step folder copied from another run: its hashes verify
         raise CheckpointError(f"checkpoint {found.path} does not fit this run's model ({str(e).strip().splitlines()[0][:160]}); "
                               "it comes from another run or config: move it out of checkpoints/, or resume with the config "
                               "it was written with") from None
-    ckpt.optimizer_from_tensors(trainer.optimizer, opt_tensors, found.meta["optimizer"])
+    ckpt.optimizer_from_tensors(state.optimizer, opt_tensors, found.meta["optimizer"])
+    restore_rng(found, run)
+    state.method.load_state_dict(method_state(found))
+    state.step = found.step
+    if run.dist.is_main:
+        truncate_metrics(run.run_dir, found.step)
+    run.log(f"[train] resumed from {found.path} (step {found.step})")
+
+
+def restore_rng(found: ckpt.Checkpoint, run: RunFacts) -> None:
+    """This rank's dropout stream as saved; resumed on more ranks than it was saved with, a fresh,
+    deterministic one for the new ranks."""
     extra = found.load("extra")
-    own = f"rng.torch.{trainer.dist.rank}"
-    if found.meta.get("world_size", 1) == trainer.dist.world_size and own in extra:
+    own = f"rng.torch.{run.dist.rank}"
+    if found.meta.get("world_size", 1) == run.dist.world_size and own in extra:
         torch.set_rng_state(extra[own])
-    elif trainer.dist.is_main:
+    elif run.dist.is_main:
         torch.set_rng_state(extra["rng.torch"])
-    else:  # resumed on more ranks than it was saved with: a fresh, deterministic dropout stream
-        torch.manual_seed(trainer.cfg.train.seed * 100_003 + found.step * 101 + trainer.dist.rank)
-    if "rng.cuda" in extra and trainer.device.type == "cuda":
-        torch.cuda.set_rng_state(extra["rng.cuda"], trainer.device)
-    trainer.method.load_state_dict(found.meta["method"])
-    trainer.step = found.step
-    if trainer.dist.is_main:
-        truncate_metrics(trainer.run_dir, found.step)
-    trainer.log(f"[train] resumed from {found.path} (step {found.step})")
+    else:
+        torch.manual_seed(run.cfg.train.seed * 100_003 + found.step * 101 + run.dist.rank)
+    if "rng.cuda" in extra and run.device.type == "cuda":
+        torch.cuda.set_rng_state(extra["rng.cuda"], run.device)
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
