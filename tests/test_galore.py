@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rankscope.store.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from rankscope.store.optimizer_state import optimizer_from_tensors, optimizer_to_tensors
 from rankscope.config import load_config
 from rankscope.methods.galore import GaLoreAdamW, galore_projector, projection_side
 from rankscope.train.loop import train

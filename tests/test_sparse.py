@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rankscope.store.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from rankscope.store.optimizer_state import optimizer_from_tensors, optimizer_to_tensors
 from rankscope.config import load_config
 from rankscope.core.errors import ConfigError
 from rankscope.methods import build_method

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from rankscope.core.errors import MACHINE_ERRNOS, CheckpointError, MachineError
 from rankscope.store import checkpoint as ckpt
+from rankscope.store.optimizer_state import optimizer_from_tensors, optimizer_to_tensors
 from rankscope.train import distributed, sharding
 from rankscope.train.distributed import DistInfo
 
@@ -89,7 +90,7 @@ def save(state: TrainState, run: RunFacts) -> None:
     the shards are gathered first, so the files are the same as an unsharded run's."""
     rngs = distributed.gather_objects(torch.get_rng_state(), run.dist)
     model_state = sharding.full_model_state(state.model)
-    opt_tensors, opt_meta = ckpt.optimizer_to_tensors(state.optimizer)
+    opt_tensors, opt_meta = optimizer_to_tensors(state.optimizer)
     opt_tensors = sharding.full_optimizer_tensors(opt_tensors, keep=run.dist.is_main)
     if not run.dist.is_main:
         distributed.barrier(run.dist)
@@ -163,7 +164,7 @@ def restore(found: ckpt.Checkpoint, state: TrainState, run: RunFacts) -> None:
         raise CheckpointError(f"checkpoint {found.path} does not fit this run's model ({str(e).strip().splitlines()[0][:160]}); "
                               "it comes from another run or config: move it out of checkpoints/, or resume with the config "
                               "it was written with") from None
-    ckpt.optimizer_from_tensors(state.optimizer, opt_tensors, found.meta["optimizer"])
+    optimizer_from_tensors(state.optimizer, opt_tensors, found.meta["optimizer"])
     restore_rng(found, run)
     state.method.load_state_dict(method_state(found))
     state.step = found.step
