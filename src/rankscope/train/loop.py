@@ -35,6 +35,9 @@ from rankscope.core.runtime import autocast, pick_precision
 
 @dataclass
 class Trainer:
+    """The loop over one run: it holds the run's fixed facts (`facts`), owns its `state` (`model`, `method`,
+    `optimizer`, `step` read through it) and shows its callbacks a read-only view (`callback_runner.view`)."""
+
     cfg: RunConfig
     run_dir: Path
     log: Callable[[str], None] = print
