@@ -122,7 +122,7 @@ def test_a_sigterm_stops_the_finetune_and_it_resumes_bit_exact(base_run, tmp_pat
     cfg = ft_config(base_run, "method.name=so", "method.so.density=0.05", "method.so.support_every=2")
     straight = finetune(cfg, tmp_path / "straight", **QUIET)
     from rankscope.train.callbacks import build_callbacks
-    from rankscope.train.finetune import FewshotCallback
+    from rankscope.train.finetune_callback import FewshotCallback
 
     trainer = FinetuneTrainer(cfg, tmp_path / "resumed", callbacks=[*build_callbacks(cfg), FewshotCallback(), SignalAt(4, signal.SIGTERM)],
                               **QUIET)
@@ -258,7 +258,7 @@ def stream(ds):
 
 
 def test_update_measures_on_updates_whose_answer_is_known():
-    from rankscope.train.finetune import update_measures
+    from rankscope.train.finetune_callback import update_measures
 
     torch.manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(32, 32))
