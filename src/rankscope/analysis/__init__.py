@@ -17,8 +17,9 @@ cumulative_update. Kinds: weight, lora_update, grad, update, cumulative_update, 
 also has a `rank_bound` row (the ceiling of its PER); every `update` item `window_start` / `window_merges`
 rows (its window and the ReLoRA merges in it).
 Definitions, shapes and alignment at cycle boundaries: docs/metrics.md.
-Modules: metrics (formulas), components (what is measured), spectra (batched SVD), run (checkpoints,
-cache, tables), compare (cycle ends, window labels, geometric summaries, rank-matched truncation: what the
+Modules: metrics (formulas), components (what is measured), spectra (batched SVD), run (a run's analysis and
+its cache keys), tables (table I/O, the cache), reading (checkpoints, cycle files), bounds (rank bounds from the
+method's capability), angles (subspace angles), compare (cycle ends, window labels, geometric summaries, rank-matched truncation: what the
 findings' rank rows use), plots, callback (in-loop metrics), cli (`rankscope analyze`).
 """
 
