@@ -7,7 +7,8 @@ from helpers import write_rank_table
 from rankscope.studies import stats
 from rankscope.core.errors import ConfigError
 from rankscope.studies.findings import OPPOSITE, PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings, verdict_counts
-from rankscope.reports.report import Run, _md_table, table_view
+from rankscope.reports.runs import Run
+from rankscope.reports.tables import _md_table, table_view
 
 PARAMS = {"micro": 508_480, "milli": 1_070_112, "mini": 2_524_800}
 

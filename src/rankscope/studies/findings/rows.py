@@ -32,7 +32,7 @@ def _by_seed(runs: list[Any], method: str, size: str) -> dict[int, Any]:
     out: dict[int, Any] = {}
     for r in runs:
         if r.method == method and r.size == size:
-            if r.seed in out:  # never the last one silently: rankscope.reports.report.collect refuses or excludes duplicates first
+            if r.seed in out:  # never the last one silently: rankscope.reports.runs.collect refuses or excludes duplicates first
                 raise ConfigError(f"two runs of {method} at {size}, seed {r.seed}: {out[r.seed].dir} and {r.dir}; "
                                   "remove one, or report with --exclude-duplicates")
             out[r.seed] = r
