@@ -16,7 +16,6 @@ PAPER_REFERENCE = {
 }
 
 
-
 def paper_table() -> dict[str, Any]:
     """The paper's reference numbers as a report table (cells sourced to the paper)."""
     ref = PAPER_REFERENCE

@@ -55,10 +55,6 @@ PAPER_RULES: list[dict[str, Any]] = [
 
 
 
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 @dataclass
 class Rule:
     """One pre-registered rule: a test of `metric` (method against reference) with the claimed direction."""
