@@ -14,7 +14,7 @@ import pytest
 matplotlib.use("Agg")
 
 from rankscope.reports import plots as P# noqa: E402
-from rankscope.reports.report import Run  # noqa: E402
+from rankscope.reports.runs import Run  # noqa: E402
 from test_report_figures import fake_runs  # noqa: E402
 
 

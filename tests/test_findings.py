@@ -7,7 +7,8 @@ from helpers import write_rank_table
 from rankscope.studies import stats
 from rankscope.core.errors import ConfigError
 from rankscope.studies.findings import OPPOSITE, PAPER_RULES, decide, evaluate_findings, findings_tables, validate_findings, verdict_counts
-from rankscope.reports.report import Run, _md_table, table_view
+from rankscope.reports.runs import Run
+from rankscope.reports.tables import _md_table, table_view
 
 PARAMS = {"micro": 508_480, "milli": 1_070_112, "mini": 2_524_800}
 
@@ -185,7 +186,7 @@ def test_rank_rule_without_analysis_says_so(tmp_path):
     ([{"test": "anova", "metric": "x", "claim": "higher"}], "test must be"),
     ([{"test": "rank", "metric": "per", "claim": "lower", "component": "wv"}], "needs kind"),
     ([{"test": "paired", "metric": "x", "claim": "lower", "chance": 0.5}], "chance and margin"),
-    ([{"test": "paired", "metric": "x", "claim": "lower", "bogus": 1}], "unknown key"),
+    ([{"test": "paired", "metric": "x", "claim": "lower", "bogus": 1}], r"unknown findings key .*rules\[0\]\.bogus"),
     ([{"id": "a", "test": "paired", "metric": "x", "claim": "lower"},
       {"id": "a", "test": "paired", "metric": "y", "claim": "lower"}], "used twice"),
 ])
@@ -437,7 +438,8 @@ def test_controls_at_the_main_lr_are_not_a_second_test_and_stand_in_for_the_cont
 
 
 def test_gradient_and_cross_object_rows_are_adjusted_apart_and_counted_apart():
-    from rankscope.studies.findings import _family, verdict_counts
+    from rankscope.studies.findings import verdict_counts
+    from rankscope.studies.findings.families import _family
 
     upd = {"id": "d-per", "finding": "d", "primary": False, "verdict": "confirmed", "counts_toward_verdict": True}
     grad = {"id": "d-per", "finding": "d", "primary": False, "verdict": "confirmed", "counts_toward_verdict": False, "object": "gradient"}

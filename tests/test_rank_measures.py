@@ -18,7 +18,7 @@ from rankscope.analysis import components as C
 from rankscope.analysis.compare import cycle_end_steps, early_cycle_end_steps, summarise, truncated_per, window_label
 from rankscope.config import load_config
 from rankscope.studies.findings import GRADIENT_NOTE, PAPER_RULES, evaluate_findings, findings_tables, validate_findings
-from rankscope.reports.report import Run, load_run
+from rankscope.reports.runs import Run, load_run
 
 
 def known(m, n, s, dtype=np.float64, seed=0):

@@ -3,7 +3,6 @@ listed, and clear errors. Small real runs: 2 methods x 2 seeds, 10 steps, ReLoRA
 
 import base64
 import json
-import math
 import re
 import shutil
 import statistics
@@ -86,7 +85,9 @@ def test_every_table_cell_is_traced_to_the_run_files(study_dir, report):
         groups.setdefault(f"{cfg['method']['name']} / {cfg['model']['preset']}", []).append(d)
     assert sorted(groups) == ["full / micro", "relora / micro"]
     checked = 0
-    for table in data["tables"]:
+    # the findings tables come first (the paper's rules on these runs: tests/test_findings.py traces them); then the runs'
+    assert len(data["findings_tables"]) == 3 and data["tables"][:3] == data["findings_tables"]
+    for table in data["tables"][len(data["findings_tables"]):]:
         for row in table["rows"]:
             for col, c in zip(table["columns"][-len(row["cells"]):], row["cells"]):
                 if c is None:
@@ -106,7 +107,7 @@ def test_every_table_cell_is_traced_to_the_run_files(study_dir, report):
                     assert c["std"] == pytest.approx(statistics.stdev(vals))
                 checked += 1
     assert checked > 50
-    head = data["tables"][0]
+    head = next(t for t in data["tables"] if t["title"].startswith("Headline"))
     assert [r["n"] for r in head["rows"]] == [2, 2] and "BLiMP overall" in head["columns"] and "tokens/s" in head["columns"]
     # the post-training eval wins over the in-training one for that run
     blimp = head["rows"][1]["cells"][head["columns"].index("BLiMP overall") - 2]
@@ -118,7 +119,7 @@ def test_every_table_cell_is_traced_to_the_run_files(study_dir, report):
 def test_markdown_shows_the_same_numbers(report):
     out, data = report
     md = (out / "report.md").read_text()
-    head = data["tables"][0]
+    head = next(t for t in data["tables"] if t["title"].startswith("Headline"))
     c = head["rows"][0]["cells"][0]
     assert f"{c['mean']:.4f} ± {c['std']:.4f}" in md
     for fig in data["figures"]:
@@ -158,11 +159,20 @@ def test_single_run_dirs_and_findings(study_dir, tmp_path):
     assert [r["name"] for r in data["runs"]] == ["name-full_seed-0", "name-relora_seed-0"] and not data["failed"]
     per = next(f for f in data["figures"] if f["title"].startswith("PER vs step: the paper"))
     assert "in-loop" in per["caption"] and "analysis tables" not in per["caption"]
-    gap = next(f for f in data["findings"] if f["claim"] == "val loss: ReLoRA − full")
+    # plain run folders go through the one verdict engine: the paper's rules, titled as not pre-registered
+    assert "not pre-registered" in data["findings_tables"][1]["title"] and "findings" not in data
+    rows = {(r["id"], r["size"], r.get("kind"), r.get("component")): r for r in data["study_findings"]}
+    gap = rows[("a-val-loss", "micro", None, None)]
     full = json.loads((study_dir / "name-full_seed-0" / "summary.json").read_text())["final_val_loss"]
     rel = json.loads((study_dir / "name-relora_seed-0" / "summary.json").read_text())["final_val_loss"]
-    assert gap["value"] == pytest.approx(rel - full)
-    assert any(f["claim"].startswith("PER of wv") and math.isfinite(f["value"]) for f in data["findings"])
+    assert gap["estimate"] == pytest.approx(rel - full) and gap["n"] == 1 and gap["verdict"] == "inconclusive"  # one seed: no interval
+    per = rows[("d-per", "micro", "cumulative_update", "wv")]  # the copy without analysis tables: the rank rows say what is missing
+    assert per["verdict"] == "not measured" and "rankscope analyze" in per["reason"] and str(bare) in per["reason"]
+    # a single run: no verdict, said in one line
+    write_report([study_dir / "name-full_seed-0"], tmp_path / "one", log=lambda *_: None)
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert one["study_findings"] == [] and one["findings_tables"] == []
+    assert "a single run gets no verdict" in (tmp_path / "one" / "report.md").read_text()
 
 
 def test_no_runs_is_a_one_line_error(tmp_path, capsys):
@@ -177,7 +187,7 @@ def test_no_runs_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_runs_differing_beyond_method_size_and_seed_are_not_averaged_together(tmp_path):
-    from rankscope.reports.report import Run, label_other_dimensions
+    from rankscope.reports.runs import Run, label_other_dimensions
 
     def run(method, lr, seed):
         cfg = {"method": {"name": method, "rank": 16 if method == "relora" else 8}, "model": {"preset": "micro"}, "train": {"lr": lr, "seed": seed, "threads": seed}}

@@ -10,7 +10,8 @@ import numpy as np
 matplotlib.use("Agg")
 
 from rankscope.reports import plots as P# noqa: E402
-from rankscope.reports.report import Run, write_report  # noqa: E402
+from rankscope.reports.report import write_report  # noqa: E402
+from rankscope.reports.runs import Run  # noqa: E402
 
 COMPONENTS = ("wq", "wk", "wv", "wo", "ov", "ov_layer", "ov_product", "w1", "w2", "w3", "custom_x")
 
@@ -144,7 +145,8 @@ def fabricated_study(root, shapes, methods=("full", "relora"), seeds=(0,), steps
 def test_sizes_are_ordered_by_body_parameters_with_labels_kept(tmp_path):
     """A preset narrowed by an override (`d32-L4`) is smaller than the preset: tables and figures list it first."""
     from rankscope.studies.findings import size_order
-    from rankscope.reports.report import collect, group_order
+    from rankscope.reports.runs import collect
+    from rankscope.reports.tables import group_order
 
     shapes = {"mini": {"preset": "mini"}, "micro": {"preset": "micro"}, "d48": {"preset": "micro", "d_model": 48},
               "d32": {"preset": "micro", "d_model": 32}}

@@ -12,7 +12,8 @@ import yaml
 
 from rankscope.cli import main
 from rankscope.studies.findings import SAME_AS_MAIN, validate_findings
-from rankscope.reports.report import ReportError, collect, write_report
+from rankscope.reports.report import write_report
+from rankscope.reports.runs import ReportError, collect
 from rankscope.reports.results import BLOCK, render_summary, sync_docs
 from rankscope.studies.study import Point, Study, write_sweep_summary
 
@@ -141,7 +142,7 @@ def test_committed_documents_quote_the_committed_results(doc):
 
 
 def test_a_preset_with_its_width_overridden_is_another_size():
-    from rankscope.reports.report import size_label
+    from rankscope.reports.runs import size_label
 
     assert size_label({"preset": "pico-tiny-body", "d_model": 96, "n_layers": 12, "n_heads": 12, "n_kv_heads": 4, "ffn_dim": 384}) == "pico-tiny-body"
     assert size_label({"preset": "pico-tiny-body", "d_model": 48, "n_layers": 12, "n_heads": 6, "n_kv_heads": 2, "ffn_dim": 192}) == "d48-L12"

@@ -54,7 +54,7 @@ def test_help_shows_defaults(capsys):
 
 
 def test_round_off_of_zero_prints_as_zero():
-    from rankscope.studies.findings import _interval, _signed
+    from rankscope.studies.findings.tables import _interval, _signed
 
     assert _signed(0.3 - 0.1 - 0.2) == "0" and _signed(-1e-17) == "0"
     assert _signed(0.01234) == "+0.01234" and _interval((-5.551e-17, 0.25)) == "[0, +0.25]"

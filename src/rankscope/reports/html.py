@@ -5,9 +5,10 @@ data and escaped by jinja2; nothing is pasted into HTML by string formatting. La
 counts, the primary endpoints' rows, the headline table), the key figures (loss; PER of weights, updates
 and gradients), the scale box (and tuned values) with the paper's reference numbers beside them (labelled
 as the paper's, at pico scale), the other figures, then the long tables (every findings row, per-seed
-differences, the paper's claims checked, per-domain tables, every run) each in a collapsible <details>
-block. Failed, unfinished or excluded runs are listed right after the summary. Without pre-registered findings (a single run) the summary is the run's
-headline table; the paper's numbers follow the key figures.
+differences, per-domain tables, every run) each in a collapsible <details>
+block. Failed, unfinished or excluded runs are listed right after the summary. Without findings rows (a single run, or
+one method) the summary is the headline table and one line says why nothing was tested; the paper's numbers follow the key
+figures.
 """
 
 from __future__ import annotations

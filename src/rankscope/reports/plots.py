@@ -19,9 +19,15 @@ from typing import Iterator
 
 import numpy as np
 
-# the paper's components first (Weiss et al. 2025, §4: attention V, O, the OV circuit, SwiGLU down)
+from rankscope.analysis.components import EMBEDDINGS, OV_FORMS, TARGETS
+from rankscope.reports.paper import PAPER_REFERENCE
+from rankscope.reports.series import KIND_NAMES, analysed, loss_series, mean_band, rank_kinds, rank_series
+from rankscope.reports.tables import cell
+
+# the paper's components first (Weiss et al. 2025, §4: attention V, O, the OV circuit, SwiGLU down), then the rest of the
+# component table (rankscope.analysis.components) in its order
 PAPER_COMPONENTS = ("wv", "wo", "ov", "ov_layer", "w2")
-COMPONENT_ORDER = (*PAPER_COMPONENTS, "wq", "wk", "w1", "w3", "ov_product", "embed", "lm_head")
+COMPONENT_ORDER = (*PAPER_COMPONENTS, *(c for c in (*TARGETS, *OV_FORMS, *EMBEDDINGS) if c not in PAPER_COMPONENTS))
 COMPONENT_NAMES = {"wv": "V", "wo": "O", "ov": "OV (per head)", "ov_layer": "OV (per layer)", "ov_product": "OV (d x d product)",
                    "w2": "w2 (SwiGLU down)", "wq": "Q", "wk": "K", "w1": "w1 (SwiGLU gate)", "w3": "w3 (SwiGLU up)"}
 METHOD_COLOURS = {"full": "tab:blue", "relora": "tab:orange", "lora": "tab:green", "so": "tab:red", "so_single": "tab:olive", "galore": "tab:purple",
@@ -70,95 +76,6 @@ def grid(nrows: int, ncols: int, panel: tuple[float, float] = (2.7, 2.1)):
     width = min(MAX_WIDTH, panel[0] * ncols + 0.8)
     return _plt().subplots(nrows, ncols, figsize=(width, panel[1] * nrows + 0.9), squeeze=False, layout="constrained")
 
-
-# --------------------------------------------------------------------------- series
-def mean_band(series: list[dict[float, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """x, mean, min, max over the series (seeds) at the x values every series has."""
-    common = sorted(set.intersection(*(set(s) for s in series))) if series else []
-    if not common:
-        return (np.array([]),) * 4
-    ys = np.array([[s[x] for x in common] for s in series])
-    return np.array(common), ys.mean(0), ys.min(0), ys.max(0)
-
-
-def loss_series(run, key: str) -> dict[float, float]:
-    return {float(r["tokens"]): float(r[key]) for r in run.rows
-            if isinstance(r.get(key), (int, float)) and "tokens" in r and math.isfinite(r[key]) and r["tokens"] > 0}
-
-
-def _cond_of(values: dict[str, dict[int, list[float]]]) -> dict[int, list[float]]:
-    """The plain condition number where every value is finite; else the one over the numerical rank
-    (a d x d OV product has rank <= head_dim, so its s_min is ~0)."""
-    plain = values.get("condition_number", {})
-    if plain and all(math.isfinite(v) for vs in plain.values() for v in vs):
-        return plain
-    return values.get("condition_number_numerical", {})
-
-
-KINDS = ("weight", "update", "cumulative_update", "grad")  # drawn, in this order, where the analysis has them
-KIND_NAMES = {"weight": "weights", "update": "updates between checkpoints", "cumulative_update": "cumulative updates (W_t - W_0)",
-              "grad": "gradients"}
-
-
-def rank_series(run, use_analysis: bool = True, kind: str = "weight") -> tuple[dict[tuple[str, str], dict[float, float]], str]:
-    """(metric per|cond, component) -> {step: value} (mean over layers and heads, geometric for cond) and the source:
-    the analysis table of the run's checkpoints (matrices of `kind`) when `rankscope analyze` ran, else
-    (weights only) the in-loop rows `rank/<metric>/<component>` of metrics.jsonl."""
-    path = run.dir / "analysis" / "rank_metrics.parquet"
-    out: dict[tuple[str, str], dict[float, float]] = {}
-    if use_analysis and path.is_file():
-        from rankscope.analysis.run import load_table
-
-        t = load_table(path)
-        acc: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-        for name, step, comp, k, metric, v in zip(t["run"], t["step"], t["component"], t["kind"], t["metric"], t["value"]):
-            if name == run.name and k == kind and v is not None and metric in ("per", "condition_number", "condition_number_numerical"):
-                acc[comp][metric][step].append(v)
-        for comp, by_metric in acc.items():
-            for m, values in (("per", by_metric.get("per", {})), ("cond", _cond_of(by_metric))):
-                avg = np.mean if m == "per" else (lambda v: np.exp(np.mean(np.log(v))))  # condition numbers: geometric mean
-                finite = {float(s): float(avg(v)) for s, v in values.items() if all(math.isfinite(x) and (m == "per" or x > 0) for x in v)}
-                if finite:
-                    out[(m, comp)] = finite
-        if out or kind != "weight":
-            return out, str(path)
-    if kind != "weight":
-        return out, ""
-    for r in run.rows:
-        for k, v in r.items():
-            parts = k.split("/")
-            if len(parts) == 3 and parts[0] == "rank" and parts[1] in ("per", "cond") and isinstance(v, (int, float)) and math.isfinite(v):
-                out.setdefault((parts[1], parts[2]), {})[float(r["step"])] = float(v)
-    return out, f"{run.dir / 'metrics.jsonl'} (in-loop rank/* rows)"
-
-
-def rank_kinds(runs) -> list[str]:
-    """The KINDS the runs' analysis tables hold (weights always: the in-loop rows stand in for them)."""
-    found = {"weight"}
-    if analysed(runs):
-        from rankscope.analysis.run import load_table
-
-        for r in runs:
-            found |= set(load_table(r.dir / "analysis" / "rank_metrics.parquet")["kind"])
-    return [k for k in KINDS if k in found]
-
-
-def analysed(runs) -> bool:
-    """Use the analysis tables only when every run has one: seeds must be averaged at the same steps."""
-    return all((r.dir / "analysis" / "rank_metrics.parquet").is_file() for r in runs)
-
-
-def rank_summary(runs, groups) -> dict[str, dict[tuple[str, str], dict[str, tuple[list[float], list[float]]]]]:
-    """metric -> (size, component) -> method -> (steps, mean over seeds)."""
-    out: dict[str, dict] = {"per": defaultdict(dict), "cond": defaultdict(dict)}
-    use = analysed(runs)
-    for method, size in groups:
-        members = [rank_series(r, use)[0] for r in runs if r.group == (method, size)]
-        for key in sorted({k for m in members for k in m}):
-            x, mean, _, _ = mean_band([m[key] for m in members if key in m])
-            if len(x):
-                out[key[0]][(size, key[1])][method] = (x.tolist(), mean.tolist())
-    return {k: dict(v) for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------- axes helpers
@@ -252,7 +169,6 @@ def _draw(ax, series: list[dict[float, float]], method: str) -> bool:
     return True
 
 
-
 # --------------------------------------------------------------------------- figures
 LOSS_PANELS = (("train_loss", "train loss"), ("val_loss", "val loss (8-batch est.)"), ("val_bpb_macro", "val bits/byte (macro)"))
 
@@ -344,8 +260,6 @@ def rank_components(runs) -> tuple[list[str], list[str]]:
 
 
 def blimp_figure(runs, groups):
-    from rankscope.reports.report import cell
-
     phen = sorted({k for r in runs for k in (*r.summary, *r.eval) if k.startswith("blimp/")})
     keys = phen + (["blimp_overall"] if any(r.value("blimp_overall")[0] is not None for r in runs) else [])
     if not keys:
@@ -390,8 +304,7 @@ def spectra_figure(runs, groups, steps: list[int] | None = None):
 
 
 def plot_paper_reference(path: Path) -> Path:
-    from rankscope.reports.report import PAPER_REFERENCE as ref
-
+    ref = PAPER_REFERENCE
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.4), gridspec_kw={"width_ratios": [2, 1]}, layout="constrained")
     sizes = ["pico-tiny", "pico-small"]
