@@ -465,3 +465,17 @@ def test_paper_rules_ask_for_no_ov_circuit_that_analyze_does_not_form():
         for kind in [*kinds, rule.get("reference_kind", kinds[0] if kinds else None)]:
             if kind and kind not in OV_KINDS:
                 assert not set(comps) & set(OV_FORMS), (rule["id"], kind)
+
+
+def test_body_parameters_are_the_architectures_not_the_adapters(tmp_path):
+    """A LoRA run's parameter count includes its adapter factors; the scale box counts the model's body by
+    arithmetic from the config's shape (micro: 246,336 = the full run's count less its two embeddings)."""
+    from rankscope.config import PRESETS
+    from rankscope.studies.findings.scale import body_params
+
+    model = {**PRESETS["micro"], "tie_embeddings": False}
+    full = Run(tmp_path, "full", "full", "micro", 0, {"model": model}, {"parameters": 508_480})
+    lora = Run(tmp_path, "lora", "lora", "micro", 0, {"model": model}, {"parameters": 508_480 + 45_056})
+    assert body_params(full) == body_params(lora) == 508_480 - 2 * 2048 * 64 == 246_336
+    shapeless = Run(tmp_path, "x", "full", "micro", 0, {"model": {"vocab_size": 2048, "d_model": 64}}, {"parameters": 508_480})
+    assert body_params(shapeless) == 246_336  # no shape: all parameters less the embeddings

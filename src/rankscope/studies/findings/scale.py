@@ -48,8 +48,12 @@ def size_order(runs: list[Any]) -> list[str]:
 
 
 def body_params(run: Any) -> int | None:
-    """Non-embedding parameters: all parameters less the token embedding and (untied) output head."""
+    """Non-embedding parameters of the run's architecture, by arithmetic from its config's model shape; where the
+    shape is not known, all parameters less the token embedding and (untied) output head. The arithmetic comes
+    first: a LoRA run's parameter count includes its adapter factors, which are not the model's body."""
     m = (run.config or {}).get("model") or {}
+    if isinstance(m, dict) and (n := shape_body_params(m)):
+        return n
     total, v, d = run.summary.get("parameters"), m.get("vocab_size"), m.get("d_model")
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in (total, v, d)):
         return None
