@@ -47,7 +47,7 @@ def worker(rank: int, world: int, port: int, args, layout: str, method: str, out
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
     from rankscope.train import distributed, sharding
-    from rankscope.config import load_config
+    from rankscope.methods import load_config
     from rankscope.methods import build_method
     from rankscope.model import Decoder
     from rankscope.core.runtime import autocast, pick_device, pick_precision

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from rankscope.config import load_config
+from rankscope.methods import load_config
 from rankscope.methods import build_method
 from rankscope.model import Decoder
 from rankscope.optim import optimizer_state_bytes

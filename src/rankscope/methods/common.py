@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from rankscope.core.errors import ConfigError
+from rankscope.model import DEFAULT_TARGETS
 
 
 def seeded_generator(*key: int) -> torch.Generator:
@@ -32,7 +33,7 @@ def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]
         elif isinstance(m, nn.Linear):
             out[name] = m
     if not out:
-        raise ConfigError(f"method.targets={targets} matches no linear layer; valid names: wq, wk, wv, wo, w1, w2, w3")
+        raise ConfigError(f"method.targets={targets} matches no linear layer; valid names: {', '.join(DEFAULT_TARGETS)}")
     return out
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankscope.config import option
+from rankscope.core.schema import option
 from rankscope.core.errors import ConfigError
 from rankscope.methods.common import matches, target_linears
 from rankscope.methods.lora import LoRALinear, wrap_layers
@@ -58,6 +58,3 @@ class HybridReLoRAMethod(ReLoRAMethod):
         full = [n for n, mod in target_linears(model, self.config.targets).items() if not isinstance(model.get_submodule(n), LoRALinear)]
         return {**super().report(model, optimizer), "full_rank_layers": len(full),
                 "full_rank_params": sum(model.get_submodule(n).weight.numel() for n in full)}
-
-
-METHODS = [HybridReLoRAMethod]

@@ -54,12 +54,11 @@ from rankscope.train.distributed import all_ranks_true
 from rankscope.core.errors import CheckpointError, ConfigError, RankscopeError
 from rankscope.methods.base import Method, Notify, StepEvents
 from rankscope.methods.common import replace_module, seeded_generator
+from rankscope.model import DEFAULT_TARGETS
 from rankscope.optim import build_adamw, check_coverage, optimizer_state_bytes, param_groups
 from rankscope.train.sharding import assign_, full, local, shard_of
 
 __all__ = ["LoRAConfig", "LoRALinear", "LoRAMethod", "MergeError", "seeded_generator", "lora_modules", "merged_state_dict"]
-
-DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 
 
 @dataclass

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from rankscope.store import checkpoint as ckpt
-from rankscope.config import ModelConfig, RunConfig, config_from_dict, merge_dicts, parse_overrides, read_yaml
+from rankscope.config import ModelConfig, RunConfig, merge_dicts, parse_overrides, read_yaml
+from rankscope.methods import config_from_dict
 from rankscope.core.errors import RankscopeError
 from rankscope.train.loop import Trainer
 
