@@ -56,7 +56,8 @@ def worker(rank: int, world: int, port: int, args, layout: str, method: str, out
     info = distributed.from_env()
     device = pick_device(args.device, info.local_rank)
     distributed.init(info, device)
-    cfg = load_config(None, [f"model.preset={args.preset}", f"method.name={method}", f"train.seq_len={args.seq}", "train.warmup_steps=0", "method.dropout=0"])
+    cfg = load_config(None, [f"model.preset={args.preset}", f"method.name={method}", f"train.seq_len={args.seq}", "train.warmup_steps=0",
+                             *(f"method.{m}.dropout=0" for m in ("lora", "relora", "adaptive", "hybrid"))])
     precision = pick_precision(device, args.precision)
     torch.manual_seed(0)
     model = Decoder(cfg.model)

@@ -1,6 +1,7 @@
 import pytest
 
-from rankscope.config import PRESETS, describe_fields, load_config, parse_overrides
+from rankscope.config import PRESETS, parse_overrides
+from rankscope.methods import describe_fields, load_config
 from rankscope.core.errors import ConfigError
 
 
@@ -34,9 +35,9 @@ def test_base_config_is_inherited(tmp_path):
         (["train.lr=-1"], "train.lr must be positive"),
         (["train.warmup_steps=1000", "train.max_steps=10"], "warmup_steps"),
         (["oops"], "must look like section.key=value"),
-        (["method.dropout=1.5"], "method.dropout"),
+        (["method.lora.dropout=1.5"], "method.dropout"),
         (["train.parallel=fsdp", "method.name=galore"], "not 'galore'; use train.parallel=ddp"),
-        (["train.parallel=fsdp", "method.name=relora", "method.warm_start_steps=5"], "does not support a ReLoRA warm start"),
+        (["train.parallel=fsdp", "method.name=relora", "method.relora.warm_start_steps=5"], "does not support a ReLoRA warm start"),
         (["train.parallel=zero3"], "one of 'ddp', 'fsdp'"),
     ],
 )

@@ -243,7 +243,7 @@ def test_eval_only_domains_are_absent_from_training_and_present_in_eval(tmp_path
 
 
 def test_eval_only_domains_validation(tmp_path):
-    from rankscope.config import load_config
+    from rankscope.methods import load_config
     from rankscope.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="holds every source"):
@@ -255,7 +255,7 @@ def test_eval_only_domains_validation(tmp_path):
 
 
 def test_english_preset_trains_on_prose_and_holds_out_code():
-    from rankscope.config import load_config
+    from rankscope.methods import load_config
 
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "english-cpu.yaml"), [])
     train_domains = set(cfg.data.sources) - set(cfg.data.eval_only_domains)

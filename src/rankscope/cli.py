@@ -156,9 +156,10 @@ def field_rows(rows: list[tuple[str, str, Any, str]]) -> list[str]:
 
 def cmd_info(args) -> None:
     from rankscope.config import PRESETS
-    from rankscope.methods import describe_fields
 
     if args.fields:
+        from rankscope.methods import describe_fields  # the methods' options: imports torch
+
         print("\n".join(field_rows(describe_fields())))
         return
     print(f"{'preset':14s} {'d_model':>7s} {'layers':>6s} {'heads':>5s} {'kv':>3s} {'ffn':>5s} {'vocab':>6s} {'params':>12s} "

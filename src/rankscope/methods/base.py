@@ -1,7 +1,8 @@
 """The full-rank method, and the interface every other method overrides.
 
-A method is one module in `rankscope.methods`: a config dataclass (`config_class`, the YAML section
-`method.<name>`), its capabilities (`supports_fsdp`, `memory_knob`) and the hooks below. A method
+A method is one module in `rankscope.methods` (listed once, in registry.METHODS): a config dataclass
+(`config_class`, the YAML section `method.<name>`), its capabilities (`supports_fsdp`, `memory_knob`;
+sparse methods also their state accounting) and the hooks below. A method
 never sees the training loop: it changes the model and the optimiser it is handed, and tells the training loop
 what it needs (rebuild the optimiser) through the events `after_step` returns.
 """
