@@ -71,10 +71,12 @@ def test_relora_refusal_fix_trains_and_merges(data_dir, tmp_path):
 
 
 def test_the_flat_method_form_is_refused_with_a_fix_that_loads(data_dir):
-    """`method.rank=4` (the retired flat form) is refused in one line naming the nested key to write; the fix,
-    as printed, loads and sets that option in that method's section (the run's own method where it has it)."""
-    for name, flat, section in (("full", "method.alpha=16", "lora"), ("relora", "method.rank=4", "relora"),
-                                ("full", "method.targets=[wq,wv]", "lora"), ("so", "method.support_every=5", "so")):
+    """`method.rank=4` (the retired flat form) is refused in one line naming the nested key to write (under the run's
+    own method where it has the option, else a method that has it); the fix, as printed, loads and sets it there."""
+    from rankscope.methods import method_option_names
+
+    for name, flat in (("full", "method.alpha=16"), ("relora", "method.rank=4"), ("full", "method.targets=[wq,wv]"),
+                       ("so", "method.support_every=5")):
         over = tiny_overrides(data_dir, f"method.name={name}", "method.relora.reset_every=10", "method.relora.restart_warmup_steps=1",
                               "method.so.support_every=5", "method.galore.update_proj_gap=5")
         over = [o for o in over if o.split("=")[0] != flat.split("=")[0].replace("method.", f"method.{name}.")]
@@ -84,11 +86,14 @@ def test_the_flat_method_form_is_refused_with_a_fix_that_loads(data_dir):
         assert "\n" not in message and flat.split("=")[0] in message, message
         fix = re.search(r"write (\S+=\S+)", message).group(1)
         key, value = flat.split("=")
-        assert fix == f"method.{section}.{key.split('.')[-1]}={value}", message
+        option = key.split(".")[-1]
+        section = fix.split("=")[0].split(".")[1]
+        assert fix == f"method.{section}.{option}={value}" and option in method_option_names(section), message
+        assert section == name or option not in method_option_names(name), message
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
             cfg = load_config(None, [*over, f"method.name={section}", fix])  # as printed: no notice, no error
-        assert cfg.to_dict()["method"][section][key.split(".")[-1]] == yaml.safe_load(value)
+        assert cfg.to_dict()["method"][section][option] == yaml.safe_load(value)
         assert load_config(None, [*over, fix]).method.name == name  # beside another method: checked, unused
 
 

@@ -75,3 +75,14 @@ def test_shipped_configs_load():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_the_config_imports_no_method_and_no_torch():
+    """The schema sits below the methods: `rankscope.methods` resolves `method.<name>` against its registry."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport rankscope.config, rankscope.presets\n"
+            "assert not [m for m in sys.modules if m.startswith('rankscope.methods') or m == 'torch'], sorted(sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
