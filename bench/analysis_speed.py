@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from rankscope.analysis import components as C  # noqa: E402
 from rankscope.analysis.metrics import METRICS  # noqa: E402
 from rankscope.analysis.spectra import analyze_items  # noqa: E402
-from rankscope.config import PRESETS, load_config  # noqa: E402
+from rankscope.config import PRESETS  # noqa: E402
+from rankscope.methods import load_config
 
 
 def state_dict(layers: int, seed: int = 0) -> dict[str, torch.Tensor]:

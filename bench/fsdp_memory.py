@@ -47,7 +47,7 @@ def worker(rank: int, world: int, port: int, args, layout: str, method: str, out
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
     from rankscope.train import distributed, sharding
-    from rankscope.config import load_config
+    from rankscope.methods import load_config
     from rankscope.methods import build_method
     from rankscope.model import Decoder
     from rankscope.core.runtime import autocast, pick_device, pick_precision
@@ -56,7 +56,8 @@ def worker(rank: int, world: int, port: int, args, layout: str, method: str, out
     info = distributed.from_env()
     device = pick_device(args.device, info.local_rank)
     distributed.init(info, device)
-    cfg = load_config(None, [f"model.preset={args.preset}", f"method.name={method}", f"train.seq_len={args.seq}", "train.warmup_steps=0", "method.dropout=0"])
+    cfg = load_config(None, [f"model.preset={args.preset}", f"method.name={method}", f"train.seq_len={args.seq}", "train.warmup_steps=0",
+                             *(f"method.{m}.dropout=0" for m in ("lora", "relora", "adaptive", "hybrid"))])
     precision = pick_precision(device, args.precision)
     torch.manual_seed(0)
     model = Decoder(cfg.model)

@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from rankscope.config import load_config
+from rankscope.methods import load_config
 from rankscope.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from rankscope.config import load_config
+from rankscope.methods import load_config
 from rankscope.methods import build_method
 from rankscope.model import Decoder
 from rankscope.optim import optimizer_state_bytes
@@ -31,7 +31,8 @@ from rankscope.core.runtime import autocast, pick_device, pick_precision
 
 
 def build(preset: str, method: str, args, device):
-    cfg = load_config(None, [f"model.preset={preset}", f"method.name={method}", f"train.seq_len={args.seq}", f"model.max_seq_len={args.seq}", "train.warmup_steps=0", "method.rank=16", "method.alpha=32", f"method.dropout={args.dropout}"])
+    cfg = load_config(None, [f"model.preset={preset}", f"method.name={method}", f"train.seq_len={args.seq}", f"model.max_seq_len={args.seq}", "train.warmup_steps=0", "method.relora.rank=16", "method.relora.alpha=32",
+                             f"method.relora.dropout={args.dropout}"])
     torch.manual_seed(0)
     model = Decoder(cfg.model)
     m = build_method(cfg)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from rankscope.config import RunConfig, load_config, merge_dicts, parse_overrides
+from rankscope.config import RunConfig, merge_dicts, parse_overrides
+from rankscope.methods import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BLIMP_DIR = REPO.parent / "shared" / "data" / "blimp"

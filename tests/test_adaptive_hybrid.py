@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rankscope.config import load_config
+from rankscope.methods import load_config
 from rankscope.core.errors import ConfigError
 from rankscope.evaluate.loading import load_trained
 from rankscope.methods import build_method
@@ -58,7 +58,7 @@ def test_allocation_is_proportional_to_scores():
 
 
 def test_new_ranks_follow_the_effective_rank_of_each_update(data_dir):
-    cfg = tiny_config(data_dir, "method.name=adaptive", "method.rank=4", "method.targets=[wq,wo]", "method.reset_every=5", "method.restart_warmup_steps=1")
+    cfg = tiny_config(data_dir, "method.name=adaptive", "method.adaptive.rank=4", "method.adaptive.targets=[wq,wo]", "method.adaptive.reset_every=5", "method.adaptive.restart_warmup_steps=1")
     model = Decoder(cfg.model)
     method = build_method(cfg)
     method.prepare_model(model)
@@ -91,8 +91,8 @@ def test_new_ranks_follow_the_effective_rank_of_each_update(data_dir):
 
 def test_adaptive_run_changes_ranks_within_budget_and_resumes_bit_exactly(data_dir, tmp_path):
     # merges (and re-wraps) after steps 6, 12, 18, 24; checkpoint at 16 (mid-cycle, non-uniform ranks), crash at 17
-    over = tiny_overrides(data_dir, "method.name=adaptive", "method.rank=8", "method.reset_every=6", "method.restart_warmup_steps=2",
-                          "method.dropout=0", "train.max_steps=24", "checkpoint.every=4", "checkpoint.keep_steps=[16]")
+    over = tiny_overrides(data_dir, "method.name=adaptive", "method.adaptive.rank=8", "method.adaptive.reset_every=6", "method.adaptive.restart_warmup_steps=2",
+                          "method.adaptive.dropout=0", "train.max_steps=24", "checkpoint.every=4", "checkpoint.keep_steps=[16]")
     summary = train(load_config(None, over), tmp_path / "straight", log=lambda s: None)
     assert summary["adaptive_adapter_params"] <= summary["adaptive_rank_budget"]
     assert len(set(summary["adaptive_ranks"].values())) > 1  # no longer uniform
@@ -110,8 +110,8 @@ def test_adaptive_run_changes_ranks_within_budget_and_resumes_bit_exactly(data_d
 
 
 def test_grow_schedule_raises_uniform_ranks_per_cycle(data_dir):
-    cfg = tiny_config(data_dir, "method.name=adaptive", "method.rank_schedule=grow", "method.rank=8", "method.rank_min=2",
-                      "method.reset_every=10", "train.max_steps=40", "method.restart_warmup_steps=1")
+    cfg = tiny_config(data_dir, "method.name=adaptive", "method.adaptive.rank_schedule=grow", "method.adaptive.rank=8", "method.adaptive.rank_min=2",
+                      "method.adaptive.reset_every=10", "train.max_steps=40", "method.adaptive.restart_warmup_steps=1")
     model = Decoder(cfg.model)
     method = build_method(cfg)
     method.prepare_model(model)
@@ -124,8 +124,8 @@ def test_grow_schedule_raises_uniform_ranks_per_cycle(data_dir):
 
 # --------------------------------------------------------------------------- hybrid
 def test_hybrid_trains_chosen_components_full_rank(data_dir, tmp_path):
-    over = tiny_overrides(data_dir, "method.name=hybrid", "method.rank=4", "method.full_rank_targets=[wv,blocks.0.mlp.w2]",
-                          "method.reset_every=10", "method.restart_warmup_steps=2", "train.max_steps=20", "checkpoint.every=20")
+    over = tiny_overrides(data_dir, "method.name=hybrid", "method.hybrid.rank=4", "method.hybrid.full_rank_targets=[wv,blocks.0.mlp.w2]",
+                          "method.hybrid.reset_every=10", "method.hybrid.restart_warmup_steps=2", "train.max_steps=20", "checkpoint.every=20")
     cfg = load_config(None, over)
     model = Decoder(cfg.model)
     method = build_method(cfg)
@@ -145,15 +145,15 @@ def test_hybrid_trains_chosen_components_full_rank(data_dir, tmp_path):
     assert not torch.equal(final["blocks.0.mlp.w2.weight"], init["blocks.0.mlp.w2.weight"])
     assert "blocks.1.mlp.w2.lora_A" in final
     with pytest.raises(ConfigError):
-        build_method(tiny_config(data_dir, "method.name=hybrid", "method.full_rank_targets=[nope]")).prepare_model(Decoder(cfg.model))
+        build_method(tiny_config(data_dir, "method.name=hybrid", "method.hybrid.full_rank_targets=[nope]")).prepare_model(Decoder(cfg.model))
 
 
 # --------------------------------------------------------------------------- equal memory
 def test_match_memory_sets_rank_and_density(data_dir):
-    ref = tiny_config(data_dir, "method.name=relora", "method.rank=4", *CYCLE)
+    ref = tiny_config(data_dir, "method.name=relora", "method.relora.rank=4", *CYCLE)
     target = measured_state_bytes(ref)
-    got = match_memory(tiny_config(data_dir, "method.name=relora", "method.rank=1", *CYCLE), target)
-    assert got.method.rank == 4 and measured_state_bytes(got) == target
+    got = match_memory(tiny_config(data_dir, "method.name=relora", "method.relora.rank=1", *CYCLE), target)
+    assert got.method.options.rank == 4 and measured_state_bytes(got) == target
     so = match_memory(tiny_config(data_dir, "method.name=so", "method.so.support_every=10"), target)
     b = measured_state_bytes(so)
     assert 0.98 * target <= b <= target
@@ -162,20 +162,21 @@ def test_match_memory_sets_rank_and_density(data_dir):
 
 
 def test_study_option_match_memory_sets_each_points_knob(data_dir, tmp_path):
-    from rankscope.config import config_from_dict
+    from rankscope.methods import config_from_dict
     from rankscope.studies.study import load_study
 
     study = tmp_path / "s.yaml"
-    overrides = "\n".join(f"  - {o}" for o in tiny_overrides(data_dir, "method.rank=4", "method.reset_every=10", "method.restart_warmup_steps=1",
-                                                                "method.support_every=10", "method.update_proj_gap=10"))
+    overrides = "\n".join(f"  - {o}" for o in tiny_overrides(data_dir, "method.relora.rank=4", "method.relora.reset_every=10",
+                                                                "method.relora.restart_warmup_steps=1", "method.so.support_every=10",
+                                                                "method.galore.rank=4", "method.galore.update_proj_gap=10"))
     study.write_text(f"name: mm\noverrides:\n{overrides}\ngrid:\n  method.name: [full, relora, so, galore]\nmatch_memory: relora\n")
     points = {p.values["method.name"]: config_from_dict(p.config) for p in load_study(study, tmp_path / "runs").points}
     target = measured_state_bytes(points["relora"])
-    assert points["relora"].method.rank == 4 and points["full"].method.rank == 4
+    assert points["relora"].method.options.rank == 4 and points["galore"].method.name == "galore"
     for name in ("so", "galore"):
         b = measured_state_bytes(points[name])
         assert 0.95 * target <= b <= target, name
-    assert points["so"].method.density != 0.05  # the default was replaced
+    assert points["so"].method.options.density != 0.05  # the default was replaced
     bigger = points["galore"]
-    bigger.method.rank += 1
+    bigger.method.options.rank += 1
     assert measured_state_bytes(bigger) > target  # the largest rank that fits

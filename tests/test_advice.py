@@ -1,4 +1,4 @@
-"""Advice that works: every schedule refusal and the flat-method notice name a fix, and the fix runs as printed."""
+"""Advice that works: every schedule refusal and the refusal of the flat method form name a fix, and the fix runs as printed."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import shlex
 import warnings
 
 import pytest
+import yaml
 
 from rankscope.cli import main
-from rankscope.config import load_config
+from rankscope.methods import load_config
 from rankscope.core.errors import ConfigError
 from helpers import REPO, tiny_overrides
 
@@ -69,28 +70,31 @@ def test_relora_refusal_fix_trains_and_merges(data_dir, tmp_path):
     assert summary["relora_merges"] >= 9, summary.get("relora_merges")
 
 
-def test_the_flat_method_notice_names_a_fix_that_loads(data_dir):
+def test_the_flat_method_form_is_refused_with_a_fix_that_loads(data_dir):
+    """`method.rank=4` (the retired flat form) is refused in one line naming the nested key to write (under the run's
+    own method where it has the option, else a method that has it); the fix, as printed, loads and sets it there."""
+    from rankscope.methods import method_option_names
+
     for name, flat in (("full", "method.alpha=16"), ("relora", "method.rank=4"), ("full", "method.targets=[wq,wv]"),
                        ("so", "method.support_every=5")):
         over = tiny_overrides(data_dir, f"method.name={name}", "method.relora.reset_every=10", "method.relora.restart_warmup_steps=1",
                               "method.so.support_every=5", "method.galore.update_proj_gap=5")
         over = [o for o in over if o.split("=")[0] != flat.split("=")[0].replace("method.", f"method.{name}.")]
-        with pytest.warns(FutureWarning) as caught:
-            old = load_config(None, [*over, flat])
-        (message,) = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
-        fix = re.search(r"e\.g\. (\S+=\S+?)(;|$)", message).group(1)
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [*over, flat])
+        message = str(err.value)
+        assert "\n" not in message and flat.split("=")[0] in message, message
+        fix = re.search(r"write (\S+=\S+)", message).group(1)
+        key, value = flat.split("=")
+        option = key.split(".")[-1]
+        section = fix.split("=")[0].split(".")[1]
+        assert fix == f"method.{section}.{option}={value}" and option in method_option_names(section), message
+        assert section == name or option not in method_option_names(name), message
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
-            new = load_config(None, [*over, fix])  # as printed: no notice, no error
-        key, value = flat.split("=")
-        section = fix.split("=")[0].split(".")[1]
-        if section == name:  # the run's own method: the same options either way
-            assert new.method.options == old.method.options
-        option = key.split(".")[-1]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            as_flat = load_config(None, [*over, f"method.name={section}", flat]).to_dict()["method"][section][option]
-        assert load_config(None, [*over, f"method.name={section}", fix]).to_dict()["method"][section][option] == as_flat
+            cfg = load_config(None, [*over, f"method.name={section}", fix])  # as printed: no notice, no error
+        assert cfg.to_dict()["method"][section][option] == yaml.safe_load(value)
+        assert load_config(None, [*over, fix]).method.name == name  # beside another method: checked, unused
 
 
 def test_extending_a_finished_run_asks_for_extend(data_dir, tmp_path, capsys):
@@ -111,7 +115,7 @@ def test_extending_a_finished_run_asks_for_extend(data_dir, tmp_path, capsys):
 
 def test_a_trained_run_with_an_old_schedule_stays_readable(data_dir):
     """Runs trained before the check (ReLoRA with no merge) are still evaluated, exported and analysed."""
-    from rankscope.config import config_from_dict
+    from rankscope.methods import config_from_dict
 
     raw = load_config(None, tiny_overrides(data_dir, "method.name=relora", "method.relora.reset_every=10",
                                            "method.relora.restart_warmup_steps=1")).to_dict()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from rankscope.analysis import analyze_run
 from rankscope.analysis import components as C
 from rankscope.analysis.spectra import analyze_items
-from rankscope.config import load_config
+from rankscope.methods import load_config
 from rankscope.adapters.lora import capture_effective_grads, effective_grads, lora_modules, wrap_linears
 from rankscope.model import Decoder
 
@@ -89,7 +89,8 @@ def test_ov_matches_pico_analyze_on_random_gqa_weights():
 
 # --------------------------------------------------------------------------- effective-weight gradients
 SMALL = ["model.d_model=16", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=32",
-         "model.vocab_size=32", "model.max_seq_len=16", "train.seq_len=12", "method.rank=2", "method.alpha=4", "method.dropout=0"]
+         "model.vocab_size=32", "model.max_seq_len=16", "train.seq_len=12", "method.name=lora", "method.lora.rank=2",
+         "method.lora.alpha=4", "method.lora.dropout=0"]
 
 
 def test_effective_weight_grad_equals_the_merged_dense_grad():
@@ -98,7 +99,7 @@ def test_effective_weight_grad_equals_the_merged_dense_grad():
     cfg = load_config(None, SMALL)
     torch.manual_seed(0)
     lora_model = Decoder(cfg.model)
-    wrap_linears(lora_model, cfg.method.targets, 2, 4.0, 0.0, seed=0)
+    wrap_linears(lora_model, cfg.method.options.targets, 2, 4.0, 0.0, seed=0)
     lora_model.double()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -129,8 +130,8 @@ def test_effective_weight_grad_equals_the_merged_dense_grad():
 
 # --------------------------------------------------------------------------- updates from checkpoints
 RUNS = ["train.max_steps=8", "checkpoint.every=4", "checkpoint.keep_last=5", "checkpoint.save_grads=true",
-        "train.batch_size=1", "train.seq_len=32", "method.rank=4", "method.alpha=8", "method.reset_every=4",
-        "method.restart_warmup_steps=1", "method.save_cycle_updates=true"]
+        "train.batch_size=1", "train.seq_len=32", "method.relora.rank=4", "method.relora.alpha=8", "method.relora.reset_every=4",
+        "method.relora.restart_warmup_steps=1", "method.relora.save_cycle_updates=true"]
 KINDS = ["weight", "update", "cumulative_update", "cycle_update", "grad"]
 
 
@@ -181,7 +182,8 @@ def row(res, step, layer, comp, kind, metric):
 def test_update_metrics_match_a_direct_computation(two_runs, method):
     cfg, run, init = two_runs[method]
     res = analyze_run(run, kinds=tuple(KINDS), cache=False)
-    scaling = cfg.method.alpha / cfg.method.rank
+    relora = two_runs["relora"][0].method.options  # both runs' config has the relora section; full's factors: none
+    scaling = relora.alpha / relora.rank
     W = {s: effective(run, s, scaling) for s in (4, 8)}
     assert W[4].keys() == init.keys() and len(init) == 28
     cycles = sorted((run / "relora_updates").glob("*.safetensors")) if method == "relora" else []
@@ -198,7 +200,7 @@ def test_update_metrics_match_a_direct_computation(two_runs, method):
             torch.testing.assert_close(mats[("update", 8)], dW, rtol=0, atol=1e-6)  # one update = one cycle's merge
             mats[("cycle_update", 8)] = dW
         # the rank bound: r per merged cycle for ReLoRA's updates, the step's 32 tokens for a gradient
-        r = cfg.method.rank if method == "relora" else k
+        r = relora.rank if method == "relora" else k
         want = {("update", 4): r, ("update", 8): r, ("cumulative_update", 8): 2 * r if method == "relora" else k, ("weight", 8): k,
                 ("grad", 8): min(32, k), ("cycle_update", 8): r}
         for (kind, step), m in mats.items():

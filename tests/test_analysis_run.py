@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 from rankscope.analysis import analyze_run, compare_subspaces, matrix_metrics
 from rankscope.analysis import components as C
 from rankscope.store.checkpoint import save_checkpoint
-from rankscope.config import load_config
+from rankscope.methods import load_config
 from rankscope.model import Decoder
 
 SMALL = ["model.d_model=16", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=32",
-         "model.vocab_size=32", "model.max_seq_len=16", "train.seq_len=8", "method.name=lora", "method.rank=2", "method.alpha=4"]
+         "model.vocab_size=32", "model.max_seq_len=16", "train.seq_len=8", "method.name=lora", "method.lora.rank=2", "method.lora.alpha=4"]
 
 
 def fake_lora_run(root, steps, seed=0):
@@ -155,8 +155,8 @@ def test_analyze_trained_run_end_to_end(trained, tmp_path):
 def test_relora_merge_events(data_dir, tmp_path):
     from rankscope.train.loop import train
 
-    cfg = tiny_config(data_dir, "train.max_steps=20", "method.name=relora", "method.rank=4", "method.reset_every=10",
-                      "method.restart_warmup_steps=2", "method.save_cycle_updates=true", "analysis.every=10", "checkpoint.every=10")
+    cfg = tiny_config(data_dir, "train.max_steps=20", "method.name=relora", "method.relora.rank=4", "method.relora.reset_every=10",
+                      "method.relora.restart_warmup_steps=2", "method.relora.save_cycle_updates=true", "analysis.every=10", "checkpoint.every=10")
     run = tmp_path / "relora"
     train(cfg, run, log=lambda s: None)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -20,7 +20,7 @@ def settings(run):
 def test_auto_settings_are_measured_cached_recorded_and_leave_the_run_unchanged(data_dir, tmp_path):
     cache = tmp_path / "cache" / "autotune.json"
     auto = ["train.precision=auto", "train.compile=auto", "train.autotune_min_steps=0", f"train.autotune_cache={cache}",
-            "method.name=lora", "method.dropout=0.1", "train.max_steps=6", "checkpoint.every=0"]
+            "method.name=lora", "method.lora.dropout=0.1", "train.max_steps=6", "checkpoint.every=0"]
     train(tiny_config(data_dir, *auto), tmp_path / "measured", log=lambda *_: None)
     first = settings(tmp_path / "measured")
     assert first["chosen_by"] == "measured" and first["timings_s"]["fp32_eager"] > 0
@@ -66,7 +66,7 @@ def recompiles_over_relora(data_dir, tmp_path, backend):
         def on_step_end(self, trainer, step):
             graphs.append(counters["stats"]["unique_graphs"])
 
-    cfg = tiny_config(data_dir, "method.name=relora", "method.reset_every=3", "method.restart_warmup_steps=1", "method.dropout=0.0",
+    cfg = tiny_config(data_dir, "method.name=relora", "method.relora.reset_every=3", "method.relora.restart_warmup_steps=1", "method.relora.dropout=0.0",
                       "train.max_steps=16", "train.compile=true", "checkpoint.every=8")
     tr = Trainer(cfg, tmp_path / backend, log=lambda *_: None)
     tr.callbacks.append(Count())

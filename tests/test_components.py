@@ -12,7 +12,8 @@ from helpers import tiny_overrides
 from rankscope.analysis.run import analyze_run
 from rankscope.store.checkpoint import open_checkpoint
 from rankscope.cli import main
-from rankscope.config import check, load_config, option
+from rankscope.config import check, option
+from rankscope.methods import load_config
 from rankscope.export import dense_state_dict
 from rankscope.evaluate.loading import load_trained
 from rankscope.methods import METHODS, register_method
@@ -23,8 +24,8 @@ from rankscope.train.loop import train
 
 
 def _adaptive_run(data_dir, tmp_path, *extra):
-    over = tiny_overrides(data_dir, "method.name=adaptive", "method.rank=8", "method.reset_every=5", "method.restart_warmup_steps=1",
-                          "method.dropout=0", "train.max_steps=12", "checkpoint.every=6", *extra)
+    over = tiny_overrides(data_dir, "method.name=adaptive", "method.adaptive.rank=8", "method.adaptive.reset_every=5", "method.adaptive.restart_warmup_steps=1",
+                          "method.adaptive.dropout=0", "train.max_steps=12", "checkpoint.every=6", *extra)
     run = tmp_path / "run"
     summary = train(load_config(None, over), run, log=lambda s: None)
     return run, summary
@@ -32,7 +33,7 @@ def _adaptive_run(data_dir, tmp_path, *extra):
 
 @pytest.mark.parametrize("schedule", ["adaptive", "grow"])
 def test_export_check_and_analyze_after_rank_changes(data_dir, tmp_path, schedule):
-    run, summary = _adaptive_run(data_dir, tmp_path, f"method.rank_schedule={schedule}", "method.rank_min=2")
+    run, summary = _adaptive_run(data_dir, tmp_path, f"method.adaptive.rank_schedule={schedule}", "method.adaptive.rank_min=2")
     # the first checkpoint whose adapters are no longer uniform rank 8: re-allocated (adaptive) or grown (grow)
     cks = [open_checkpoint(run / "checkpoints" / f"step_{s:06d}") for s in (6, 12)]
     changed = [ck for ck in cks if {f["rank"] for f in ck.meta["adapters"].values()} != {8}]
@@ -96,79 +97,59 @@ def test_toy_method_registers_and_trains(data_dir, tmp_path):
         METHODS.pop("toy", None)
 
 
-TOY_MODULE = """
-from rankscope.methods.base import Method
-from rankscope.methods.relora import ReLoRAMethod  # imported, not listed here: relora's method
+def test_the_registry_lists_every_method_once_and_refuses_a_second_of_a_name():
+    """Registry order: full (base.py) first, then the modules alphabetically; a duplicate name raises."""
+    from rankscope.methods import registry_of
+    from rankscope.methods.relora import ReLoRAMethod
 
-
-class Helper(Method):  # a helper base: not listed, so not a method
-    pass
-
-
-class DroppedIn(Helper):
-    name = "dropped_in"
-
-
-class Unlisted(Method):  # has a name, but METHODS does not list it: not registered
-    name = "unlisted"
-
-
-METHODS = [DroppedIn]
-"""
-
-
-def test_a_method_module_dropped_into_the_package_is_discovered(tmp_path, monkeypatch):
-    import sys
-
-    import rankscope.methods as pkg
-    from rankscope.methods import discover_methods
-
-    (tmp_path / "dropped_in.py").write_text(TOY_MODULE)
-    monkeypatch.setattr(pkg, "__path__", [*pkg.__path__, str(tmp_path)])  # the file, as if it sat in src/rankscope/methods/
-    try:
-        found = discover_methods()
-        assert found["dropped_in"].__module__ == "rankscope.methods.dropped_in"
-        assert set(found) == set(METHODS) | {"dropped_in"}  # the package's own methods, each once; no Helper, no Unlisted
-        assert "unlisted" not in found
-        assert list(found)[0] == "full" and found["relora"].__module__ == "rankscope.methods.relora"
-        (tmp_path / "twin.py").write_text("from rankscope.methods.base import Method\n\nclass Twin(Method):\n    name = 'lora'\n")
-        assert set(discover_methods()) == set(found)  # a module without METHODS exports nothing
-        (tmp_path / "twin.py").write_text("from rankscope.methods.base import Method\n\nclass Twin(Method):\n    name = 'lora'\n"
-                                          "\n\nMETHODS = [Twin]\n")
-        sys.modules.pop("rankscope.methods.twin", None)
-        with pytest.raises(TypeError, match="two methods are named 'lora'"):
-            discover_methods()
-        (tmp_path / "twin.py").write_text("METHODS = [int]\n")
-        sys.modules.pop("rankscope.methods.twin", None)
-        with pytest.raises(TypeError, match="rankscope.methods.twin.METHODS takes subclasses"):
-            discover_methods()
-    finally:
-        for mod in ("rankscope.methods.dropped_in", "rankscope.methods.twin"):
-            sys.modules.pop(mod, None)
-    assert "dropped_in" not in METHODS  # discovery returns a registry; it does not change the live one
-
-
-def test_the_package_modules_list_their_methods():
-    """Registry order: full (base.py) first, then the modules alphabetically, each in its METHODS order."""
     known = ["full", "adaptive", "galore", "hybrid", "lora", "relora", "so", "so_single"]
     assert [n for n in METHODS if n in known] == known and list(METHODS)[0] == "full"
-    assert METHODS["full"] is Method
+    assert METHODS["full"] is Method and METHODS["relora"] is ReLoRAMethod
+
+    class Twin(Method):
+        name = "lora"
+
+    with pytest.raises(TypeError, match="two methods are named 'lora'"):
+        register_method(Twin)
+    assert METHODS["lora"].__name__ == "LoRAMethod"  # the shipped one stays
+    with pytest.raises(TypeError, match="two methods are named 'full'"):
+        registry_of([Method, type("Again", (Method,), {})])
+    with pytest.raises(TypeError, match="register_method takes subclasses"):
+        register_method(int)
+    register_method(METHODS["relora"])  # the same class again is no second method
 
 
 CYCLE = ["method.relora.reset_every=10", "method.relora.restart_warmup_steps=1"]  # ReLoRA cycles that fit a tiny run
 
 
-def test_flat_method_options_are_mapped_with_a_deprecation_line(data_dir):
-    with pytest.warns(FutureWarning, match="method.relora"):
-        flat = load_config(None, tiny_overrides(data_dir, "method.name=relora", "method.rank=4", *CYCLE))
+def test_flat_method_options_are_refused_in_one_line_naming_the_nested_key(data_dir):
+    from rankscope.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"write method\.relora\.rank=4 .*not method\.rank$"):
+        load_config(None, tiny_overrides(data_dir, "method.name=relora", "method.rank=4", *CYCLE))
+    with pytest.raises(ConfigError, match=r"unknown config key 'method\.bogus'; valid keys here: name, adaptive"):
+        load_config(None, tiny_overrides(data_dir, "method.name=relora", "method.bogus=4", *CYCLE))
     nested = load_config(None, tiny_overrides(data_dir, "method.name=relora", "method.relora.rank=4", *CYCLE))
-    assert flat.method.options == nested.method.options and nested.method.rank == 4
+    assert nested.method.options.rank == 4 and not hasattr(nested.method, "rank")
     assert set(lora_modules(torch.nn.Module())) == set()
 
 
+def test_method_option_names_and_a_switch_of_method():
+    """What a study's shared method options are checked against, and memory matching's reference method."""
+    from rankscope.methods import method_option_names, switch_method
+
+    assert {"rank", "alpha", "reset_every"} <= method_option_names("relora") and "rank" not in method_option_names("so")
+    assert method_option_names("full") == set()
+    cfg = load_config(None, ["method.name=so", "method.so.targets=[wv,wo]", "method.relora.rank=3", "method.relora.reset_every=10",
+                             "method.relora.restart_warmup_steps=1", "method.so.support_every=10", "train.max_steps=40"])
+    ref = switch_method(cfg, "relora")
+    assert ref.method.name == "relora" and ref.method.options.rank == 3 and ref.method.options.targets == ["wv", "wo"]
+    assert cfg.method.name == "so" and switch_method(ref, "so").method.options == cfg.method.options
+
+
 def test_options_shared_by_several_methods_have_one_default():
-    """An option of the earlier flat form that a method lacks reads the first registered method's
-    default (config.MethodSection); with one default per shared name the registry order cannot matter."""
+    """An option several methods have has one default, so a switch of method (switch_method: the old
+    method's values of the options both have) never depends on which method a value came from."""
     import dataclasses
 
     from rankscope.methods import METHODS

@@ -1,6 +1,7 @@
 import pytest
 
-from rankscope.config import PRESETS, describe_fields, load_config, parse_overrides
+from rankscope.config import PRESETS, parse_overrides
+from rankscope.methods import describe_fields, load_config
 from rankscope.core.errors import ConfigError
 
 
@@ -34,9 +35,9 @@ def test_base_config_is_inherited(tmp_path):
         (["train.lr=-1"], "train.lr must be positive"),
         (["train.warmup_steps=1000", "train.max_steps=10"], "warmup_steps"),
         (["oops"], "must look like section.key=value"),
-        (["method.dropout=1.5"], "method.dropout"),
+        (["method.lora.dropout=1.5"], "method.dropout"),
         (["train.parallel=fsdp", "method.name=galore"], "not 'galore'; use train.parallel=ddp"),
-        (["train.parallel=fsdp", "method.name=relora", "method.warm_start_steps=5"], "does not support a ReLoRA warm start"),
+        (["train.parallel=fsdp", "method.name=relora", "method.relora.warm_start_steps=5"], "does not support a ReLoRA warm start"),
         (["train.parallel=zero3"], "one of 'ddp', 'fsdp'"),
     ],
 )
@@ -74,3 +75,14 @@ def test_shipped_configs_load():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_the_config_imports_no_method_and_no_torch():
+    """The schema sits below the methods: `rankscope.methods` resolves `method.<name>` against its registry."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport rankscope.config, rankscope.presets\n"
+            "assert not [m for m in sys.modules if m.startswith('rankscope.methods') or m == 'torch'], sorted(sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -243,7 +243,7 @@ def test_eval_only_domains_are_absent_from_training_and_present_in_eval(tmp_path
 
 
 def test_eval_only_domains_validation(tmp_path):
-    from rankscope.config import load_config
+    from rankscope.methods import load_config
     from rankscope.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="holds every source"):
@@ -255,9 +255,21 @@ def test_eval_only_domains_validation(tmp_path):
 
 
 def test_english_preset_trains_on_prose_and_holds_out_code():
-    from rankscope.config import load_config
+    from rankscope.methods import load_config
 
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "english-cpu.yaml"), [])
     train_domains = set(cfg.data.sources) - set(cfg.data.eval_only_domains)
     assert {"web", "austen"} <= train_domains and {"python", "gcide", "jargon"} == set(cfg.data.eval_only_domains)
     assert all(name in SOURCES for name in cfg.data.sources)
+
+
+def test_the_sources_table_refuses_a_second_source_of_a_name():
+    from rankscope.data.sources import Source, sources_table
+
+    def read(max_bytes):
+        return iter(())
+
+    assert list(sources_table([Source("a", "none", "here", read), Source("b", "none", "here", read)])) == ["a", "b"]
+    with pytest.raises(ValueError, match="two data sources are named 'a'"):
+        sources_table([Source("a", "none", "here", read), Source("a", "other", "there", read)])
+    assert {"shakespeare", "python", "web", "pydocs", "austen"} <= set(SOURCES)

@@ -33,7 +33,7 @@ class MergeChecker:
     def on_step_end(self, trainer, step):
         if self.stop_at is not None and step == self.stop_at + 1:
             raise KeyboardInterrupt
-        if trainer.cfg.method.name == "relora" and not trainer.sharded and step % trainer.cfg.method.reset_every == 0:
+        if trainer.cfg.method.name == "relora" and not trainer.sharded and step % trainer.cfg.method.options.reset_every == 0:
             h = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in trainer.model.state_dict().values())).hexdigest()
             hashes = [None] * dist.get_world_size()
             dist.all_gather_object(hashes, h)
@@ -97,7 +97,7 @@ def test_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path):
 
 def test_so_ranks_draw_the_same_supports_and_match_one_process(prepared, tmp_path):
     # so's G is seeded by (seed, tensor, period): two DDP ranks re-draw it every 3 steps like one process
-    so = [*COMMON, "method.name=so", "method.density=0.1", "method.support_every=3"]
+    so = [*COMMON, "method.name=so", "method.so.density=0.1", "method.so.support_every=3"]
     train(tiny_config(prepared, *so, "train.batch_size=8"), tmp_path / "one", log=lambda *_: None)
     spawn(2, prepared, tmp_path / "two", [*so, "train.batch_size=4"])
     assert_same_curve(losses(tmp_path / "one"), losses(tmp_path / "two"))
@@ -109,7 +109,7 @@ def test_so_ranks_draw_the_same_supports_and_match_one_process(prepared, tmp_pat
 
 
 def test_relora_ranks_hold_identical_weights_after_every_merge(prepared, tmp_path):
-    spawn(2, prepared, tmp_path / "relora", [*COMMON, "train.batch_size=2", "method.name=relora", "method.rank=4", "method.reset_every=3", "method.restart_warmup_steps=1"])
+    spawn(2, prepared, tmp_path / "relora", [*COMMON, "train.batch_size=2", "method.name=relora", "method.relora.rank=4", "method.relora.reset_every=3", "method.relora.restart_warmup_steps=1"])
     checks = json.loads((tmp_path / "relora" / "merge_checks.json").read_text())
     assert [s for s, _ in checks] == [3, 6, 9, 12] and all(ok for _, ok in checks)
 
@@ -125,7 +125,7 @@ def test_resume_on_a_different_number_of_ranks(prepared, tmp_path):
     cfg = yaml.safe_load(cfg_file.read_text())
     cfg["train"]["batch_size"] = 8  # same global batch on one process
     cfg_file.write_text(yaml.safe_dump(cfg))
-    from rankscope.config import config_from_dict
+    from rankscope.methods import config_from_dict
 
     train(config_from_dict(cfg), run, log=lambda *_: None)
     a, b = losses(tmp_path / "ref"), losses(run)
@@ -134,7 +134,7 @@ def test_resume_on_a_different_number_of_ranks(prepared, tmp_path):
 
 
 # --------------------------------------------------------------------------- FSDP2 (fully_shard)
-RELORA = ("method.name=relora", "method.rank=3", "method.reset_every=3", "method.restart_warmup_steps=1")
+RELORA = ("method.name=relora", "method.relora.rank=3", "method.relora.reset_every=3", "method.relora.restart_warmup_steps=1")
 
 
 def final_state(run):
@@ -218,7 +218,7 @@ def test_fsdp_relora_matches_ddp_through_merges_resets_and_in_loop_analysis(prep
     per-cycle updates saved, and the in-loop rank metrics and evaluation read from rank 0's
     gathered replica. (magnitude_prune is left to the test above: its top-k cut is discontinuous,
     so 1e-7 differences between the two reductions pick other entries over a run.)"""
-    extra = [*COMMON, "train.batch_size=2", *RELORA, "analysis.every=4", "method.save_cycle_updates=true"]
+    extra = [*COMMON, "train.batch_size=2", *RELORA, "analysis.every=4", "method.relora.save_cycle_updates=true"]
     spawn(2, prepared, tmp_path / "ddp", extra)
     spawn(2, prepared, tmp_path / "fsdp", [*extra, "train.parallel=fsdp"])
     rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("ddp", "fsdp")}
@@ -253,7 +253,7 @@ def test_fsdp_relora_on_each_dropout_free_path_matches_ddp(prepared, tmp_path, m
     """Adapter dropout 0, every layer on the merged or the hybrid path: FSDP (the factors' gradients
     reach uneven shards, merges write them) trains as DDP. That the paths are one function is
     tested in fp64 in test_lora.py; across paths fp32 rounding grows through Adam to ~1e-4 here."""
-    extra = [*COMMON, "train.batch_size=2", *RELORA, "method.dropout=0.0"]
+    extra = [*COMMON, "train.batch_size=2", *RELORA, "method.relora.dropout=0.0"]
     monkeypatch.setenv("TEST_LORA_PATH", path)
     spawn(2, prepared, tmp_path / "ddp", extra)
     spawn(2, prepared, tmp_path / "fsdp", [*extra, "train.parallel=fsdp"])
@@ -276,7 +276,7 @@ def test_fsdp_bf16_trains_like_ddp_bf16(prepared, tmp_path):
 @pytest.mark.slow
 def test_fsdp_with_torch_compile_matches_eager(prepared, tmp_path):
     # no adapter dropout: compiled code draws its masks from another generator than eager
-    extra = [*COMMON, "train.batch_size=4", "train.parallel=fsdp", *RELORA, "method.dropout=0"]
+    extra = [*COMMON, "train.batch_size=4", "train.parallel=fsdp", *RELORA, "method.relora.dropout=0"]
     spawn(2, prepared, tmp_path / "eager", extra)
     spawn(2, prepared, tmp_path / "compiled", [*extra, "train.compile=true"])
     assert_same_curve(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), 1e-4)
@@ -294,10 +294,10 @@ def set_run_config(run, **train_fields):
 def test_fsdp_checkpoints_resume_across_layouts(prepared, tmp_path):
     """FSDP(2) stopped at step 8 resumes on one unsharded process; DDP(2) stopped at step 8
     resumes under FSDP(2): the checkpoint is the same either way (full tensors)."""
-    from rankscope.config import config_from_dict
+    from rankscope.methods import config_from_dict
 
     # no adapter dropout: one process with 8 rows draws other masks than two with 4
-    relora = [*RELORA, "method.dropout=0"]
+    relora = [*RELORA, "method.relora.dropout=0"]
     train(tiny_config(prepared, *COMMON, "train.batch_size=8", *relora), tmp_path / "ref", log=lambda *_: None)
     sharded = tmp_path / "fsdp_then_one"
     spawn(2, prepared, sharded, [*COMMON, "train.batch_size=4", *relora, "train.parallel=fsdp"], stop_at=8)

@@ -10,7 +10,7 @@ from helpers import tiny_config
 
 from rankscope.store.checkpoint import open_checkpoint, save_checkpoint, write_meta
 from rankscope.cli import main
-from rankscope.config import config_from_dict
+from rankscope.methods import config_from_dict
 from rankscope.export import ExportError, export
 from rankscope.evaluate.loading import load_trained
 from rankscope.model import Decoder
@@ -138,7 +138,7 @@ def test_cli_errors_are_one_line(full_run, tmp_path, capsys):
 def test_trained_relora_run_matches_transformers(data_dir, tmp_path):
     pytest.importorskip("rankscope.adapters.stored")
     run = tmp_path / "relora"
-    cfg = tiny_config(data_dir, "method.name=relora", "method.rank=4", "method.reset_every=5", "method.restart_warmup_steps=1",
+    cfg = tiny_config(data_dir, "method.name=relora", "method.relora.rank=4", "method.relora.reset_every=5", "method.relora.restart_warmup_steps=1",
                       "train.max_steps=12", "checkpoint.every=0")
     train(cfg, run, log=lambda *a: None)
     loaded = load_trained(run)

@@ -14,7 +14,7 @@ import yaml
 from helpers import REPO, assert_same_final_weights
 
 from rankscope.cli import main
-from rankscope.config import load_config
+from rankscope.methods import load_config
 from rankscope.data.corpus import prepare
 from rankscope.data.fewshot import build_fewshot, select_shots
 from rankscope.train.finetune import SELECTION_METRIC, choose_step, finetune, finetune_config, open_base
@@ -180,7 +180,7 @@ def test_lora_finetune_equals_peft_lora_after_10_steps(base_run):
 
     theirs = Decoder(cfg.model)
     theirs.load_state_dict(base.state)
-    targets = cfg.method.targets
+    targets = cfg.method.options.targets
     theirs = get_peft_model(theirs, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
     for name, layer in lora_modules(ours).items():  # the same initial adapters
         mod = theirs.base_model.model.get_submodule(name)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rankscope.store.optimizer_state import optimizer_from_tensors, optimizer_to_tensors
-from rankscope.config import load_config
+from rankscope.methods import load_config
 from rankscope.methods.galore import GaLoreAdamW, galore_projector, projection_side
 from rankscope.train.loop import train
 from helpers import assert_same_final_weights, crash_and_resume, tiny_overrides
@@ -91,7 +91,7 @@ def test_projector_refreshes_every_gap_steps_and_round_trips():
 
 
 def test_galore_run_learns_and_resumes_bit_exactly(data_dir, tmp_path):
-    over = tiny_overrides(data_dir, "method.name=galore", "method.rank=4", "method.update_proj_gap=5", "method.galore_scale=1.0",
+    over = tiny_overrides(data_dir, "method.name=galore", "method.galore.rank=4", "method.galore.update_proj_gap=5", "method.galore.galore_scale=1.0",
                           "train.max_steps=20", "checkpoint.every=4")
     summary = train(load_config(None, over), tmp_path / "straight", log=lambda s: None)
     assert summary["galore_rank"] == 4 and summary["galore_projector_bytes"] > 0

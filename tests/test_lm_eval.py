@@ -30,8 +30,8 @@ N_PAIRS = 20
 def exported(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     run = root / "relora"
-    train(tiny_config(data_dir, "train.max_steps=12", "checkpoint.every=0", "method.name=relora", "method.rank=4",
-                      "method.reset_every=5", "method.restart_warmup_steps=1"), run, log=lambda *a: None)
+    train(tiny_config(data_dir, "train.max_steps=12", "checkpoint.every=0", "method.name=relora", "method.relora.rank=4",
+                      "method.relora.reset_every=5", "method.relora.restart_warmup_steps=1"), run, log=lambda *a: None)
     return run, export(run, root / "hf")
 
 

@@ -144,7 +144,7 @@ def test_targets_subset_and_unknown(data_dir):
 
 
 def test_lora_method_optimizer_groups(data_dir):
-    cfg = tiny_config(data_dir, "method.name=lora", "method.rank=4")
+    cfg = tiny_config(data_dir, "method.name=lora", "method.lora.rank=4")
     method = build_method(cfg)
     model = Decoder(cfg.model)
     method.prepare_model(model)

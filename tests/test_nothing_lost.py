@@ -25,7 +25,7 @@ from helpers import one_line_error, REPO, tiny_config, tiny_overrides, write_stu
 
 from rankscope.store import checkpoint as ckpt
 from rankscope.cli import main
-from rankscope.config import load_config
+from rankscope.methods import load_config
 from rankscope.core.errors import ConfigError
 from rankscope.train.loop import train
 
@@ -238,7 +238,7 @@ def test_d4_a_float_field_given_a_huge_integer_is_one_line():
 
 
 def test_d4_every_config_field_given_a_huge_number_is_accepted_or_one_config_error():
-    from rankscope.config import describe_fields
+    from rankscope.methods import describe_fields
 
     for name, *_ in describe_fields():
         for value in ("9" * 400, "-" + "9" * 400, str(2**64)):

@@ -12,7 +12,7 @@ from rankscope.studies.study import load_study
 from rankscope.train.loop import train
 from helpers import REPO, tiny_config, write_study
 
-CYCLES = ["method.reset_every=5", "method.restart_warmup_steps=1"]  # flat: the grid runs full and relora
+CYCLES = ["method.relora.reset_every=5", "method.relora.restart_warmup_steps=1"]  # flat: the grid runs full and relora
 RULES = {"method": "relora", "reference": "full", "rules": [
     {"id": "a-loss", "test": "paired", "metric": "final_val_loss", "claim": "higher"},
     {"id": "b-loss", "test": "slope", "metric": "final_val_loss", "claim": "higher"},
@@ -125,7 +125,7 @@ def test_the_shipped_studies_pass_the_check(study):
 
 @pytest.mark.parametrize("config", ["configs/micro.yaml", "configs/mini.yaml", "configs/english-cpu.yaml"])
 def test_the_cpu_configs_keep_every_cycle_end_and_early_steps(config):
-    from rankscope.config import load_config
+    from rankscope.methods import load_config
 
     cfg = load_config(REPO / config).to_dict()
     kept, steps, every = preflight.kept_checkpoints(cfg), cfg["train"]["max_steps"], cfg["checkpoint"]["every"]

@@ -16,7 +16,7 @@ from scipy import stats as ss
 from rankscope.analysis import analyze_run, analyze_runs, matrix_metrics
 from rankscope.analysis import components as C
 from rankscope.analysis.compare import cycle_end_steps, early_cycle_end_steps, summarise, truncated_per, window_label
-from rankscope.config import load_config
+from rankscope.methods import load_config
 from rankscope.studies.findings import GRADIENT_NOTE, PAPER_RULES, evaluate_findings, findings_tables, validate_findings
 from rankscope.reports.runs import Run, load_run
 

@@ -313,8 +313,8 @@ def _fresh_launches(data_dir, tmp_path, n: int, extra: tuple[str, ...]) -> None:
 def test_many_fresh_two_rank_launches_do_not_race_on_the_run_folder(data_dir, base_run, tmp_path):
     """Issue 14's race (FSDP + ReLoRA, rank 1 read a half-written config.yaml) over 8 fresh launches;
     the default suite covers 2 fresh launches in test_two_gloo_ranks_stop_at_the_same_step_and_resume_bit_exact."""
-    _fresh_launches(data_dir, tmp_path, 8, ("train.parallel=fsdp", "method.name=relora", "method.rank=4", "method.reset_every=2",
-                                            "method.restart_warmup_steps=1"))
+    _fresh_launches(data_dir, tmp_path, 8, ("train.parallel=fsdp", "method.name=relora", "method.relora.rank=4", "method.relora.reset_every=2",
+                                            "method.relora.restart_warmup_steps=1"))
 
 
 # --------------------------------------------------------------------------- one-line errors
@@ -372,7 +372,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from rankscope.config import describe_fields, load_config  # noqa: E402
+from rankscope.methods import describe_fields, load_config  # noqa: E402
 from rankscope.core.errors import RankscopeError  # noqa: E402
 
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))

@@ -78,7 +78,7 @@ def test_keep_random_on_big_tensor_is_exact():
 
 # --------------------------------------------------------------------------- merge-and-restart
 def build(data_dir, *overrides):
-    cfg = tiny_config(data_dir, "method.name=relora", "method.rank=4", "method.reset_every=3", "method.restart_warmup_steps=1", *overrides)
+    cfg = tiny_config(data_dir, "method.name=relora", "method.relora.rank=4", "method.relora.reset_every=3", "method.relora.restart_warmup_steps=1", *overrides)
     torch.manual_seed(0)
     model = Decoder(cfg.model)
     method = build_method(cfg)
@@ -99,7 +99,7 @@ def train_steps(model, opt, method, steps, first=0, notify=None):
 
 @pytest.mark.parametrize("mode,dtype", [("zero", torch.float32), ("random_prune", torch.float32), ("magnitude_prune", torch.float32), ("random_prune", torch.float64)])
 def test_merge_keeps_function_and_is_exact(data_dir, mode, dtype):
-    cfg, model, method, _ = build(data_dir, f"method.optimizer_reset={mode}", "method.prune_fraction=0.9")
+    cfg, model, method, _ = build(data_dir, f"method.relora.optimizer_reset={mode}", "method.relora.prune_fraction=0.9")
     model.to(dtype)
     opt = method.build_optimizer(model, torch.device("cpu"))
     probe = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(9))
@@ -168,7 +168,7 @@ def test_restart_is_deterministic_across_processes(data_dir):
 
 
 def test_separate_optimizer_reset_period(data_dir):
-    cfg, model, method, opt = build(data_dir, "method.optimizer_reset_every=2", "method.optimizer_reset=zero", "method.restart_warmup_steps=2")
+    cfg, model, method, opt = build(data_dir, "method.relora.optimizer_reset_every=2", "method.relora.optimizer_reset=zero", "method.relora.restart_warmup_steps=2")
     train_steps(model, opt, method, 6)
     assert method.merges == 2 and method.optimizer_resets == 3
     lr = [method.lr_multiplier(s) for s in range(6)]
@@ -181,8 +181,8 @@ def metrics(run):
 
 
 def test_relora_run_learns_and_changes_base_weights(data_dir, tmp_path):
-    cfg = tiny_config(data_dir, "method.name=relora", "method.reset_every=10", "method.restart_warmup_steps=2", "method.rank=8",
-                      "method.save_cycle_updates=true", "train.max_steps=40", "checkpoint.every=40")
+    cfg = tiny_config(data_dir, "method.name=relora", "method.relora.reset_every=10", "method.relora.restart_warmup_steps=2", "method.relora.rank=8",
+                      "method.relora.save_cycle_updates=true", "train.max_steps=40", "checkpoint.every=40")
     torch.manual_seed(cfg.train.seed)
     init = Decoder(cfg.model).state_dict()
     summary = train(cfg, tmp_path / "run", log=lambda s: None)
@@ -204,17 +204,17 @@ def test_relora_run_learns_and_changes_base_weights(data_dir, tmp_path):
     assert torch.linalg.matrix_rank(updates[0][name]) <= 8  # each cycle's update is low-rank
 
 
-@pytest.mark.parametrize("extra", [["method.optimizer_reset=random_prune"], ["method.optimizer_reset=magnitude_prune", "method.warm_start_steps=4"]])
+@pytest.mark.parametrize("extra", [["method.relora.optimizer_reset=random_prune"], ["method.relora.optimizer_reset=magnitude_prune", "method.relora.warm_start_steps=4"]])
 def test_resume_mid_cycle_is_bit_exact(data_dir, tmp_path, extra):
     # N=20, merges after steps 6, 12, 18 (+ warm start); checkpoint at 8 (mid-cycle), crash at 9
-    over = tiny_overrides(data_dir, "method.name=relora", "method.rank=4", "method.reset_every=6", "method.restart_warmup_steps=2",
-                          "method.prune_fraction=0.5", "method.save_cycle_updates=true", "train.max_steps=20", "checkpoint.every=4", *extra)
+    over = tiny_overrides(data_dir, "method.name=relora", "method.relora.rank=4", "method.relora.reset_every=6", "method.relora.restart_warmup_steps=2",
+                          "method.relora.prune_fraction=0.5", "method.relora.save_cycle_updates=true", "train.max_steps=20", "checkpoint.every=4", *extra)
     straight, resumed = crash_and_resume(over, tmp_path, crash_at=9)
     assert_same_final_weights(straight, resumed)
     assert "blocks.0.attn.wq.lora_A" in final_weights(resumed)
     ua = sorted((tmp_path / "straight/relora_updates").iterdir())
     ub = sorted((tmp_path / "resumed/relora_updates").iterdir())
-    merges = 2 if "method.warm_start_steps=4" in extra else 3  # after steps 6, 12, 18 or 4+6, 4+12
+    merges = 2 if "method.relora.warm_start_steps=4" in extra else 3  # after steps 6, 12, 18 or 4+6, 4+12
     assert [p.name for p in ua] == [p.name for p in ub] and len(ua) == merges
     for pa, pb in zip(ua, ub):
         assert all(torch.equal(x, y) for x, y in zip(load_file(str(pa)).values(), load_file(str(pb)).values()))
@@ -225,8 +225,8 @@ def test_resume_mid_cycle_is_bit_exact(data_dir, tmp_path, extra):
 def test_a_warm_started_run_loads_for_evaluation(data_dir, tmp_path):
     from rankscope.evaluate.loading import load_trained
 
-    cfg = tiny_config(data_dir, "method.name=relora", "method.rank=4", "method.reset_every=4", "method.restart_warmup_steps=1",
-                      "method.warm_start_steps=3", "train.max_steps=10", "train.tensorboard=false", "eval.per_domain=false")
+    cfg = tiny_config(data_dir, "method.name=relora", "method.relora.rank=4", "method.relora.reset_every=4", "method.relora.restart_warmup_steps=1",
+                      "method.relora.warm_start_steps=3", "train.max_steps=10", "train.tensorboard=false", "eval.per_domain=false")
     train(cfg, tmp_path / "run", log=lambda s: None)
     loaded = load_trained(tmp_path / "run")
     assert len(lora_modules(loaded.model)) > 0

@@ -30,8 +30,8 @@ def study_dir(tmp_path_factory, data_dir):
     for method in ("full", "relora"):
         for seed in (0, 1):
             name = f"name-{method}_seed-{seed}"
-            cfg = tiny_config(data_dir, f"train.max_steps={STEPS}", f"method.name={method}", f"train.seed={seed}", "method.reset_every=5",
-                              "method.restart_warmup_steps=1", "checkpoint.every=5", "analysis.every=2", "train.eval_every=5",
+            cfg = tiny_config(data_dir, f"train.max_steps={STEPS}", f"method.name={method}", f"train.seed={seed}", "method.relora.reset_every=5",
+                              "method.relora.restart_warmup_steps=1", "checkpoint.every=5", "analysis.every=2", "train.eval_every=5",
                               f"eval.blimp_dir={blimp}", "eval.blimp_max_pairs=2", "eval.max_docs=4", "train.log_every=2")
             train(cfg, root / name, log=lambda *_: None)
             points.append(Point(name, {"method.name": method, "train.seed": seed}, cfg.to_dict(), root / name, status="done"))

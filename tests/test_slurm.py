@@ -25,7 +25,7 @@ GOLDEN = Path(__file__).parent / "golden" / "slurm-2node-4gpu.sbatch"
 @pytest.fixture()
 def prepared(data_dir):
     """Prepare the tiny corpus once here, so that jobs running side by side do not both build it."""
-    from rankscope.config import load_config
+    from rankscope.methods import load_config
     from rankscope.data.corpus import prepare
 
     prepare(load_config(None, tiny_overrides(data_dir)).data)
@@ -172,7 +172,7 @@ def test_a_signalled_job_requeues_and_ends_bit_identical(tmp_path, prepared, how
     checkpoint(). Both: the train process saves its step, the job requeues and resumes."""
     import psutil
 
-    from rankscope.config import config_from_dict
+    from rankscope.methods import config_from_dict
     from rankscope.studies.slurm import save_jobs
     from rankscope.train.loop import train
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from rankscope.cli import build_parser, field_rows, main, param_count
-from rankscope.config import PRESETS, ModelConfig, describe_fields
+from rankscope.config import PRESETS, ModelConfig
+from rankscope.methods import describe_fields
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["info"], ["train", "--help"]])

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from rankscope.store.optimizer_state import optimizer_from_tensors, optimizer_to_tensors
-from rankscope.config import load_config
+from rankscope.methods import load_config
 from rankscope.core.errors import ConfigError
 from rankscope.methods import build_method
 from rankscope.adapters.common import seeded_generator
@@ -144,7 +144,8 @@ def test_state_round_trips_through_checkpoint_tensors_with_int64_supports():
 def test_so_run_learns_and_resumes_bit_exactly(data_dir, tmp_path, name):
     # re-draws before steps 6, 11, 16; checkpoint at 8 (mid-period), crash after step 11: the resumed
     # run redoes steps 9-11, with the re-draw before step 11 inside that span
-    over = tiny_overrides(data_dir, f"method.name={name}", "method.density=0.1", "method.support_every=5", "method.moment_keep=0.25",
+    over = tiny_overrides(data_dir, f"method.name={name}", f"method.{name}.density=0.1", f"method.{name}.support_every=5",
+                          "method.so_single.moment_keep=0.25",
                           "train.max_steps=20", "checkpoint.every=4")
     summary = train(load_config(None, over), tmp_path / "straight", log=lambda s: None)
     assert summary["optimizer_state_bytes"] > 0 and summary["so_density"] == 0.1
@@ -316,7 +317,7 @@ def test_so_k_zero_is_a_clear_config_error(data_dir):
     with pytest.raises(ConfigError, match="floor"):
         SOAdam([{"params": [w], "sparse": True}], density=0.04)  # floor(0.04 * 20) = 0
     SOAdam([{"params": [w], "sparse": True}], density=0.05)  # k = 1 is accepted
-    cfg = tiny_config(data_dir, "method.name=so", "method.density=1e-4", "method.so.support_every=10")
+    cfg = tiny_config(data_dir, "method.name=so", "method.so.density=1e-4", "method.so.support_every=10")
     method = build_method(cfg)
     with pytest.raises(ConfigError, match=r"method.density=0.0001 .* blocks\.0\.attn\.w"):
         method.build_optimizer(Decoder(cfg.model), torch.device("cpu"))
@@ -343,25 +344,26 @@ def test_so_state_bytes_are_what_is_allocated_and_memory_matching_covers_both_va
     steps = 2 * 4  # the two float32 step counters
     assert optimizer_state_bytes(opt) == so_state_bytes(240, 0.3) + 2 * 20 * 4 + steps
     assert opt.state[w]["exp_avg"].numel() == opt.state[w]["support"].numel() == 2 * 72  # min(2k, numel), k = 72
-    ref = tiny_config(data_dir, "method.name=relora", "method.rank=4", *CYCLE)
+    ref = tiny_config(data_dir, "method.name=relora", "method.relora.rank=4", *CYCLE)
     budget = measured_state_bytes(ref)
     for name in ("so", "so_single"):
         got = match_memory(tiny_config(data_dir, f"method.name={name}", f"method.{name}.support_every=10"), budget)
         assert 0.98 * budget <= measured_state_bytes(got) <= budget, name
-    so_d = match_memory(tiny_config(data_dir, "method.name=so", "method.so.support_every=10"), budget).method.density
-    single_d = match_memory(tiny_config(data_dir, "method.name=so_single", "method.so_single.support_every=10"), budget).method.density
+    so_d = match_memory(tiny_config(data_dir, "method.name=so", "method.so.support_every=10"), budget).method.options.density
+    single_d = match_memory(tiny_config(data_dir, "method.name=so_single", "method.so_single.support_every=10"), budget).method.options.density
     assert so_d < single_d  # so spends 40 bytes per k (2k slots + G), so_single 16
 
 
 def test_so_config_uses_the_authors_betas_and_decay_on_sparse_weights_only(data_dir):
     cfg = tiny_config(data_dir, "method.name=so", "method.so.support_every=10")
-    assert cfg.method.so_betas == [0.9, 0.999] and cfg.method.so_weight_decay == 0.0 and cfg.method.so_weight_decay_mode == "coupled"
+    so = cfg.method.options
+    assert so.so_betas == [0.9, 0.999] and so.so_weight_decay == 0.0 and so.so_weight_decay_mode == "coupled"
     opt = build_method(cfg).build_optimizer(Decoder(cfg.model), torch.device("cpu"))
     sparse = [g for g in opt.param_groups if g["sparse"]]
     dense = [g for g in opt.param_groups if not g["sparse"]]
     assert len(sparse) == 1 and sparse[0]["betas"] == (0.9, 0.999) and sparse[0]["weight_decay"] == 0.0
     assert all(g["betas"] == (cfg.train.beta1, cfg.train.beta2) for g in dense)
     with pytest.raises(ConfigError, match="so_betas"):
-        tiny_config(data_dir, "method.so_betas=[0.9]")
+        tiny_config(data_dir, "method.so.so_betas=[0.9]")
     with pytest.raises(ConfigError, match="so_weight_decay_mode"):
-        tiny_config(data_dir, "method.so_weight_decay_mode=l2")
+        tiny_config(data_dir, "method.so.so_weight_decay_mode=l2")

@@ -7,8 +7,9 @@ from rankscope.core.errors import ConfigError
 from rankscope.studies.study import load_study, point_state, run_study
 
 
-# schedules that fit the 3- and 6-step runs below (flat: the grids run several methods)
-FITS = ("method.reset_every=2", "method.restart_warmup_steps=1", "method.support_every=2", "method.update_proj_gap=2")
+# schedules that fit the 3- and 6-step runs below (each in its method's section: the grids run several methods)
+FITS = ("method.relora.reset_every=2", "method.relora.restart_warmup_steps=1", "method.so.support_every=2",
+        "method.galore.update_proj_gap=2")
 
 
 def write_study(tmp_path, data_dir, grid, *overrides, **extra):
@@ -37,7 +38,7 @@ def test_sweep_runs_skips_finished_resumes_partial_and_reports_failures(tmp_path
     path = write_study(tmp_path, data_dir, {"train.seed": [0, 1], "data.tokenizer": ["bpe", str(tmp_path / "missing.json")]})
     study = load_study(path)
     # a run interrupted earlier: train the first point to step 3 only
-    from rankscope.config import config_from_dict
+    from rankscope.methods import config_from_dict
     from rankscope.studies.study import prepare_point as _start
     from rankscope.train.loop import Trainer
 
@@ -275,8 +276,10 @@ def test_seed_k_gives_every_method_the_same_shared_weights_and_batches(tmp_path,
     from helpers import tiny_config
     from rankscope.train.loop import Trainer
 
+    RANK4 = ("method.relora.rank=4", "method.lora.rank=4", "method.galore.rank=4")
+
     def build(method):
-        cfg = tiny_config(data_dir, f"method.name={method}", f"train.seed={seed}", "method.rank=4", *FITS)
+        cfg = tiny_config(data_dir, f"method.name={method}", f"train.seed={seed}", *RANK4, *FITS)
         return Trainer(cfg, tmp_path / method, log=lambda *_: None)
 
     trainers = {m: build(m) for m in ("full", "relora", "lora", "so", "galore")}

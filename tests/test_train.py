@@ -46,7 +46,7 @@ def test_log_spaced_and_listed_checkpoints_are_kept(data_dir, tmp_path):
 
 
 def test_resume_mid_run_is_bit_exact(data_dir, tmp_path):
-    over = tiny_overrides(data_dir, "train.max_steps=30", "checkpoint.every=5", "method.dropout=0.0")
+    over = tiny_overrides(data_dir, "train.max_steps=30", "checkpoint.every=5", "method.relora.dropout=0.0")
     straight, resumed = crash_and_resume(over, tmp_path, crash_at=16)  # resumes from step 15
     assert_same_final_weights(straight, resumed)
     # metrics.jsonl has no duplicated steps after the resume, and the same losses

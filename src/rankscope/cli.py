@@ -52,7 +52,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------- verbs
 def cmd_prepare(args) -> None:
-    from rankscope.config import load_config
+    from rankscope.methods import load_config
     from rankscope.data.corpus import prepare
 
     cfg = load_config(args.config, args.overrides)
@@ -76,7 +76,7 @@ def at_least(value: int, low: int, flag: str) -> int:
 def cmd_train(args) -> None:
     import os
 
-    from rankscope.config import load_config
+    from rankscope.methods import load_config
     from rankscope.core.errors import ConfigError
     from rankscope.train.callbacks import build_callbacks
     from rankscope.core.paths import check_output_dir
@@ -155,9 +155,11 @@ def field_rows(rows: list[tuple[str, str, Any, str]]) -> list[str]:
 
 
 def cmd_info(args) -> None:
-    from rankscope.config import PRESETS, describe_fields
+    from rankscope.config import PRESETS
 
     if args.fields:
+        from rankscope.methods import describe_fields  # the methods' options: imports torch
+
         print("\n".join(field_rows(describe_fields())))
         return
     print(f"{'preset':14s} {'d_model':>7s} {'layers':>6s} {'heads':>5s} {'kv':>3s} {'ffn':>5s} {'vocab':>6s} {'params':>12s} "

@@ -1,48 +1,27 @@
 """Typed run configuration: dataclass defaults < YAML file < dotted `key=value` overrides.
 
-Every field has a type, a default and a one-line help text. `load_config` validates the whole
-tree before any compute: unknown keys, wrong types and impossible values raise one ConfigError
-that names the field and the fix. A resolved config is plain data (`to_dict`), stored in each run.
+Every field has a type, a default and a one-line help text. The whole tree is validated before any
+compute: unknown keys, wrong types and impossible values raise one ConfigError that names the field
+and the fix. A resolved config is plain data (`to_dict`), stored in each run.
+
+This module is the schema and knows no method: the `method` section's options are each method's own
+dataclass, so `load_config` / `config_from_dict` live one layer up, in `rankscope.methods`, which hands
+its registry's section builder to `run_config` here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import Any, Callable, Literal
 
 from rankscope.core.errors import ConfigError
 from rankscope.core.schema import (  # noqa: F401  (re-exported: the run config's loader)
     build, check, merge_dicts, option, parse_overrides, read_yaml, safe_load, type_name,
 )
-
-
-
-
-# --------------------------------------------------------------------------- model presets
-# Pico-decoder shapes (Weiss et al. 2025, Table 1; pico-lm/pico-train configs): 12 layers,
-# 12 heads, 4 KV heads, vocab 50304, seq 2048. CPU presets keep the same family, smaller.
-PRESETS: dict[str, dict[str, Any]] = {
-    "pico-tiny": dict(d_model=96, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=384, vocab_size=50304, max_seq_len=2048),
-    # pico-tiny's transformer body exactly, with the small vocabulary of the CPU corpus's BPE (the CPU studies' model)
-    "pico-tiny-body": dict(d_model=96, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=384, vocab_size=2048, max_seq_len=2048),
-    "pico-small": dict(d_model=384, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=1536, vocab_size=50304, max_seq_len=2048),
-    # Pico's larger decoders (not in the paper), where FSDP (train.parallel=fsdp) starts to pay
-    "pico-medium": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=3072, vocab_size=50304, max_seq_len=2048),
-    "pico-large": dict(d_model=1536, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=6144, vocab_size=50304, max_seq_len=2048),
-    # below micro (193k parameters, most of them embeddings): the smallest point of the CPU study's size trend
-    "nano": dict(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=2048, max_seq_len=128),
-    "micro": dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256, vocab_size=2048, max_seq_len=128),
-    # between micro and mini on a log scale of parameters (1.07M), for a size trend with three points
-    "milli": dict(d_model=96, n_layers=5, n_heads=6, n_kv_heads=2, ffn_dim=384, vocab_size=2048, max_seq_len=256),
-    "mini": dict(d_model=128, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=512, vocab_size=4096, max_seq_len=256),
-    "small": dict(d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1024, vocab_size=8192, max_seq_len=256),
-}
+from rankscope.presets import PRESETS
 
 
 @dataclass
@@ -179,143 +158,25 @@ class CheckpointConfig:
         check(not bad, f"checkpoint.keep_steps must hold steps >= 1, got {bad}")
 
 
+@dataclass
 class MethodConfig:
-    """`method.name` picks a training method; its options are that method's own config dataclass
-    (`method.<name>` in the YAML, e.g. `method: {name: relora, relora: {rank: 8}}`), defined in its
-    module under rankscope.methods. The flat form of earlier releases (`method: {name: relora,
-    rank: 8}`, or `method.rank=8` overrides) is still read, with a deprecation line.
+    """`method.name` picks a training method; `options` is that method's own config dataclass, the YAML
+    section `method.<name>` (`method: {name: relora, relora: {rank: 8}}`), defined in the method's module.
+    This file knows no method: `rankscope.methods.runconfig` builds the section against the methods registry.
+    `others`: the sections of other methods given beside it (a config that serves several methods, as
+    configs/micro.yaml does), checked, kept as given for a switch of method (`rankscope.methods.switch_method`,
+    memory matching's reference), not stored."""
 
-    Reading `cfg.method.rank` (and setting it) goes to the options; setting `name` switches to the
-    new method's options, keeping the values of the options both methods have. Flat options of the
-    earlier form that belong to other methods only are kept in `extra` (checked, unused by this
-    method, written back flat) so a study point keeps them when its method changes."""
-
-    @staticmethod
-    def schema_build(data: Any, where: str) -> "MethodConfig":
-        return _build_method(data, where)
-
-    def __init__(self, name: str = "full", options: Any = None, extra: dict[str, Any] | None = None):
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "options", options if options is not None else _method_class(name).config_class())
-        object.__setattr__(self, "extra", dict(extra or {}))
-
-    def __getattr__(self, key: str) -> Any:
-        options, extra = self.__dict__.get("options"), self.__dict__.get("extra") or {}
-        if not key.startswith("__") and options is not None and hasattr(options, key):
-            return getattr(options, key)
-        if not key.startswith("__") and key in extra:
-            return extra[key]
-        if not key.startswith("__") and options is not None:  # the earlier flat form had every option: its default
-            from rankscope.methods import METHODS
-
-            for m in METHODS.values():
-                if key in {f.name for f in dataclasses.fields(m.config_class)}:
-                    return getattr(m.config_class(), key)
-        raise AttributeError(f"method {self.__dict__.get('name')!r} has no option {key!r}")
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        if key == "name":
-            if value != self.name:
-                old, new_cls = self.options, _method_class(value).config_class
-                names = {f.name for f in dataclasses.fields(new_cls)}
-                pool = {**self.extra, **{f.name: getattr(old, f.name) for f in dataclasses.fields(old)}}
-                object.__setattr__(self, "options", new_cls(**{k: v for k, v in pool.items() if k in names}))
-                object.__setattr__(self, "extra", {k: v for k, v in pool.items() if k not in names and k in self.extra})
-            object.__setattr__(self, "name", value)
-        elif key in ("options", "extra"):
-            object.__setattr__(self, key, value)
-        elif dataclasses.is_dataclass(self.options) and key in {f.name for f in dataclasses.fields(self.options)}:
-            setattr(self.options, key, value)
-        else:
-            raise AttributeError(f"method {self.name!r} has no option {key!r}")
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, MethodConfig) and (self.name, self.options, self.extra) == (other.name, other.options, other.extra)
-
-    def __repr__(self) -> str:
-        return f"MethodConfig(name={self.name!r}, options={self.options!r})"
+    name: str = option("full", "training method (see rankscope.methods)")
+    options: Any = option(None, "the method's own options (method.<name>)")
+    others: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
 
     def validate(self) -> None:
         if hasattr(self.options, "validate"):
             self.options.validate()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, self.name: dataclasses.asdict(self.options), **json_copy(self.extra)}
-
-
-def json_copy(value: Any) -> Any:
-    return yaml.safe_load(yaml.safe_dump(value))
-
-
-def _method_class(name: str):
-    from rankscope.methods import method_class  # the registry imports torch: only when a method is named
-
-    return method_class(name)
-
-
-def _build_method(data: Any, where: str) -> MethodConfig:
-    """`method: {name, <name>: {...}}`; flat keys (the earlier form) are mapped to the section of
-    `name`, keys that belong to other methods only are dropped, other keys are refused."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    from rankscope.methods import METHODS
-
-    name = data.get("name", "full")
-    if not isinstance(name, str):
-        raise ConfigError(f"config key '{where}.name' must be str, got {name!r}")
-    cls = _method_class(name).config_class
-    own = {f.name for f in dataclasses.fields(cls)}
-    anyone = {f.name for m in METHODS.values() for f in dataclasses.fields(m.config_class)}
-    section = data.get(name) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{where}.{name} must be a mapping of {name}'s options, got {type(section).__name__}")
-    for other in set(data) & set(METHODS) - {name}:  # sections of other methods (a study may name several): checked, unused
-        built = build(METHODS[other].config_class, data[other] or {}, f"{where}.{other}")
-        if hasattr(built, "validate"):  # validated like the active one: a bad value is refused, not ignored
-            built.validate()
-    flat = {k: v for k, v in data.items() if k != "name" and k not in METHODS}
-    unknown = sorted(set(flat) - anyone)
-    if unknown:
-        raise ConfigError(f"unknown config key '{where}.{unknown[0]}'; valid keys here: name, {', '.join(sorted(METHODS))} "
-                          f"(the options of method {name!r}: {', '.join(sorted(own))})")
-    ignored = set(flat) - own
-    for m in METHODS.values():  # kept but unused: still checked, together, by each method that has them
-        theirs = {k: flat[k] for k in ignored & {f.name for f in dataclasses.fields(m.config_class)}}
-        if theirs:
-            built = build(m.config_class, theirs, where)
-            if hasattr(built, "validate"):
-                built.validate()
-    mapped = {k: v for k, v in flat.items() if k in own}
-    both = sorted(k for k in mapped if k in section and section[k] != mapped[k])
-    if both:
-        raise ConfigError(f"{where}.{both[0]} and {where}.{name}.{both[0]} disagree; keep only {where}.{name}.{both[0]}")
-    if flat:
-        warnings.warn(flat_notice(where, name, flat, own), FutureWarning, stacklevel=4)
-    return MethodConfig(name, build(cls, {**mapped, **section}, f"{where}.{name}"), {k: v for k, v in flat.items() if k not in own})
-
-
-def override_text(value: Any) -> str:
-    """`value` as the right-hand side of a `key=value` override that parses back to it (one shell word
-    where the value has no spaces): [wq,wk], 0.999, true."""
-    if isinstance(value, list):
-        return "[" + ",".join(override_text(v) for v in value) + "]"
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def flat_notice(where: str, name: str, flat: dict[str, Any], own: set[str]) -> str:
-    """The deprecation line for flat method options, with a fix that loads as printed: the option under the
-    section of a method that has it (this run's method if it does; a section of another method is checked
-    and kept, unused)."""
-    from rankscope.methods import METHODS
-
-    key = sorted(flat)[0]
-    having = {m: len(dataclasses.fields(c.config_class)) for m, c in METHODS.items() if key in {f.name for f in dataclasses.fields(c.config_class)}}
-    owner = name if key in own else min(having, key=having.get)  # else the method that defines it (lora's alpha, not adaptive's)
-    unused = sorted(set(flat) - own)
-    return (f"flat method options ({', '.join(sorted(flat))}) are deprecated in a run config: write each under the section of the "
-            f"method that has it, e.g. {where}.{owner}.{key}={override_text(flat[key])}"
-            + (f"; {', '.join(unused)} (not options of {name}) are kept, unused by {name}" if unused else "")
-            + "; a study grid over several methods keeps the flat form (docs/studies.md)")
+        return {"name": self.name, self.name: dataclasses.asdict(self.options) if self.options is not None else {}}
 
 
 def method_options(method: dict[str, Any]) -> dict[str, Any]:
@@ -395,9 +256,9 @@ class RunConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
-    def validate(self, schedule: bool = True) -> None:
-        """Every section, then the checks across them; `schedule`: also that the method's schedule fits the run
-        (off for the stored config of a run already trained, which must stay readable)."""
+    def validate(self) -> None:
+        """Every section, then the checks across them (the method's own, which need its class, are
+        rankscope.methods.runconfig's)."""
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
@@ -406,9 +267,6 @@ class RunConfig:
         check(self.train.max_steps > self.train.warmup_steps or self.train.warmup_steps == 0,
                f"train.warmup_steps={self.train.warmup_steps} must be below train.max_steps={self.train.max_steps}; "
                "lower train.warmup_steps or raise train.max_steps")
-        _method_class(self.method.name).check_run(self)  # what the method allows across sections (FSDP, ...)
-        if schedule:
-            _method_class(self.method.name).check_schedule(self)  # a period that never comes round (methods/*.py)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "method"}
@@ -429,34 +287,38 @@ def _at_least(obj: Any, section: str, low: int, *names: str) -> None:
         check(value >= low, f"{section}.{name} must be >= {low}, got {value!r}")
 
 
-def config_from_dict(data: dict[str, Any], schedule: bool = True) -> RunConfig:
-    """A validated RunConfig; `schedule=False` for a stored run's config (read, not trained again)."""
-    cfg = build(RunConfig, data, "")
-    cfg.validate(schedule)
+MethodBuilder = Callable[[Any, str], MethodConfig]  # (the `method` mapping, its dotted place) -> MethodConfig
+
+
+def run_config(data: Any, method: MethodBuilder) -> RunConfig:
+    """A RunConfig from a mapping, every section validated, its `method` section built by `method` (the
+    methods registry's builder, handed down by rankscope.methods: this module knows no method)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+    cfg = build(RunConfig, {k: v for k, v in data.items() if k != "method"}, "")
+    cfg.method = method(data.get("method") or {}, "method")
+    cfg.validate()
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults < YAML file (may name a `base:` file) < dotted overrides; validated."""
+def read_config_data(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw mapping of defaults < YAML file (may name a `base:` file) < dotted overrides, not yet built."""
     data = read_yaml(path) if path else {}
-    data = merge_dicts(data, parse_overrides(overrides or []))
-    return config_from_dict(data)
+    return merge_dicts(data, parse_overrides(overrides or []))
 
 
-def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted name, type, default, help) for every field, for `rankscope info --fields`."""
+def describe_fields(cls: type = RunConfig, prefix: str = "",
+                    method_rows: Callable[[str], list[tuple[str, str, Any, str]]] | None = None) -> list[tuple[str, str, Any, str]]:
+    """(dotted name, type, default, help) for every field, for `rankscope info --fields`; the `method` section's
+    rows come from `method_rows(prefix)` (the registry's, rankscope.methods.describe_fields), else its name alone."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if tp is MethodConfig:
-            from rankscope.methods import METHODS
-
-            rows.append((f"{prefix}method.name", "str", "full", f"training method: {', '.join(METHODS)} (see rankscope.methods)"))
-            for name, m in METHODS.items():
-                rows += describe_fields(m.config_class, f"{prefix}method.{name}.")
+            rows += method_rows(f"{prefix}method.") if method_rows else [(f"{prefix}method.name", "str", "full", "training method")]
         elif dataclasses.is_dataclass(tp):
-            rows += describe_fields(tp, f"{prefix}{f.name}.")
+            rows += describe_fields(tp, f"{prefix}{f.name}.", method_rows)
         else:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             rows.append((prefix + f.name, type_name(tp), default, f.metadata.get("help", "")))

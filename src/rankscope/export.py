@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 from rankscope.store.checkpoint import Checkpoint, open_checkpoint
-from rankscope.config import ModelConfig, RunConfig, config_from_dict
+from rankscope.config import ModelConfig, RunConfig
+from rankscope.methods import config_from_dict
 from rankscope.data.tokenizer import EOS, PAD, TextTokenizer
 from rankscope.core.errors import CheckpointError, RankscopeError
 from rankscope.adapters.stored import merged_state_dict, stored_adapters

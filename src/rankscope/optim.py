@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from rankscope.config import TrainConfig
+from rankscope.model import DEFAULT_TARGETS
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] | None = None) -> list[dict]:
@@ -67,7 +68,7 @@ def targeted_groups(model: nn.Module, cfg: TrainConfig, targets: list[str], name
     if not special:
         from rankscope.core.errors import ConfigError
 
-        raise ConfigError(f"method.targets={targets} matches no linear layer; valid names: wq, wk, wv, wo, w1, w2, w3")
+        raise ConfigError(f"method.targets={targets} matches no linear layer; valid names: {', '.join(DEFAULT_TARGETS)}")
     groups = param_groups(model, cfg.weight_decay, exclude={id(p) for p in special})
     groups.append({"params": special, "weight_decay": cfg.weight_decay, "name": name, **flags})
     check_coverage(model, groups)

@@ -44,8 +44,9 @@ import torch
 from safetensors import safe_open
 
 from rankscope.analysis.metrics import AnalysisError
+from rankscope.model import DEFAULT_TARGETS
 
-TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+TARGETS = tuple(DEFAULT_TARGETS)  # every linear of a block (rankscope.model)
 EMBEDDINGS = ("embed", "lm_head")
 OV_FORMS = ("ov", "ov_layer", "ov_product")
 OV_KINDS = ("weight", "update", "cumulative_update")  # kinds whose OV circuits analyze forms (rankscope.studies.preflight reads it)
@@ -279,7 +280,7 @@ def dense_items(tensors: Mapping[str, torch.Tensor], kind: str, include_embeddin
 
 def init_weights(config: Mapping[str, Any], include_embeddings: bool = False) -> dict[str, torch.Tensor]:
     """The run's initial weights, re-created exactly as the trainer does (seed, then Decoder)."""
-    from rankscope.config import config_from_dict
+    from rankscope.methods import config_from_dict
     from rankscope.model import Decoder
 
     cfg = config_from_dict(dict(config), schedule=False)  # a trained run's config

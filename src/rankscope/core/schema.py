@@ -4,8 +4,8 @@ non-finite number in one line that names the key and lists the valid ones. `safe
 duplicate keys; `parse_overrides` turns dotted `key=value` pairs into a nested dict.
 
 A dataclass may shape its input before it is built (`schema_prepare(data, where)`, e.g. a model preset filling in
-its fields), and a type may build itself (`schema_build(data, where)`, e.g. the method section, whose keys are the
-method registry's names). Nothing here knows any particular schema.
+its fields), and a type may build itself (`schema_build(data, where)`, e.g. a section whose keys are
+names from a registry). Nothing here knows any particular schema.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""English prose sources from package registries (registered into rankscope.data.sources.SOURCES).
+"""English prose sources from package registries (listed in rankscope.data.sources.SOURCES).
 
   web       the World English Bible (Debian sword-text-web, SWORD module engWEB2015eb, public domain),
             read with PyPI pysword; OSIS markup is stripped here, not by pysword's `clean`, which glues
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from rankscope.data.rest import rst_to_prose
-from rankscope.data.sources import Document, SourceUnavailable, _capped, _chunks, register_source
+from rankscope.data.documents import Document, SourceUnavailable, capped, chunks
 
 SWORD_ROOT = Path("/usr/share/sword")
 PYDOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
@@ -77,8 +77,6 @@ def bible_chapters(bible) -> Iterator[tuple[str, int, str]]:
                     yield book.osis_name, ch, text
 
 
-@register_source("web", "Public domain (World English Bible; Debian sword-text-web, module engWEB2015eb)",
-                 "Debian package sword-text-web, read with PyPI pysword")
 def read_web(max_bytes: int) -> Iterator[Document]:
     bible = _sword_bible("engWEB2015eb")  # raises SourceUnavailable here, not at the first read
 
@@ -86,7 +84,7 @@ def read_web(max_bytes: int) -> Iterator[Document]:
         for book, ch, text in bible_chapters(bible):  # one document per chapter
             yield Document("web", f"{book}/{ch}", text)
 
-    return _capped(docs(), max_bytes)
+    return capped(docs(), max_bytes)
 
 
 # ------------------------------------------------------------------------------ the Python docs
@@ -101,8 +99,6 @@ def _pydocs_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: (rank.get(p.parts[len(root.parts)], len(rank)), str(p)))
 
 
-@register_source("pydocs", "PSF-2.0 (Python 3.11 documentation; Debian python3.11-doc; code examples also 0BSD)",
-                 "Debian package python3.11-doc, reST sources reduced to prose")
 def read_pydocs(max_bytes: int) -> Iterator[Document]:
     files = _pydocs_files(PYDOCS_ROOT) if PYDOCS_ROOT.is_dir() else []
     if not files:
@@ -112,10 +108,10 @@ def read_pydocs(max_bytes: int) -> Iterator[Document]:
         for f in files:
             prose = rst_to_prose(f.read_text(encoding="utf-8", errors="replace"))
             name = str(f.relative_to(PYDOCS_ROOT)).removesuffix(".rst.txt")
-            for i, piece in enumerate(_chunks(prose, target=6000)):
+            for i, piece in enumerate(chunks(prose, target=6000)):
                 yield Document("pydocs", f"{name}/{i}", piece)
 
-    return _capped(docs(), max_bytes)
+    return capped(docs(), max_bytes)
 
 
 # ------------------------------------------------------------------------------------ Jane Austen
@@ -160,8 +156,6 @@ def lines_to_paragraphs(lines: list[str]) -> str:
     return "\n\n".join(paras)
 
 
-@register_source("austen", "Public domain novels; MIT compilation (Debian r-cran-janeaustenr 1.0.0)",
-                 "Debian package r-cran-janeaustenr, read without R via PyPI rdata")
 def read_austen(max_bytes: int) -> Iterator[Document]:
     if not (AUSTEN_DATA / "Rdata.rdx").is_file():
         raise SourceUnavailable("Debian package 'r-cran-janeaustenr' is not installed "
@@ -171,7 +165,7 @@ def read_austen(max_bytes: int) -> Iterator[Document]:
     def docs() -> Iterator[Document]:
         for name in sorted(books):
             text = lines_to_paragraphs([str(x) for x in books[name]])
-            for i, piece in enumerate(_chunks(text, target=6000)):
+            for i, piece in enumerate(chunks(text, target=6000)):
                 yield Document("austen", f"{name}/{i}", piece)
 
-    return _capped(docs(), max_bytes)
+    return capped(docs(), max_bytes)

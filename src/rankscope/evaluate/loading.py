@@ -13,7 +13,8 @@ from pathlib import Path
 import torch.nn as nn
 
 from rankscope.store.checkpoint import Checkpoint, open_checkpoint
-from rankscope.config import DataConfig, RunConfig, config_from_dict
+from rankscope.config import DataConfig, RunConfig
+from rankscope.methods import config_from_dict
 from rankscope.data.corpus import Corpus, prepare
 from rankscope.core.errors import CheckpointError
 from rankscope.methods import build_method

@@ -1,76 +1,27 @@
 """Training methods. A method = how the model is adapted + its optimiser groups + its schedule
 + what happens after each step (merges, resets, re-drawn supports), one module each, with its own
-config dataclass (`method.<name>` in the YAML) and capabilities.
+config dataclass (`method.<name>` in the YAML) and capabilities (`supports_fsdp`, `memory_knob`, ...).
 
-The registry is built when this package is imported, by `discover_methods`: it imports every module
-of the package and registers the classes each one lists in a module-level `METHODS = [...]` (so a new
-method is one file dropped in here that ends with `METHODS = [TheMethod]`; base.py lists `Method`
-itself, the full-rank method, and the shared modules common and memory list none).
-`method.name` picks one; an unknown name lists the valid ones. `register_method` adds one from outside
-the package (docs/adding-a-method.md).
+`registry.METHODS` lists the package's methods in one place (a new method is one file plus one line
+there; `register_method` adds one from outside the package, docs/adding-a-method.md); a second method
+of the same name is refused. `method.name` picks one; an unknown name lists the valid ones.
+`runconfig` resolves the run config's `method` section against the registry: `load_config` and
+`config_from_dict` are there (rankscope.config is the registry-free schema below it).
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from typing import Iterable
-
-from rankscope.core.errors import ConfigError
 from rankscope.methods.base import Method
+from rankscope.methods.registry import (
+    METHODS, check_method, fsdp_methods, method_class, method_option_names, register_method, registry_of,
+)
+from rankscope.methods.runconfig import (
+    check_method_run, config_from_dict, describe_fields, load_config, method_config, switch_method,
+)
 
-
-def check_method(cls, where: str) -> type[Method]:
-    """`cls` itself if it is a Method subclass with a `name`; otherwise a TypeError naming `where`."""
-    if not (isinstance(cls, type) and issubclass(cls, Method)) or not isinstance(cls.name, str) or not cls.name:
-        raise TypeError(f"{where} takes subclasses of rankscope.methods.base.Method with a `name`, not {cls!r}")
-    return cls
-
-
-def methods_in(module) -> list[type[Method]]:
-    """The methods `module` exports: the classes its module-level `METHODS` list names, in that order
-    (none when it has no `METHODS`: a Method subclass the module defines but does not list is not one)."""
-    listed = getattr(module, "METHODS", None)
-    if listed is None:
-        return []
-    if not isinstance(listed, (list, tuple)):
-        raise TypeError(f"{module.__name__}.METHODS must be a list of Method classes, not {type(listed).__name__}")
-    return [check_method(cls, f"{module.__name__}.METHODS") for cls in listed]
-
-
-def discover_methods(package: str = __name__, path: Iterable[str] | None = None) -> dict[str, type[Method]]:
-    """Import each module of `package` (found on `path`, default the package's own folder) and collect
-    the methods each lists in its `METHODS`, by name: base (the full-rank `Method`) first, then the
-    modules in alphabetical order."""
-    found: dict[str, type[Method]] = {}
-    modules = pkgutil.iter_modules(__path__ if path is None else list(path))
-    for info in sorted(modules, key=lambda m: (m.name != "base", m.name)):
-        if info.name.startswith("_"):
-            continue
-        for cls in methods_in(importlib.import_module(f"{package}.{info.name}")):
-            if found.get(cls.name, cls) is not cls:
-                raise TypeError(f"two methods are named {cls.name!r}: {found[cls.name].__module__} and {cls.__module__}")
-            found[cls.name] = cls
-    return found
-
-
-METHODS: dict[str, type[Method]] = discover_methods()
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Add a method class (its `name`, `config_class` and hooks; see methods/base.py) to the registry."""
-    METHODS[check_method(cls, "register_method").name] = cls
-    return cls
-
-
-def method_class(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise ConfigError(f"unknown method.name {name!r}; valid methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-def fsdp_methods() -> list[str]:
-    return [n for n, cls in METHODS.items() if cls.supports_fsdp]
+__all__ = ["METHODS", "Method", "build_method", "build_model", "check_method", "check_method_run", "config_from_dict",
+           "describe_fields", "fsdp_methods", "load_config", "method_class", "method_config", "method_option_names",
+           "register_method", "registry_of", "switch_method"]
 
 
 def build_method(cfg) -> Method:

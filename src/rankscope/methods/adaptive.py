@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from rankscope.config import check, option
+from rankscope.core.schema import check, option
 from rankscope.core.errors import ConfigError
 from rankscope.methods.base import Notify, StepEvents
 from rankscope.methods.common import matches, target_linears  # noqa: F401  (matches: re-exported)
@@ -168,6 +168,3 @@ class AdaptiveReLoRAMethod(ReLoRAMethod):
         layers = target_linears(model, self.config.targets)
         used = sum(self.ranks[n] * (lin.in_features + lin.out_features) for n, lin in layers.items()) if self.ranks else 0
         return {**super().report(model, optimizer), "adaptive_ranks": dict(self.ranks), "adaptive_adapter_params": used, "adaptive_rank_budget": self.budget(layers)}
-
-
-METHODS = [AdaptiveReLoRAMethod]

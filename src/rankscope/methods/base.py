@@ -1,7 +1,8 @@
 """The full-rank method, and the interface every other method overrides.
 
-A method is one module in `rankscope.methods`: a config dataclass (`config_class`, the YAML section
-`method.<name>`), its capabilities (`supports_fsdp`, `memory_knob`) and the hooks below. A method
+A method is one module in `rankscope.methods` (listed once, in registry.METHODS): a config dataclass
+(`config_class`, the YAML section `method.<name>`), its capabilities (`supports_fsdp`, `memory_knob`;
+sparse methods also their state accounting) and the hooks below. A method
 never sees the training loop: it changes the model and the optimiser it is handed, and tells the training loop
 what it needs (rebuild the optimiser) through the events `after_step` returns.
 """
@@ -57,18 +58,16 @@ class Method:
 
     @classmethod
     def check_run(cls, cfg) -> None:
-        """Checks across config sections, at load time (e.g. what train.parallel=fsdp allows)."""
-        if cfg.train.parallel == "fsdp" and not cls.supports_fsdp:
-            from rankscope.methods import fsdp_methods
-
-            raise ConfigError(f"train.parallel=fsdp supports method.name in {fsdp_methods()}, not {cls.name!r}; use train.parallel=ddp")
+        """The method's own checks across config sections, at load time (e.g. what it allows under
+        train.parallel=fsdp; whether it runs sharded at all is `supports_fsdp`, checked by the loader,
+        rankscope.methods.runconfig.check_method_run)."""
 
     @classmethod
     def check_schedule(cls, cfg) -> None:
         """Does the method's schedule fit a run of train.max_steps steps? Refuse (ConfigError, one line
         naming the fix) where a period the method exists for never comes round: a ReLoRA run with no
-        merge would silently be LoRA. Full-rank: the warm-up is checked by TrainConfig. Called by
-        RunConfig.validate for a run to train, not for the stored config of a run already trained."""
+        merge would silently be LoRA. Full-rank: the warm-up is checked by TrainConfig. Called when a
+        config to train is loaded (check_method_run), not for the stored config of a run already trained."""
 
     def prepare_model(self, model: nn.Module) -> None:
         """Wrap or freeze layers before the optimiser is built (full-rank: nothing to do). Also used
@@ -144,6 +143,3 @@ def schedule_must_fit(cfg, option: str, value: int, steps: int, what: str, per_r
 def emit(notify: Notify | None, event: str, step: int, model: nn.Module) -> dict[str, Any]:
     """Tell the training loop's `notify` about an event; the rows it returns (or none)."""
     return (notify(event, step, model) or {}) if notify is not None else {}
-
-
-METHODS = [Method]  # the full-rank method is the interface itself (rankscope.methods.discover_methods)

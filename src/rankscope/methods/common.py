@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from rankscope.adapters.common import replace_module, seeded_generator  # noqa: F401  (re-exported: the methods' seeded draws)
 from rankscope.core.errors import ConfigError
+from rankscope.model import DEFAULT_TARGETS
 
 
 def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
@@ -24,7 +25,7 @@ def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]
         elif isinstance(m, nn.Linear):
             out[name] = m
     if not out:
-        raise ConfigError(f"method.targets={targets} matches no linear layer; valid names: wq, wk, wv, wo, w1, w2, w3")
+        raise ConfigError(f"method.targets={targets} matches no linear layer; valid names: {', '.join(DEFAULT_TARGETS)}")
     return out
 
 

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankscope.config import check, option
+from rankscope.core.schema import check, option
 from rankscope.methods.base import Method, Notify, StepEvents, schedule_must_fit
-from rankscope.methods.lora import DEFAULT_TARGETS
+from rankscope.model import DEFAULT_TARGETS
 from rankscope.optim import SplitAdamW, optimizer_state_bytes, targeted_groups
 
 
@@ -128,6 +128,3 @@ class GaLoreMethod(Method):
         return {"method": self.name, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "optimizer_state_bytes": optimizer_state_bytes(optimizer), "galore_rank": self.config.rank,
                 "galore_projector_bytes": proj, "galore_params": sum(p.numel() for p in low)}
-
-
-METHODS = [GaLoreMethod]

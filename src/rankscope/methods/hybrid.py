@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankscope.config import option
+from rankscope.core.schema import option
 from rankscope.core.errors import ConfigError
 from rankscope.methods.common import matches, target_linears
 from rankscope.adapters.lora import LoRALinear, wrap_layers
@@ -39,7 +39,7 @@ def split_targets(model: nn.Module, targets: list[str], full_rank: list[str]) ->
     full = [n for n in layers if matches(n, full_rank)]
     adapted = [n for n in layers if n not in full]
     if not adapted:
-        raise ConfigError("method.full_rank_targets covers every targeted linear: nothing is left for ReLoRA (use method.name=full)")
+        raise ConfigError("method.hybrid.full_rank_targets covers every targeted linear: nothing is left for ReLoRA (use method.name=full)")
     return adapted, full
 
 
@@ -58,6 +58,3 @@ class HybridReLoRAMethod(ReLoRAMethod):
         full = [n for n, mod in target_linears(model, self.config.targets).items() if not isinstance(model.get_submodule(n), LoRALinear)]
         return {**super().report(model, optimizer), "full_rank_layers": len(full),
                 "full_rank_params": sum(model.get_submodule(n).weight.numel() for n in full)}
-
-
-METHODS = [HybridReLoRAMethod]

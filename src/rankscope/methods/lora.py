@@ -22,11 +22,10 @@ from rankscope.adapters.stored import adapter_layout
 from rankscope.config import check, option
 from rankscope.core.errors import ConfigError
 from rankscope.methods.base import Method, Notify, StepEvents
+from rankscope.model import DEFAULT_TARGETS
 from rankscope.optim import build_adamw, check_coverage, optimizer_state_bytes, param_groups
 
 __all__ = ["DEFAULT_TARGETS", "LoRAConfig", "LoRAMethod"]
-
-DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 
 
 @dataclass
@@ -125,4 +124,3 @@ class LoRAMethod(Method):
                 "optimizer_state_bytes": optimizer_state_bytes(optimizer), "lora_optimizer_state_bytes": lora_state}
 
 
-METHODS = [LoRAMethod]

@@ -10,7 +10,6 @@ to every point (`apply_memory_match`).
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
@@ -51,40 +50,20 @@ def matchable() -> list[str]:
     return [n for n, cls in METHODS.items() if cls.memory_knob]
 
 
-def sparse_state_bytes(name: str):
-    """(numel, density, element size) -> bytes the method's sparse optimiser allocates for one weight."""
-    from rankscope.methods.sparse import single_state_bytes, so_state_bytes
-
-    return so_state_bytes if name == "so" else single_state_bytes
-
-
-def smallest_density(name: str, sizes: list[int]) -> float:
-    """The smallest density the method accepts on weights of `sizes` entries: so needs
-    k = floor(d * numel) >= 1 on every weight; so_single rounds and keeps at least 1 entry."""
-    if name != "so":
-        return 1e-12
-    from rankscope.methods.sparse import so_support_size
-
-    d = 1.0 / min(sizes)
-    while any(so_support_size(n, d) == 0 for n in sizes):  # floating point: d * n may fall just below 1
-        d = math.nextafter(d, 2.0)
-    return d
-
-
 def match_memory(cfg, target_bytes: int):
     """A copy of `cfg` whose optimiser state is the largest that fits in `target_bytes`: method.rank
     (LoRA family, GaLore; bisection over integer ranks, state grows with the rank) or
     method.density (so, so_single: state = fixed part + the bytes each sparse weight allocates,
-    `sparse.so_state_bytes` (min(2k, numel) slots of int64 index + m + v, and the k indices of G) or
-    `sparse.single_state_bytes` (k of index + m + v), solved by bisection on the exact support
-    sizes). Other methods raise ConfigError."""
+    the method's `state_bytes`: so's min(2k, numel) slots of int64 index + m + v, and the k indices of G,
+    or so_single's k of index + m + v; solved by bisection on the exact support sizes, from the method's
+    `smallest_density`). Other methods raise ConfigError."""
     out = copy.deepcopy(cfg)
     name = cfg.method.name
     knob = memory_knob(name)
     if knob == "rank":
         from rankscope.model import Decoder
 
-        lo, hi = 1, max(min(lin.in_features, lin.out_features) for lin in target_linears(Decoder(cfg.model), cfg.method.targets).values())
+        lo, hi = 1, max(min(lin.in_features, lin.out_features) for lin in target_linears(Decoder(cfg.model), cfg.method.options.targets).values())
 
         def bytes_at(r: int) -> int:
             out.method.options.rank = r
@@ -104,15 +83,17 @@ def match_memory(cfg, target_bytes: int):
         bytes_at(lo)
         return out
     if knob == "density":
+        from rankscope.methods import method_class
         from rankscope.model import Decoder
         from rankscope.optim import targeted_weights
 
-        weights = targeted_weights(Decoder(cfg.model), cfg.method.targets)
+        weights = targeted_weights(Decoder(cfg.model), cfg.method.options.targets)
         sizes, element = [p.numel() for p in weights], weights[0].element_size()
-        state_bytes, lo = sparse_state_bytes(name), smallest_density(name, sizes)
+        cls = method_class(name)
+        state_bytes, lo = cls.state_bytes, cls.smallest_density(sizes)
         probe = copy.deepcopy(cfg)
-        probe.method.density = max(cfg.method.density, lo)  # a density the method accepts
-        fixed = measured_state_bytes(probe) - sum(state_bytes(n, probe.method.density, element) for n in sizes)
+        probe.method.options.density = max(cfg.method.options.density, lo)  # a density the method accepts
+        fixed = measured_state_bytes(probe) - sum(state_bytes(n, probe.method.options.density, element) for n in sizes)
         need = lambda d: fixed + sum(state_bytes(n, d, element) for n in sizes)  # noqa: E731
         if need(lo) > target_bytes:
             raise ConfigError(f"{target_bytes} optimiser-state bytes are below what {name} needs at its smallest density "
@@ -123,7 +104,7 @@ def match_memory(cfg, target_bytes: int):
         for _ in range(60):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if need(mid) <= target_bytes else (lo, mid)
-        out.method.density = lo
+        out.method.options.density = lo
         assert measured_state_bytes(out) == need(lo), "sparse state accounting differs from what the optimiser allocates"
         return out
     raise ConfigError(f"method.name={name} has no memory knob; match_memory works for {', '.join(matchable())}")
@@ -138,9 +119,9 @@ def apply_memory_match(cfg, target: int | str):
     if isinstance(target, str) and not target.isdigit():
         if target == name:
             return cfg
-        ref = copy.deepcopy(cfg)
-        ref.method.name = target
-        target_bytes = measured_state_bytes(ref)
+        from rankscope.methods import switch_method
+
+        target_bytes = measured_state_bytes(switch_method(cfg, target))
     else:
         target_bytes = int(target)
     if memory_knob(name) is None:

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from rankscope.config import check, option
+from rankscope.core.schema import check, option
 from rankscope.train.distributed import is_main_process
 from rankscope.core.errors import ConfigError
 from rankscope.methods.base import Notify, StepEvents, emit, schedule_must_fit
@@ -226,6 +226,3 @@ class ReLoRAMethod(LoRAMethod):
 
     def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return {**super().report(model, optimizer), "relora_merges": self.merges, "relora_optimizer_resets": self.optimizer_resets}
-
-
-METHODS = [ReLoRAMethod]

@@ -51,11 +51,11 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from rankscope.config import check, option
+from rankscope.core.schema import check, option
 from rankscope.core.errors import ConfigError
 from rankscope.methods.base import Method, Notify, StepEvents, schedule_must_fit
 from rankscope.methods.common import seeded_generator
-from rankscope.methods.lora import DEFAULT_TARGETS
+from rankscope.model import DEFAULT_TARGETS
 from rankscope.optim import SplitAdamW, adamw_update_, optimizer_state_bytes, targeted_groups
 
 __all__ = ["SOConfig", "SingleSupportConfig", "SOAdam", "SparseAdamW", "SplitAdamW"]
@@ -307,6 +307,17 @@ class SparseMethodBase(Method):
 
     supports_fsdp = False
     memory_knob = "density"
+    support_key = "support"  # the optimiser-state entry that holds a weight's support indices
+
+    @staticmethod
+    def state_bytes(numel: int, density: float, element_size: int = 4) -> int:
+        """Bytes the method's sparse optimiser allocates for one weight of `numel` entries (memory matching)."""
+        return single_state_bytes(numel, density, element_size)
+
+    @classmethod
+    def smallest_density(cls, sizes: list[int]) -> float:
+        """The smallest density the method accepts on weights of `sizes` entries (a support rounds to >= 1 entry)."""
+        return 1e-12
 
     @classmethod
     def check_schedule(cls, cfg) -> None:
@@ -327,7 +338,7 @@ class SparseMethodBase(Method):
     def report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         sparse = [p for g in optimizer.param_groups if g.get("sparse") for p in g["params"]]
         states = [optimizer.state[p] for p in sparse if "support" in optimizer.state.get(p, {})]
-        key = "grad_support" if self.name == "so" else "support"
+        key = self.support_key
         return {"method": self.name, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "optimizer_state_bytes": optimizer_state_bytes(optimizer), "so_density": self.config.density,
                 "so_support_entries": sum(s[key].numel() for s in states), "so_moment_slots": sum(s["exp_avg"].numel() for s in states),
@@ -339,6 +350,19 @@ class SparseMethod(SparseMethodBase):
 
     name = "so"
     config_class = SOConfig
+    support_key = "grad_support"
+
+    @staticmethod
+    def state_bytes(numel: int, density: float, element_size: int = 4) -> int:
+        return so_state_bytes(numel, density, element_size)
+
+    @classmethod
+    def smallest_density(cls, sizes: list[int]) -> float:
+        """SO needs k = floor(d * numel) >= 1 on every weight."""
+        d = 1.0 / min(sizes)
+        while any(so_support_size(n, d) == 0 for n in sizes):  # floating point: d * n may fall just below 1
+            d = math.nextafter(d, 2.0)
+        return d
 
     def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
         t, m = self.cfg.train, self.config
@@ -358,6 +382,3 @@ class SingleSupportMethod(SparseMethodBase):
         t, m = self.cfg.train, self.config
         return SparseAdamW(self.sparse_groups(model), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, density=m.density,
                            support_every=m.support_every, moment_keep=m.moment_keep, seed=t.seed)
-
-
-METHODS = [SparseMethod, SingleSupportMethod]

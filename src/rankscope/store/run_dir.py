@@ -98,7 +98,7 @@ def read_settings(env_path: Path) -> dict | None:
 
 def normalised(previous: dict) -> dict:
     """A stored config as this version resolves it (e.g. flat method options of earlier releases)."""
-    from rankscope.config import config_from_dict
+    from rankscope.methods import config_from_dict
 
     try:
         with warnings.catch_warnings():

@@ -234,7 +234,7 @@ def time_steps(cfg_dict: dict[str, Any], steps: int = 3, threads: int = 1) -> fl
     """Seconds per optimiser step of this config, on random tokens (after one untimed step)."""
     import torch
 
-    from rankscope.config import config_from_dict
+    from rankscope.methods import config_from_dict
     from rankscope.methods import build_model
 
     with warnings.catch_warnings():  # a study point's flat method options: the form a grid over methods needs (study.build_point)

@@ -76,7 +76,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from rankscope.config import config_from_dict, describe_fields, merge_dicts, parse_overrides, read_yaml, safe_load
+from rankscope.config import merge_dicts, parse_overrides, read_yaml, safe_load
+from rankscope.methods import config_from_dict, describe_fields
 from rankscope.core.errors import ConfigError
 from rankscope.core.jsonfiles import read_json_object
 
@@ -301,7 +302,7 @@ def _load_pretrain(spec: Any, path: Path) -> list[str] | None:
         raise ConfigError(f"study {path}: pretrain must be a mapping with `config: FILE` and optional `overrides: [...]`")
     config = path.parent / spec["config"]
     overrides = [str(o) for o in spec.get("overrides") or []]
-    from rankscope.config import load_config
+    from rankscope.methods import load_config
 
     load_config(config, overrides)  # validated now, before any run
     return [str(config), *overrides]
@@ -315,7 +316,7 @@ def pretrain_dir(runs_dir: Path) -> Path:
 
 def run_pretrain(study: Study, show=print) -> None:
     """Train (or resume) a fine-tuning study's base in <runs_dir>/base, unless it is finished."""
-    from rankscope.config import load_config
+    from rankscope.methods import load_config
 
     out = pretrain_dir(study.runs_dir)
     if training_finished(out, load_config(study.pretrain[0], study.pretrain[1:]).train.max_steps):

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from rankscope.config import RunConfig, config_from_dict, merge_dicts, parse_overrides, read_yaml
+from rankscope.config import RunConfig, merge_dicts, parse_overrides, read_yaml
+from rankscope.methods import config_from_dict
 from rankscope.train.finetune_base import Base, check_vocabulary, open_base, record_base
 from rankscope.train.finetune_callback import SELECTION_METRIC, FewshotCallback, choose_step
 from rankscope.train.loop import Trainer
