@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from rankscope.config import config_from_dict, merge_dicts, parse_overrides, read_yaml
+from rankscope.config import config_from_dict
 from rankscope.core.errors import ConfigError
+from rankscope.core.schema import merge_dicts, parse_overrides, read_yaml
 from rankscope.studies.naming import point_name
 from rankscope.studies.spec import SHARED, ControlSpec, TuneSpec, read_spec
 
@@ -153,8 +154,6 @@ def load_study(path: str | Path, runs_dir: str | Path | None = None) -> Study:
     if study.tune is None:
         study.points = [build_point(study, values, "main") for values in grid_values(study)]
     else:
-        from rankscope.studies.tuning import tune_cells, tune_point
-
         # validate every main point now, at the grid's first tuned value
         _check_unique([build_point(study, {**values, study.tune.field: study.tune.grid[0]}, "main") for values in grid_values(study)], path)
         study.points = [tune_point(study, c, v) for c in tune_cells(study) for v in study.tune.grid]
@@ -191,6 +190,33 @@ def _check_unique(points: list[Point], path: Path) -> None:
 
 def grid_values(study: Study) -> list[dict[str, Any]]:
     return [dict(zip(study.grid, combo)) for combo in itertools.product(*study.grid.values())]
+
+
+# --------------------------------------------------------------------------- tuning cells (rankscope.studies.tuning runs them)
+def cell_of(study: Study, values: dict[str, Any]) -> dict[str, Any]:
+    return {k: values[k] for k in study.tune.cell}
+
+
+def cell_label(cell: dict[str, Any]) -> str:
+    return point_name(cell) if cell else "all"
+
+
+def tune_cells(study: Study) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for values in grid_values(study):
+        c = cell_of(study, values)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def tune_point(study: Study, cell: dict[str, Any], value: float) -> Point:
+    """A tuning run: the cell's fields, the other grid fields at their first value, one seed, the short budget."""
+    t = study.tune
+    values = {k: (cell[k] if k in cell else vs[0]) for k, vs in study.grid.items()}
+    values["train.seed"] = t.seed
+    values[t.field] = value
+    return build_point(study, values, "tune", t.overrides, cell)
 
 
 # --------------------------------------------------------------------------- points

@@ -12,37 +12,10 @@ from typing import Any
 
 from rankscope.core.errors import ConfigError
 from rankscope.core.jsonfiles import read_json_object
-from rankscope.studies.naming import point_name
 from rankscope.studies.points import SUMMARY_FIX, refresh
 from rankscope.studies.progress import stage_header
 from rankscope.studies.record import write_sweep_summary
-from rankscope.studies.study import SAME_AS_MAIN, CellTuning, Launcher, Point, Study, build_point, grid_values
-
-
-def cell_of(study: Study, values: dict[str, Any]) -> dict[str, Any]:
-    return {k: values[k] for k in study.tune.cell}
-
-
-def cell_label(cell: dict[str, Any]) -> str:
-    return point_name(cell) if cell else "all"
-
-
-def tune_cells(study: Study) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for values in grid_values(study):
-        c = cell_of(study, values)
-        if c not in out:
-            out.append(c)
-    return out
-
-
-def tune_point(study: Study, cell: dict[str, Any], value: float) -> Point:
-    """A tuning run: the cell's fields, the other grid fields at their first value, one seed, the short budget."""
-    t = study.tune
-    values = {k: (cell[k] if k in cell else vs[0]) for k, vs in study.grid.items()}
-    values["train.seed"] = t.seed
-    values[t.field] = value
-    return build_point(study, values, "tune", t.overrides, cell)
+from rankscope.studies.study import SAME_AS_MAIN, CellTuning, Launcher, Point, Study, build_point, cell_label, cell_of, grid_values, tune_cells, tune_point
 
 
 def _round(x: float) -> float:
