@@ -218,7 +218,8 @@ def test_a_study_point_with_a_base_runs_finetune_and_pretrain_is_validated(data_
     from helpers import write_study
 
     from rankscope.core.errors import ConfigError
-    from rankscope.studies.study import load_study, point_commands
+    from rankscope.studies.points import point_commands
+    from rankscope.studies.study import load_study
 
     (tmp_path / "pre.yaml").write_text(yaml.safe_dump({"model": {"preset": "micro"}, "train": {"max_steps": 5, "warmup_steps": 1}}))
     path = write_study(tmp_path, data_dir, {"method.name": ["lora", "so"]}, *FT, pretrain={"config": "pre.yaml"})

@@ -233,7 +233,8 @@ def test_report_puts_findings_first_and_reads_stages_from_sweep_json(tmp_path):
     import yaml
 
     from rankscope.reports.report import write_report
-    from rankscope.studies.study import Point, Study, write_sweep_summary
+    from rankscope.studies.record import write_sweep_summary
+    from rankscope.studies.study import Point, Study
 
     root = tmp_path / "runs"
     points = []

@@ -12,7 +12,7 @@ from rankscope.studies.study import load_study
 from rankscope.train.loop import train
 from helpers import REPO, tiny_config, write_study
 
-CYCLES = ["method.relora.reset_every=5", "method.relora.restart_warmup_steps=1"]  # flat: the grid runs full and relora
+CYCLES = {"reset_every": 5, "restart_warmup_steps": 1}  # shared method options: relora takes them, full has none
 RULES = {"method": "relora", "reference": "full", "rules": [
     {"id": "a-loss", "test": "paired", "metric": "final_val_loss", "claim": "higher"},
     {"id": "b-loss", "test": "slope", "metric": "final_val_loss", "claim": "higher"},
@@ -29,8 +29,8 @@ def reasons(study_path: Path) -> dict[str, str]:
 
 def test_every_unmeasurable_rule_is_named_with_its_reason(tmp_path, data_dir, capsys):
     grad_ov = {"id": "d-grad-ov", "test": "rank", "kind": "grad", "component": "ov", "metric": "per", "phase": "early", "claim": "lower"}
-    path = write_study(tmp_path, data_dir, {"method.name": ["full", "relora"], "train.seed": [0, 1]}, *CYCLES,
-                       "checkpoint.keep_last=1", findings={**RULES, "rules": [*RULES["rules"], grad_ov]}, after=["analyze"])
+    path = write_study(tmp_path, data_dir, {"method.name": ["full", "relora"], "train.seed": [0, 1]},
+                       "checkpoint.keep_last=1", method_options=CYCLES, findings={**RULES, "rules": [*RULES["rules"], grad_ov]}, after=["analyze"])
     got = reasons(path)
     assert got["a-loss"] == "measurable"
     assert "1 size(s) for a slope: it needs 3 or more" in got["b-loss"]
@@ -51,7 +51,7 @@ def test_a_study_that_fixes_them_is_measurable_and_gets_an_estimate(tmp_path, da
     rules["rules"][-1] = {**rules["rules"][-1], "component": "wv"}
     rules["rules"][-2] = {**rules["rules"][-2], "component": "wv"}
     path = write_study(tmp_path, data_dir, {"model.d_model": [32, 48, 64], "method.name": ["full", "relora"], "train.seed": [0, 1]},
-                       *CYCLES, "checkpoint.save_grads=true", "checkpoint.log_spaced=3", findings=rules, after=["analyze"],
+                       "checkpoint.save_grads=true", "checkpoint.log_spaced=3", method_options=CYCLES, findings=rules, after=["analyze"],
                        parallel=2)
     assert set(reasons(path).values()) == {"measurable"}
     monkeypatch.setattr(preflight, "time_steps", lambda cfg, steps=3, threads=1: 0.5)
@@ -67,7 +67,7 @@ SLOPE = {"id": "b", "test": "slope", "metric": "final_val_loss", "claim": "highe
 @pytest.mark.parametrize("widths, ok", [([32, 64], False), ([32, 48, 64], True)])
 def test_a_size_slope_needs_three_sizes_as_the_engine_does(tmp_path, data_dir, widths, ok):
     path = write_study(tmp_path, data_dir, {"model.d_model": widths, "method.name": ["full", "relora"], "train.seed": [0, 1]},
-                       *CYCLES, findings={"rules": [SLOPE]})
+                       method_options=CYCLES, findings={"rules": [SLOPE]})
     got = reasons(path)["b"]
     assert got == "measurable" if ok else "2 size(s) for a slope: it needs 3 or more" in got
 
@@ -76,7 +76,7 @@ def test_a_size_slope_needs_three_sizes_as_the_engine_does(tmp_path, data_dir, w
 def test_a_token_slope_needs_three_budgets(tmp_path, data_dir, steps, ok):
     rule = {**SLOPE, "axis": "tokens_per_param"}
     path = write_study(tmp_path, data_dir, {"train.max_steps": steps, "method.name": ["full", "relora"], "train.seed": [0, 1]},
-                       *CYCLES, findings={"rules": [rule]})
+                       method_options=CYCLES, findings={"rules": [rule]})
     got = reasons(path)["b"]
     assert got == "measurable" if ok else "2 token budget(s) for a slope on tokens per parameter: it needs 3 or more" in got
 
@@ -87,7 +87,7 @@ def test_a_primary_with_too_few_seeds_is_measurable_with_a_note(tmp_path, data_d
                        {"id": "a2", "test": "paired", "metric": "final_train_loss", "claim": "higher"}]}
     if min_seeds:
         rules["min_primary_seeds"] = min_seeds
-    path = write_study(tmp_path, data_dir, {"method.name": ["full", "relora"], "train.seed": [0, 1, 2]}, *CYCLES, findings=rules)
+    path = write_study(tmp_path, data_dir, {"method.name": ["full", "relora"], "train.seed": [0, 1, 2]}, method_options=CYCLES, findings=rules)
     checks = {c.rule: c for c in preflight.check_rules(load_study(path))}
     assert checks["a"].measurable and checks["a2"].measurable and checks["a2"].reason == ""
     want = "3 paired seeds: a primary endpoint needs 5 or more (findings.min_primary_seeds), so its verdict stays inconclusive"
@@ -97,7 +97,7 @@ def test_a_primary_with_too_few_seeds_is_measurable_with_a_note(tmp_path, data_d
 
 
 def test_expect_unmeasured_lets_a_study_through(tmp_path, data_dir, monkeypatch):
-    path = write_study(tmp_path, data_dir, {"method.name": ["full", "relora"], "train.seed": [0, 1]}, *CYCLES, findings=RULES,
+    path = write_study(tmp_path, data_dir, {"method.name": ["full", "relora"], "train.seed": [0, 1]}, method_options=CYCLES, findings=RULES,
                        after=["analyze"], expect_unmeasured=["b-loss", "c-blimp", "d-grad", "d-cum"])
     monkeypatch.setattr(preflight, "time_steps", lambda cfg, steps=3, threads=1: 0.01)
     assert main(["sweep", "--check", str(path)]) == 0

@@ -14,7 +14,8 @@ from helpers import BLIMP_DIR, tiny_config
 
 from rankscope.cli import main
 from rankscope.reports.report import ReportError, write_report
-from rankscope.studies.study import Point, Study, write_sweep_summary
+from rankscope.studies.record import write_sweep_summary
+from rankscope.studies.study import Point, Study
 from rankscope.train.loop import train
 
 STEPS = 10

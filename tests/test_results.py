@@ -15,7 +15,8 @@ from rankscope.studies.findings import SAME_AS_MAIN, validate_findings
 from rankscope.reports.report import write_report
 from rankscope.reports.runs import ReportError, collect
 from rankscope.reports.results import BLOCK, render_summary, sync_docs
-from rankscope.studies.study import Point, Study, write_sweep_summary
+from rankscope.studies.record import write_sweep_summary
+from rankscope.studies.study import Point, Study
 
 PARAMS = {"micro": 508_480, "mini": 2_524_800}
 RULES = [{"id": "a-loss", "finding": "a", "test": "paired", "metric": "final_val_loss", "claim": "higher", "sesoi": 0.5}]

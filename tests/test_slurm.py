@@ -16,8 +16,12 @@ from helpers import assert_same_final_weights, tiny_overrides, write_study
 from rankscope.cli import main
 from rankscope.config import merge_dicts, parse_overrides
 from rankscope.core.errors import ConfigError
-from rankscope.studies.slurm import SlurmLauncher, SlurmResources, job_key, load_jobs, resources, sbatch_script, status_rows, time_minutes
-from rankscope.studies.study import load_study, point_state, run_study
+from rankscope.studies.points import point_state
+from rankscope.studies.record import load_jobs
+from rankscope.studies.slurm import SlurmLauncher, job_key, sbatch_script, status_rows
+from rankscope.studies.slurm_resources import SlurmResources, resources, time_minutes
+from rankscope.studies.study import load_study
+from rankscope.studies.sweep import run_study
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm-2node-4gpu.sbatch"
 
@@ -46,7 +50,7 @@ def test_resources_come_from_the_study_then_the_cli(tmp_path, data_dir):
     assert [time_minutes(t) for t in (90, "1:30", "02:00:00", "2-12")] == [90, 2, 120, 3600]
     with pytest.raises(ConfigError, match="not a time limit"):
         time_minutes("soon")
-    with pytest.raises(ConfigError, match="unknown slurm key.*gpus"):
+    with pytest.raises(ConfigError, match="unknown study key 'slurm.gpus'; valid keys here: .*gpus_per_node"):
         resources(write_study(tmp_path, data_dir, {"train.seed": [0]}, slurm={"gpus": 4}))
     with pytest.raises(ConfigError, match="must start with --"):
         SlurmResources(sbatch=["exclusive"])
@@ -151,7 +155,7 @@ def test_failed_point_is_resubmitted_and_a_running_job_is_left_alone(tmp_path, p
     # a second process sees a job of an earlier process still running: it waits on it instead of resubmitting
     jobs = load_jobs(study)
     jobs[job_key(p, study)] = {**jobs[job_key(p, study)], "job_id": str(os.getpid())}  # this process: alive
-    from rankscope.studies.slurm import save_jobs
+    from rankscope.studies.record import save_jobs
 
     save_jobs(study, jobs)
     other = SlurmLauncher(resources(path), cluster="local", show=lambda *_: None)
@@ -173,7 +177,7 @@ def test_a_signalled_job_requeues_and_ends_bit_identical(tmp_path, prepared, how
     import psutil
 
     from rankscope.methods import config_from_dict
-    from rankscope.studies.slurm import save_jobs
+    from rankscope.studies.record import save_jobs
     from rankscope.train.loop import train
 
     path = write_study(tmp_path, prepared, {"train.seed": [0]}, "train.max_steps=60", "checkpoint.every=10", "train.log_every=1",

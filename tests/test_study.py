@@ -4,12 +4,20 @@ import pytest
 import helpers
 
 from rankscope.core.errors import ConfigError
-from rankscope.studies.study import load_study, point_state, run_study
+from rankscope.studies.points import point_state
+from rankscope.studies.study import load_study
+from rankscope.studies.sweep import run_study
 
 
-# schedules that fit the 3- and 6-step runs below (each in its method's section: the grids run several methods)
-FITS = ("method.relora.reset_every=2", "method.relora.restart_warmup_steps=1", "method.so.support_every=2",
-        "method.galore.update_proj_gap=2")
+# schedules that fit the 3- and 6-step runs below, shared by the grids' methods (each takes those it has)
+FITS = {"reset_every": 2, "restart_warmup_steps": 1, "support_every": 2, "update_proj_gap": 2}
+
+
+def own_options(method: str, **options) -> list[str]:
+    """Run-config overrides that put each of `options` its method has under `method.<method>` (the nested form)."""
+    from rankscope.studies.study import method_fields
+
+    return [f"method.{method}.{k}={v}" for k, v in options.items() if k in method_fields(method)]
 
 
 def write_study(tmp_path, data_dir, grid, *overrides, **extra):
@@ -39,7 +47,7 @@ def test_sweep_runs_skips_finished_resumes_partial_and_reports_failures(tmp_path
     study = load_study(path)
     # a run interrupted earlier: train the first point to step 3 only
     from rankscope.methods import config_from_dict
-    from rankscope.studies.study import prepare_point as _start
+    from rankscope.studies.points import prepare_point as _start
     from rankscope.train.loop import Trainer
 
     first = study.points[0]
@@ -80,10 +88,75 @@ def test_run_directory_of_another_study_is_refused(tmp_path, data_dir):
         run_study(study, show=lambda *_: None)
 
 
+# ------------------------------------------------------------------ method options shared across a grid over methods
+def test_method_options_go_to_each_points_own_method_section(tmp_path, data_dir):
+    shared = {"rank": 4, "reset_every": 2, "restart_warmup_steps": 1, "support_every": 3}
+    when = {"train.seed=1": ["method_options.rank=2", "train.max_steps=8"], "method.name=so": ["method.so.density=0.1"]}
+    study = load_study(write_study(tmp_path, data_dir, {"method.name": ["full", "relora", "so"], "train.seed": [0, 1]},
+                                   "method.relora.rank=16", "method.relora.alpha=8", method_options=shared, when=when))
+    cfg = {(p.values["method.name"], p.values["train.seed"]): p.config["method"] for p in study.points}
+    assert cfg["full", 0] == {"name": "full", "full": {}}  # full has none of them: nothing, and no flat leftovers
+    # the mapping overrides the base's relora section (rank 16), keeps what it does not name (alpha 8)
+    relora = cfg["relora", 0]["relora"]
+    assert (relora["rank"], relora["alpha"], relora["reset_every"], relora["restart_warmup_steps"]) == (4, 8, 2, 1)
+    assert "support_every" not in relora and set(cfg["relora", 0]) == {"name", "relora"}
+    assert cfg["relora", 1]["relora"]["rank"] == 2  # a matching `when` entry's method_options.* come after the mapping
+    assert cfg["so", 0]["so"]["support_every"] == 3 and cfg["so", 0]["so"]["density"] == 0.1 and "rank" not in cfg["so", 0]["so"]
+
+
+@pytest.mark.parametrize("shared,when,message", [
+    ({"rnak": 4}, {}, "method_options.rnak is an option of no method of the grid (full, relora)"),
+    ({}, {"train.seed=0": ["method_options.support_every=2"]}, "method_options.support_every is an option of no method"),
+    ({"rank": 4, "reset_every": 2, "restart_warmup_steps": 1}, {}, None),
+])
+def test_a_shared_method_option_no_method_of_the_grid_has_is_one_line(tmp_path, data_dir, shared, when, message):
+    path = write_study(tmp_path, data_dir, {"method.name": ["full", "relora"], "train.seed": [0]}, method_options=shared, when=when)
+    if message is None:
+        assert load_study(path).points
+        return
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_study(path)
+
+
+def test_flat_method_overrides_in_a_study_point_to_method_options(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="go under `method_options:`"):
+        load_study(write_study(tmp_path, data_dir, {"train.seed": [0]}, overrides=["method_options.rank=4"]))
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")  # the shipped studies hold no flat method option
+@pytest.mark.parametrize("study,point,nested", [
+    ("pico-body-cpu", {"model.d_model": 24, "method.name": "relora", "train.seed": 0},
+     ["model.n_heads=3", "model.n_kv_heads=1", "model.ffn_dim=96", "method.relora.reset_every=40", "method.relora.restart_warmup_steps=2",
+      "method.relora.dropout=0.1", "method.relora.targets=[wq,wk,wv,wo,w1,w2,w3]", "method.relora.optimizer_reset_every=0",
+      "method.relora.optimizer_reset=random_prune", "method.relora.prune_fraction=0.999", "method.relora.warm_start_steps=0",
+      "method.relora.rank=4", "method.relora.alpha=8", "train.lr=2e-3"]),
+    ("pico-body-cpu", {"model.d_model": 96, "method.name": "full", "train.seed": 4}, ["train.lr=2e-3"]),
+    ("quick", {"model.d_model": 32, "method.name": "relora", "train.seed": 1}, ["model.ffn_dim=128"]),
+])
+def test_a_migrated_shipped_study_resolves_to_the_nested_run_config(study, point, nested):
+    """Each point's resolved config is the run config written out in the nested form by hand (what the flat form gave)."""
+    import yaml
+
+    from helpers import REPO
+    from rankscope.methods import load_config
+
+    path = REPO / "studies" / f"{study}.yaml"
+    spec = yaml.safe_load(path.read_text())
+    got = {json.dumps(v, sort_keys=True): p.config for v, p in load_study(path).planned()}
+    values = {**point, **({"train.lr": 2e-3} if "tune" in spec else {})}
+    over = [*spec["overrides"], *(f"{k}={v}" for k, v in point.items()), *nested]
+    want = load_config(path.parent / spec["base"], over).to_dict()
+    assert got[json.dumps(values, sort_keys=True)] == want
+
+
 # ------------------------------------------------------------------ staged studies (tuning, main, control)
 import math  # noqa: E402
 
-from rankscope.studies.study import LocalLauncher, _Progress, _after, mark_step_done, point_name, prepare_point, tune_decision  # noqa: E402
+from rankscope.studies.local import LocalLauncher  # noqa: E402
+from rankscope.studies.naming import point_name  # noqa: E402
+from rankscope.studies.points import after_steps, mark_step_done, prepare_point  # noqa: E402
+from rankscope.studies.progress import ProgressTable  # noqa: E402
+from rankscope.studies.tuning import tune_decision  # noqa: E402
 
 # each method's loss has its minimum at a known learning rate (a synthetic objective for the tuner)
 OPTIMUM = {"full": 2.5e-3, "relora": 12e-3, "so": 0.1, "galore": 1e-5}
@@ -102,7 +175,7 @@ class FakeLauncher:
             prepare_point(p, study)
             summary = {"steps": p.config["train"]["max_steps"], "final_val_loss": self.loss(p.config)}
             (p.run_dir / "summary.json").write_text(json.dumps(summary))
-            for step in _after(p, study):
+            for step in after_steps(p, study):
                 mark_step_done(p, step)
             p.status = "done"
 
@@ -110,7 +183,7 @@ class FakeLauncher:
 def staged(tmp_path, data_dir, **extra):
     tune = {"field": "train.lr", "grid": [1e-3, 2e-3, 4e-3, 8e-3], "overrides": ["train.max_steps=3"], "widen": 2, **extra.pop("tune", {})}
     extra.setdefault("control", {"where": {"method.name": "relora"}, "lr_from": {"method.name": "full"}})
-    return write_study(tmp_path, data_dir, {"method.name": ["full", "relora", "so", "galore"], "train.seed": [0, 1]}, *FITS, tune=tune,
+    return write_study(tmp_path, data_dir, {"method.name": ["full", "relora", "so", "galore"], "train.seed": [0, 1]}, method_options=FITS, tune=tune,
                        after=["eval"], **extra)
 
 
@@ -209,7 +282,7 @@ def test_tuning_seed_is_outside_the_main_seeds_and_the_choice_is_confirmed_at_th
     ({"tune": {"field": "train.seed"}}, "also a grid field"),
     ({"tune": {"cell": ["model.preset"]}}, "must list grid fields"),
     ({"tune": {"widen": -1}}, "widen"),
-    ({"tune": {"typo": 1}}, "unknown key"),
+    ({"tune": {"typo": 1}}, "unknown study key 'tune.typo'; valid keys here: field, grid"),
     ({"run_name": "{method}"}, "same folder"),
     ({"run_name": "{nope}"}, "not a grid or tuned field"),
 ])
@@ -221,7 +294,7 @@ def test_bad_staged_studies_are_clear_errors(tmp_path, data_dir, extra, message)
 def test_control_needs_tuning_and_grid_values(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="needs a `tune:` stage"):
         control = {"where": {"method.name": "relora"}, "lr_from": {"method.name": "full"}}
-        load_study(write_study(tmp_path, data_dir, {"method.name": ["full", "relora"]}, *FITS, control=control))
+        load_study(write_study(tmp_path, data_dir, {"method.name": ["full", "relora"]}, method_options=FITS, control=control))
     with pytest.raises(ConfigError, match="not a value of the grid"):
         load_study(staged(tmp_path, data_dir, control={"where": {"method.name": "lora"}, "lr_from": {"method.name": "full"}}))
 
@@ -240,7 +313,7 @@ def test_run_names_and_template(tmp_path, data_dir):
 def test_progress_lines_off_a_terminal_count_runs_and_give_an_eta(tmp_path, data_dir):
     study = load_study(write_study(tmp_path, data_dir, {"train.seed": [0, 1, 2]}))
     lines = []
-    progress = _Progress(study.points, lines.append, "main")
+    progress = ProgressTable(study.points, lines.append, "main")
     with progress:
         study.points[0].status = "done"
         progress.refresh()
@@ -276,10 +349,8 @@ def test_seed_k_gives_every_method_the_same_shared_weights_and_batches(tmp_path,
     from helpers import tiny_config
     from rankscope.train.loop import Trainer
 
-    RANK4 = ("method.relora.rank=4", "method.lora.rank=4", "method.galore.rank=4")
-
     def build(method):
-        cfg = tiny_config(data_dir, f"method.name={method}", f"train.seed={seed}", *RANK4, *FITS)
+        cfg = tiny_config(data_dir, f"method.name={method}", f"train.seed={seed}", *own_options(method, rank=4, **FITS))
         return Trainer(cfg, tmp_path / method, log=lambda *_: None)
 
     trainers = {m: build(m) for m in ("full", "relora", "lora", "so", "galore")}

@@ -238,7 +238,7 @@ VERBS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None]]
     "analyze": ("rank metrics (PER, condition numbers, ...) of every checkpoint: table, spectra, plots",
                 Lazy("rankscope.analysis.cli", "cmd_analyze"), Lazy("rankscope.analysis.cli", "add_analyze_args")),
     "sweep": ("run every point of a study grid (skips finished runs, resumes interrupted ones)",
-              Lazy("rankscope.studies.study", "cmd_sweep"), Lazy("rankscope.studies.study", "add_sweep_args")),
+              Lazy("rankscope.studies.verb", "cmd_sweep"), Lazy("rankscope.studies.verb", "add_sweep_args")),
     "report": ("compare runs and studies side by side: tables, plots, self-contained HTML + Markdown",
                Lazy("rankscope.reports.report", "cmd_report"), Lazy("rankscope.reports.report", "add_report_args")),
     "export": ("write a run or checkpoint as a Hugging Face LlamaForCausalLM folder (LoRA merged)",

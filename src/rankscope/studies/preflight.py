@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from rankscope.core.errors import ConfigError
 from rankscope.studies.findings import CONTROL_SUFFIX, MIN_PRIMARY_SEEDS
+from rankscope.studies.progress import duration
 
 MIN_SLOPE_GROUPS = 3  # a slope rule's groups (sizes or token budgets), as rankscope.studies.findings.slope_row requires
 
@@ -57,15 +57,10 @@ class Preflight:
             out.append(f"  {c.rule:{width}s}  {state}" + (f" ({c.reason})" if c.measurable and c.reason else ""))
         if self.seconds is not None:
             per = ", ".join(f"{k} {v * 1000:.0f} ms/step" for k, v in self.timing.items())
-            out.append(f"  estimated training wall time: {_duration(self.seconds)} on this machine ({per}; "
+            out.append(f"  estimated training wall time: {duration(self.seconds)} on this machine ({per}; "
                        "evaluation, analysis and corpus preparation come on top)")
         out += [f"  note: {n}" for n in self.notes]
         return out
-
-
-def _duration(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600} h {s // 60 % 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s"
 
 
 # --------------------------------------------------------------------------- the points as they will run
@@ -237,9 +232,7 @@ def time_steps(cfg_dict: dict[str, Any], steps: int = 3, threads: int = 1) -> fl
     from rankscope.methods import config_from_dict
     from rankscope.methods import build_model
 
-    with warnings.catch_warnings():  # a study point's flat method options: the form a grid over methods needs (study.build_point)
-        warnings.filterwarnings("ignore", "flat method options", FutureWarning)
-        cfg = config_from_dict(cfg_dict)
+    cfg = config_from_dict(cfg_dict)
     old = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:

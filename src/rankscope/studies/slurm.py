@@ -19,6 +19,9 @@ submitit requeues it; the requeued job resumes from that checkpoint in the same 
 `sweep.json` (in the study's runs_dir) keeps one record per point under "jobs": job id, cluster,
 state, node list, log paths. Re-running the command skips finished points, waits on jobs that are
 still queued or running (it re-attaches, it does not resubmit) and resubmits failed ones.
+
+This module is the login-node side (submitting, waiting, --dry-run, --status, the sweep verb's SLURM flags);
+the job itself is rankscope.studies.slurm_job, the resources rankscope.studies.slurm_resources.
 """
 
 from __future__ import annotations
@@ -28,315 +31,24 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rankscope.config import safe_load
-from rankscope.core.errors import ConfigError, TrainingError
-from rankscope.core.jsonfiles import read_json_object
+from rankscope.core.errors import ConfigError
+from rankscope.studies.points import point_state, prepare_point, training_finished
+from rankscope.studies.progress import duration
+from rankscope.studies.record import load_jobs, save_jobs
+from rankscope.studies.slurm_job import PointJob, train_command
+from rankscope.studies.slurm_resources import SlurmResources, job_folder, job_name, resources, slurm_parameters
 
-JOBS_FIX = "delete it (the runs themselves are kept; it is rewritten from the run folders) and submit again"
-
-# The sbatch script computes the rendezvous once, on the first node, before srun starts one task
-# per node; every task reads it from the environment srun passes on.
-RDZV_SETUP = ['export RANKSCOPE_RDZV_ENDPOINT="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):'
-              '$((29500 + SLURM_JOB_ID % 10000))"']
 # SLURM and submitit states of a job that has not ended (a requeued job is pending again)
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
          "SIGNALING", "STAGE_OUT"}  # PREEMPTED is final unless SLURM requeues the job (it is PENDING again then)
-# What a value written into an `#SBATCH` line may hold: no white space, quote, `$`, `;` or line end,
-# so that no value can end its line (and start a shell line of the job script) or expand in a shell
-SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:@%+=/&|!*\[\]()-]+")
-SBATCH_FIELDS = ("partition", "account", "mem", "constraint", "qos")
-STOPPED = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}  # exit codes of a train stopped by a signal
-
-
-@dataclass
-class SlurmResources:
-    """What each point's job asks SLURM for (the study file's `slurm:` section)."""
-
-    partition: str | None = None
-    """SLURM partition (sbatch --partition)."""
-    account: str | None = None
-    """account charged for the job (--account)."""
-    time: str | int = 60
-    """time limit per job: minutes, or [D-]HH:MM[:SS]; a run longer than this checkpoints and requeues."""
-    nodes: int = 1
-    """nodes per job; more than one starts torchrun on each at a rendezvous on the first."""
-    gpus_per_node: int = 0
-    """GPUs per node (--gpus-per-node); more than one starts torchrun with one process per GPU."""
-    cpus_per_task: int | None = None
-    """CPUs per node (one task per node)."""
-    mem: str | None = None
-    """memory per node, SLURM syntax: 64G, 500000M, 0 (all)."""
-    constraint: str | None = None
-    """node features (--constraint), e.g. h100."""
-    qos: str | None = None
-    """quality of service (--qos)."""
-    sbatch: list[str] = field(default_factory=list)
-    """extra sbatch options, one per item: --exclusive, --mail-type=END, --reservation=x."""
-    setup: list[str] = field(default_factory=list)
-    """shell lines run before the job starts (module load ..., source .venv/bin/activate)."""
-    signal_delay_s: int = 120
-    """seconds between the USR2 warning and the time limit (time to save a checkpoint)."""
-    max_requeues: int = 20
-    """time-limit requeues per job before submitit gives up (preemptions do not count)."""
-    poll_s: float = 30.0
-    """seconds between two looks at the jobs while waiting."""
-
-    def __post_init__(self) -> None:
-        self.minutes = time_minutes(self.time)
-        for name in ("nodes", "gpus_per_node", "signal_delay_s", "max_requeues"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (1 if name == "nodes" else 0):
-                raise ConfigError(f"slurm.{name}={v!r} must be a whole number{' >= 1' if name == 'nodes' else ' >= 0'}")
-        if self.cpus_per_task is not None and (not isinstance(self.cpus_per_task, int) or self.cpus_per_task < 1):
-            raise ConfigError(f"slurm.cpus_per_task={self.cpus_per_task!r} must be a whole number >= 1")
-        for name in ("sbatch", "setup"):
-            if not isinstance(getattr(self, name), list):
-                raise ConfigError(f"slurm.{name} must be a list of strings, e.g. [--exclusive]")
-        for opt in self.sbatch:
-            if not str(opt).startswith("--"):
-                raise ConfigError(f"slurm.sbatch option {opt!r} must start with --, e.g. --exclusive or --mail-type=END")
-            inert(str(opt)[2:], "slurm.sbatch item")
-        for name in SBATCH_FIELDS:
-            v = getattr(self, name)
-            if v is not None:
-                inert(v, f"slurm.{name}")
-
-    @property
-    def nproc(self) -> int:
-        """Processes per node: one per GPU."""
-        return max(1, self.gpus_per_node)
-
-    @property
-    def distributed(self) -> bool:
-        return self.nodes > 1 or self.gpus_per_node > 1
-
-
-def inert(value: Any, what: str) -> str:
-    """`value` as it may stand in an `#SBATCH` line (SBATCH_VALUE), else a ConfigError naming `what`."""
-    text = value if isinstance(value, str) else str(value) if isinstance(value, int) and not isinstance(value, bool) else None
-    if text is None or not SBATCH_VALUE.fullmatch(text):
-        raise ConfigError(f"{what}={value!r} is not a single SLURM value; use letters, digits and _ . , : @ % + = / & | ! * [ ] ( ) - "
-                          "(no spaces, quotes, $ or line breaks)")
-    return text
-
-
-def time_minutes(value: str | int) -> int:
-    """SLURM's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) as whole minutes."""
-    text = str(value).strip()
-    days, dash, rest = text.rpartition("-")
-    try:
-        parts = [int(x) for x in rest.split(":")]
-        d = int(days) if days else 0
-    except ValueError:
-        parts, d = [], 0
-    if dash and not days:
-        parts = []
-    if days and 1 <= len(parts) <= 3:  # D-HH[:MM[:SS]]
-        h, m, s = (parts + [0, 0])[:3]
-    elif not days and 1 <= len(parts) <= 3:  # MM, MM:SS, HH:MM:SS
-        h, m, s = ([0, 0] + parts)[-3:] if len(parts) == 3 else (0, parts[0], parts[1] if len(parts) == 2 else 0)
-    else:
-        h = m = s = -10**9
-    total = d * 1440 + h * 60 + m + (1 if s > 0 else 0)
-    if total <= 0:
-        raise ConfigError(f"slurm time {value!r} is not a time limit; give minutes (90) or [D-]HH:MM:SS (2-00:00:00)")
-    return total
-
-
-def resources(study_path: str | Path, overrides: dict[str, Any] | None = None) -> SlurmResources:
-    """The study file's `slurm:` section, then the CLI's values (those that are not None)."""
-    spec = safe_load(Path(study_path).read_text()) or {}
-    section = spec.get("slurm") or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"study {study_path}: `slurm` must be a mapping (partition, time, nodes, gpus_per_node, ...)")
-    valid = [f.name for f in fields(SlurmResources)]
-    unknown = sorted(set(section) - set(valid))
-    if unknown:
-        raise ConfigError(f"study {study_path}: unknown slurm key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    values = {**section}
-    for k, v in (overrides or {}).items():
-        if v is None or v == []:
-            continue
-        values[k] = [*values.get(k, []), *v] if k == "sbatch" else v
-    return SlurmResources(**values)
-
-
-def slurm_parameters(res: SlurmResources, name: str) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters (its names: time in minutes, ntasks_per_node, ...)."""
-    extra: dict[str, Any] = {}
-    for opt in res.sbatch:
-        key, eq, value = str(opt)[2:].partition("=")
-        extra[key] = value if eq else True
-    inert(name, "the job name (study name and point name)")
-    params = {"job_name": name, "time": res.minutes, "nodes": res.nodes, "ntasks_per_node": 1, "signal_delay_s": res.signal_delay_s,
-              "setup": [*res.setup, *(RDZV_SETUP if res.distributed else [])],
-              "partition": res.partition, "account": res.account, "qos": res.qos, "constraint": res.constraint, "mem": res.mem,
-              "gpus_per_node": res.gpus_per_node or None, "cpus_per_task": res.cpus_per_task, "additional_parameters": extra or None}
-    return {k: v for k, v in params.items() if v is not None and v != []}
-
-
-def job_name(point, study) -> str:
-    return f"{study.name}.{point.name}"
-
-
-def job_folder(point) -> Path:
-    """submitit's folder of a point's jobs (submission script, pickles, logs): <run>/slurm/<job id>/."""
-    return point.run_dir.resolve() / "slurm" / "%j"
-
-
-# --------------------------------------------------------------------------- inside the job
-def train_command(point, study, res: SlurmResources, threads: int) -> list[str]:
-    """The train command each task of the job runs; ${VAR}s are read from the job's environment."""
-    from rankscope.studies.study import point_commands
-
-    cmd = point_commands(point, study, threads)[0][1]
-    if res.distributed:
-        cmd += [f"--nproc={res.nproc}", f"--nnodes={res.nodes}", "--rdzv-endpoint=${RANKSCOPE_RDZV_ENDPOINT}", "--rdzv-id=${SLURM_JOB_ID}"]
-    return cmd
-
-
-JOB_VARS = ("RANKSCOPE_RDZV_ENDPOINT", "SLURM_JOB_ID")  # the only ${VAR}s train_command writes
-
-
-def expand_job_vars(arg: str) -> str:
-    """`arg` with train_command's own ${VAR}s (JOB_VARS) read from the job's environment; nothing else is
-    expanded (a `$` in a run name or an override value stays as written)."""
-    for var in JOB_VARS:
-        arg = arg.replace("${" + var + "}", os.environ.get(var, ""))
-    return arg
-
-
-def _ignore_usr2() -> None:
-    # SLURM's --signal reaches every process of the job step: the train process and torchrun's workers
-    # must not die of it (USR2's default action); the job answers it by sending them SIGTERM instead
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-
-class PointJob:
-    """One study point as a submitit job: train (resuming if a checkpoint is there), then the study's
-    `after` steps on the first task. Checkpointable in submitit's sense (its signal handler calls a job's
-    `checkpoint()` when it has one; submitit.helpers.Checkpointable is that method's default, not
-    subclassed here so that `rankscope` does not import submitit at start): `checkpoint()` stops the
-    train process with SIGTERM (it saves a checkpoint) and returns the same job to requeue."""
-
-    def __init__(self, point, study, res: SlurmResources):
-        self.point, self.study, self.res = point, study, res
-        self.proc = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "proc": None}
-
-    def _threads(self) -> int:
-        """CPU threads per train process: the job's CPUs (cpus_per_task, else what it may run on) per GPU."""
-        return max(1, (self.res.cpus_per_task or len(os.sched_getaffinity(0))) // self.res.nproc)
-
-    def _run(self, cmd: list[str]) -> tuple[int, str]:
-        import subprocess
-
-        log_path = self.point.run_dir / "sweep.log"
-        start = log_path.stat().st_size if log_path.exists() else 0
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self._threads())}
-        with open(log_path, "a") as log:
-            self.proc = subprocess.Popen([expand_job_vars(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         preexec_fn=_ignore_usr2)
-            # poll, not wait(): checkpoint() runs in a signal handler while this loop waits and polls too
-            while self.proc.poll() is None:
-                time.sleep(0.2)
-        rc = self.proc.returncode
-        with open(log_path, errors="replace") as fh:
-            fh.seek(start)
-            lines = [ln.strip() for ln in fh.read().splitlines() if ln.strip()]
-        return rc, (lines[-1] if lines else f"exit code {rc}")
-
-    def _forward(self, signum, frame) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signum)
-
-    def __call__(self) -> str:
-        from submitit import JobEnvironment
-
-        from rankscope.studies.study import mark_step_done, point_commands, prepare_point, read_marker
-
-        env = JobEnvironment()
-        first = env.global_rank == 0
-        if first:
-            prepare_point(self.point, self.study, self._threads())
-        done = read_marker(self.point.run_dir / "study.json", self.study).get("steps_done", [])
-        previous = signal.signal(signal.SIGTERM, self._forward)  # submitit ignores SIGTERM; the train process must see it
-        try:
-            for step, cmd in point_commands(self.point, self.study, self._threads()):
-                if step == "train":
-                    cmd = train_command(self.point, self.study, self.res, self._threads())
-                elif not first or step in done:
-                    continue
-                rc, last = self._run(cmd)
-                if rc in STOPPED:
-                    self._requeue(env, last)
-                if rc != 0:
-                    raise TrainingError(f"{step}: {last}")
-                if step != "train":
-                    mark_step_done(self.point, step)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        return "done"
-
-    def _requeue(self, env, last: str) -> None:
-        """The train process was stopped by a signal and saved a checkpoint: requeue through submitit's
-        own handler (the USR2 it installed), which calls checkpoint() and exits this process."""
-        if env.cluster not in ("slurm", "local"):
-            raise TrainingError(f"train: {last}")
-        print(f"[rankscope] train stopped ({last}); requeueing through submitit", flush=True)
-        os.kill(os.getpid(), env._usr_sig())
-        # the handler runs at once and ends this process; on the other tasks of a multi-node job submitit
-        # leaves the requeue to the first task, whose requeue ends these too
-        time.sleep(60)
-        raise TrainingError(f"train: {last}; the job was not requeued")
-
-    def checkpoint(self, *args, **kwargs):
-        """submitit's checkpointing protocol: stop the train process (SIGTERM: it finishes its step and
-        saves a checkpoint), wait for it, then hand back the same job for the requeue."""
-        from submitit.helpers import DelayedSubmission
-
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            deadline = time.time() + max(10, self.res.signal_delay_s - 15)
-            while self.proc.poll() is None and time.time() < deadline:
-                time.sleep(0.2)
-            if self.proc.poll() is None:
-                self.proc.kill()  # out of time: the periodic checkpoints still allow an exact resume
-        return DelayedSubmission(PointJob(self.point, self.study, self.res))
-
-
-# --------------------------------------------------------------------------- the launcher
-def _jobs_file(study) -> Path:
-    return study.runs_dir / "sweep.json"
-
-
-def load_jobs(study) -> dict[str, dict[str, Any]]:
-    path = _jobs_file(study)
-    if not path.exists():
-        return {}
-    return dict(read_json_object(path, JOBS_FIX, ConfigError).get("jobs") or {})
-
-
-def save_jobs(study, jobs: dict[str, dict[str, Any]]) -> None:
-    path = _jobs_file(study)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = read_json_object(path, JOBS_FIX, ConfigError) if path.exists() else {"study": study.name, "study_file": str(study.path), "runs": []}
-    data["jobs"] = jobs
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def job_key(point, study) -> str:
@@ -363,9 +75,7 @@ def progress(run_dir: Path, max_steps: int) -> tuple[int, float | None]:
 
 
 def _eta(seconds: float | None) -> str:
-    from rankscope.studies.study import _duration
-
-    return "" if seconds is None else _duration(seconds)
+    return "" if seconds is None else duration(seconds)
 
 
 class SlurmLauncher:
@@ -395,8 +105,6 @@ class SlurmLauncher:
         return ex
 
     def submit(self, point, study) -> dict[str, Any]:
-        from rankscope.studies.study import prepare_point
-
         prepare_point(point, study, 1)  # claims the run directory for the study before the job starts
         job = self.executor(point, study).submit(PointJob(point, study, self.res))
         try:
@@ -453,10 +161,8 @@ class SlurmLauncher:
         kind, message = causes[-1]
         return message if kind in ("TrainingError", "ConfigError", "DataError", "CheckpointError") else f"{kind}: {message}"
 
-    # ---- the interface study.run_study uses
+    # ---- the interface sweep.run_study uses
     def run(self, points, study) -> None:
-        from rankscope.studies.study import point_state
-
         jobs = load_jobs(study)
         waiting = []
         for p in points:
@@ -517,8 +223,6 @@ def sbatch_script(point, study, res: SlurmResources, python: str | None = None) 
 def status_rows(study, launcher: SlurmLauncher | None = None) -> list[dict[str, Any]]:
     """One row per point of the study and per job recorded in sweep.json (main-stage jobs of a staged
     study exist only once tuning has finished): state, job id, nodes, step reached, ETA, log."""
-    from rankscope.studies.study import point_state
-
     jobs = load_jobs(study)
     rows, seen = [], set()
     items = [(job_key(p, study), p.name, p.run_dir, p.config["train"]["max_steps"], lambda p=p: point_state(p, study))
@@ -549,8 +253,6 @@ def status_rows(study, launcher: SlurmLauncher | None = None) -> list[dict[str, 
 
 
 def _finished(run_dir: Path, max_steps: int) -> str:
-    from rankscope.studies.study import training_finished
-
     return "done" if training_finished(run_dir, max_steps) else "left"
 
 
