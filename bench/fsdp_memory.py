@@ -38,7 +38,7 @@ def rss_kib(field: str) -> int:
 
 
 def local_bytes(t: torch.Tensor | None) -> int:
-    from rankscope.train.sharding import local
+    from rankscope.parallel.sharding import local
 
     return 0 if t is None else local(t).numel() * local(t).element_size()
 
@@ -46,7 +46,7 @@ def local_bytes(t: torch.Tensor | None) -> int:
 def worker(rank: int, world: int, port: int, args, layout: str, method: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
-    from rankscope.train import distributed, sharding
+    from rankscope.parallel import distributed, sharding
     from rankscope.methods import load_config
     from rankscope.methods import build_method
     from rankscope.model import Decoder

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import tiny_config
 
-from rankscope.train import distributed
+from rankscope.parallel import distributed
 from rankscope.train.loop import Trainer, train
 
 
@@ -176,7 +176,7 @@ def shard_ops_worker(rank, world, port, out):
     from rankscope.adapters.common import seeded_generator
     from rankscope.adapters.lora import LoRALinear
     from rankscope.methods.relora import reset_state_
-    from rankscope.train.sharding import full
+    from rankscope.parallel.sharding import full
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo")

@@ -18,7 +18,7 @@ from rankscope.methods import load_config
 from rankscope.data.corpus import prepare
 from rankscope.data.fewshot import build_fewshot, select_shots
 from rankscope.train.finetune import SELECTION_METRIC, choose_step, finetune, finetune_config, open_base
-from rankscope.train.preemption import Preempted
+from rankscope.core.preemption import Preempted
 from rankscope.train.loop import train
 
 QUIET = dict(log=lambda *_: None)

@@ -421,7 +421,7 @@ def test_d8_report_md_escapes_what_it_quotes(run4, tmp_path):
 
 SECOND = """
 import datetime, sys
-import rankscope.train.preemption as p
+import rankscope.core.preemption as p
 import torch.distributed as dist
 p.DUPLICATE_WINDOW_S = 0.2
 with p.StopOnSignal():

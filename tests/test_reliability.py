@@ -22,7 +22,7 @@ from helpers import REPO, assert_same_final_weights, tiny_config, tiny_overrides
 from rankscope.store import checkpoint as ckpt
 from rankscope.cli import main
 from rankscope.core.errors import CheckpointError, ConfigError
-from rankscope.train.preemption import Preempted
+from rankscope.core.preemption import Preempted
 from rankscope.train.loop import Trainer, train
 
 QUIET = {"log": lambda *_: None}
@@ -190,7 +190,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resumes_bit_exact(d
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-import rankscope.train.preemption as p
+import rankscope.core.preemption as p
 p.DUPLICATE_WINDOW_S = float(sys.argv[1])
 with p.StopOnSignal() as s:
     os.kill(os.getpid(), signal.SIGTERM)
@@ -276,7 +276,7 @@ def free_port() -> int:
 def agree_worker(rank, world, port, data_dir, run_dir, stop_at, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from rankscope.train import distributed
+    from rankscope.parallel import distributed
 
     trainer = Trainer(tiny_config(data_dir, "train.max_steps=20", "train.tensorboard=false"), Path(run_dir), **QUIET)
     trainer.callbacks.append(SignalAt(stop_at, signal.SIGTERM, rank=1))  # only rank 1 is signalled

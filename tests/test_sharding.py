@@ -3,8 +3,8 @@
 
 import torch
 
-from rankscope.train import distributed
-from rankscope.train.sharding import assign_, full, local, model_is_sharded, shard_of
+from rankscope.parallel import distributed
+from rankscope.parallel.sharding import assign_, full, local, model_is_sharded, shard_of
 
 
 def test_plain_tensors_pass_through_and_move_to_the_target_device():

@@ -204,7 +204,7 @@ def test_a_signalled_job_requeues_and_ends_bit_identical(tmp_path, prepared, how
     out = Path(rec["stdout"]).read_text() + Path(rec["stderr"]).read_text()
     assert "Calling checkpoint method" in out and "Requeued job" in out, out[-2000:]
     assert out.count("Starting with JobEnvironment") == 2 and "resumed from" in log, log[-2000:]
-    assert "checkpoint saved; re-run the same command to resume" in log  # rankscope.train.preemption: saved at the stop step
+    assert "checkpoint saved; re-run the same command to resume" in log  # rankscope.core.preemption: saved at the stop step
     assert point_state(point, study) == "done"
     # the same run, unkilled, with the job's thread count (1: cpus_per_task)
     cfg = config_from_dict(merge_dicts(point.config, parse_overrides(["train.threads=1", "train.progress=false"])))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rankscope.core.errors import MACHINE_ERRNOS, MACHINE_EXIT_CODE, ConfigError, MachineError, RankscopeError
-from rankscope.train.preemption import Preempted
+from rankscope.core.preemption import Preempted
 
 startup.imported()
 
@@ -88,7 +88,7 @@ def cmd_train(args) -> None:
     if os.environ.get("RANK", "0") == "0":  # the other ranks never touch the run directory before rank 0
         check_output_dir(out, "-o")
     if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:
-        from rankscope.train.distributed import launch
+        from rankscope.parallel.distributed import launch
 
         if args.nnodes > 1 and not args.rdzv_endpoint:
             raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node), the same on every node")
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         args.fn(args)
-    except Preempted as e:  # a SIGTERM / SIGINT stop with a checkpoint (rankscope.train.preemption)
+    except Preempted as e:  # a SIGTERM / SIGINT stop with a checkpoint (rankscope.core.preemption)
         if os.environ.get("RANK", "0") == "0":
             print(e, file=sys.stderr, flush=True)
         return e.exit_code

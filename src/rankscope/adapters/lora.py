@@ -31,8 +31,8 @@ from rankscope.adapters import paths
 from rankscope.adapters.common import replace_module, seeded_generator
 from rankscope.adapters.paths import _merged_weight, _MergedLoRA, _no_autocast
 from rankscope.core.errors import RankscopeError
-from rankscope.train.distributed import all_ranks_true
-from rankscope.train.sharding import assign_, full, local, shard_of
+from rankscope.parallel.distributed import all_ranks_true
+from rankscope.parallel.sharding import assign_, full, local, shard_of
 
 
 class MergeError(RankscopeError):

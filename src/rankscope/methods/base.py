@@ -46,7 +46,7 @@ class Method:
 
     name = "full"
     config_class: type = FullConfig
-    supports_fsdp = True  # the optimiser and weight surgery work on FSDP2 shards (rankscope.train.sharding)
+    supports_fsdp = True  # the optimiser and weight surgery work on FSDP2 shards (rankscope.parallel.sharding)
     memory_knob: str | None = None  # the option methods.memory sets to match optimiser memory (rank, density)
     # adapters of one fixed rank r each (LoRA, ReLoRA, hybrid): an update is a sum of (merges x r)-rank terms,
     # so analysis bounds its rank (rankscope.analysis.bounds); not so where the ranks change (adaptive)

@@ -33,14 +33,14 @@ import torch
 import torch.nn as nn
 
 from rankscope.core.schema import check, option
-from rankscope.train.distributed import is_main_process
+from rankscope.parallel.distributed import is_main_process
 from rankscope.core.errors import ConfigError
 from rankscope.methods.base import Notify, StepEvents, emit, schedule_must_fit
 from rankscope.methods.common import seeded_generator
 from rankscope.adapters.lora import adapter_generator, lora_modules, lora_parameters
 from rankscope.methods.lora import LoRAConfig, LoRAMethod
 from rankscope.schedules import jagged_cosine
-from rankscope.train.sharding import full, local, shard_of
+from rankscope.parallel.sharding import full, local, shard_of
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 

@@ -6,13 +6,13 @@
 
 Resources come from the study file's `slurm:` section (SlurmResources' fields), overridden by CLI
 flags (--partition, --time, ...). Inside a job of more than one GPU or node the run starts through
-torchrun (rankscope.train.distributed.launch, the same code as `rankscope train --nproc`): one submitit
+torchrun (rankscope.parallel.distributed.launch, the same code as `rankscope train --nproc`): one submitit
 task per node, each starting `rankscope train ... --nproc G --nnodes N` at a c10d rendezvous on the
 first node of the allocation (the sbatch script exports RANKSCOPE_RDZV_ENDPOINT).
 
 Preemption follows submitit's checkpointing protocol: SLURM sends USR2 `signal_delay_s` before the
 time limit (`--signal`), and SIGTERM on preemption. The job passes SIGTERM on to its train process,
-which finishes its step, saves a checkpoint and exits 143 (rankscope.train.preemption); the job then
+which finishes its step, saves a checkpoint and exits 143 (rankscope.core.preemption); the job then
 answers submitit's checkpoint() with the same command (a DelayedSubmission of a fresh PointJob) and
 submitit requeues it; the requeued job resumes from that checkpoint in the same run directory.
 

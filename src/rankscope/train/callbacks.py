@@ -17,7 +17,7 @@ from rankscope.analysis.callback import build_rank_callback
 from rankscope.config import RunConfig
 from rankscope.evaluate.callback import build_eval_callback
 from rankscope.methods import build_model
-from rankscope.train import distributed, sharding
+from rankscope.parallel import distributed, sharding
 from rankscope.train.state import RunFacts, TrainState
 
 

@@ -102,8 +102,8 @@ class FinetuneTrainer(Trainer):
 def finetune(cfg: RunConfig, run_dir: str | Path, base: Base | None = None, log=print, restart: bool = False,
              callbacks: list | None = None) -> dict[str, Any]:
     """Fine-tune (or resume) the run in `run_dir` from `cfg.finetune.base` (or `base`, already opened).
-    Raises rankscope.train.preemption.Preempted after a SIGTERM / SIGINT stop."""
-    from rankscope.train import distributed
+    Raises rankscope.core.preemption.Preempted after a SIGTERM / SIGINT stop."""
+    from rankscope.parallel import distributed
     from rankscope.train.callbacks import build_callbacks
 
     from rankscope.data.corpus import prepare

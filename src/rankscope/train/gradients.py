@@ -1,6 +1,6 @@
 """What the training loop does with a step's gradients besides stepping: clip them, name the first
 non-finite one when a step blows up, and snapshot them for checkpoint.save_grads. Every function
-works on a plain, DDP-wrapped or FSDP-sharded model (rankscope.train.sharding) and is collective where
+works on a plain, DDP-wrapped or FSDP-sharded model (rankscope.parallel.sharding) and is collective where
 the gradients are sharded or the ranks must agree."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn as nn
 
-from rankscope.train import distributed, sharding
-from rankscope.train.distributed import DistInfo
+from rankscope.parallel import distributed, sharding
+from rankscope.parallel.distributed import DistInfo
 from rankscope.core.errors import TrainingError
 
 

@@ -6,7 +6,7 @@ a read-only `RunView` (rankscope.train.callbacks), metric rows (rankscope.train.
 (rankscope.train.summary).
 Re-running `train` on a run directory resumes from its newest valid checkpoint; when checkpoints exist but
 none is valid it refuses (`restart=True`, `--restart`, starts from step 0). Only rank 0 reads or writes the
-run directory. SIGTERM / SIGINT stop after the current step with a checkpoint (rankscope.train.preemption).
+run directory. SIGTERM / SIGINT stop after the current step with a checkpoint (rankscope.core.preemption).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from rankscope.train import distributed, gradients, setup as run_setup, state as run_state, summary
+from rankscope.parallel import distributed
+from rankscope.train import gradients, setup as run_setup, state as run_state, summary
 from rankscope import optim
 from rankscope.store import checkpoint as ckpt
 from rankscope.train.callbacks import Callback, CallbackRunner
@@ -27,7 +28,7 @@ from rankscope.train.state import RunFacts, TrainState
 from rankscope.config import RunConfig
 from rankscope.evaluate.perplexity import stream_loss
 from rankscope.train.loggers import MetricsLog, TokenRate
-from rankscope.train.preemption import Preempted, StopOnSignal
+from rankscope.core.preemption import Preempted, StopOnSignal
 from rankscope.core.progress import Progress
 from rankscope.store.run_dir import lock_run_dir
 from rankscope.core.runtime import autocast, pick_precision
@@ -162,7 +163,7 @@ class Trainer:
                 loss = self.forward_model(x.to(self.device), y.to(self.device)) / t.grad_accum
                 loss.backward()
             total += loss.item()
-        # every rank sees the same loss, and whether any rank was asked to stop (rankscope.train.preemption)
+        # every rank sees the same loss, and whether any rank was asked to stop (rankscope.core.preemption)
         total, self.stop_agreed = distributed.mean_and_any(total, self.stop.requested, self.dist, self.device)
         gradients.check_finite(total, None, step, self.model, self.sharded, self.device)
         if snapshot:  # before clipping: dL/dW itself, the same definition for every method
@@ -268,7 +269,7 @@ def train(cfg: RunConfig, run_dir: str | Path, log=print, restart: bool = False,
     """Train, or resume, the run in `run_dir`; `restart` sets existing checkpoints aside and starts
     from step 0; `callbacks` (default `rankscope.train.callbacks.build_callbacks(cfg)`) run on rank 0.
     `extend` lets a resumed run take a new train.max_steps (else refused: the lr schedule would change).
-    Raises rankscope.train.preemption.Preempted after a SIGTERM / SIGINT stop."""
+    Raises rankscope.core.preemption.Preempted after a SIGTERM / SIGINT stop."""
     trainer = None
     try:
         trainer = Trainer(cfg, Path(run_dir), log, restart, callbacks, extend)

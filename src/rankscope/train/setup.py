@@ -12,12 +12,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from rankscope.train import autotune, distributed, sharding
+from rankscope.parallel import distributed, sharding
+from rankscope.train import autotune
 from rankscope.train.callbacks import Callback, build_callbacks
 from rankscope.config import RunConfig
 from rankscope.data.corpus import Corpus, prepare
 from rankscope.data.stream import BatchStream, run_streams
-from rankscope.train.distributed import DistInfo
+from rankscope.parallel.distributed import DistInfo
 from rankscope.core.errors import ConfigError
 from rankscope.methods import build_model
 from rankscope.methods.base import Method

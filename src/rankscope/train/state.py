@@ -20,8 +20,8 @@ import torch.nn as nn
 from rankscope.core.errors import MACHINE_ERRNOS, CheckpointError, MachineError
 from rankscope.store import checkpoint as ckpt
 from rankscope.store.optimizer_state import optimizer_from_tensors, optimizer_to_tensors
-from rankscope.train import distributed, sharding
-from rankscope.train.distributed import DistInfo
+from rankscope.parallel import distributed, sharding
+from rankscope.parallel.distributed import DistInfo
 
 if TYPE_CHECKING:
     from rankscope.config import RunConfig

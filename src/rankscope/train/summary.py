@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rankscope.train import sharding
+from rankscope.parallel import sharding
 from rankscope.core.errors import TrainingError
 from rankscope.core.jsonfiles import read_json_object, read_jsonl_objects
 from rankscope.core.runtime import flops_per_token, mfu, peak_flops

@@ -10,7 +10,7 @@ N times the batch sees. Checkpoints are written once, by rank 0, and hold nothin
 except each rank's dropout RNG, so a run resumes on any number of ranks.
 
 `train.parallel=fsdp` shards weights, gradients and optimiser state instead of replicating them
-(rankscope.train.sharding); the loop, the batch stream and the checkpoint files stay the same.
+(rankscope.parallel.sharding); the loop, the batch stream and the checkpoint files stay the same.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from rankscope.core import errors
-from rankscope.train import sharding
+from rankscope.parallel import sharding
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    from rankscope.train.preemption import exit_code
+    from rankscope.core.preemption import exit_code
 
     # torchrun prints a multi-line OMP_NUM_THREADS banner and sets 1 when the variable is unset;
     # setting it ourselves (the training config's train.threads still applies per process) keeps it quiet

@@ -1,0 +1,1 @@
+"""Processes working together: torchrun ranks (`distributed`) and FSDP sharding of a model (`sharding`)."""
