@@ -137,7 +137,7 @@ time.sleep(120)
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process holding the folder's lock (as a second `rankscope train` would)."""
     folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder / ".rankscope.core.lock")], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder / ".rankscope.lock")], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "held\n"
     return proc
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rankscope.core.errors import BusyError
 
-LOCK_NAME = ".rankscope.core.lock"
+LOCK_NAME = ".rankscope.lock"
 
 _HELD: weakref.WeakValueDictionary[str, Held] = weakref.WeakValueDictionary()  # lock path -> this process's handle
 

@@ -14,6 +14,7 @@ import yaml
 
 from rankscope.core.errors import ConfigError
 from rankscope.core.jsonfiles import read_json_object
+from rankscope.core.lock import LOCK_NAME
 from rankscope.studies.study import Point, Study
 
 SUMMARY_FIX = "delete it and run the sweep again: the point's training resumes from its last checkpoint and rewrites it"
@@ -46,7 +47,7 @@ def point_state(point: Point, study: Study) -> str:
         owner = read_marker(marker, study).get("study")
         if owner != study.name:
             raise ConfigError(f"{point.run_dir} belongs to study {owner!r}, not {study.name!r}; use another runs_dir (--runs-dir)")
-    elif point.run_dir.exists() and any(p.name != ".rankscope.core.lock" for p in point.run_dir.iterdir()):  # a lock file alone: no run
+    elif point.run_dir.exists() and any(p.name != LOCK_NAME for p in point.run_dir.iterdir()):  # a lock file alone: no run
         raise ConfigError(f"{point.run_dir} holds a run that is not part of study {study.name!r}; use another runs_dir (--runs-dir)")
     if training_finished(point.run_dir, point.config["train"]["max_steps"]):
         done = read_marker(marker, study).get("steps_done", []) if marker.exists() else []
