@@ -128,7 +128,7 @@ def test_the_results_folder_holds_every_run_config_metric_and_source(tmp_path):
     assert sync_docs(doc, root=tmp_path, check=True) == ["results/s"]
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("doc", ["docs/study.md", "docs/fewshot.md", "README.md"])
