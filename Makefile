@@ -7,7 +7,7 @@ DEMO_REPORT ?= reports/$(notdir $(DEMO_RUN))
 # BLiMP: the real files where ../shared/data/blimp exists, else the built-in generated pairs
 BLIMP ?= $(if $(wildcard ../shared/data/blimp/*.jsonl),../shared/data/blimp,builtin)
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-unit test-slow bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -23,9 +23,14 @@ demo: setup
 	@echo "then the paper's four questions at the smallest sizes (full vs ReLoRA, 3 paired seeds; --check first says how long):"
 	@echo "  $(RS) sweep --check studies/quick.yaml && $(RS) sweep studies/quick.yaml && $(RS) report runs/quick -o reports/quick"
 
+# test: ruff, then the default suite (tests/unit + tests/integration, minus the `slow` and `gpu` markers)
 test: setup
 	.venv/bin/ruff check src tests bench
 	$(PY) -m pytest -q
+
+# test-unit: tests/unit only (no training run, no launched run): seconds, for every edit
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -21,7 +21,7 @@ start=$(date +%s)
 cat "$RES/env.txt"
 
 # 1. GPU tests (75 s at most)
-timeout 75 $PY -m pytest tests/test_speed.py -m gpu -q -x -p no:cacheprovider > "$RES/gpu_tests.txt" 2>&1
+timeout 75 $PY -m pytest tests/integration/test_speed.py -m gpu -q -x -p no:cacheprovider > "$RES/gpu_tests.txt" 2>&1
 echo "exit status $?" >> "$RES/gpu_tests.txt"
 tail -3 "$RES/gpu_tests.txt"
 

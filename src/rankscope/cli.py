@@ -3,7 +3,7 @@ arguments). The modules that own a verb (analysis, studies, reports, export, lm-
 `cmd_*` and `add_*_args` and never import this module. Errors a user can cause print one line, exit 2.
 
 Those modules are imported only for the verb that runs (`Lazy`), so `rankscope --help` and `rankscope info`
-answer without importing torch (tests/test_small_cuts.py checks that torch stays out of sys.modules)."""
+answer without importing torch (tests/integration/test_small_cuts.py checks that torch stays out of sys.modules)."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def cmd_pairs(args) -> None:
 def param_count(shape: dict[str, Any], tie_embeddings: bool = False) -> int:
     """Parameters of `model.Decoder` with this shape, by arithmetic (no torch import): embeddings and head,
     per block q/k/v/o (grouped-query k, v), the SwiGLU's three linears and two RMSNorm gains, a final norm.
-    tests/test_small_cuts.py checks it against Decoder.num_params() for every preset."""
+    tests/integration/test_small_cuts.py checks it against Decoder.num_params() for every preset."""
     d, f, v = shape["d_model"], shape["ffn_dim"], shape["vocab_size"]
     kv = shape["n_kv_heads"] * (d // shape["n_heads"])
     block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d

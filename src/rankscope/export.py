@@ -8,7 +8,7 @@ Works from the checkpoint's tensors and config only (no method classes): LoRA / 
 stored as `<name>.base.weight`, `<name>.lora_A` (r x in) and `<name>.lora_B` (out x r), are merged
 in fp32 as W = base + (alpha / r) * B @ A (Hu et al. 2021, eq. 3; ReLoRA merges the same way).
 Our RoPE already uses Hugging Face Llama's rotate-half layout (rankscope.model.rope_tables), so
-wq / wk need no permutation; tests/test_export.py checks the logits agree.
+wq / wk need no permutation; tests/integration/test_export.py checks the logits agree.
 """
 
 from __future__ import annotations

@@ -38,9 +38,8 @@ def check_coverage(model: nn.Module, groups: list[dict]) -> None:
 
 def build_adamw(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """torch's fused AdamW on CPU and CUDA, for full-rank and adapter groups alike: one kernel per
-    tensor instead of foreach's sequence of list ops. Measured 2026-12-01 (2-core Xeon, torch 2.13,
-    one thread): 0.06x (micro), 0.20x (mini, pico-tiny) the foreach step time. Also for FSDP's
-    sharded (DTensor) parameters, so DDP and FSDP runs round alike."""
+    tensor instead of foreach's sequence of list ops, a fraction of foreach's step time on a CPU
+    (bench/README.md, "Measurements behind the code"). Also for FSDP's sharded (DTensor) parameters, so DDP and FSDP runs round alike."""
     fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 

@@ -23,9 +23,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-# A thin matmul (one dimension r) runs at a fraction of a dense matmul's FLOP rate: fitted 2026-12-02
-# on the 2-core Xeon (torch 2.13, fp32, 1 thread) from bench/lora_paths.py, fwd+bwd of one layer at
-# the adapted shapes of micro, mini, pico-tiny and pico-small (the faster of merged / hybrid in 15 of 16).
+# A thin matmul (one dimension r) runs at a fraction of a dense matmul's FLOP rate: fitted from
+# bench/lora_paths.py, fwd+bwd of one layer at the adapted shapes of micro, mini, pico-tiny and pico-small
+# (the fit, its machine and how often it picks the faster path: bench/README.md, "Measurements behind the code").
 THIN_PENALTY = 2.0
 
 

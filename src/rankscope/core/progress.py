@@ -8,7 +8,7 @@ too: a bar there may never draw.
 
 The ETA is the work left at the rate measured since the first unit finished: the first unit carries
 the start-up (allocation, compile, the first batches read), which would otherwise inflate the
-estimate of every unit after it (tests/test_progress_eta.py checks it on a synthetic clock).
+estimate of every unit after it (tests/unit/test_progress_eta.py checks it on a synthetic clock).
 """
 
 from __future__ import annotations

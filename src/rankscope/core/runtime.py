@@ -55,8 +55,8 @@ def pick_device(spec: str, local_rank: int | None = None, what: str = "train.dev
 def pick_precision(device: torch.device, spec: str) -> str:
     """'fp32' or 'bf16' (autocast with fp32 master weights): the static choice, used where `auto` is not
     timed (short runs, torchrun; rankscope.train.autotune times the rest). bf16 on a GPU that supports it;
-    fp32 on a CPU, whatever its flags say: bf16 autocast was 1.0-1.18x fp32 on an avx512_bf16 EPYC,
-    0.68-0.96x (slower) on an AMX Xeon (2026-12-01), and ~100x slower on AVX2-only CPUs."""
+    fp32 on a CPU, whatever its flags say: bf16 autocast is not reliably faster on CPUs with bf16
+    instructions and far slower on those without (bench/README.md, "Measurements behind the code")."""
     if spec != "auto":
         return spec
     if device.type == "cuda":

@@ -17,7 +17,7 @@ Documents quote a results folder only through a generated block:
     ... render_summary(results/<study>/report.json) ...
     <!-- end results -->
 
-`python -m rankscope.reports.results docs/study.md` rewrites every such block from its folder; tests/test_results.py fails when a
+`python -m rankscope.reports.results docs/results.md` rewrites every such block from its folder; tests/unit/test_results.py fails when a
 committed block and its folder disagree.
 """
 
@@ -200,7 +200,7 @@ def sync_docs(doc: str | Path, root: str | Path | None = None, check: bool = Fal
     return stale
 
 
-if __name__ == "__main__":  # python -m rankscope.reports.results docs/study.md [...]: regenerate the quoted results blocks
+if __name__ == "__main__":  # python -m rankscope.reports.results docs/results.md [...]: regenerate the quoted results blocks
     for path in sys.argv[1:]:
         changed = sync_docs(path)
         print(f"{path}: {'rewrote ' + ', '.join(changed) if changed else 'up to date'}")

@@ -1,6 +1,6 @@
 """Paired statistics over seeds: what the findings table's estimates and intervals are.
 
-Seed k of every method starts from the same shared weights and sees the same batches (tests/test_study.py
+Seed k of every method starts from the same shared weights and sees the same batches (tests/integration/test_study.py
 checks it), so two methods are compared seed by seed:
 
   paired_differences(a, b)   {seed: a[seed] - b[seed]} over the seeds both have

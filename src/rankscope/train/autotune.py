@@ -95,9 +95,8 @@ def time_steps(module: nn.Module, params: list[nn.Parameter], device: torch.devi
                steps: int = TIMED_STEPS) -> float:
     """Median seconds of a forward + backward pass, after one untimed warm-up (or compile) pass. On a
     CPU with one thread, CPU seconds of this process (time.process_time): on a shared machine the wall
-    clock also counts the time other processes held the core (2026-12-02, load 7-13 on 2 cores: wall
-    1.5-5.8 s against 0.6-1.0 s of CPU per step, bench/results/speedup_pico_tiny_body.txt), which would
-    make the choice a draw of the load."""
+    clock also counts the time other processes held the core, several times the CPU time under load
+    (bench/README.md, "Measurements behind the code"), which would make the choice a draw of the load."""
     b, t, vocab = batch
     clock = time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     g = torch.Generator(device="cpu").manual_seed(1234)

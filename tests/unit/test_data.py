@@ -257,7 +257,7 @@ def test_eval_only_domains_validation(tmp_path):
 def test_english_preset_trains_on_prose_and_holds_out_code():
     from rankscope.methods import load_config
 
-    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "english-cpu.yaml"), [])
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "english-cpu.yaml"), [])
     train_domains = set(cfg.data.sources) - set(cfg.data.eval_only_domains)
     assert {"web", "austen"} <= train_domains and {"python", "gcide", "jargon"} == set(cfg.data.eval_only_domains)
     assert all(name in SOURCES for name in cfg.data.sources)

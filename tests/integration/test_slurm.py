@@ -213,7 +213,7 @@ def test_a_signalled_job_requeues_and_ends_bit_identical(tmp_path, prepared, how
 
 
 def test_the_example_study_file_loads_and_renders(capsys):
-    path = Path(__file__).resolve().parents[1] / "studies" / "slurm-example.yaml"
+    path = Path(__file__).resolve().parents[2] / "studies" / "slurm-example.yaml"
     study = load_study(path, "/tmp/rankscope-example-not-created")
     res = resources(path)
     assert len(study.points) == 12 and (res.nodes, res.gpus_per_node, res.minutes) == (2, 4, 1440)

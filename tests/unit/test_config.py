@@ -70,7 +70,7 @@ def test_every_field_documented():
 def test_shipped_configs_load():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     files = sorted(root.rglob("*.yaml"))
     assert files
     for f in files:
