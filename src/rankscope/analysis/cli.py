@@ -69,7 +69,7 @@ def final_table(rows: dict[str, list]) -> tuple[list[str], list[list[str]]]:
     import math
     from collections import defaultdict
 
-    from rankscope.reports.plots import order_components
+    from rankscope.analysis.components import order_components
 
     acc: dict[tuple, list[float]] = defaultdict(list)
     last: dict[str, int] = {}

@@ -49,6 +49,16 @@ from rankscope.model import DEFAULT_TARGETS
 TARGETS = tuple(DEFAULT_TARGETS)  # every linear of a block (rankscope.model)
 EMBEDDINGS = ("embed", "lm_head")
 OV_FORMS = ("ov", "ov_layer", "ov_product")
+# the order tables and figures show components in: the paper's first (Weiss et al. 2025, §4: attention V, O, the OV
+# circuit, SwiGLU down), then the rest of the table above in its order
+PAPER_COMPONENTS = ("wv", "wo", "ov", "ov_layer", "w2")
+COMPONENT_ORDER = (*PAPER_COMPONENTS, *(c for c in (*TARGETS, *OV_FORMS, *EMBEDDINGS) if c not in PAPER_COMPONENTS))
+
+
+def order_components(components) -> list[str]:
+    """`components` in COMPONENT_ORDER; names outside the table last, sorted."""
+    comps = set(components)
+    return [c for c in COMPONENT_ORDER if c in comps] + sorted(comps - set(COMPONENT_ORDER))
 OV_KINDS = ("weight", "update", "cumulative_update")  # kinds whose OV circuits analyze forms (rankscope.studies.preflight reads it)
 _MODULE = re.compile(r"^blocks\.(\d+)\.(?:attn|mlp)\.(\w+)$")
 

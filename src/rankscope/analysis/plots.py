@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from rankscope.analysis.components import order_components
+
 PLOT_METRICS = ("per", "condition_number")
 # the d x d product O_h V_g has rank <= head_dim, so its raw condition number is inf: plot the one
 # over its numerical rank instead (as the in-loop callback logs it). pico-analyze's ov (hd x hd) and
 # ov_layer (hd x d) are full rank in general and keep the plain condition number.
 SUBSTITUTE = {("condition_number", "ov_product"): "condition_number_numerical"}
-COMPONENT_ORDER = ("wv", "wo", "ov", "ov_layer", "w2", "wq", "wk", "w1", "w3", "ov_product", "embed", "lm_head")
 
 
 def _plt():
@@ -31,11 +32,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _ordered(components) -> list[str]:
-    comps = set(components)
-    return [c for c in COMPONENT_ORDER if c in comps] + sorted(comps - set(COMPONENT_ORDER))
 
 
 def curves(rows: dict[str, list], metric: str, kind: str) -> dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]]:
@@ -59,7 +55,7 @@ def plot_metric(rows: dict[str, list], metric: str, kind: str, path: Path) -> Pa
         return None
     plt = _plt()
     runs = sorted({k[0] for k in data})
-    comps = _ordered({k[1] for k in data})
+    comps = order_components({k[1] for k in data})
     fig, axes = plt.subplots(len(comps), len(runs), figsize=(min(11.8, 3.2 * len(runs) + 0.8), 2.0 * len(comps) + 0.9), squeeze=False,
                              sharex="col", sharey="row", layout="constrained")
     cmap = plt.get_cmap("viridis")
@@ -120,7 +116,7 @@ def spectra_figure(acc: dict[tuple, list[np.ndarray]], columns: list[str], steps
     columns the panels wrap into a grid that fills the width (spectra_layout). Values below `floor` are drawn at `floor`.
     Major and minor tick labels share one size. The one spectra plot of `analyze` and `report`."""
     plt = _plt()
-    comps = _ordered({k[1] for k in acc})
+    comps = order_components({k[1] for k in acc})
     all_steps = sorted({k[2] for k in acc})
     chosen = sorted({min(all_steps, key=lambda h: abs(h - s)) for s in steps}) if steps else \
         sorted({all_steps[int(i)] for i in np.linspace(0, len(all_steps) - 1, min(max_steps, len(all_steps)))})

@@ -68,6 +68,6 @@ def read_jsonl_objects(path: str | Path, skipped: list[int] | None = None) -> li
 
 
 def _safe_load(text: str) -> Any:
-    from rankscope.config import safe_load  # duplicate keys refused (config imports nothing heavy)
+    from rankscope.core.schema import safe_load  # duplicate keys refused
 
     return safe_load(text)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rankscope.core.errors import DataError
-from rankscope.evaluate.perplexity import DocSet, corpus_docset, tokenize_documents
+from rankscope.data.docset import DocSet, corpus_docset, tokenize_documents
 
 FILES_DOMAIN = "files"
 

@@ -19,15 +19,13 @@ padding never reaches a real position.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rankscope.data.sources import Document
+from rankscope.data.docset import DocSet, corpus_docset, tokenize_documents  # noqa: F401  (evaluated here; re-exported)
 from rankscope.core.errors import DataError
 from rankscope.core.runtime import autocast
 
@@ -35,45 +33,6 @@ from rankscope.core.runtime import autocast
 # do not allocate tens of GB; a batch then holds fewer rows, which does not change any score.
 # On CPU a smaller cap keeps the logits near the caches (measured fastest in bench/blimp_throughput.py).
 MAX_LOGITS = {"cpu": 1 << 23, "default": 1 << 27}
-
-
-@dataclass
-class DocSet:
-    """Documents in the corpus layout: `tokens` is EOS, doc, EOS, doc, ...; each row of `rows` is
-    (start, end, domain index, utf-8 bytes) with tokens[start - 1] the EOS before the document."""
-
-    tokens: np.ndarray
-    rows: np.ndarray
-    domains: list[str]
-    roles: dict[str, str] | None = None  # domain -> "train" / "eval_only" (a corpus's data.eval_only_domains)
-
-
-def corpus_docset(corpus, split: str = "val") -> DocSet:
-    if split not in ("train", "val", "test"):
-        raise DataError(f"unknown split {split!r}; use val or test")
-    roles = corpus.roles
-    return DocSet(corpus.tokens(split), corpus.docs(split), list(corpus.domains), roles if "eval_only" in roles.values() else None)
-
-
-def tokenize_documents(docs: Iterable[Document], tokenizer, prefix: str = "") -> DocSet:
-    """User-named eval sets (rankscope.data.sources.read_files / read_hf_dataset) in the same layout,
-    tokenised with the run's tokenizer; domains are `prefix + document domain`."""
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
-        raise DataError("the eval set is empty: it holds no non-blank document")
-    domains = sorted({prefix + d.domain for d in docs})
-    index = {d: i for i, d in enumerate(domains)}
-    ids = tokenizer.encode_batch([d.text for d in docs])
-    tokens = np.empty(sum(len(x) + 1 for x in ids) + 1, dtype=np.int64)
-    rows = np.zeros((len(docs), 4), dtype=np.int64)
-    pos = 0
-    for i, (d, x) in enumerate(zip(docs, ids)):
-        tokens[pos] = tokenizer.eos_id
-        tokens[pos + 1 : pos + 1 + len(x)] = x
-        rows[i] = (pos + 1, pos + 1 + len(x), index[prefix + d.domain], len(d.text.encode("utf-8")))
-        pos += 1 + len(x)
-    tokens[pos] = tokenizer.eos_id
-    return DocSet(tokens, rows, domains)
 
 
 def cap_docs(rows: np.ndarray, max_docs: int) -> np.ndarray:

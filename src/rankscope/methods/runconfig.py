@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rankscope.config import MethodConfig, RunConfig, describe_fields as schema_fields, read_config_data, run_config
-from rankscope.core.errors import ConfigError
+from rankscope.core.errors import ConfigError, RankscopeError
 from rankscope.core.schema import build
 from rankscope.methods.registry import METHODS, fsdp_methods, method_class, method_option_names
 
@@ -128,3 +129,12 @@ def method_rows(prefix: str) -> list[tuple[str, str, Any, str]]:
     for name, m in METHODS.items():
         rows += schema_fields(m.config_class, f"{prefix}{name}.")
     return rows
+
+
+def normalised_config(previous: dict) -> dict:
+    """A stored config as this version resolves it (e.g. flat method options that earlier releases wrote), for
+    comparing a run folder's config.yaml with a resumed run's; the stored form itself when it no longer loads."""
+    try:
+        return config_from_dict(json.loads(json.dumps(previous)), schedule=False).to_dict()
+    except RankscopeError:
+        return previous

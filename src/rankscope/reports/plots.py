@@ -19,15 +19,11 @@ from typing import Iterator
 
 import numpy as np
 
-from rankscope.analysis.components import EMBEDDINGS, OV_FORMS, TARGETS
+from rankscope.analysis.components import PAPER_COMPONENTS, order_components
 from rankscope.reports.paper import PAPER_REFERENCE
 from rankscope.reports.series import KIND_NAMES, analysed, loss_series, mean_band, rank_kinds, rank_series
 from rankscope.reports.tables import cell
 
-# the paper's components first (Weiss et al. 2025, §4: attention V, O, the OV circuit, SwiGLU down), then the rest of the
-# component table (rankscope.analysis.components) in its order
-PAPER_COMPONENTS = ("wv", "wo", "ov", "ov_layer", "w2")
-COMPONENT_ORDER = (*PAPER_COMPONENTS, *(c for c in (*TARGETS, *OV_FORMS, *EMBEDDINGS) if c not in PAPER_COMPONENTS))
 COMPONENT_NAMES = {"wv": "V", "wo": "O", "ov": "OV (per head)", "ov_layer": "OV (per layer)", "ov_product": "OV (d x d product)",
                    "w2": "w2 (SwiGLU down)", "wq": "Q", "wk": "K", "w1": "w1 (SwiGLU gate)", "w3": "w3 (SwiGLU up)"}
 METHOD_COLOURS = {"full": "tab:blue", "relora": "tab:orange", "lora": "tab:green", "so": "tab:red", "so_single": "tab:olive", "galore": "tab:purple",
@@ -54,11 +50,6 @@ def colour(method: str) -> str:
 
 def component_name(comp: str) -> str:
     return COMPONENT_NAMES.get(comp, comp)
-
-
-def order_components(components) -> list[str]:
-    comps = set(components)
-    return [c for c in COMPONENT_ORDER if c in comps] + sorted(comps - set(COMPONENT_ORDER))
 
 
 def data_uri(path: Path) -> str:

@@ -17,13 +17,12 @@ import json
 import os
 import subprocess
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rankscope.core.errors import ConfigError, RankscopeError
+from rankscope.core.errors import ConfigError
 from rankscope.core.paths import check_output_dir
 from rankscope.core.runtime import describe
 
@@ -36,11 +35,12 @@ RESUMABLE_TRAIN_FIELDS = (
 RESUMABLE_SECTIONS = ("checkpoint", "eval", "analysis")
 
 
-def write_run_dir(run_dir: Path, cfg, device, world_size: int, new_schedule_ok: bool = False) -> dict | None:
+def write_run_dir(run_dir: Path, cfg, device, world_size: int, new_schedule_ok: bool = False, normalise=lambda d: d) -> dict | None:
     """Check that `run_dir` is writable and that a config.yaml already there describes this same run
     (a changed train.max_steps of a run with checkpoints only with `new_schedule_ok`: --extend or
     --restart), then write config.yaml and env.json. Returns the precision / compile settings a previous attempt
-    chose (env.json `settings`), which a resumed run keeps; None for a fresh one."""
+    chose (env.json `settings`), which a resumed run keeps; None for a fresh one. `normalise` reads a stored config as
+    this version resolves it (the loader lives above this module: rankscope.methods.runconfig.normalised_config)."""
     check_output_dir(run_dir, "the run directory (-o)")
     cfg_path = run_dir / "config.yaml"
     resolved = cfg.to_dict()
@@ -51,7 +51,7 @@ def write_run_dir(run_dir: Path, cfg, device, world_size: int, new_schedule_ok: 
             previous = None
         if not isinstance(previous, dict):
             raise ConfigError(f"{cfg_path} is not a readable rankscope config; restore it, or choose a new -o directory")
-        if without_budget(normalised(previous)) != without_budget(resolved):
+        if without_budget(normalise(previous)) != without_budget(resolved):
             raise ConfigError(f"{run_dir} holds a run with a different config; choose a new -o directory (or delete that one)")
         if not new_schedule_ok:
             check_same_schedule(run_dir, previous, resolved)
@@ -95,17 +95,6 @@ def read_settings(env_path: Path) -> dict | None:
         return None
     return settings if isinstance(settings, dict) else None
 
-
-def normalised(previous: dict) -> dict:
-    """A stored config as this version resolves it (e.g. flat method options of earlier releases)."""
-    from rankscope.methods import config_from_dict
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return config_from_dict(json.loads(json.dumps(previous)), schedule=False).to_dict()
-    except RankscopeError:
-        return previous
 
 
 def without_budget(cfg: dict) -> dict:

@@ -21,6 +21,7 @@ from rankscope.data.stream import BatchStream, run_streams
 from rankscope.parallel.distributed import DistInfo
 from rankscope.core.errors import ConfigError
 from rankscope.methods import build_model
+from rankscope.methods.runconfig import normalised_config
 from rankscope.methods.base import Method
 from rankscope.store.run_dir import write_run_dir, write_settings
 from rankscope.core.runtime import pick_device
@@ -43,7 +44,7 @@ def open_run_dir(run_dir: Path, cfg: RunConfig, device: torch.device, dist: Dist
     """Rank 0 checks and writes the run directory; the other ranks never read it (a fresh folder's
     config.yaml may be half-written while they look) and learn the verdict by broadcast. Returns the
     precision / compile a previous attempt chose (a resumed run keeps them), None for a fresh run."""
-    return distributed.on_rank0(lambda: write_run_dir(run_dir, cfg, device, dist.world_size, new_schedule_ok), dist)
+    return distributed.on_rank0(lambda: write_run_dir(run_dir, cfg, device, dist.world_size, new_schedule_ok, normalised_config), dist)
 
 
 def build_data(cfg: RunConfig, dist: DistInfo, log: Log) -> tuple[Corpus, BatchStream, BatchStream]:
