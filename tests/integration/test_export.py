@@ -61,7 +61,7 @@ def make_lora_checkpoint(full_run, root, tie: bool, rank: int = 4, alpha: float 
     ck = open_checkpoint(full_run)
     raw = json.loads(json.dumps(ck.meta["config"]))
     raw["model"]["tie_embeddings"] = tie
-    raw["method"].update({"name": "relora", "rank": rank, "alpha": alpha, "reset_every": 4, "restart_warmup_steps": 1})
+    raw["method"] = {"name": "relora", "relora": {"rank": rank, "alpha": alpha, "reset_every": 4, "restart_warmup_steps": 1}}
     cfg = config_from_dict(raw)
     torch.manual_seed(3)
     dense = Decoder(cfg.model)
@@ -101,7 +101,7 @@ def test_lora_checkpoint_is_merged(full_run, tmp_path, tie):
 def test_lora_rank_mismatch_is_reported(full_run, tmp_path):
     path, _ = make_lora_checkpoint(full_run, tmp_path / "lora", tie=False, rank=4)
     meta = json.loads((path / "meta.json").read_text())
-    meta["config"]["method"]["rank"] = 8
+    meta["config"]["method"]["relora"]["rank"] = 8
     write_meta(path, meta)  # re-sealed: meta.json carries its own hash
     with pytest.raises(ExportError, match="rank"):
         export(path, tmp_path / "hf")

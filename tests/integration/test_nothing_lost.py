@@ -253,7 +253,7 @@ def test_d4_every_config_field_given_a_huge_number_is_accepted_or_one_config_err
 def test_d4_a_study_base_that_is_a_list_is_one_line(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text("name: s\nbase: [a.yaml, b.yaml]\ngrid: {train.seed: [0]}\n")
     assert main(["sweep", str(tmp_path / "s.yaml"), "--list"]) == 2
-    one_line_error(capsys, "`base`")
+    one_line_error(capsys, "'base' must be str")
 
 
 def test_d4_a_checkpoint_of_another_shape_is_one_line(data_dir, copy, capsys):

@@ -86,18 +86,19 @@ def build(cls: type, data: Any, where: str = "", kind: str = "config") -> Any:
     if prepare is not None:
         data = prepare(data, where)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
             raise ConfigError(f"unknown {kind} key {path!r}; valid keys here: {', '.join(names)}")
-        kwargs[key] = build_value(hints[key], value, path, kind)
+        kwargs[key] = build_value(hints[key], value, path, kind, fields[key].metadata.get("help", ""))
     return cls(**kwargs)
 
 
-def build_value(tp: Any, value: Any, path: str, kind: str = "config") -> Any:
-    """One field's value, checked against its type `tp`."""
+def build_value(tp: Any, value: Any, path: str, kind: str = "config", help: str = "") -> Any:
+    """One field's value, checked against its type `tp`; a wrong type's error quotes the field's help line."""
     builder = getattr(tp, "schema_build", None)
     if builder is not None:
         return builder(value or {}, path)
@@ -105,7 +106,7 @@ def build_value(tp: Any, value: Any, path: str, kind: str = "config") -> Any:
         return build(tp, value or {}, path, kind)
     value = _coerce_float(value, tp)
     if not type_ok(value, tp):
-        raise ConfigError(f"{kind} key {path!r} must be {type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{kind} key {path!r} must be {type_name(tp)}, got {value!r}" + (f": {help}" if help else ""))
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{kind} key {path!r} must be a finite number, got {value!r}")
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:  # beyond every tensor's and C's int

@@ -62,8 +62,9 @@ def apply_statistics(rows: list[dict[str, Any]], spec: dict[str, Any], runs: lis
             if r.get("sesoi"):
                 r["tost"] = {"sesoi": r["sesoi"], "p": stats.tost_p(xs, r["sesoi"]), "p_adj": None}
     for fam in dict.fromkeys(r["family"] for r in rows):
-        members = [r for r in rows if r["family"] == fam and r["p"] is not None]
-        adjust = stats.CORRECTIONS[members[0]["correction"]] if members else None
+        family = [r for r in rows if r["family"] == fam]
+        members = [r for r in family if r["p"] is not None]
+        adjust = stats.CORRECTIONS[family[0]["correction"]]  # one correction per family: its rows share one role
         for r, pa in zip(members, adjust([r["p"] for r in members]) if members else []):
             r["p_adj"], r["family_size"] = pa, len(members)
         tosts = [r for r in rows if r["family"] == fam and r["tost"] and r["tost"]["p"] is not None]
