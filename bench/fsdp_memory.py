@@ -57,7 +57,8 @@ def worker(rank: int, world: int, port: int, args, layout: str, method: str, out
     device = pick_device(args.device, info.local_rank)
     distributed.init(info, device)
     cfg = load_config(None, [f"model.preset={args.preset}", f"method.name={method}", f"train.seq_len={args.seq}", "train.warmup_steps=0",
-                             *(f"method.{m}.dropout=0" for m in ("lora", "relora", "adaptive", "hybrid"))])
+                             *(f"method.{m}.dropout=0" for m in ("lora", "relora", "adaptive", "hybrid")),
+                             "train.max_steps=400", *(f"method.{m}.{k}" for m in ("relora", "adaptive", "hybrid") for k in ("reset_every=40", "restart_warmup_steps=2"))])
     precision = pick_precision(device, args.precision)
     torch.manual_seed(0)
     model = Decoder(cfg.model)

@@ -32,6 +32,7 @@ from rankscope.core.runtime import autocast, pick_device, pick_precision
 
 def build(preset: str, method: str, args, device):
     cfg = load_config(None, [f"model.preset={preset}", f"method.name={method}", f"train.seq_len={args.seq}", f"model.max_seq_len={args.seq}", "train.warmup_steps=0", "method.relora.rank=16", "method.relora.alpha=32",
+                             "train.max_steps=400", "method.relora.reset_every=40", "method.relora.restart_warmup_steps=2",  # a schedule that fits (methods.relora.check_schedule)
                              f"method.relora.dropout={args.dropout}"])
     torch.manual_seed(0)
     model = Decoder(cfg.model)
