@@ -22,6 +22,7 @@ from rankscope.core.schema import (  # noqa: F401  (re-exported: the run config'
     build, check, merge_dicts, option, parse_overrides, read_yaml, safe_load, type_name,
 )
 from rankscope.presets import PRESETS
+from rankscope.names import BLOCK_COMPONENTS
 
 
 @dataclass
@@ -215,9 +216,8 @@ class AnalysisConfig:
 
     def validate(self) -> None:
         check(self.every >= 0, "analysis.every must be >= 0")
-        valid = ("wq", "wk", "wv", "wo", "ov", "ov_layer", "ov_product", "w1", "w2", "w3")
-        bad = [c for c in self.components if c not in valid]
-        check(not bad, f"analysis.components: unknown {bad}; valid components: {', '.join(valid)}")
+        bad = [c for c in self.components if c not in BLOCK_COMPONENTS]
+        check(not bad, f"analysis.components: unknown {bad}; valid components: {', '.join(BLOCK_COMPONENTS)}")
 
 
 @dataclass

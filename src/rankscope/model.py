@@ -28,9 +28,7 @@ import torch.nn.functional as F
 from rankscope.config import ModelConfig
 from rankscope.losses import linear_cross_entropy
 
-# every linear of a block, by the attribute name the Decoder gives it (Attention: wq wk wv wo; SwiGLU: w1 gate,
-# w2 down, w3 up): what the methods target by default and the valid `method.<name>.targets` names
-DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+from rankscope.names import DEFAULT_TARGETS  # noqa: F401  (every linear of a block: the methods' default targets)
 
 FUSED_LINEARS = False  # plain nn.Linear projections as one GEMM (did not pay on CPU at pico-tiny-body)
 GROUPED_ADAPTERS = False  # LoRA adapters sharing an input as one group (within noise on CPU at pico-tiny-body)

@@ -44,11 +44,7 @@ import torch
 from safetensors import safe_open
 
 from rankscope.analysis.metrics import AnalysisError
-from rankscope.model import DEFAULT_TARGETS
-
-TARGETS = tuple(DEFAULT_TARGETS)  # every linear of a block (rankscope.model)
-EMBEDDINGS = ("embed", "lm_head")
-OV_FORMS = ("ov", "ov_layer", "ov_product")
+from rankscope.names import EMBEDDINGS, OV_FORMS, TARGETS  # the one table of matrix and component names
 # the order tables and figures show components in: the paper's first (Weiss et al. 2025, §4: attention V, O, the OV
 # circuit, SwiGLU down), then the rest of the table above in its order
 PAPER_COMPONENTS = ("wv", "wo", "ov", "ov_layer", "w2")

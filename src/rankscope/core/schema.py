@@ -92,9 +92,14 @@ def build(cls: type, data: Any, where: str = "", kind: str = "config") -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(f"unknown {kind} key {path!r}; valid keys here: {', '.join(names)}")
+            raise unknown_key(kind, path, names)
         kwargs[key] = build_value(hints[key], value, path, kind, fields[key].metadata.get("help", ""))
     return cls(**kwargs)
+
+
+def unknown_key(kind: str, path: str, valid, hint: str = "") -> ConfigError:
+    """The one line for a key a schema does not have: the key and the valid ones (`hint`: what to write instead)."""
+    return ConfigError(f"unknown {kind} key {path!r}; valid keys here: {', '.join(valid)}" + (f" {hint}" if hint else ""))
 
 
 def build_value(tp: Any, value: Any, path: str, kind: str = "config", help: str = "") -> Any:

@@ -18,7 +18,7 @@ import yaml
 
 from rankscope.config import MethodConfig, RunConfig, describe_fields as schema_fields, read_config_data, run_config
 from rankscope.core.errors import ConfigError, RankscopeError
-from rankscope.core.schema import build
+from rankscope.core.schema import build, unknown_key
 from rankscope.methods.registry import METHODS, fsdp_methods, method_class, method_option_names
 
 
@@ -85,8 +85,8 @@ def flat_error(where: str, name: str, flat: dict[str, Any]) -> str:
     key = sorted(flat)[0]
     having = {m: len(method_option_names(m)) for m in METHODS if key in method_option_names(m)}
     if not having:
-        return (f"unknown config key '{where}.{key}'; valid keys here: name, {', '.join(sorted(METHODS))} "
-                f"(the options of method {name!r} go under {where}.{name}: {', '.join(sorted(method_option_names(name))) or 'none'})")
+        return str(unknown_key("config", f"{where}.{key}", ["name", *sorted(METHODS)],
+                               f"(the options of method {name!r} go under {where}.{name}: {', '.join(sorted(method_option_names(name))) or 'none'})"))
     owner = name if name in having else min(having, key=having.get)
     return (f"method options go under the method's own section: write {where}.{owner}.{key}={override_text(flat[key])} "
             f"(YAML: {where}: {{name: {name}, {owner}: {{{key}: ...}}}}), not {where}.{key}")
