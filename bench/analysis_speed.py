@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from rankscope.analysis import components as C  # noqa: E402
-from rankscope.analysis.metrics import METRICS  # noqa: E402
+from rankscope.spectral import METRICS  # noqa: E402
 from rankscope.analysis.spectra import analyze_items  # noqa: E402
 from rankscope.config import PRESETS  # noqa: E402
 from rankscope.methods import load_config
@@ -40,7 +40,7 @@ def state_dict(layers: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def numpy_metrics(W: np.ndarray) -> dict[str, float]:
-    """The per-matrix baseline: one numpy SVD, then the same formulas as rankscope.analysis.metrics."""
+    """The per-matrix baseline: one numpy SVD, then the same formulas as rankscope.spectral."""
     s = np.linalg.svd(W.astype(np.float64), compute_uv=False)
     m, n = W.shape
     p = s / s.sum()

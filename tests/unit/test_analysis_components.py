@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from rankscope.analysis import components as C
-from rankscope.analysis.metrics import AnalysisError
+from rankscope.spectral import AnalysisError
 from rankscope.config import ModelConfig
 from rankscope.model import Attention
 

@@ -8,7 +8,7 @@ API (for reports and notebooks):
   analyze_runs(run_dirs, out_dir) -> {name: path}: rank_metrics.parquet, spectra.parquet, plots
   compare_subspaces(run_a, run_b, step, kind="cumulative_update", r=16) -> principal-angle rows
   matrix_metrics(mats, names) -> {metric: (B,) tensor}; principal_angles(X, Y, r)
-  METRICS / register_metric: the metric registry (see rankscope.analysis.metrics for the formulas)
+  METRICS / register_metric: the metric registry (see rankscope.spectral for the formulas)
 Layer is -1 and head is -1 where they do not apply (embeddings; non-OV components).
 Components: wq wk wv wo w1 w2 w3 (embed lm_head), and the OV circuit in three forms: `ov` =
 pico-analyze's per-head V_g O_h (hd x hd), `ov_layer` = its per-layer concatenation (hd x d, head -1),
@@ -23,7 +23,7 @@ method's capability), angles (subspace angles), compare (cycle ends, window labe
 findings' rank rows use), plots, callback (in-loop metrics), cli (`rankscope analyze`).
 """
 
-from rankscope.analysis.metrics import METRICS, matrix_metrics, principal_angles, register_metric
+from rankscope.spectral import METRICS, matrix_metrics, principal_angles, register_metric
 from rankscope.analysis.run import AnalysisOptions, RunAnalysis, analyze_run, analyze_runs, compare_subspaces
 
 __all__ = ["METRICS", "AnalysisOptions", "RunAnalysis", "analyze_run", "analyze_runs", "compare_subspaces", "matrix_metrics", "principal_angles", "register_metric"]

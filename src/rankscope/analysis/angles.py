@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from rankscope.analysis import components as C
-from rankscope.analysis.metrics import AnalysisError, principal_angles
+from rankscope.spectral import AnalysisError, principal_angles
 from rankscope.analysis.reading import load_state, read_meta
 from rankscope.analysis.tables import ROW_COLUMNS, Table, empty
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_analyze_args(p: argparse.ArgumentParser) -> None:
-    from rankscope.analysis.metrics import METRICS
+    from rankscope.spectral import METRICS
     from rankscope.analysis.run import KINDS
 
     p.add_argument("runs", nargs="+", help="run directories (with checkpoints/)")
@@ -38,7 +38,7 @@ def study_runs(path: Path) -> list[Path]:
 
 
 def cmd_analyze(args) -> None:
-    from rankscope.analysis.metrics import AnalysisError
+    from rankscope.spectral import AnalysisError
     from rankscope.analysis.run import analyze_runs
     from rankscope.core.runtime import pick_device
 

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from rankscope.analysis.metrics import AnalysisError
+from rankscope.spectral import AnalysisError
 
 CYCLE_METHODS = ("relora", "hybrid", "adaptive")  # methods that merge and restart every `reset_every` steps
 

@@ -43,7 +43,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from safetensors import safe_open
 
-from rankscope.analysis.metrics import AnalysisError
+from rankscope.spectral import AnalysisError
 from rankscope.names import EMBEDDINGS, OV_FORMS, TARGETS  # the one table of matrix and component names
 # the order tables and figures show components in: the paper's first (Weiss et al. 2025, §4: attention V, O, the OV
 # circuit, SwiGLU down), then the rest of the table above in its order

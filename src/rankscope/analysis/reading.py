@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from rankscope.adapters.stored import stored_adapters
 from rankscope.analysis import components as C
-from rankscope.analysis.metrics import AnalysisError
+from rankscope.spectral import AnalysisError
 from rankscope.core.errors import CheckpointError
 from rankscope.store.checkpoint import check_meta
 

@@ -20,7 +20,7 @@ after ReLoRA's merge at t, so with `checkpoint.every = method.reset_every` the `
 consecutive checkpoints covers exactly the steps of one ReLoRA cycle, for either method (for ReLoRA
 it equals that cycle's `cycle_update`, B being zero right after a merge). The `grad` at step t is the
 gradient of step t's loss (the one step t's optimiser update used), before clipping.
-Every item also gets a `rank_bound` row (see analysis.metrics), from the run's known ranks: the
+Every item also gets a `rank_bound` row (see rankscope.spectral), from the run's known ranks: the
 ReLoRA merge count in meta.json, the adapters' rank, the tokens of a step. Every `update` item gets
 `window_start` and `window_merges` rows (its window (start, t] and the merges in it; labels:
 analysis.compare.window_label). OV circuits are measured for weights and, as the circuit's change,
@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from rankscope.analysis import components as C
 from rankscope.analysis.angles import angle_rows, compare_subspaces
 from rankscope.analysis.bounds import low_rank_updates, update_bounds
-from rankscope.analysis.metrics import AnalysisError, resolve_metrics
+from rankscope.spectral import AnalysisError, resolve_metrics
 from rankscope.analysis.reading import (CheckpointState, cycle_files, cycle_rank, load_state, prefetch, previous_cycle,
                                         read_meta)
 from rankscope.analysis.spectra import analyze_items

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from rankscope.analysis.components import Item
-from rankscope.analysis.metrics import Metric, Spectra, compute, resolve_metrics, svdvals, svdvals_factored, working_eps
+from rankscope.spectral import Metric, Spectra, compute, resolve_metrics, svdvals, svdvals_factored, working_eps
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

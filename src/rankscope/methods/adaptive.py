@@ -4,7 +4,7 @@ within a global budget of adapter parameters (equal-memory matching of methods: 
 Budget: sum_i r_i (m_i + n_i) <= B over the adapted (m_i x n_i) linears, B = method.rank_budget or,
 when 0, what uniform method.rank uses. `method.rank_schedule`:
   adaptive  cycle 0 uses uniform ranks; at each merge the effective rank e_i (exp of the entropy of
-            the normalised singular values; rankscope.analysis.metrics.effective_rank) of the
+            the normalised singular values; rankscope.spectral.effective_rank) of the
             cycle's merged update dW_i = (alpha / r_i) B_i A_i is measured (from the r x r core, no
             dense SVD), and the next cycle's ranks are r_i ∝ e_i, scaled to the budget
             (`allocate_ranks`: floor, clip to [rank_min, min(m_i, n_i)], trim the largest while over
@@ -78,7 +78,7 @@ def allocate_ranks(scores: dict[str, float], costs: dict[str, int], caps: dict[s
 @torch.no_grad()
 def update_effective_rank(m: LoRALinear) -> float:
     """Effective rank of dW = scaling * B @ A from the r x r core (metrics.svdvals_factored)."""
-    from rankscope.analysis.metrics import Spectra, effective_rank, svdvals_factored
+    from rankscope.spectral import Spectra, effective_rank, svdvals_factored
 
     b, a = m.delta_factors(torch.float64)
     s = svdvals_factored(b[None], a[None])

@@ -35,7 +35,7 @@ def update_measures(base: dict[str, torch.Tensor], adapted: dict[str, torch.Tens
     per (proportional effective rank), cond_numerical (s_max / smallest s above max(m, n) eps s_max),
     changed (fraction of entries whose stored value changed at all), top_overlap (||U_k^T dW||_F^2 / ||dW||_F^2
     with U_k the base's top-k left singular vectors; k / m for a random direction) and norm (||dW||_F)."""
-    from rankscope.analysis.metrics import matrix_metrics
+    from rankscope.spectral import matrix_metrics
 
     out = {}
     for name, w0 in base.items():

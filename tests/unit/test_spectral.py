@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rankscope.analysis.components import Item
-from rankscope.analysis.metrics import METRICS, AnalysisError, matrix_metrics, principal_angles, resolve_metrics, svdvals_factored
+from rankscope.spectral import METRICS, AnalysisError, matrix_metrics, principal_angles, resolve_metrics, svdvals_factored
 from rankscope.analysis.spectra import analyze_items
 
 
