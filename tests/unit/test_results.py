@@ -133,7 +133,7 @@ def test_the_results_folder_holds_every_run_config_metric_and_source(tmp_path):
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("doc", ["docs/results.md", "docs/fewshot.md", "README.md"])
+@pytest.mark.parametrize("doc", ["docs/results.md", "docs/fewshot.md", "docs/methods.md", "README.md"])
 def test_committed_documents_quote_the_committed_results(doc):
     """Every results block of the document equals what its committed folder renders (python -m rankscope.reports.results DOC)."""
     text = (REPO / doc).read_text()
