@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from rankscope.core.errors import DataError, RankscopeError
+from rankscope.core.schema import safe_load  # duplicate keys refused
 
 
 def _first_line(e: Exception) -> str:
@@ -42,7 +43,7 @@ def read_json_object(path: str | Path, fix: str, error: type[RankscopeError] = D
 
 def read_yaml_mapping(path: str | Path, fix: str, error: type[RankscopeError] = DataError) -> dict[str, Any]:
     """The YAML mapping in `path` (an empty file is an empty mapping); `error` otherwise."""
-    return _read_mapping(path, "YAML", _safe_load, (yaml.YAMLError,), fix, error)
+    return _read_mapping(path, "YAML", safe_load, (yaml.YAMLError,), fix, error)
 
 
 def read_jsonl_objects(path: str | Path, skipped: list[int] | None = None) -> list[dict[str, Any]]:
@@ -65,9 +66,3 @@ def read_jsonl_objects(path: str | Path, skipped: list[int] | None = None) -> li
         elif skipped is not None:
             skipped.append(n)
     return out
-
-
-def _safe_load(text: str) -> Any:
-    from rankscope.core.schema import safe_load  # duplicate keys refused
-
-    return safe_load(text)
