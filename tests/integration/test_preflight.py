@@ -61,6 +61,22 @@ def test_a_study_that_fixes_them_is_measurable_and_gets_an_estimate(tmp_path, da
     assert "micro d32/full" in out and "micro d48/relora" in out  # timed per width, not once for the preset
 
 
+def test_the_estimate_counts_the_tuning_runs_the_tuner_makes(tmp_path, data_dir, monkeypatch, capsys):
+    # 2 cells (method) x 3 lrs at the tuning seed and budget, plus 2 confirmation runs per cell at the main horizon; not one
+    # set per main seed (the estimate counted 3 seeds x 3 lrs x 2 methods before)
+    tune = {"field": "train.lr", "grid": [1e-3, 2e-3, 4e-3], "cell": ["method.name"], "overrides": ["train.max_steps=10"], "confirm": 2}
+    path = write_study(tmp_path, data_dir, {"method.name": ["full", "relora"], "train.seed": [0, 1, 2]}, method_options=CYCLES,
+                       tune=tune, parallel=2)
+    configs = load_study(path).tuning_configs()
+    assert len(configs) == 2 * (3 + 2)
+    assert {c["train"]["seed"] for c in configs} == {1000}
+    assert sorted(c["train"]["max_steps"] for c in configs) == [10] * 6 + [20] * 4
+    monkeypatch.setattr(preflight, "time_steps", lambda cfg, steps=3, threads=1: 0.5)
+    assert main(["sweep", "--check", str(path)]) == 0
+    # (6 main runs x 20 steps + 6 x 10 + 4 x 20) x 0.5 s / 2 at once = 65 s
+    assert "estimated training wall time: 1 min 05 s" in capsys.readouterr().out
+
+
 SLOPE = {"id": "b", "test": "slope", "metric": "final_val_loss", "claim": "higher"}
 
 

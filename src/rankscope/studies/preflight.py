@@ -226,11 +226,11 @@ def _rank_reason(kind: str, comp: str, rule: dict, runs: list, study, analyze_ki
 
 # --------------------------------------------------------------------------- time
 def time_steps(cfg_dict: dict[str, Any], steps: int = 3, threads: int = 1) -> float:
-    """Seconds per optimiser step of this config, on random tokens (after one untimed step)."""
+    """Seconds per optimiser step of this config at its precision, on random tokens (after one untimed step)."""
     import torch
 
-    from rankscope.methods import config_from_dict
-    from rankscope.methods import build_model
+    from rankscope.core.runtime import autocast
+    from rankscope.methods import build_model, config_from_dict
 
     cfg = config_from_dict(cfg_dict)
     old = torch.get_num_threads()
@@ -246,7 +246,9 @@ def time_steps(cfg_dict: dict[str, Any], steps: int = 3, threads: int = 1) -> fl
             if i == 1:
                 start = time.perf_counter()
             for _ in range(t.grad_accum):
-                model(x[:, :-1], x[:, 1:]).backward()
+                with autocast(torch.device("cpu"), "bf16" if t.precision == "bf16" else "fp32"):  # "auto": the static CPU choice
+                    loss = model(x[:, :-1], x[:, 1:])
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return (time.perf_counter() - start) / steps

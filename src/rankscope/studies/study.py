@@ -117,12 +117,18 @@ class Study:
         return out
 
     def tuning_configs(self) -> list[dict[str, Any]]:
-        """The config of every tuning run (each grid value of each main point, with the tuning overrides)."""
+        """The config of every tuning run as `run_tuning` makes them: each grid value of each cell at the tuning seed and
+        budget, then (with `tune.confirm`) that many values per cell at the main horizon (which ones is known only after
+        tuning; the grid's first ones stand in). Widening at an edge adds runs that cannot be known in advance."""
         if self.tune is None:
             return []
-        extra = list(self.tune.overrides or [])
-        return [build_point(self, {**values, self.tune.field: v}, "main", extra).config
-                for values in grid_values(self) for v in self.tune.grid]
+        t = self.tune
+        out = []
+        for cell in tune_cells(self):
+            out += [tune_point(self, cell, v).config for v in t.grid]
+            values = {**{k: (cell[k] if k in cell else vs[0]) for k, vs in self.grid.items()}, "train.seed": t.seed}
+            out += [build_point(self, {**values, t.field: v}, "confirm", cell=cell).config for v in t.grid[: t.confirm or 0]]
+        return out
 
 
 class Launcher(Protocol):
