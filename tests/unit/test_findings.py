@@ -480,3 +480,29 @@ def test_body_parameters_are_the_architectures_not_the_adapters(tmp_path):
     assert body_params(full) == body_params(lora) == 508_480 - 2 * 2048 * 64 == 246_336
     shapeless = Run(tmp_path, "x", "full", "micro", 0, {"model": {"vocab_size": 2048, "d_model": 64}}, {"parameters": 508_480})
     assert body_params(shapeless) == 246_336  # no shape: all parameters less the embeddings
+
+
+def test_the_scale_box_gives_tokens_per_parameter_beside_each_size(tmp_path):
+    """Each size's tokens per body parameter stands beside that size's name, in the parameter row's order (a bare sorted
+    list put the smallest model's 4.02 beside the largest model's name); ReLoRA cycles sort by length, not as text."""
+    from rankscope.config import PRESETS
+    from rankscope.studies.findings.tables import scale_box
+
+    runs = []
+    for size, d in (("small", 32), ("large", 64)):
+        model = {**PRESETS["micro"], "d_model": d, "tie_embeddings": False}
+        for method, every in (("full", None), ("relora", 20 if d == 32 else 5)):
+            cfg = {"model": model, "method": {"name": method, **({"relora": {"reset_every": every}} if every else {})},
+                   "train": {"max_steps": 100, "batch_size": 4, "seq_len": 8}}
+            runs.append(Run(tmp_path, f"{method}-{size}", method, size, 0, cfg, {"tokens": 3200}))
+    ours = scale_box(runs, "full")["scale"]
+    small, large = (body_params_of(PRESETS["micro"], d) for d in (32, 64))
+    assert ours["body (non-embedding) parameters"].index("(small)") < ours["body (non-embedding) parameters"].index("(large)")
+    assert ours["tokens per body parameter"] == f"{3200 / small:.3g} (small), {3200 / large:.3g} (large)"
+    assert ours["ReLoRA cycle length"].startswith("5 steps") and "; 20 steps" in ours["ReLoRA cycle length"]
+
+
+def body_params_of(preset: dict, d: int) -> int:
+    from rankscope.studies.findings.scale import shape_body_params
+
+    return shape_body_params({**preset, "d_model": d})

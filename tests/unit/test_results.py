@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from rankscope.cli import main
+from rankscope.core.errors import ConfigError
 from rankscope.studies.findings import SAME_AS_MAIN, validate_findings
 from rankscope.reports.report import write_report
 from rankscope.reports.runs import ReportError, collect
@@ -169,3 +170,14 @@ def test_a_primary_block_quotes_the_scale_the_primary_rows_and_every_verdict_cou
     doc.write_text("<!-- results: results/quick primary -->\nold\n<!-- end results -->\n")
     assert sync_docs(doc, root=tmp_path) == ["results/quick"] and short in doc.read_text()
     assert "<!-- results: results/quick primary -->" in doc.read_text() and sync_docs(doc, root=tmp_path, check=True) == []
+
+
+def test_a_block_quoting_a_folder_without_results_is_a_one_line_error(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("text\n<!-- results: results/none -->\n<!-- end results -->\n")
+    with pytest.raises(ConfigError, match=r"quotes results/none, which has no report.json: run `rankscope report"):
+        sync_docs(doc, root=tmp_path)
+    (tmp_path / "results" / "none").mkdir(parents=True)
+    (tmp_path / "results" / "none" / "report.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="report.json"):
+        sync_docs(doc, root=tmp_path)

@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rankscope.core.errors import ConfigError
+from rankscope.core.jsonfiles import read_json_object
+
 # `<!-- results: DIR -->` quotes every row; `<!-- results: DIR primary -->` the scale box, the primary rows and the verdict counts
 BLOCK = re.compile(r"<!-- results: (?P<dir>\S+)(?P<mode> primary)? -->\n.*?<!-- end results -->", re.S)
 
@@ -187,8 +190,12 @@ def sync_docs(doc: str | Path, root: str | Path | None = None, check: bool = Fal
     stale: list[str] = []
 
     def fill(m: re.Match) -> str:
-        folder = root / m.group("dir")
-        body = render_summary(json.loads((folder / "report.json").read_text()), primary_only=bool(m.group("mode")))
+        report = root / m.group("dir") / "report.json"
+        if not report.is_file():
+            raise ConfigError(f"{doc} quotes {m.group('dir')}, which has no report.json: run `rankscope report RUNS -o OUT "
+                              f"--results {m.group('dir')}` first, or remove the block")
+        body = render_summary(read_json_object(report, "re-run `rankscope report ... --results` to rewrite it", ConfigError),
+                              primary_only=bool(m.group("mode")))
         new = f"<!-- results: {m.group('dir')}{m.group('mode') or ''} -->\n{body}\n<!-- end results -->"
         if new != m.group(0):
             stale.append(m.group("dir"))
@@ -202,5 +209,8 @@ def sync_docs(doc: str | Path, root: str | Path | None = None, check: bool = Fal
 
 if __name__ == "__main__":  # python -m rankscope.reports.results docs/results.md [...]: regenerate the quoted results blocks
     for path in sys.argv[1:]:
-        changed = sync_docs(path)
+        try:
+            changed = sync_docs(path)
+        except (ConfigError, OSError) as e:
+            sys.exit(f"error: {e}")
         print(f"{path}: {'rewrote ' + ', '.join(changed) if changed else 'up to date'}")

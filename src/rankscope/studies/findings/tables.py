@@ -53,8 +53,8 @@ def scale_box(runs: list[Any], reference: str | None = None) -> dict[str, Any]:
     per_size = {s: [r for r in model_runs if r.size == s] for s in sizes}
     bodies = {s: sorted({b for b in map(body_params, rs) if b}) for s, rs in per_size.items()}
     tokens = sorted({int(r.summary["tokens"]) for r in runs if isinstance(r.summary.get("tokens"), (int, float))})
-    per = sorted({round(float(r.summary["tokens"]) / b, 6) for r in model_runs
-                  if (b := body_params(r)) and isinstance(r.summary.get("tokens"), (int, float))})
+    per = {s: sorted({round(float(r.summary["tokens"]) / b, 6) for r in rs
+                      if (b := body_params(r)) and isinstance(r.summary.get("tokens"), (int, float))}) for s, rs in per_size.items()}
     cycles = set()
     for r in runs:
         mcfg, tcfg = (r.config or {}).get("method") or {}, (r.config or {}).get("train") or {}
@@ -62,11 +62,12 @@ def scale_box(runs: list[Any], reference: str | None = None) -> dict[str, Any]:
         if mcfg.get("name") == "relora" and every:
             every, steps = int(every), int(tcfg.get("max_steps") or 0)
             tok = every * int(tcfg.get("batch_size") or 0) * int(tcfg.get("seq_len") or 0)
-            cycles.add(f"{every} steps ({_si(tok)} tokens), {steps // every if every else 0} cycles")
+            cycles.add((every, f"{every} steps ({_si(tok)} tokens), {steps // every if every else 0} cycles"))
     ours = {"body (non-embedding) parameters": ", ".join(f"{_si(b[0])} ({s})" for s, b in bodies.items() if b) or "-",
             "tokens per run": ", ".join(_si(t) for t in tokens) or "-",
-            "tokens per body parameter": ", ".join(f"{x:.3g}" for x in per) or "-",
-            "ReLoRA cycle length": "; ".join(sorted(cycles)) or "-"}
+            # per size, in the order of the parameter row (a bare sorted list read as if it were aligned with the sizes)
+            "tokens per body parameter": ", ".join(f"{', '.join(f'{x:.3g}' for x in xs)} ({s})" for s, xs in per.items() if xs) or "-",
+            "ReLoRA cycle length": "; ".join(text for _, text in sorted(cycles)) or "-"}
     rows = [{"label": k, "cells": [_cell(ours[k]), _cell(PAPER_SCALE[k], ["Weiss et al. (2025); shared/reference/README.md"])]}
             for k in PAPER_SCALE]
     return {"title": "Scale: this study beside the paper's (every verdict below holds at this study's scale only)",
