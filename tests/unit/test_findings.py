@@ -486,6 +486,7 @@ def test_the_scale_box_gives_tokens_per_parameter_beside_each_size(tmp_path):
     """Each size's tokens per body parameter stands beside that size's name, in the parameter row's order (a bare sorted
     list put the smallest model's 4.02 beside the largest model's name); ReLoRA cycles sort by length, not as text."""
     from rankscope.config import PRESETS
+    from rankscope.studies.findings.scale import shape_body_params
     from rankscope.studies.findings.tables import scale_box
 
     runs = []
@@ -496,13 +497,7 @@ def test_the_scale_box_gives_tokens_per_parameter_beside_each_size(tmp_path):
                    "train": {"max_steps": 100, "batch_size": 4, "seq_len": 8}}
             runs.append(Run(tmp_path, f"{method}-{size}", method, size, 0, cfg, {"tokens": 3200}))
     ours = scale_box(runs, "full")["scale"]
-    small, large = (body_params_of(PRESETS["micro"], d) for d in (32, 64))
+    small, large = (shape_body_params({**PRESETS["micro"], "d_model": d}) for d in (32, 64))
     assert ours["body (non-embedding) parameters"].index("(small)") < ours["body (non-embedding) parameters"].index("(large)")
     assert ours["tokens per body parameter"] == f"{3200 / small:.3g} (small), {3200 / large:.3g} (large)"
     assert ours["ReLoRA cycle length"].startswith("5 steps") and "; 20 steps" in ours["ReLoRA cycle length"]
-
-
-def body_params_of(preset: dict, d: int) -> int:
-    from rankscope.studies.findings.scale import shape_body_params
-
-    return shape_body_params({**preset, "d_model": d})

@@ -126,8 +126,7 @@ class Study:
         out = []
         for cell in tune_cells(self):
             out += [tune_point(self, cell, v).config for v in t.grid]
-            values = {**{k: (cell[k] if k in cell else vs[0]) for k, vs in self.grid.items()}, "train.seed": t.seed}
-            out += [build_point(self, {**values, t.field: v}, "confirm", cell=cell).config for v in t.grid[: t.confirm or 0]]
+            out += [tune_point(self, cell, v, "confirm").config for v in t.grid[: t.confirm or 0]]
         return out
 
 
@@ -216,13 +215,14 @@ def tune_cells(study: Study) -> list[dict[str, Any]]:
     return out
 
 
-def tune_point(study: Study, cell: dict[str, Any], value: float) -> Point:
-    """A tuning run: the cell's fields, the other grid fields at their first value, one seed, the short budget."""
+def tune_point(study: Study, cell: dict[str, Any], value: float, stage: str = "tune") -> Point:
+    """A tuning run: the cell's fields, the other grid fields at their first value, one seed, the short budget (the tuning
+    overrides); with stage "confirm", the same run at the main horizon."""
     t = study.tune
     values = {k: (cell[k] if k in cell else vs[0]) for k, vs in study.grid.items()}
     values["train.seed"] = t.seed
     values[t.field] = value
-    return build_point(study, values, "tune", t.overrides, cell)
+    return build_point(study, values, stage, t.overrides if stage == "tune" else None, cell)
 
 
 # --------------------------------------------------------------------------- points

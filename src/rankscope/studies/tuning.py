@@ -106,9 +106,7 @@ def confirm_choices(study: Study, cells: list[CellTuning], launcher: Launcher, s
         finite = sorted((d for d in ct.tried if d["loss"] is not None and math.isfinite(d["loss"])), key=lambda d: (d["loss"], d["value"]))
         if ct.chosen is None or len(finite) < 2:
             continue
-        values = {k: (ct.cell[k] if k in ct.cell else vs[0]) for k, vs in study.grid.items()}
-        values["train.seed"] = t.seed
-        wanted[ct.label] = [build_point(study, {**values, t.field: d["value"]}, "confirm", cell=ct.cell) for d in finite[: t.confirm]]
+        wanted[ct.label] = [tune_point(study, ct.cell, d["value"], "confirm") for d in finite[: t.confirm]]
     points = [p for ps in wanted.values() for p in ps]
     known = {p.run_dir: p for p in study.points}
     points = [known.get(p.run_dir, p) for p in points]
