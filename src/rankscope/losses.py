@@ -48,14 +48,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (hs @ wc.T).to(total.dtype)  # (n_chunk, V), fp32
             valid = t != IGNORE_INDEX
             safe = torch.where(valid, t, 0)
-            lse = torch.logsumexp(logits, dim=-1)  # (n_chunk,)
-            total += ((lse - logits.gather(1, safe[:, None])[:, 0]) * valid).sum()
+            picked = logits.gather(1, safe[:, None])[:, 0]
+            # log-sum-exp as torch.logsumexp computes it (max, then exp of the difference), but in place
+            # over the logits, whose exp then serves the gradient: one exp pass and no (n_chunk, V) temporary
+            top = logits.amax(dim=-1)
+            e = logits.sub_(top[:, None]).exp_()
+            z = e.sum(dim=-1)
+            total += ((top + z.log() - picked) * valid).sum()
             if not (need_h or need_w):
                 continue
-            # d(sum of losses)/dlogits = softmax - onehot, zero on ignored rows; in place over the logits
-            g = logits.sub_(lse[:, None]).exp_()
-            g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
-            g.mul_(valid[:, None].to(g.dtype) / n_valid)
+            # d(mean loss)/dlogits = (softmax - onehot) / n_valid, zero on ignored rows; in place
+            w = valid.to(e.dtype) / n_valid
+            g = e.mul_((w / z)[:, None])
+            g[torch.arange(g.shape[0], device=g.device), safe] -= w
             gc = g.to(cdt)
             if need_h:
                 grad_h[s:s + step] = gc @ wc

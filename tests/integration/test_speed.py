@@ -131,12 +131,15 @@ class MaskTape:
     def replay(self):
         queue = list(self.masks)
 
-        def drop(layer, x):
+        def group_masks(x, k, p):  # the per-layer paths draw k = 1 (CPU: the 'dropped' path)
+            return torch.stack([queue.pop(0).view_as(x) for _ in range(k)])
+
+        def drop(layer, x):  # the plain factored path (CUDA; forward_path 'factored')
             if not (isinstance(layer.dropout, nn.Dropout) and layer.training):
                 return x
             return x * queue.pop(0).view_as(x)
 
-        self.mp.setattr(LoRALinear, "group_masks", staticmethod(self.orig))
+        self.mp.setattr(LoRALinear, "group_masks", staticmethod(group_masks))
         self.mp.setattr(LoRALinear, "drop", drop)
         return queue
 
@@ -154,6 +157,26 @@ def test_grouped_relora_with_dropout_equals_the_plain_factored_path_in_fp64(plai
     with plain_path():
         ref = train_steps(plain)
     assert not queue  # every recorded mask was used, in the same order
+    assert torch.stack(got[0]).sub(torch.stack(ref[0])).abs().max() <= 1e-10
+    assert_same(got[1], ref[1])
+
+
+def test_the_dropped_path_equals_the_autograd_factored_form_over_training_steps_in_fp64(monkeypatch):
+    """ReLoRA at dropout 0.1, per layer: the CPU's 'dropped' Function against the plain autograd form
+    (forward_path 'factored'), masks replayed: the same losses, gradients, parameters and AdamW state."""
+    set_paths(monkeypatch, False)
+    fast, plain = fp64_model(0.1), fp64_model(0.1)
+    tape = MaskTape(monkeypatch)
+    tape.record()
+    got = train_steps(fast)
+    assert len(tape.masks) == 2 * 2 * 7 and set(tape.groups) == {1}
+    queue = tape.replay()
+    for m in lora_modules(plain).values():
+        m.forward_path = "factored"
+    x = torch.zeros(2, 16, 32, dtype=torch.float64)
+    assert {m.path(x) for m in lora_modules(fast).values()} == {"dropped"} and {m.path(x) for m in lora_modules(plain).values()} == {"factored"}
+    ref = train_steps(plain)
+    assert not queue
     assert torch.stack(got[0]).sub(torch.stack(ref[0])).abs().max() <= 1e-10
     assert_same(got[1], ref[1])
 

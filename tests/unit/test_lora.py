@@ -2,6 +2,8 @@
 
 import copy
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -181,12 +183,68 @@ def test_merged_hybrid_and_factored_paths_agree_in_outputs_and_gradients(bias):
             torch.testing.assert_close(got, factored, rtol=0, atol=1e-10)
 
 
-def test_dropout_forces_the_factored_path_only_while_training():
+def test_dropout_forces_the_factored_maths_only_while_training():
     layer = LoRALinear(nn.Linear(8, 8, bias=False), rank=2, alpha=4.0, dropout=0.1)
     layer.forward_path = "merged"
     x = torch.randn(5, 8)
-    assert layer.train().path(x) == "factored"  # the mask acts on x: no merged form exists
+    assert layer.train().path(x) == "dropped"  # the mask acts on x: no merged form exists; on a CPU, one Function
     assert layer.eval().path(x) == "merged"  # dropout is the identity in eval mode
+    layer.forward_path = "factored"
+    assert layer.train().path(x) == "factored"  # the plain autograd form, on request
+    layer.forward_path = "auto"
+    layer.base.weight.requires_grad_(True)
+    assert layer.path(x) == "factored"  # the Function gives the base no gradient: a trainable base stays plain
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_dropped_path_equals_the_plain_factored_form_in_fp64(bias):
+    """Adapter dropout on a CPU ('dropped', paths._DroppedLoRA): output and the gradients of x, A and B
+    equal the autograd form base(x) + s B A (x * mask) with the same mask, to 1e-12 in fp64."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 20, bias=bias).double(), rank=4, alpha=8.0, dropout=0.25).train()
+    with torch.no_grad():
+        layer.lora_A.data = layer.lora_A.double().normal_()
+        layer.lora_B.data = layer.lora_B.double().normal_()
+    x = torch.randn(3, 7, 12, dtype=torch.float64)
+    w = torch.linspace(-1, 1, 3 * 7 * 20, dtype=torch.float64).view(3, 7, 20)
+    results = {}
+    for path in ("dropped", "factored"):
+        layer.forward_path = "auto" if path == "dropped" else path
+        assert layer.path(x) == path
+        torch.manual_seed(7)  # the same mask on both paths
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        (y * w).sum().backward()
+        results[path] = (y.detach(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+        layer.lora_A.grad = layer.lora_B.grad = None
+        assert layer.base.weight.grad is None and (layer.base.bias is None or layer.base.bias.grad is None)
+    assert (results["dropped"][0] != layer.eval()(x).detach()).any()  # a mask was applied
+    for got, plain in zip(results["dropped"], results["factored"]):
+        torch.testing.assert_close(got, plain, rtol=0, atol=1e-12)
+
+
+def test_the_dropped_path_under_bf16_autocast_follows_the_plain_form():
+    """Under CPU bf16 autocast (an fp32 input, as the attention projections get, and a bf16 one, as w2
+    gets): bf16 output, fp32 gradients of A and B, and both within bf16 rounding of the plain form."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 32, bias=False), rank=8, alpha=16.0, dropout=0.1).train()
+    nn.init.normal_(layer.lora_B, std=0.1)
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(16, 64).to(dt)
+        results = {}
+        for path in ("auto", "factored"):
+            layer.forward_path = path
+            torch.manual_seed(3)
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(xi)
+            assert y.dtype == torch.bfloat16
+            y.float().square().sum().backward()
+            results[path] = (y.float(), xi.grad.float(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+            assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+            layer.lora_A.grad = layer.lora_B.grad = None
+        for got, plain in zip(results["auto"], results["factored"]):
+            torch.testing.assert_close(got, plain, rtol=0.05, atol=0.05 * plain.abs().max().item())
 
 
 def test_cost_model_prefers_merged_for_narrow_layers_and_hybrid_for_wide():
@@ -253,7 +311,7 @@ def test_adapter_dropout_keeps_one_minus_p_scaled_and_passes_the_mask_to_the_gra
 
 
 def test_adapter_dropout_of_a_bf16_input_is_unbiased():
-    """A bf16 input takes F.dropout (uniform draws in bf16 would be coarse): unbiased, kept values bf16(1 / (1 - p))."""
+    """A bf16 input: the mask is drawn at fp32 resolution (keep_mask) whatever x's dtype; kept values bf16(1 / (1 - p))."""
     torch.manual_seed(5)
     layer = LoRALinear(nn.Linear(64, 8, bias=False), rank=2, alpha=4.0, dropout=0.1).train()
     y = layer.drop(torch.ones(2000, 512, dtype=torch.bfloat16))
@@ -261,6 +319,25 @@ def test_adapter_dropout_of_a_bf16_input_is_unbiased():
     kept = y != 0
     assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.9))
     assert abs(kept.float().mean().item() - 0.9) < 4 * (0.9 * 0.1 / y.numel()) ** 0.5
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 1 / 3, 0.05])
+def test_keep_mask_has_the_distribution_of_a_float32_uniform_draw(p):
+    """keep_mask keeps k (a uniform 24-bit integer) iff k >= its threshold: exactly where the fp32
+    uniform k / 2^24 that `torch.rand` would give is >= p (checked for every k near the threshold), and
+    the two k of each int64 draw are its bits 0-23 and 32-55 (rebuilt from the same generator state)."""
+    from rankscope.adapters.paths import keep_mask
+
+    threshold = math.ceil(float(torch.tensor(p, dtype=torch.float32)) * 2 ** 24)
+    k = torch.arange(threshold - 1000, threshold + 1000)
+    uniform = (k.float() * 2.0 ** -24).float()  # exact: k < 2^24
+    assert torch.equal(uniform >= p, k >= threshold)
+    torch.manual_seed(11)
+    got = keep_mask((3, 5), p, torch.float64)
+    torch.manual_seed(11)
+    draws = torch.empty(8, dtype=torch.int64).random_().tolist()
+    ks = [f for d in draws for f in (d & 0xFFFFFF, (d >> 32) & 0xFFFFFF)][:15]
+    assert got.dtype == torch.float64 and got.flatten().tolist() == [float(v >= threshold) for v in ks]
 
 
 def test_a_trainable_base_weight_never_takes_the_hybrid_path():

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from rankscope.adapters import paths
 from rankscope.adapters.common import replace_module, seeded_generator
-from rankscope.adapters.paths import _merged_weight, _MergedLoRA, _no_autocast
+from rankscope.adapters.paths import _DroppedLoRA, _merged_weight, _MergedLoRA, _no_autocast, keep_mask
 from rankscope.core.errors import RankscopeError
 from rankscope.parallel.distributed import all_ranks_true
 from rankscope.parallel.sharding import assign_, full, local, shard_of
@@ -83,9 +83,12 @@ class LoRALinear(nn.Module):
         self.lora_B.zero_()
 
     def path(self, x: torch.Tensor) -> str:
-        """The form this call uses: factored whenever dropout is active (its mask acts on x)."""
+        """The form this call uses. With dropout active (its mask acts on x): 'dropped' (the factored
+        maths as one autograd Function, `paths._DroppedLoRA`) for a frozen base on a CPU, unless
+        `forward_path` is 'factored' (the plain autograd form: CUDA, a trainable base, tests)."""
         if isinstance(self.dropout, nn.Dropout) and self.training:
-            return "factored"
+            frozen = not self.base.weight.requires_grad and (self.base.bias is None or not self.base.bias.requires_grad)
+            return "dropped" if x.device.type == "cpu" and frozen and self.forward_path != "factored" else "factored"
         if self.forward_path != "auto":
             return self.forward_path
         if self.base.weight.requires_grad:  # the hybrid form gives W no gradient: only for a frozen base
@@ -108,6 +111,10 @@ class LoRALinear(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else torch.promote_types(x.dtype, self.merge_dtype())
             out = _MergedLoRA.apply(x, self.base.weight, self.base.bias, self.lora_A.to(self.merge_dtype()), self.lora_B.to(self.merge_dtype()),
                                     self.scaling, dtype)
+        elif path == "dropped":  # adapter dropout on a CPU: the factored maths as one autograd Function
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.promote_types(x.dtype, self.lora_A.dtype)
+            mask = self.group_masks(x, 1, self.dropout.p)[0]
+            out = _DroppedLoRA.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, mask, self.scaling, dtype)
         else:
             # the scale is folded into B (r columns) rather than applied to the (B, T, out) activations:
             # one full-size elementwise pass less per call. Under bf16 autocast F.linear casts the factors.
@@ -127,7 +134,7 @@ class LoRALinear(nn.Module):
           merged: the concatenated W_i + s_i B_i A_i in one GEMM.
         Anything else (hybrid, capture of effective gradients, biases, ranks or dtypes that differ) runs
         each layer's own forward."""
-        paths = {m.path(x) for m in layers}
+        paths = {"factored" if m.path(x) == "dropped" else m.path(x) for m in layers}  # grouped: its own masks
         l0 = layers[0]
         plain = (len(paths) > 1 or paths == {"hybrid"} or any(m.capture_grad or m.base.bias is not None for m in layers)
                  or len({(m.rank, m.base.in_features, m.base.weight.dtype, type(m.dropout)) for m in layers}) > 1
@@ -150,26 +157,21 @@ class LoRALinear(nn.Module):
     @staticmethod
     def group_masks(x: torch.Tensor, k: int, p: float) -> torch.Tensor:
         """k independent inverted-dropout masks for x, (k, *x.shape) in x's dtype: 0 with probability
-        p, else 1 / (1 - p), from uniform draws (fp32 where x is half precision, whose draws would be
-        coarse), one call for all k from the global generator (so resume stays bit-exact)."""
-        dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        keep = torch.rand((k, *x.shape), dtype=dt, device=x.device) >= p
-        return keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+        p, else 1 / (1 - p) (`paths.keep_mask`: nn.Dropout's distribution at fp32 resolution whatever
+        x's dtype), one call for all k from the global generator (so resume stays bit-exact)."""
+        return keep_mask((k, *x.shape), p, x.dtype, x.device).mul_(1.0 / (1.0 - p))
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """Inverted dropout with nn.Dropout's distribution while training: each element kept with
-        probability 1 - p and scaled by 1 / (1 - p). For an fp32 input on a CPU the mask is drawn as
-        uniform >= p, about 0.8x the time of `F.dropout`'s bernoulli_ (bench/lora_paths.py --dropout);
-        that stream differs from nn.Dropout's but comes from the same global generator, so resume stays
-        bit-exact. Elsewhere (CUDA's fused kernel, a bf16 input, whose uniform draws would be coarse)
-        `F.dropout` itself."""
+        probability 1 - p and scaled by 1 / (1 - p). On a CPU the mask comes from `group_masks`, about
+        half the time of `F.dropout`'s bernoulli_ (bench/lora_paths.py --dropout); that stream differs
+        from nn.Dropout's but comes from the same global generator, so resume stays bit-exact. On CUDA
+        `F.dropout` itself (its kernel is fused)."""
         if not (isinstance(self.dropout, nn.Dropout) and self.training):
             return x
-        p = self.dropout.p
-        if x.device.type != "cpu" or x.dtype != torch.float32:
-            return F.dropout(x, p, training=True)
-        keep = (torch.rand_like(x) >= p).to(x.dtype).mul_(1.0 / (1.0 - p))
-        return x * keep
+        if x.device.type != "cpu":
+            return F.dropout(x, self.dropout.p, training=True)
+        return x * self.group_masks(x, 1, self.dropout.p)[0]
 
     def _accumulate_grad(self, x: torch.Tensor, g: torch.Tensor) -> None:
         """dL/dW += grad_out^T x over the (B*T) tokens, in fp32 (or wider): what F.linear's backward
