@@ -47,7 +47,10 @@ def worker(args) -> None:
     model = Decoder(cfg)
     tcfg = TrainConfig()
     if args.method == "relora":
-        from rankscope.adapters.lora import lora_parameters, wrap_linears
+        try:
+            from rankscope.adapters.lora import lora_parameters, wrap_linears
+        except ModuleNotFoundError:  # a checkout from before the package moved (e.g. ff51925)
+            from rankscope.methods.lora import lora_parameters, wrap_linears
 
         wrap_linears(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 16, 32.0, args.dropout, 0)
         lora = lora_parameters(model)

@@ -23,7 +23,6 @@ shipped method) is never hybrid.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import struct
 
@@ -111,7 +110,6 @@ def keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torc
     return k.bitwise_and_(_FIELD).ge_(_threshold(p)).to(dtype).view(shape)
 
 
-@functools.lru_cache
 def _threshold(p: float) -> int:
     """The least 24-bit k whose fp32 uniform k / 2^24 is >= p, as `rand >= p` compares (p rounded to fp32)."""
     return math.ceil(struct.unpack("f", struct.pack("f", p))[0] * 2 ** 24)
