@@ -9,7 +9,8 @@ the path that was fastest here. The optimiser step is left out (see bench/relora
     python bench/lora_paths.py --threads 1 [--presets micro mini pico-tiny pico-small] [--rank 16] [--dropout 0.1]
 
 With --dropout P it also times the adapter-dropout mask (forward + backward of the masked input) per
-input width: torch's `F.dropout` (bernoulli_) beside `LoRALinear.drop` (uniform >= p), same distribution.
+input width: torch's `F.dropout` (bernoulli_), the uniform draw `rand >= p` (the mask before issue 27's
+`paths.keep_mask`) and `LoRALinear.drop` (keep_mask: two 24-bit fields per 64-bit draw), same distribution.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def time_dropout(d_in: int, tokens: int, p: float, rounds: int, device: torch.de
     layer = LoRALinear(nn.Linear(d_in, d_in, bias=False, device=device), 1, 1.0, dropout=p).train()
     x = torch.randn(tokens, d_in, device=device, requires_grad=True)
     g = torch.randn(tokens, d_in, device=device)
-    fns = {"F.dropout": lambda: torch.nn.functional.dropout(x, p, True), "LoRALinear.drop": lambda: layer.drop(x)}
+    fns = {"F.dropout": lambda: torch.nn.functional.dropout(x, p, True),
+           "rand >= p": lambda: x * (torch.rand_like(x) >= p).to(x.dtype).mul_(1.0 / (1.0 - p)),
+           "LoRALinear.drop": lambda: layer.drop(x)}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(rounds + 2):
         for k, f in fns.items() if i % 2 == 0 else list(fns.items())[::-1]:
@@ -121,8 +124,9 @@ def main() -> None:
         widths = sorted({d_in for preset in args.presets for d_in, _ in shapes(preset).values()})
         for d_in in widths:
             t = time_dropout(d_in, args.tokens, args.dropout, args.rounds, device)
-            print(f"in = {d_in:<6} F.dropout {t['F.dropout'] * 1e6:8.0f}   LoRALinear.drop {t['LoRALinear.drop'] * 1e6:8.0f}"
-                  f"   ({t['LoRALinear.drop'] / t['F.dropout']:.2f}x)", flush=True)
+            print(f"in = {d_in:<6} F.dropout {t['F.dropout'] * 1e6:8.0f}   rand >= p {t['rand >= p'] * 1e6:8.0f}"
+                  f"   LoRALinear.drop {t['LoRALinear.drop'] * 1e6:8.0f} us ({t['LoRALinear.drop'] / t['F.dropout']:.2f}x F.dropout, "
+                  f"{t['LoRALinear.drop'] / t['rand >= p']:.2f}x rand >= p)", flush=True)
 
 
 if __name__ == "__main__":
