@@ -159,9 +159,12 @@ def test_fsdp_two_processes_match_one_with_gradient_accumulation(prepared, tmp_p
     assert len(a) == len(b) == 12
     assert_same_curve(a, b)
     # the checkpoint of a sharded run holds full tensors under the same names as an unsharded one;
-    # against DDP with the same layout only the reduction (reduce-scatter vs all-reduce) differs
+    # against DDP with the same layout only the reduction (reduce-scatter vs all-reduce) differs. Its rounding,
+    # through 12 AdamW steps at lr 3e-3 (m / sqrt(v) of a near-zero gradient), moves a parameter by ~1e-6: measured
+    # 9.7e-7 (embed.weight) with the earlier loss arithmetic, 1.5e-6 with the in-place log-sum-exp. A sharding
+    # error moves parameters by lr-sized steps, over 1,000x that; the moments stay within 1e-6 (measured 2.4e-8).
     (ma, oa), (mb, ob) = final_state(tmp_path / "ddp"), final_state(tmp_path / "fsdp")
-    assert_close_states(ma, mb, 1e-6)
+    assert_close_states(ma, mb, 5e-6)
     assert_close_states(oa, ob, 1e-6)
 
 

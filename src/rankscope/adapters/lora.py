@@ -5,7 +5,8 @@ as peft) and B zero, so a wrapped model equals the base model at step 0 and B ge
 step 1 (A from step 2, once B is non-zero). `delta_weight()` is the only place
 dW = (alpha / r) * B @ A is computed, always in fp32; `merge()` adds exactly that dW to the fp32
 master weight and refuses non-finite results (peft's `safe_merge`). Three exact ways to compute the
-same function (`forward_path`: factored, merged, hybrid) live in rankscope.adapters.paths.
+same function (`forward_path`: factored, merged, hybrid) live in rankscope.adapters.paths, and a fourth,
+'dropped', for training with adapter dropout on a CPU (the factored maths as one autograd Function).
 
 Effective-weight gradients (checkpoint.save_grads): the base weight is frozen, so autograd gives
 it no gradient. At snapshot steps only, `capture_effective_grads(model, True)` makes each wrapped
@@ -55,7 +56,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.capture_grad = False  # accumulate dL/dW of the base weight (snapshot steps only)
         self.effective_grad: torch.Tensor | None = None
-        self.forward_path: str = "auto"  # 'auto' (choose_path), 'merged', 'hybrid' or 'factored'
+        self.forward_path: str = "auto"  # 'auto' (choose_path; 'dropped' under CPU dropout), 'merged', 'hybrid' or 'factored'
         self._auto_paths: dict[tuple[int, bool], str] = {}  # choose_path by (tokens, backward)
         self.reset_adapter(generator)
 
