@@ -7,7 +7,9 @@ Forms (all the same function; the max deviation from the first is printed, fp64 
   bmm        one baddbmm with the causal mask as bias, softmax, one bmm; the g query heads of a KV head as rows;
   chunked    flash-style by hand: per chunk of (batch, KV head) pairs that fits in cache, logsumexp saved,
              scores recomputed in backward;
-  flash bf16 the flash kernel on bf16 q, k, v (what bf16 autocast gives it).
+  flash bf16 the flash kernel on bf16 q, k, v (what bf16 autocast gives it);
+  kernel     rankscope.kernels.causal_attention (C++, head dim 8; what the model uses on a CPU since issue 27's
+             second round), where it builds.
 Times are median CPU seconds of this process (time.process_time) over `--reps`, best of `--rounds`.
 """
 
@@ -69,7 +71,12 @@ def forms(B: int, H: int, KV: int, T: int, hd: int):
         return ChunkedAttention.apply(q.reshape(B * KV, g * T, hd), k.reshape(B * KV, T, hd), v.reshape(B * KV, T, hd),
                                       mask(q), hd ** -0.5, 4).view(B, H, T, hd)
 
-    return {"flash": flash, "bmm": bmm, "chunked": chunked}
+    forms = {"flash": flash, "bmm": bmm, "chunked": chunked}
+    from rankscope.kernels import causal_attention as ca
+
+    if ca.extension() is not None and hd == ca.HEAD_DIM:  # the model's CPU path at head dim 8
+        forms["kernel"] = ca.causal_attention
+    return forms
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rankscope.config import ModelConfig
+from rankscope.kernels import causal_attention
 from rankscope.losses import linear_cross_entropy
 
 from rankscope.names import DEFAULT_TARGETS  # noqa: F401  (every linear of a block: the methods' default targets)
@@ -81,12 +82,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention, q (B, nh, T, hd), k and v (B, nkv, T, hd) -> (B, nh, T, hd); query head h reads
     key/value head h // (nh / nkv) (GQA). Under CPU autocast in fp32, and fp32 out (the next linear
-    casts it; see the module docstring). At head dim 8 CPU's flash kernel is the fastest exact form
-    measured: a bmm form and a chunked recomputing one were 1.5x and 1.9x slower (bench/attention_paths.py)."""
+    casts it; see the module docstring). At head dim 8 on a CPU: rankscope.kernels.causal_attention, a
+    C++ kernel (bench/attention_paths.py: about half the flash kernel's time); elsewhere, or where it cannot
+    be built, torch's SDPA (on a CPU its flash kernel, which beat a bmm form and a chunked one by 1.5x, 1.9x)."""
     gqa = k.shape[1] != q.shape[1]
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa)
+            return attention(q.float(), k.float(), v.float())
+    if causal_attention.supported(q, k, v):  # head dim 8 on a CPU: rankscope.kernels.causal_attention
+        return causal_attention.causal_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
 
