@@ -6,7 +6,8 @@ analysis reports; `rankscope.export` maps them to Hugging Face Llama names.
 
 Precision: under bf16 autocast on a CPU the attention runs in fp32 (q, k, v cast up, `attention`):
 CPU's flash kernel at head dim 8 is slower in bf16 than in fp32 (bench/attention_paths.py), which made
-bf16 training slower than fp32, while bf16 linears with fp32 attention train faster than fp32
+bf16 training slower than fp32, and the head-dim-8 kernel (rankscope.kernels.causal_attention) is fp32 /
+fp64 only; bf16 linears with fp32 attention train faster than fp32
 (bench/speedup.py; the figures: bench/README.md, "Measurements behind the code"). Where bf16 is used at all is still `train.precision: auto`'s timing.
 
 Projections that share an input (issue 27; `project`), same maths and the same parameters (names,
