@@ -17,6 +17,7 @@ fails the model keeps torch's flash kernel and says so once.
 from __future__ import annotations
 
 import hashlib
+import sys
 import warnings
 from pathlib import Path
 
@@ -48,8 +49,12 @@ def extension():
             # -march=native: named per CPU feature set, so a cache shared by different machines never
             # hands one of them code for instructions it lacks. fast-math for vectorised exp and sums,
             # but NaN and inf keep their meaning (a NaN loss must still show).
-            tag = hashlib.sha1(_cpu_flags().encode()).hexdigest()[:10]
-            _state["ext"] = load(name=f"rankscope_causal_attention_{tag}", sources=[str(_SOURCE)], verbose=False,
+            from torch.utils.cpp_extension import _get_build_directory
+
+            name = f"rankscope_causal_attention_{hashlib.sha1(_cpu_flags().encode()).hexdigest()[:10]}"
+            if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
+                print("rankscope: building the head-dim-8 attention kernel (once per machine, about 30 s)", file=sys.stderr, flush=True)
+            _state["ext"] = load(name=name, sources=[str(_SOURCE)], verbose=False,
                                  extra_cflags=["-O3", "-march=native", "-ffast-math"])
         except Exception as e:  # no compiler or ninja: the flash kernel, said once
             warnings.warn(f"rankscope: the head-dim-8 attention kernel could not be built ({type(e).__name__}: "
