@@ -135,7 +135,7 @@ class LoRALinear(nn.Module):
           merged: the concatenated W_i + s_i B_i A_i in one GEMM.
         Anything else (hybrid, capture of effective gradients, biases, ranks or dtypes that differ) runs
         each layer's own forward."""
-        paths = {"factored" if m.path(x) == "dropped" else m.path(x) for m in layers}  # grouped: its own masks
+        paths = {"factored" if p == "dropped" else p for p in (m.path(x) for m in layers)}  # grouped: its own masks
         l0 = layers[0]
         plain = (len(paths) > 1 or paths == {"hybrid"} or any(m.capture_grad or m.base.bias is not None for m in layers)
                  or len({(m.rank, m.base.in_features, m.base.weight.dtype, type(m.dropout)) for m in layers}) > 1

@@ -103,8 +103,9 @@ def keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torc
     (so resume stays bit-exact). Exactly the distribution of `torch.rand(shape) >= p` (fp32): that draw
     is u = k / 2^24 with k a uniform 24-bit integer, kept iff k >= ceil(float32(p) 2^24). Here each
     int64 draw of the generator (63 random bits) gives two such k (bits 0-23 and 32-55, as the two int32
-    halves of it), so the generator runs half as often; on the 2-core EPYC of 2026-12-02 the mask of a
-    2048 x 96 input took 0.38 ms against 0.76 ms for `rand >= p` (bench/lora_paths.py --dropout)."""
+    halves of it), so the generator runs half as often; on the 2-core EPYC of 2026-12-02 dropout of a
+    2048 x 96 input, forward + backward, took 0.64 ms against 0.96 ms with `rand >= p`
+    (bench/lora_paths.py --dropout; bench/results/lora_paths_pico_tiny_body_quiet.txt)."""
     n = math.prod(shape)
     k = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_().view(torch.int32)[:n]
     return k.bitwise_and_(_FIELD).ge_(_threshold(p)).to(dtype).view(shape)
