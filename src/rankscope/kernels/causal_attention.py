@@ -2,9 +2,10 @@
 
 At the pico body's head dim of 8 torch's CPU flash kernel spends most of its time on tiny GEMMs (every
 product has a dimension of 8); attention took 42% of a full-rank fp32 step and 51% of a bf16 one
-(bench/README.md, pico-tiny-body). This kernel computes the same exact softmax attention with the key
-loops over contiguous memory (k and v transposed) so the compiler vectorises them: forward keeps the
-log-sum-exp per query, backward recomputes the probabilities from it, as flash attention does. It is
+(bench/README.md, pico-tiny-body). This kernel computes the same exact softmax attention over whole
+64-byte vectors of keys (k and v transposed and zero padded to a multiple of 16 keys, so no loop has a
+scalar remainder, and one pass per block of keys does all of its work): forward keeps the log-sum-exp
+per query, backward recomputes the probabilities from it, as flash attention does. It is
 tested equal to `F.scaled_dot_product_attention(is_causal=True, enable_gqa=True)` in fp64 (outputs and
 gradients) and is registered as a torch.library custom op, so `torch.compile` keeps it in its graph.
 
@@ -22,9 +23,11 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ENABLED = True  # off: torch's flash kernel everywhere (tests, benches)
 HEAD_DIM = 8
+PAD = 16  # keys padded to a multiple of this (causal_attention.cpp's PAD)
 _SOURCE = Path(__file__).with_suffix(".cpp")
 _state: dict[str, object] = {}
 
@@ -47,14 +50,15 @@ def extension():
             from torch.utils.cpp_extension import _get_build_directory, load
 
             # -march=native: named per CPU feature set, so a cache shared by different machines never
-            # hands one of them code for instructions it lacks. -ffast-math (finite-math-only included:
-            # without it gcc vectorised neither the max nor the exp, 19.5 against 13.2 ms per layer): a NaN
-            # in q, k or v still gives NaN outputs (tested), which the NaN-loss guard needs.
+            # hands one of them code for instructions it lacks. -ffast-math lets gcc fuse and reorder the
+            # sums (without it: 3.2 + 4.5 against 2.2 + 3.7 ms forward + backward per layer, fp32, on the
+            # EPYC of 2026-12-03); -fno-finite-math-only keeps NaN through the kernel's selects, so a NaN
+            # in q, k or v gives NaN outputs (tested), which the NaN-loss guard needs.
             name = f"rankscope_causal_attention_{hashlib.sha1(_cpu_flags().encode()).hexdigest()[:10]}"
             if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
                 print("rankscope: building the head-dim-8 attention kernel (once per machine, about 30 s)", file=sys.stderr, flush=True)
             _state["ext"] = load(name=name, sources=[str(_SOURCE)], verbose=False,
-                                 extra_cflags=["-O3", "-march=native", "-ffast-math"])
+                                 extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"])
         except Exception as e:  # no compiler or ninja: the flash kernel, said once
             warnings.warn(f"rankscope: the head-dim-8 attention kernel could not be built ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); using torch's flash kernel", stacklevel=2)
@@ -106,5 +110,13 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(8) + causal mask) v; q (B, H, T, 8), k and v (B, KV, T, 8), H a multiple of KV."""
-    o, _ = _fwd(q.contiguous(), k.transpose(-1, -2).contiguous(), v.transpose(-1, -2).contiguous(), HEAD_DIM ** -0.5)
+    o, _ = _fwd(q.contiguous(), _keys_major(k), _keys_major(v), HEAD_DIM ** -0.5)
     return o
+
+
+def _keys_major(k: torch.Tensor) -> torch.Tensor:
+    """k (B, KV, T, 8) as the kernel reads it: (B, KV, 8, Tp), contiguous, zero padded to Tp a multiple of
+    PAD (autograd through the pad hands back the gradient of the first T columns)."""
+    kt = k.transpose(-1, -2)
+    pad = -kt.shape[-1] % PAD
+    return F.pad(kt, (0, pad)).contiguous() if pad else kt.contiguous()
