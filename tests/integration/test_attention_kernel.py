@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from rankscope import model as model_mod
+from rankscope.kernels import build
 from rankscope.kernels import causal_attention as ca
 
 built = pytest.mark.skipif(ca.extension() is None, reason="the C++ kernel could not be built here (no compiler or ninja)")
@@ -88,7 +89,7 @@ def test_the_model_uses_the_kernel_at_head_dim_8_and_sdpa_otherwise(monkeypatch)
 
 
 def test_without_a_build_the_model_keeps_sdpa(monkeypatch):
-    monkeypatch.setitem(ca._state, "ext", None)  # as where the compiler or ninja is missing
+    monkeypatch.setitem(build._built, str(ca._SOURCE), None)  # as where the compiler or ninja is missing
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, h, 16, 8, generator=g) for h in (6, 2, 2))
     assert not ca.supported(q, k, v)

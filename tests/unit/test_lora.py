@@ -322,11 +322,15 @@ def test_adapter_dropout_of_a_bf16_input_is_unbiased():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 1 / 3, 0.05])
-def test_keep_mask_has_the_distribution_of_a_float32_uniform_draw(p):
+def test_keep_mask_has_the_distribution_of_a_float32_uniform_draw(p, monkeypatch):
     """keep_mask keeps k (a uniform 24-bit integer) iff k >= its threshold: exactly where the fp32
-    uniform k / 2^24 that `torch.rand` would give is >= p (checked for every k near the threshold), and
-    the two k of each int64 draw are its bits 0-23 and 32-55 (rebuilt from the same generator state)."""
+    uniform k / 2^24 that `torch.rand` would give is >= p (checked for every k near the threshold), and,
+    without the Philox kernel (its own tests: tests/integration/test_dropout_mask.py), the two k of each
+    int64 draw are its bits 0-23 and 32-55 (rebuilt from the same generator state)."""
     from rankscope.adapters.paths import keep_mask
+    from rankscope.kernels import build, dropout_mask
+
+    monkeypatch.setitem(build._built, str(dropout_mask._SOURCE), None)
 
     threshold = math.ceil(float(torch.tensor(p, dtype=torch.float32)) * 2 ** 24)
     k = torch.arange(threshold - 1000, threshold + 1000)

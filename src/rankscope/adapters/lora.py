@@ -160,7 +160,7 @@ class LoRALinear(nn.Module):
         """k independent inverted-dropout masks for x, (k, *x.shape) in x's dtype: 0 with probability
         p, else 1 / (1 - p) (`paths.keep_mask`: nn.Dropout's distribution at fp32 resolution whatever
         x's dtype), one call for all k from the global generator (so resume stays bit-exact)."""
-        return keep_mask((k, *x.shape), p, x.dtype, x.device).mul_(1.0 / (1.0 - p))
+        return keep_mask((k, *x.shape), p, x.dtype, x.device, scale=1.0 / (1.0 - p))
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """Inverted dropout with nn.Dropout's distribution while training: each element kept with

@@ -6,7 +6,7 @@ form `base(x) + s B A drop(x)`; rankscope.adapters.lora.LoRALinear calls them.
   factored  the plain form; the only one with adapter dropout (its mask acts on x alone). On a CPU,
             with dropout active, it runs as `_DroppedLoRA`: the same six thin products, with the base
             and adapter outputs summed in one addmm, no autograd node per elementwise step, and a
-            mask drawn at 24-bit resolution from half as many generator calls (`keep_mask`);
+            mask drawn at 24-bit resolution in one vectorised pass (`keep_mask`);
   merged    `F.linear(x, W + dW)`: one dense matmul forward and one for the input gradient, as a
             full-rank layer; autograd then forms the dense dW' = g^T x (which full-rank training
             computes too) and derives dA, dB from it with two thin (out x in x r) products;
@@ -28,6 +28,8 @@ import struct
 
 import torch
 import torch.nn.functional as F
+
+from rankscope.kernels import dropout_mask
 
 # A thin matmul (one dimension r) runs at a fraction of a dense matmul's FLOP rate: fitted from
 # bench/lora_paths.py, fwd+bwd of one layer at the adapted shapes of micro, mini, pico-tiny and pico-small
@@ -98,17 +100,23 @@ class _MergedLoRA(torch.autograd.Function):
 _FIELD = (1 << 24) - 1  # a float32 uniform draw is (24 random bits) / 2^24 (ATen's uniform_real_distribution)
 
 
-def keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """0/1 in `dtype`: each element 1 with probability 1 - p, independently, from the global generator
-    (so resume stays bit-exact). Exactly the distribution of `torch.rand(shape) >= p` (fp32): that draw
-    is u = k / 2^24 with k a uniform 24-bit integer, kept iff k >= ceil(float32(p) 2^24). Here each
-    int64 draw of the generator (63 random bits) gives two such k (bits 0-23 and 32-55, as the two int32
-    halves of it), so the generator runs half as often; on the 2-core EPYC of 2026-12-02 dropout of a
-    2048 x 96 input, forward + backward, took 0.64 ms against 0.96 ms with `rand >= p`
+def keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torch.device | str = "cpu",
+              scale: float = 1.0) -> torch.Tensor:
+    """`scale` (in `dtype`) or 0: each element kept with probability 1 - p, independently. Exactly the
+    distribution of `torch.rand(shape) >= p` (fp32): that draw is u = k / 2^24 with k a uniform 24-bit
+    integer, kept iff k >= ceil(float32(p) 2^24). Seeded from the global generator, so resume stays bit-exact.
+    On a CPU k comes from Philox (`rankscope.kernels.dropout_mask`: one seed drawn from the generator, then
+    the whole mask in one vectorised pass; 0.11 ms for 2048 x 96 against 0.46 ms for the branch below, on
+    the EPYC of 2026-12-03). Elsewhere, or where the kernel cannot be built, each int64 draw of the
+    generator (63 random bits) gives two k (bits 0-23 and 32-55, as the two int32 halves of it); that took
+    0.64 ms against 0.96 ms with `rand >= p` for dropout of a 2048 x 96 input, forward + backward
     (bench/lora_paths.py --dropout; bench/results/lora_paths_pico_tiny_body_quiet.txt)."""
+    if dropout_mask.supported(dtype, device):
+        return dropout_mask.mask(tuple(shape), _threshold(p), scale, dtype)
     n = math.prod(shape)
     k = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_().view(torch.int32)[:n]
-    return k.bitwise_and_(_FIELD).ge_(_threshold(p)).to(dtype).view(shape)
+    mask = k.bitwise_and_(_FIELD).ge_(_threshold(p)).to(dtype).view(shape)
+    return mask if scale == 1.0 else mask.mul_(scale)
 
 
 def _threshold(p: float) -> int:

@@ -1,17 +1,21 @@
 // Causal GQA attention with a head dim of 8, forward and backward, for rankscope.kernels.causal_attention.
 // Exact softmax attention (no approximation): forward keeps the log-sum-exp per query, backward recomputes
 // the probabilities from it (as flash attention does). q, dq (B, H, T, D); k, v and their gradients transposed
-// and zero padded, (B, KV, D, Tp) with Tp a multiple of 16, so that keys come in whole 64-byte vectors (16 fp32
-// or 8 fp64 lanes, GCC/Clang vector extensions: AVX-512 where the CPU has it, two AVX2 halves elsewhere) and
-// no loop has a scalar remainder; the last block of a query's keys has its future lanes zeroed. One pass per
-// block does all of a key block's work (backward: scores, probabilities, dP, dV, dS, dQ, dK), the D = 8 rows
-// of K^T and the dQ accumulators in registers; exp is a polynomial on the vectors (`vexp`). Query head h reads
-// key/value head h / (H / KV). Parallel over (batch, KV head): each task owns its dk, dv rows (no races).
+// and zero padded, (B, KV, D, Tp) with Tp a multiple of 16. Vectors are 64 bytes (16 fp32 or 8 fp64 lanes, GCC/
+// Clang vector extensions: AVX-512 where the CPU has it, two AVX2 halves elsewhere); exp is a polynomial on them
+// (`vexp`). Forward: a block of consecutive queries of one head in the lanes, the keys one at a time (their 8
+// values broadcast), so no horizontal sums; the scores of the first pass (their running max) are kept for the
+// second (probabilities, their sum, the weighted values). Backward: the keys in the lanes, whole blocks of them
+// (no scalar remainders; the last block of a query's keys has its future lanes zeroed), one pass per block
+// doing all of its work (scores, probabilities, dP, dV, dS, dQ, dK). Query head h reads key/value head
+// h / (H / KV). Backward runs parallel over (batch, KV head), so each task owns its dk, dv rows (no races);
+// forward over (batch, head).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <algorithm>
 #include <vector>
 
 constexpr int D = 8;
@@ -66,46 +70,52 @@ static inline V<double>::v vexp(V<double>::v x) {
   return p * scale;
 }
 
+// Forward with the queries in the vector lanes (a block of N consecutive queries of one head; keys one at a
+// time, their 8 values broadcast): no horizontal sums. Two passes over the keys: the running max of each query's
+// scores, then the probabilities, their sum and the weighted values. Query lanes past a key's position are masked.
 template <typename S>
 static void fwd_kernel(const S* q, const S* kt, const S* vt, S* o, S* lse, int64_t B, int64_t H, int64_t KV, int64_t T,
                        int64_t Tp, S scale) {
   using v = typename V<S>::v; constexpr int N = V<S>::N;
   const int64_t g = H / KV;
-  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<S> s(Tp);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<v> sbuf(T);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / KV, kv = task % KV;
+      const int64_t b = task / H, h = task % H, kv = h / g;
       const S* K = kt + (b * KV + kv) * D * Tp;
       const S* Vt = vt + (b * KV + kv) * D * Tp;
-      for (int64_t h = kv * g; h < (kv + 1) * g; ++h) {
-        const S* Q = q + (b * H + h) * T * D;
-        S* O = o + (b * H + h) * T * D;
-        S* L = lse + (b * H + h) * T;
-        for (int64_t i = 0; i < T; ++i) {
-          const int64_t nb = i / N + 1;
-          S qi[D];
-          for (int d = 0; d < D; ++d) qi[d] = Q[i * D + d] * scale;
-          v mv = v{} - S(1e30);
-          for (int64_t bj = 0; bj < nb; ++bj) {
-            const int64_t j0 = bj * N;
-            v sb = qi[0] * load(K + j0);
-            for (int d = 1; d < D; ++d) sb += qi[d] * load(K + d * Tp + j0);
-            if (bj == nb - 1) for (int l = 0; l < N; ++l) if (j0 + l > i) sb[l] = S(-1e30);
-            store(s.data() + j0, sb);
-            mv = sb > mv ? sb : mv;
-          }
-          const S m = hmax<S>(mv);
-          v lv = v{}, acc[D] = {};
-          for (int64_t bj = 0; bj < nb; ++bj) {
-            const int64_t j0 = bj * N;
-            v p = vexp(load(s.data() + j0) - m);
-            if (bj == nb - 1) for (int l = 0; l < N; ++l) if (j0 + l > i) p[l] = 0;
-            lv += p;
-            for (int d = 0; d < D; ++d) acc[d] += p * load(Vt + d * Tp + j0);
-          }
-          const S l = hsum<S>(lv), inv = S(1) / l;
-          for (int d = 0; d < D; ++d) O[i * D + d] = hsum<S>(acc[d]) * inv;
-          L[i] = m + std::log(l);
+      const S* Q = q + (b * H + h) * T * D;
+      S* O = o + (b * H + h) * T * D;
+      S* L = lse + (b * H + h) * T;
+      for (int64_t i0 = 0; i0 < T; i0 += N) {
+        const int nq = (int)std::min<int64_t>(N, T - i0);
+        v qv[D] = {};
+        for (int l = 0; l < nq; ++l)
+          for (int d = 0; d < D; ++d) qv[d][l] = Q[(i0 + l) * D + d] * scale;
+        const int64_t nk = i0 + nq;  // keys 0 .. nk - 1 reach some query of the block
+        v iq;  // each lane's query position
+        for (int l = 0; l < N; ++l) iq[l] = S(i0 + l);
+        v m = v{} - S(1e30);
+        for (int64_t j = 0; j < nk; ++j) {
+          v s0 = qv[0] * K[j], s1 = qv[1] * K[Tp + j];
+          for (int d = 2; d < D; d += 2) { s0 += qv[d] * K[d * Tp + j]; s1 += qv[d + 1] * K[(d + 1) * Tp + j]; }
+          v s = s0 + s1;
+          if (j > i0) s = iq >= S(j) ? s : v{} - S(1e30);
+          sbuf[j] = s;
+          m = s > m ? s : m;
+        }
+        v lsum = {}, acc[D] = {};
+        for (int64_t j = 0; j < nk; ++j) {
+          v p = vexp(sbuf[j] - m);
+          if (j > i0) p = iq >= S(j) ? p : v{};
+          lsum += p;
+          for (int d = 0; d < D; ++d) acc[d] += p * Vt[d * Tp + j];
+        }
+        const v inv = S(1) / lsum;
+        for (int d = 0; d < D; ++d) acc[d] *= inv;
+        for (int l = 0; l < nq; ++l) {
+          for (int d = 0; d < D; ++d) O[(i0 + l) * D + d] = acc[d][l];
+          L[i0 + l] = m[l] + std::log(lsum[l]);
         }
       }
     }

@@ -2,10 +2,11 @@
 
 At the pico body's head dim of 8 torch's CPU flash kernel spends most of its time on tiny GEMMs (every
 product has a dimension of 8); attention took 42% of a full-rank fp32 step and 51% of a bf16 one
-(bench/README.md, pico-tiny-body). This kernel computes the same exact softmax attention over whole
-64-byte vectors of keys (k and v transposed and zero padded to a multiple of 16 keys, so no loop has a
-scalar remainder, and one pass per block of keys does all of its work): forward keeps the log-sum-exp
-per query, backward recomputes the probabilities from it, as flash attention does. It is
+(bench/README.md, pico-tiny-body). This kernel computes the same exact softmax attention on whole
+64-byte vectors: forward with a block of queries in the vector lanes (no horizontal sums), backward with
+the keys in them (k and v transposed and zero padded to a multiple of 16 keys, so no loop has a scalar
+remainder, and one pass per block of keys does all of its work). Forward keeps the log-sum-exp per
+query, backward recomputes the probabilities from it, as flash attention does. It is
 tested equal to `F.scaled_dot_product_attention(is_causal=True, enable_gqa=True)` in fp64 (outputs and
 gradients) and is registered as a torch.library custom op, so `torch.compile` keeps it in its graph.
 
@@ -17,52 +18,26 @@ fails the model keeps torch's flash kernel and says so once.
 
 from __future__ import annotations
 
-import hashlib
-import sys
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from rankscope.kernels import build
+
 ENABLED = True  # off: torch's flash kernel everywhere (tests, benches)
 HEAD_DIM = 8
 PAD = 16  # keys padded to a multiple of this (causal_attention.cpp's PAD)
 _SOURCE = Path(__file__).with_suffix(".cpp")
-_state: dict[str, object] = {}
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
 
 
 def extension():
     """The compiled module, or None where it cannot be built (tried once per process)."""
-    if "ext" not in _state:
-        _state["ext"] = None
-        try:
-            from torch.utils.cpp_extension import _get_build_directory, load
-
-            # -march=native: named per CPU feature set, so a cache shared by different machines never
-            # hands one of them code for instructions it lacks. -ffast-math lets gcc fuse and reorder the
-            # sums (without it: 3.2 + 4.5 against 2.2 + 3.7 ms forward + backward per layer, fp32, on the
-            # EPYC of 2026-12-03); -fno-finite-math-only keeps NaN through the kernel's selects, so a NaN
-            # in q, k or v gives NaN outputs (tested), which the NaN-loss guard needs.
-            name = f"rankscope_causal_attention_{hashlib.sha1(_cpu_flags().encode()).hexdigest()[:10]}"
-            if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
-                print("rankscope: building the head-dim-8 attention kernel (once per machine, about 30 s)", file=sys.stderr, flush=True)
-            _state["ext"] = load(name=name, sources=[str(_SOURCE)], verbose=False,
-                                 extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"])
-        except Exception as e:  # no compiler or ninja: the flash kernel, said once
-            warnings.warn(f"rankscope: the head-dim-8 attention kernel could not be built ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); using torch's flash kernel", stacklevel=2)
-    return _state["ext"]
+    # -ffast-math lets gcc fuse and reorder the sums (without it: 3.2 + 4.5 against 2.2 + 3.7 ms forward +
+    # backward per layer, fp32, on the EPYC of 2026-12-03); -fno-finite-math-only keeps NaN through the
+    # kernel's selects, so a NaN in q, k or v gives NaN outputs (tested), which the NaN-loss guard needs.
+    return build.extension(_SOURCE, "the head-dim-8 attention kernel", "torch's flash kernel",
+                           ("-ffast-math", "-fno-finite-math-only"))
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -1,0 +1,97 @@
+// Dropout keep masks from Philox4x32-10 (Salmon, Moraes, Dror & Shaw, SC'11; Random123's algorithm and constants),
+// for rankscope.kernels.dropout_mask. Counter based: element e of a mask depends only on (seed, e), so the mask is
+// written in one vectorised pass with no generator state. Layout: the elements come in chunks of 64; chunk t, lane l
+// (0-15) is the counter (16 t + l, 0, 0, 0) (as four 32-bit words, low first), and its four output words w = 0-3
+// give the elements 64 t + 16 w + l. The key is (seed & 0xffffffff, seed >> 32). Element e is kept (value `scale`)
+// iff the top 24 bits of its word are >= `threshold`, else 0: with threshold = ceil(p 2^24) that is exactly the
+// distribution of `torch.rand(...) >= p` in fp32 (a 24-bit uniform), element by element independent.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint64_t u64x8 __attribute__((vector_size(64)));
+
+constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+
+// (hi, lo) of the 32 x 32 -> 64-bit products m * a, lane by lane: even lanes zero-extended in place, odd ones
+// shifted down, each a 64-bit multiply of two 32-bit values (one vpmuludq on AVX-512 or AVX2).
+static inline void mulhilo(uint32_t m, u32x16 a, u32x16& hi, u32x16& lo) {
+  const u64x8 w = (u64x8)a, low = u64x8{} + 0xffffffffull;
+  const u64x8 pe = (w & low) * (uint64_t)m, po = (w >> 32) * (uint64_t)m;
+  lo = (u32x16)((pe & low) | (po << 32));
+  hi = (u32x16)((pe >> 32) | (po & ~low));
+}
+
+// Philox4x32-10 of 16 counters at once: c0..c3 the counters' words, (k0, k1) the key; the outputs in place.
+static inline void philox16(u32x16& c0, u32x16& c1, u32x16& c2, u32x16& c3, uint32_t k0, uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    u32x16 hi0, lo0, hi1, lo1;
+    mulhilo(M0, c0, hi0, lo0);
+    mulhilo(M1, c2, hi1, lo1);
+    const u32x16 n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+    k0 += W0; k1 += W1;
+  }
+}
+
+// dst[l] = scale where keep[l] (all ones), else 0, for 16 lanes.
+template <typename S> static inline void store_kept(S* dst, u32x16 keep, S scale) {
+  for (int l = 0; l < 16; ++l) dst[l] = keep[l] ? scale : S(0);
+}
+template <> inline void store_kept<float>(float* dst, u32x16 keep, float scale) {
+  uint32_t bits; std::memcpy(&bits, &scale, 4);
+  const u32x16 out = keep & bits;
+  std::memcpy(dst, &out, sizeof out);
+}
+
+template <typename S>
+static void fill_mask(S* out, int64_t n, uint64_t seed, uint32_t threshold, S scale) {
+  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  const int64_t chunks = (n + 63) / 64;
+  at::parallel_for(0, chunks, 256, [&](int64_t begin, int64_t end) {
+    S tail[64];
+    for (int64_t t = begin; t < end; ++t) {
+      const uint64_t base = (uint64_t)t * 16;
+      const u32x16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+      u32x16 c0 = (uint32_t)base + iota, c1 = u32x16{} + (uint32_t)(base >> 32), c2 = {}, c3 = {};
+      philox16(c0, c1, c2, c3, k0, k1);
+      S* dst = (t * 64 + 64 <= n) ? out + t * 64 : tail;
+      const u32x16 words[4] = {c0, c1, c2, c3};
+      for (int w = 0; w < 4; ++w) store_kept(dst + 16 * w, (words[w] >> 8) >= threshold, scale);
+      if (dst == tail) std::memcpy(out + t * 64, tail, sizeof(S) * (n - t * 64));
+    }
+  });
+}
+
+torch::Tensor mask(int64_t n, int64_t seed, int64_t threshold, double scale, torch::ScalarType dtype) {
+  TORCH_CHECK(n >= 0 && threshold >= 0 && threshold <= (1 << 24), "dropout_mask: n >= 0, threshold in [0, 2^24]");
+  auto out = torch::empty({n}, torch::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, dtype, "dropout_mask", [&] {
+    fill_mask<scalar_t>(out.data_ptr<scalar_t>(), n, (uint64_t)seed, (uint32_t)threshold, (scalar_t)scale);
+  });
+  return out;
+}
+
+// Philox4x32-10 of single counters (n x 4 words) under one key, for the known-answer tests.
+torch::Tensor philox(torch::Tensor counters, int64_t k0, int64_t k1) {
+  TORCH_CHECK(counters.scalar_type() == torch::kInt64 && counters.dim() == 2 && counters.size(1) == 4, "philox: (n, 4) int64 counters");
+  auto c = counters.contiguous();
+  auto out = torch::empty_like(c);
+  const int64_t* src = c.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < c.size(0); ++i) {
+    u32x16 c0 = {}, c1 = {}, c2 = {}, c3 = {};
+    c0[0] = (uint32_t)src[4 * i]; c1[0] = (uint32_t)src[4 * i + 1]; c2[0] = (uint32_t)src[4 * i + 2]; c3[0] = (uint32_t)src[4 * i + 3];
+    philox16(c0, c1, c2, c3, (uint32_t)k0, (uint32_t)k1);
+    dst[4 * i] = c0[0]; dst[4 * i + 1] = c1[0]; dst[4 * i + 2] = c2[0]; dst[4 * i + 3] = c3[0];
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mask", &mask);
+  m.def("philox", &philox);
+}
