@@ -1,5 +1,5 @@
 """Building the C++ kernels: torch.utils.cpp_extension with ninja and the system's C++ compiler, on first
-use, once per process, cached under torch's extensions folder per CPU feature set. Where a build fails the
+use, once per process, cached under torch's extensions folder per CPU feature set and source. Where a build fails the
 caller keeps torch's own op, and the reason is said once."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 _built: dict[str, object] = {}
 
 # -march=native: named per CPU feature set (below), so a cache shared by different machines never hands one
-# of them code for instructions it lacks.
+# of them code for instructions it lacks; and per source and flags, so checkouts of different versions (a
+# benchmark against an older commit) keep their own builds instead of rebuilding each other's.
 FLAGS = ["-O3", "-march=native"]
 
 
@@ -35,7 +36,8 @@ def extension(source: Path, what: str, fallback: str, extra_flags: tuple[str, ..
         try:
             from torch.utils.cpp_extension import _get_build_directory, load
 
-            name = f"rankscope_{source.stem}_{hashlib.sha1(_cpu_flags().encode()).hexdigest()[:10]}"
+            tag = "\n".join([_cpu_flags(), *FLAGS, *extra_flags, source.read_text()])
+            name = f"rankscope_{source.stem}_{hashlib.sha1(tag.encode()).hexdigest()[:10]}"
             if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
                 print(f"rankscope: building {what} (once per machine, about 30 s)", file=sys.stderr, flush=True)
             _built[key] = load(name=name, sources=[str(source)], verbose=False, extra_cflags=[*FLAGS, *extra_flags])
