@@ -14,6 +14,7 @@ known-answer vectors and the whole mask against a numpy reimplementation of the 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -54,10 +55,7 @@ def draw_seed() -> torch.Tensor:
 def mask(shape: tuple[int, ...], threshold: int, scale: float, dtype: torch.dtype, seed: torch.Tensor | None = None) -> torch.Tensor:
     """`scale` where an element is kept, else 0, in `dtype` (scale rounded to it): element e kept iff its
     24-bit Philox field is >= threshold. The seed from `draw_seed` unless given."""
-    n = 1
-    for s in shape:
-        n *= s
-    return _mask(draw_seed() if seed is None else seed, n, threshold, scale, dtype).view(shape)
+    return _mask(draw_seed() if seed is None else seed, math.prod(shape), threshold, scale, dtype).view(shape)
 
 
 def philox(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
