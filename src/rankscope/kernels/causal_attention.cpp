@@ -21,16 +21,20 @@
 constexpr int D = 8;
 constexpr int PAD = 16;  // keys padded to a multiple of this (a multiple of every lane count below)
 
-template <typename S> struct V;  // one 64-byte vector of S and its helpers
+template <typename S> struct V;  // one 64-byte vector of S, and the constants of its exp
 template <> struct V<float> {
   typedef float v __attribute__((vector_size(64)));
   typedef int32_t vi __attribute__((vector_size(64)));
   static constexpr int N = 16;
+  static constexpr float lo = -87.0f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;  // Cephes' split of ln 2
+  static constexpr int bias = 127, mantissa = 23, degree = 7;
 };
 template <> struct V<double> {
   typedef double v __attribute__((vector_size(64)));
   typedef int64_t vi __attribute__((vector_size(64)));
   static constexpr int N = 8;
+  static constexpr double lo = -708.0, ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+  static constexpr int bias = 1023, mantissa = 52, degree = 13;
 };
 
 template <typename S> static inline typename V<S>::v load(const S* p) { typename V<S>::v x; std::memcpy(&x, p, sizeof x); return x; }
@@ -39,40 +43,28 @@ template <typename S> static inline S hsum(typename V<S>::v x) { S a = 0; for (i
 template <typename S> static inline S hmax(typename V<S>::v x) { S a = x[0]; for (int l = 1; l < V<S>::N; ++l) a = x[l] > a ? x[l] : a; return a; }
 
 // exp(x) for x <= about 0 (scores minus their max or log-sum-exp): x = n ln2 + r, |r| <= ln2 / 2, e^r by its
-// Taylor series (degree 7 in fp32, 13 in fp64: truncation under the type's epsilon), times 2^n built in the
-// exponent bits. Clamped below where 2^n stays normal (e^-87 in fp32, e^-708 in fp64): the callers zero the
-// masked lanes themselves. A NaN stays NaN (r is NaN).
-static inline V<float>::v vexp(V<float>::v x) {
-  using v = V<float>::v; using vi = V<float>::vi;
-  x = x < -87.0f ? v{} - 87.0f : x;
-  const v y = x * 1.44269504088896341f - 0.5f;
-  const vi n = __builtin_convertvector(y, vi) ;
+// Taylor series (degree 7 in fp32, 13 in fp64: truncation under the type's epsilon; Horner, 1 / k! rounded to
+// S), times 2^n built in the exponent bits. Clamped below where 2^n stays normal (e^-87 in fp32, e^-708 in fp64):
+// the callers zero the masked lanes themselves. A NaN stays NaN (r is NaN).
+template <typename S>
+static inline typename V<S>::v vexp(typename V<S>::v x) {
+  using T = V<S>; using v = typename T::v; using vi = typename T::vi;
+  x = x < T::lo ? v{} + T::lo : x;
+  const vi n = __builtin_convertvector(x * S(1.4426950408889634) - S(0.5), vi);
   const v nf = __builtin_convertvector(n, v);
-  const v r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
-  v p = r * (1.0f / 5040) + (1.0f / 720);
-  p = p * r + (1.0f / 120); p = p * r + (1.0f / 24); p = p * r + (1.0f / 6); p = p * r + 0.5f; p = p * r + 1.0f; p = p * r + 1.0f;
-  const vi bits = (n + 127) << 23;
-  v scale; std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-static inline V<double>::v vexp(V<double>::v x) {
-  using v = V<double>::v; using vi = V<double>::vi;
-  x = x < -708.0 ? v{} - 708.0 : x;
-  const v y = x * 1.4426950408889634 - 0.5;
-  const vi n = __builtin_convertvector(y, vi);
-  const v nf = __builtin_convertvector(n, v);
-  const v r = (x - nf * 6.93147180369123816490e-01) - nf * 1.90821492927058770002e-10;
-  v p = r * (1.0 / 6227020800.0) + (1.0 / 479001600.0);
-  const double c[] = {1.0 / 39916800, 1.0 / 3628800, 1.0 / 362880, 1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0};
-  for (double ci : c) p = p * r + ci;
-  const vi bits = (n + 1023) << 52;
+  const v r = (x - nf * T::ln2_hi) - nf * T::ln2_lo;
+  S fact = 1;
+  for (int k = 2; k <= T::degree; ++k) fact *= S(k);
+  v p = v{} + S(1) / fact;
+  for (int k = T::degree; k >= 1; --k) {
+    fact /= S(k);  // (k - 1)!
+    p = p * r + S(1) / fact;
+  }
+  const vi bits = (n + T::bias) << T::mantissa;
   v scale; std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
 
-// Forward with the queries in the vector lanes (a block of N consecutive queries of one head; keys one at a
-// time, their 8 values broadcast): no horizontal sums. Two passes over the keys: the running max of each query's
-// scores, then the probabilities, their sum and the weighted values. Query lanes past a key's position are masked.
 template <typename S>
 static void fwd_kernel(const S* q, const S* kt, const S* vt, S* o, S* lse, int64_t B, int64_t H, int64_t KV, int64_t T,
                        int64_t Tp, S scale) {
@@ -106,7 +98,7 @@ static void fwd_kernel(const S* q, const S* kt, const S* vt, S* o, S* lse, int64
         }
         v lsum = {}, acc[D] = {};
         for (int64_t j = 0; j < nk; ++j) {
-          v p = vexp(sbuf[j] - m);
+          v p = vexp<S>(sbuf[j] - m);
           if (j > i0) p = iq >= S(j) ? p : v{};
           lsum += p;
           for (int d = 0; d < D; ++d) acc[d] += p * Vt[d * Tp + j];
@@ -155,7 +147,7 @@ static void bwd_kernel(const S* q, const S* kt, const S* vt, const S* o, const S
             for (int d = 0; d < D; ++d) kd[d] = load(K + d * Tp + j0);
             v sb = qs[0] * kd[0];
             for (int d = 1; d < D; ++d) sb += qs[d] * kd[d];
-            v p = vexp(sb - li);
+            v p = vexp<S>(sb - li);
             if (bj == nb - 1) for (int l = 0; l < N; ++l) if (j0 + l > i) p[l] = 0;
             v dp = v{};
             for (int d = 0; d < D; ++d) {
