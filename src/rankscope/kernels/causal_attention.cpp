@@ -43,7 +43,6 @@ template <> struct V<double> {
 template <typename S> static inline typename V<S>::v load(const S* p) { typename V<S>::v x; std::memcpy(&x, p, sizeof x); return x; }
 template <typename S> static inline void store(S* p, typename V<S>::v x) { std::memcpy(p, &x, sizeof x); }
 template <typename S> static inline S hsum(typename V<S>::v x) { S a = 0; for (int l = 0; l < V<S>::N; ++l) a += x[l]; return a; }
-template <typename S> static inline S hmax(typename V<S>::v x) { S a = x[0]; for (int l = 1; l < V<S>::N; ++l) a = x[l] > a ? x[l] : a; return a; }
 
 // exp(x) for x <= about 0 (scores minus their max or log-sum-exp): x = n ln2 + r, |r| <= ln2 / 2, e^r by its
 // Taylor series (degree 7 in fp32, 13 in fp64: truncation under the type's epsilon; Horner, 1 / k! rounded to
@@ -68,6 +67,10 @@ static inline typename V<S>::v vexp(typename V<S>::v x) {
   return p * scale;
 }
 
+// Forward with the queries in the vector lanes (a block of N consecutive queries of one head; keys one at a
+// time, their 8 values broadcast): no horizontal sums. Two passes over the keys: the scores and each query's
+// running max (kept in sbuf), then the probabilities, their sum and the weighted values. Query lanes before a
+// key's position are masked.
 template <typename S>
 static void fwd_kernel(const S* q, const S* kt, const S* vt, S* o, S* lse, int64_t B, int64_t H, int64_t KV, int64_t T,
                        int64_t Tp, S scale) {
