@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint64_t u64x8 __attribute__((vector_size(64)));

@@ -8,7 +8,7 @@ from (seed, e) alone, so a mask is one vectorised pass. The seed is one draw fro
 
 The distribution is `torch.rand(shape) >= p`'s (fp32) exactly: element e is kept iff the top 24 bits of its
 Philox word are >= ceil(float32(p) 2^24), independently for every element (the layout of words to elements:
-dropout_mask.cpp). tests/unit/test_dropout_mask.py checks the generator against Random123's published
+dropout_mask.cpp). tests/integration/test_dropout_mask.py checks the generator against Random123's published
 known-answer vectors and the whole mask against a numpy reimplementation of the layout.
 """
 
