@@ -1,6 +1,6 @@
 #!/bin/bash
 # The speed issue's (27) goal series at pico-tiny-body, one bench after another, into bench/results/*_SUFFIX.txt.
-# Run it with nothing else on the machine (about 12 minutes on 2 cores):
+# Run it with nothing else on the machine (about 13 minutes on 2 cores):
 #   mkdir -p /tmp/rankscope-ff51925 && git archive ff51925 src | tar -x -C /tmp/rankscope-ff51925
 #   bash bench/pico_body_series.sh SUFFIX /tmp/rankscope-ff51925/src
 set -u
@@ -20,4 +20,5 @@ for cfg in "fp32 0.1" "bf16 0.1" "fp32 0" "bf16 0"; do set -- $cfg
   .venv/bin/python bench/relora_vs_full.py --presets pico-tiny-body --batch 16 --seq 128 --threads 1 --precision $1 --dropout $2 --steps 12
   uptime; date
 done > $R/relora_vs_full_pico_tiny_body_$S.txt 2>&1
+{ hdr; .venv/bin/python bench/relora_floor.py --presets pico-tiny-body --precision fp32 bf16 --threads 1; uptime; date; } > $R/relora_floor_pico_tiny_body_$S.txt 2>&1
 { hdr; for m in full relora; do for p in fp32 bf16; do .venv/bin/python bench/profile_step.py --method $m --precision $p --top 25 2>&1 | grep -v USDT; done; done; uptime; date; } > $R/profile_${S}_pico_tiny_body.txt 2>&1

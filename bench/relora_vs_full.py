@@ -27,7 +27,7 @@ from rankscope.methods import load_config
 from rankscope.methods import build_method
 from rankscope.model import Decoder
 from rankscope.optim import optimizer_state_bytes
-from rankscope.core.runtime import autocast, pick_device, pick_precision
+from rankscope.core.runtime import autocast, keep_freed_memory, pick_device, pick_precision
 
 
 def build(preset: str, method: str, args, device):
@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout (the paper's 0.1; 0 removes one activation pass per adapted linear)")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (fuses the LoRA path's small kernels)")
     args = ap.parse_args()
+    keep_freed_memory()  # as `rankscope train` does (bench/allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

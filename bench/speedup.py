@@ -35,6 +35,12 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    try:  # as `rankscope train` does since issue 27's ninth round (bench/allocator.py); older checkouts keep glibc's default
+        from rankscope.core.runtime import keep_freed_memory
+
+        keep_freed_memory()
+    except ImportError:
+        pass
     import rankscope.model
     from rankscope.config import PRESETS, ModelConfig, TrainConfig
     from rankscope.model import Decoder

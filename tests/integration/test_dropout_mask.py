@@ -36,12 +36,18 @@ def philox_np(ctr: np.ndarray, key: tuple[int, int]) -> np.ndarray:
 
 
 def mask_np(n: int, seed: int, threshold: int, scale: float) -> np.ndarray:
-    """The layout dropout_mask.cpp documents: chunk t, lane l is counter 16 t + l; its word w is element 64 t + 16 w + l."""
-    chunks = (n + 63) // 64
-    idx = np.arange(chunks * 16, dtype=np.uint64)
-    ctr = np.stack([idx & np.uint64(0xFFFFFFFF), idx >> np.uint64(32), 0 * idx, 0 * idx], 1)
-    words = philox_np(ctr, (seed & 0xFFFFFFFF, seed >> 32)).reshape(chunks, 16, 4).transpose(0, 2, 1).reshape(-1)[:n]
-    return np.where((words >> np.uint64(8)) >= threshold, scale, 0.0)
+    """The layout dropout_mask.cpp documents, without its early stop: block b, lane l at level k is the counter
+    (16 b + l, k); byte j of its word w is level k's byte of element 256 b + 64 w + 16 j + l; U = u2 u1 u0 (bytes,
+    most significant first) and the element is kept iff U >= threshold."""
+    blocks = (n + 255) // 256
+    idx = np.arange(blocks * 16, dtype=np.uint64)
+    u = np.zeros(blocks * 256, dtype=np.uint64)
+    for level in range(3):
+        ctr = np.stack([idx & np.uint64(0xFFFFFFFF), idx >> np.uint64(32), 0 * idx + np.uint64(level), 0 * idx], 1)
+        words = philox_np(ctr, (seed & 0xFFFFFFFF, seed >> 32)).reshape(blocks, 16, 4)  # (block, lane, word)
+        byte = np.stack([(words >> np.uint64(8 * j)) & np.uint64(0xFF) for j in range(4)], 3)  # (block, lane, word, j)
+        u = (u << np.uint64(8)) | byte.transpose(0, 2, 3, 1).reshape(-1)  # element order: word, j, lane
+    return np.where(u[:n] >= threshold, scale, 0.0)
 
 
 @built
@@ -53,13 +59,25 @@ def test_philox_matches_random123_known_answers_and_the_numpy_round_function():
 
 @built
 @pytest.mark.parametrize("dtype", dm.DTYPES)
-@pytest.mark.parametrize("n", [1, 63, 64, 200, 4096 + 17])
+@pytest.mark.parametrize("n", [1, 63, 64, 200, 256, 257, 4096 + 17])
 def test_the_mask_is_the_documented_layout_bit_for_bit(dtype, n):
     seed = (0x5EED << 32) | 0x1234ABCD
     threshold, scale = _threshold(0.1), 1 / 0.9
     got = dm.mask((n,), threshold, scale, dtype, seed=torch.tensor(seed))
     ref = torch.from_numpy(mask_np(n, seed, threshold, scale)).to(dtype)  # scale rounded to the dtype, as the kernel does
     assert got.dtype == dtype and torch.equal(got, ref)
+
+
+@built
+@pytest.mark.parametrize("threshold", [_threshold(0.1), 0x800000, 0x4A4A4A, 0, 1 << 24])
+def test_every_byte_of_the_comparison_at_thresholds_with_ties(threshold):
+    """A million elements: about 4,000 tie on the first byte and 16 on the first two (0x4A4A4A: the same byte thrice);
+    thresholds 0 and 2^24 keep all and none."""
+    seed, n = 0x0123456789ABCDEF, 1 << 20
+    got = dm.mask((n,), threshold, 2.0, torch.float32, seed=torch.tensor(seed)).numpy()
+    assert np.array_equal(got, mask_np(n, seed, threshold, 2.0).astype(np.float32))
+    if threshold in (0, 1 << 24):
+        assert set(np.unique(got)) == ({2.0} if threshold == 0 else {0.0})
 
 
 @built
@@ -71,7 +89,7 @@ def test_keep_rate_and_independence(p):
     b = keep_mask((n,), p, torch.float64)  # the next seed: an independent mask
     sd = math.sqrt(p * (1 - p) / n)
     assert abs(a.mean().item() - (1 - p)) < 5 * sd
-    for x, y in ((a[:-1], a[1:]), (a[:-16], a[16:]), (a[:-64], a[64:]), (a, b)):  # neighbours, lanes, chunks, masks
+    for x, y in ((a[:-1], a[1:]), (a[:-16], a[16:]), (a[:-64], a[64:]), (a[:-256], a[256:]), (a, b)):  # neighbours, bytes, words, blocks, masks
         assert abs(torch.corrcoef(torch.stack([x, y]))[0, 1].item()) < 5 / math.sqrt(n)
 
 

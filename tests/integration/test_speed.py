@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from helpers import tiny_config
 
 from rankscope import model as model_mod
 from rankscope.cli import main
-from rankscope.config import ModelConfig
+from rankscope.config import PRESETS, ModelConfig
 from rankscope.adapters.lora import LoRALinear, lora_modules, lora_parameters, wrap_linears
 from rankscope.model import Decoder
 
@@ -350,3 +354,79 @@ def train_steps_on(model: nn.Module, device: str, steps: int = 2) -> tuple[list[
     for i, (p, s) in enumerate(opt.state.items()):
         out.update({f"state{i}:{k}": v.clone() for k, v in s.items() if torch.is_tensor(v)})
     return losses, out
+
+
+# --------------------------------------------------------------------------- bench/relora_floor.py's accounting
+def _bench_module(name: str):
+    bench = str(Path(__file__).resolve().parents[2] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("preset", ["pico-tiny-body", "pico-small", "micro"])
+def test_relora_floor_counts_every_adapted_linear_of_a_block(preset):
+    """The floor sums saved and added work over exactly the linears ReLoRA adapts (one block's, x n_layers)."""
+    floor = _bench_module("relora_floor")
+    block = Decoder(ModelConfig(**{**PRESETS[preset], "n_layers": 1})).blocks[0]
+    linears = {name.rsplit(".", 1)[-1]: (m.in_features, m.out_features) for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    assert {name: (i, o) for name, i, o in floor.adapted_shapes(preset)} == linears
+    assert sorted(linears) == sorted(model_mod.DEFAULT_TARGETS)
+
+
+def test_relora_floor_runs_and_prints_its_floors(capsys, monkeypatch):
+    floor = _bench_module("relora_floor")
+    monkeypatch.setattr(sys, "argv", ["relora_floor.py", "--presets", "micro", "--precision", "fp32", "--batch", "2", "--seq", "16",
+                                      "--rounds", "1", "--reps", "1", "--steps", "1", "--rank", "4"])
+    threads = torch.get_num_threads()
+    try:
+        floor.main()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    floors = re.findall(r"floor without masks .*?: ([\d.]+); floor with the masks: ([\d.]+)", out)
+    assert len(floors) == 1 and all(0 < float(v) < 10 for v in floors[0])
+    assert float(floors[0][0]) <= float(floors[0][1])  # the masks only add
+    assert len(re.findall(r"^  w[qkvo123] ", out, flags=re.M)) == 7  # one row per adapted linear
+
+
+# --------------------------------------------------------------------------- glibc malloc for training (runtime.keep_freed_memory)
+_FAULTS = """
+import ctypes, json, resource, sys
+from rankscope.core.runtime import keep_freed_memory
+applied = keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def step():  # three 20 MiB buffers, written and freed, as a step's activations
+    blocks = [libc.malloc(20 << 20) for _ in range(3)]
+    for b in blocks:
+        ctypes.memset(b, 1, 20 << 20)
+    for b in blocks:
+        libc.free(b)
+for _ in range(3):
+    step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(json.dumps([applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(__import__("ctypes").CDLL(None), "gnu_get_libc_version"),
+                    reason="glibc's malloc only")
+def test_keep_freed_memory_stops_the_page_faults_of_re_allocated_buffers():
+    """glibc as it comes serves each 20 MiB block by a fresh mmap (a page fault per 4 KiB written, 15,360 a step);
+    kept, the freed blocks are reused (none). RANKSCOPE_MALLOC=default leaves glibc alone."""
+    import json
+    import os
+    import subprocess
+
+    def run(mode: str) -> tuple[bool, int]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env={**os.environ, "RANKSCOPE_MALLOC": mode},
+                             capture_output=True, text=True, check=True)
+        return tuple(json.loads(out.stdout))
+
+    kept, default = run("keep"), run("default")
+    assert kept[0] is True and default[0] is False
+    assert kept[1] < 100 and default[1] > 3 * 3 * (20 << 20) // 4096 // 2

@@ -106,12 +106,12 @@ def keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torc
     distribution of `torch.rand(shape) >= p` (fp32): that draw is u = k / 2^24 with k a uniform 24-bit
     integer, kept iff k >= ceil(float32(p) 2^24). Seeded from the global generator, so resume stays bit-exact.
     On a CPU k comes from Philox (`rankscope.kernels.dropout_mask`: one seed drawn from the generator, then
-    the whole mask in one vectorised pass): dropout of a 2048 x 96 input, forward + backward, took 0.39 ms
-    against 0.99 ms with `rand >= p` on the EPYC of 2026-12-03 (bench/lora_paths.py --dropout;
-    bench/results/lora_paths_pico_tiny_body_dec03.txt). Elsewhere, or where the kernel cannot be built,
-    each int64 draw of the generator (63 random bits) gives two k (bits 0-23 and 32-55, as the two int32
-    halves of it): 0.64 ms against 0.96 ms in the same measurement a day earlier
-    (bench/results/lora_paths_pico_tiny_body_quiet.txt)."""
+    the whole mask in one vectorised pass, k's bytes compared most significant first): dropout of a 2048 x 96
+    input, forward + backward, took 0.39 ms against 0.99 ms with `rand >= p` on the EPYC of 2026-12-03
+    (bench/lora_paths.py --dropout; bench/results/lora_paths_pico_tiny_body_dec03.txt, one Philox word per
+    element then). Elsewhere, or where the kernel cannot be built, each int64 draw of the generator (63 random
+    bits) gives two k (bits 0-23 and 32-55, as the two int32 halves of it): 0.64 ms against 0.96 ms in the same
+    measurement a day earlier (bench/results/lora_paths_pico_tiny_body_quiet.txt)."""
     if dropout_mask.supported(dtype, device):
         return dropout_mask.mask(tuple(shape), _threshold(p), scale, dtype)
     n = math.prod(shape)

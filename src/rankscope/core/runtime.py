@@ -10,8 +10,11 @@ what is fastest for a given model: runs long enough to repay it time both candid
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -105,3 +108,29 @@ def flops_per_token(n_params: int, vocab_size: int, d_model: int, n_layers: int,
 def mfu(tokens_per_s: float, per_token: float, peak: float, world_size: int = 1) -> float:
     """Model FLOPs utilisation: the model FLOP/s achieved over all ranks' peak (rankscope.core.runtime.peak_flops)."""
     return tokens_per_s * per_token / (peak * world_size)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+TRIM_THRESHOLD = 1 << 30
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Tune glibc's malloc for a training process: blocks up to 32 MiB come from the heap (not a fresh
+    mmap each), and freed memory up to 1 GiB stays in the heap instead of going back to the kernel. A step
+    frees and re-allocates the same activation-sized buffers every time; by default glibc hands them back
+    and the next step takes a page fault on every 4 KiB page again (11,000 per ReLoRA bf16 step at
+    pico-tiny-body). Peak memory is reached every step, so keeping it costs none (bench/allocator.py, which
+    also times it). The same as setting MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ before start.
+    Off with RANKSCOPE_MALLOC=default; a no-op where malloc is not glibc's. Once per process; True if applied."""
+    if os.environ.get("RANKSCOPE_MALLOC", "keep") == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: leave their allocator alone
+            return False
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        return False

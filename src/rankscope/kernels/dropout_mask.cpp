@@ -1,10 +1,15 @@
 // Dropout keep masks from Philox4x32-10 (Salmon, Moraes, Dror & Shaw, SC'11; Random123's algorithm and constants),
 // for rankscope.kernels.dropout_mask. Counter based: element e of a mask depends only on (seed, e), so the mask is
-// written in one vectorised pass with no generator state. Layout: the elements come in chunks of 64; chunk t, lane l
-// (0-15) is the counter (16 t + l, 0, 0, 0) (as four 32-bit words, low first), and its four output words w = 0-3
-// give the elements 64 t + 16 w + l. The key is (seed & 0xffffffff, seed >> 32). Element e is kept (value `scale`)
-// iff the top 24 bits of its word are >= `threshold`, else 0: with threshold = ceil(p 2^24) that is exactly the
-// distribution of `torch.rand(...) >= p` in fp32 (a 24-bit uniform), element by element independent.
+// written in one vectorised pass with no generator state. The key is (seed & 0xffffffff, seed >> 32).
+// Element e is kept (value `scale`) iff its 24-bit uniform U = u2 2^16 + u1 2^8 + u0 is >= `threshold`, else 0:
+// with threshold = ceil(p 2^24) that is exactly the distribution of `torch.rand(...) >= p` in fp32 (a 24-bit
+// uniform), element by element independent. U's three bytes come from three independent Philox streams, and the
+// comparison reads them most significant first, stopping at the first byte that differs from the threshold's,
+// so one byte decides 255 elements in 256 and a 32-bit word serves 4 elements:
+//   layout: the elements come in blocks of 256; block b, lane l (0-15) at level k (0, 1, 2 for u2, u1, u0) is the
+//   counter (16 b + l as 64 bits, low word first, then k, 0); byte j (bits 8 j to 8 j + 7) of its output word w
+//   is that level's byte of element 256 b + 64 w + 16 j + l. Levels 1 and 2 are computed only for blocks where
+//   some element is still undecided (about 63% and 0.4% of blocks at any threshold).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
@@ -46,21 +51,53 @@ template <> inline void store_kept<float>(float* dst, u32x16 keep, float scale) 
   std::memcpy(dst, &out, sizeof out);
 }
 
+// Level k's 64 words of block b (16 lanes x 4 words).
+static inline void block_words(uint64_t b, uint32_t level, uint32_t k0, uint32_t k1, u32x16 words[4]) {
+  const uint64_t base = b * 16;
+  const u32x16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  u32x16 c0 = (uint32_t)base + iota, c1 = u32x16{} + (uint32_t)(base >> 32), c2 = u32x16{} + level, c3 = {};
+  philox16(c0, c1, c2, c3, k0, k1);
+  words[0] = c0; words[1] = c1; words[2] = c2; words[3] = c3;
+}
+
 template <typename S>
 static void fill_mask(S* out, int64_t n, uint64_t seed, uint32_t threshold, S scale) {
   const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  const int64_t chunks = (n + 63) / 64;
-  at::parallel_for(0, chunks, 256, [&](int64_t begin, int64_t end) {
-    S tail[64];
-    for (int64_t t = begin; t < end; ++t) {
-      const uint64_t base = (uint64_t)t * 16;
-      const u32x16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-      u32x16 c0 = (uint32_t)base + iota, c1 = u32x16{} + (uint32_t)(base >> 32), c2 = {}, c3 = {};
-      philox16(c0, c1, c2, c3, k0, k1);
-      S* dst = (t * 64 + 64 <= n) ? out + t * 64 : tail;
-      const u32x16 words[4] = {c0, c1, c2, c3};
-      for (int w = 0; w < 4; ++w) store_kept(dst + 16 * w, (words[w] >> 8) >= threshold, scale);
-      if (dst == tail) std::memcpy(out + t * 64, tail, sizeof(S) * (n - t * 64));
+  const uint32_t t[3] = {threshold >> 16, (threshold >> 8) & 0xff, threshold & 0xff};  // threshold 2^24: t[0] = 256, none kept
+  const int64_t blocks = (n + 255) / 256;
+  at::parallel_for(0, blocks, 64, [&](int64_t begin, int64_t end) {
+    S tail[256];
+    u32x16 keep[16], open[16];  // per group g = 4 w + j: decided-kept lanes, lanes still equal to the threshold so far
+    for (int64_t b = begin; b < end; ++b) {
+      u32x16 any = {};
+      for (uint32_t level = 0; level < 3; ++level) {
+        if (level > 0) {  // a later byte only where an element is still undecided
+          u32x16 fold = any;
+          uint32_t undecided = 0;
+          for (int l = 0; l < 16; ++l) undecided |= fold[l];
+          if (!undecided) break;
+          any = u32x16{};
+        }
+        u32x16 words[4];
+        block_words((uint64_t)b, level, k0, k1, words);
+        const uint32_t last = level == 2;  // the last byte: equal means kept (U >= threshold)
+        for (int g = 0; g < 16; ++g) {
+          const u32x16 byte = (words[g >> 2] >> (8 * (g & 3))) & 0xffu;
+          const u32x16 above = (u32x16)(byte > t[level]), equal = (u32x16)(byte == t[level]);
+          if (level == 0) {
+            keep[g] = above;
+            open[g] = equal;
+          } else {
+            keep[g] |= open[g] & above;
+            open[g] &= equal;
+          }
+          if (last) keep[g] |= open[g];
+          any |= open[g];
+        }
+      }
+      S* dst = (b * 256 + 256 <= n) ? out + b * 256 : tail;
+      for (int g = 0; g < 16; ++g) store_kept(dst + 16 * g, keep[g], scale);
+      if (dst == tail) std::memcpy(out + b * 256, tail, sizeof(S) * (n - b * 256));
     }
   });
 }
