@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 master weights")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    keep_freed_memory()  # as `rankscope train` does (bench/allocator.py)
+    if args.precision == "bf16":
+        keep_freed_memory()  # as `rankscope train` does for bf16 on a CPU (bench/allocator.py)
     torch.set_num_threads(args.threads)
     model_mod.FUSED_LINEARS = args.fused
     torch.manual_seed(0)

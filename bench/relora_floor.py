@@ -31,7 +31,6 @@ import torch
 
 from rankscope.adapters.paths import keep_mask
 from rankscope.config import PRESETS
-from rankscope.core.runtime import keep_freed_memory
 
 import relora_vs_full  # bench/, beside this file
 
@@ -81,7 +80,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="whole steps per method (after 2 untimed), interleaved")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    keep_freed_memory()  # as `rankscope train` does (bench/allocator.py)
     torch.set_num_threads(args.threads)
     n = args.batch * args.seq
     print(f"cpu, {torch.get_num_threads()} thread(s), torch {torch.__version__}, N = {args.batch} x {args.seq} = {n} tokens, "

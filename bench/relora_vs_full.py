@@ -125,12 +125,13 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout (the paper's 0.1; 0 removes one activation pass per adapted linear)")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (fuses the LoRA path's small kernels)")
     args = ap.parse_args()
-    keep_freed_memory()  # as `rankscope train` does (bench/allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     args.presets = args.presets or ["mini", "pico-tiny"] + (["pico-small"] if device.type == "cuda" else [])
     precision = pick_precision(device, args.precision)
+    if device.type == "cpu" and precision == "bf16":
+        keep_freed_memory()  # as `rankscope train` does (bench/allocator.py)
     mem_kind = "peak allocated" if device.type == "cuda" else "params+grads+optimiser state"
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"precision {precision}{', compiled' if args.compile else ''}, batch {args.batch} x seq {args.seq}, {args.steps} timed steps (median); memory = {mem_kind}")

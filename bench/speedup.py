@@ -35,10 +35,11 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    try:  # as `rankscope train` does since issue 27's ninth round (bench/allocator.py); older checkouts keep glibc's default
+    try:  # as `rankscope train` does for bf16 on a CPU since issue 27's ninth round (bench/allocator.py); older checkouts can't
         from rankscope.core.runtime import keep_freed_memory
 
-        keep_freed_memory()
+        if args.precision == "bf16":
+            keep_freed_memory()
     except ImportError:
         pass
     import rankscope.model

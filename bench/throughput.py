@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from rankscope.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from rankscope.model import Decoder  # noqa: E402
 from rankscope.optim import build_adamw, param_groups  # noqa: E402
-from rankscope.core.runtime import autocast, keep_freed_memory  # noqa: E402
+from rankscope.core.runtime import autocast  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -246,7 +246,6 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--memory-probe", nargs=5, metavar=("IMPL", "PRESET", "BATCH", "SEQ", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    keep_freed_memory()  # as `rankscope train` does, for both sides alike (HF too): bench/allocator.py
     if args.memory_probe:
         impl, preset, b, s, prec = args.memory_probe
         memory_probe(impl, preset, int(b), int(s), prec)

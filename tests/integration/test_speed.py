@@ -430,3 +430,14 @@ def test_keep_freed_memory_stops_the_page_faults_of_re_allocated_buffers():
     kept, default = run("keep"), run("default")
     assert kept[0] is True and default[0] is False
     assert kept[1] < 100 and default[1] > 3 * 3 * (20 << 20) // 4096 // 2
+
+
+@pytest.mark.parametrize("precision, called", [("bf16", True), ("fp32", False)])
+def test_the_trainer_keeps_freed_memory_for_bf16_on_a_cpu_only(data_dir, tmp_path, monkeypatch, precision, called):
+    from rankscope.train import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append(1) or True)
+    cfg = tiny_config(data_dir, "train.max_steps=2", "train.warmup_steps=0", "checkpoint.every=0", f"train.precision={precision}", "train.device=cpu")
+    loop.train(cfg, tmp_path / "run", log=lambda *a: None)
+    assert bool(calls) is called

@@ -24,15 +24,14 @@ from rankscope.methods import build_model
 from rankscope.methods.runconfig import normalised_config
 from rankscope.methods.base import Method
 from rankscope.store.run_dir import write_run_dir, write_settings
-from rankscope.core.runtime import keep_freed_memory, pick_device
+from rankscope.core.runtime import pick_device
 
 Log = Callable[[str], None]
 
 
 def start_process(cfg: RunConfig) -> tuple[DistInfo, torch.device]:
     """This process's rank (torchrun's environment, or one process) and device; sets the thread count
-    (train.threads), keeps freed memory in glibc's heap (`keep_freed_memory`) and joins the process group under torchrun."""
-    keep_freed_memory()
+    (train.threads) and joins the process group under torchrun."""
     dist = distributed.from_env()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
