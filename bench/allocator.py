@@ -1,9 +1,9 @@
-"""glibc malloc as it comes against `rankscope.core.runtime.keep_freed_memory`, side by side: steps, page faults, peak RSS.
+"""glibc malloc as it comes against glibc kept from returning freed memory (`keep_freed_memory`), side by side.
 
 A training step frees and re-allocates the same activation-sized buffers every time. glibc by default returns
 freed memory at the top of its heap to the kernel (and serves large blocks by a fresh mmap), so the next step
-touches new pages and takes a page fault on each 4 KiB of them. `keep_freed_memory` (what `rankscope train`
-calls at start) keeps them. Each (preset, method, precision, allocator) runs in its own process, one thread,
+touches new pages and takes a page fault on each 4 KiB of them. `keep_freed_memory` below keeps them (tried
+in issue 27's ninth round and not adopted: the step times moved both ways, bench/README.md). Each (preset, method, precision, allocator) runs in its own process, one thread,
 the two allocators alternating round by round; a round reports the process's median CPU seconds per step
 (forward + backward + AdamW, bench/relora_vs_full.py's build, ReLoRA at rank 16 with dropout `--dropout`),
 its page faults per step and its peak RSS.
@@ -14,6 +14,8 @@ its page faults per step and its peak RSS.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
 import os
 import resource
@@ -25,14 +27,30 @@ from pathlib import Path
 from types import SimpleNamespace
 
 SIDES = ("default", "keep")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """glibc's malloc set so that blocks up to 32 MiB (its largest mmap threshold on 64 bits) come from the heap, not
+    a fresh mmap each, and freed memory up to 1 GiB stays in the heap (as MALLOC_MMAP_THRESHOLD_=33554432 and
+    MALLOC_TRIM_THRESHOLD_=1073741824 set before start). RANKSCOPE_MALLOC=default leaves glibc as it comes; a
+    no-op where malloc is not glibc's. True if applied."""
+    if os.environ.get("RANKSCOPE_MALLOC", "keep") == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: leave their allocator alone
+            return False
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 def worker(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from rankscope.core.runtime import keep_freed_memory
-
     applied = keep_freed_memory()  # RANKSCOPE_MALLOC=default (the parent sets it) leaves glibc as it comes
     import relora_vs_full as rv
     from rankscope.config import PRESETS

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from rankscope import model as model_mod# noqa: E402
 from rankscope.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
-from rankscope.core.runtime import keep_freed_memory  # noqa: E402
 from rankscope.model import Decoder  # noqa: E402
 from rankscope.optim import build_adamw, param_groups  # noqa: E402
 
@@ -67,8 +66,6 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 master weights")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    if args.precision == "bf16":
-        keep_freed_memory()  # as `rankscope train` does for bf16 on a CPU (bench/allocator.py)
     torch.set_num_threads(args.threads)
     model_mod.FUSED_LINEARS = args.fused
     torch.manual_seed(0)

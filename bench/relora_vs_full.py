@@ -27,7 +27,7 @@ from rankscope.methods import load_config
 from rankscope.methods import build_method
 from rankscope.model import Decoder
 from rankscope.optim import optimizer_state_bytes
-from rankscope.core.runtime import autocast, keep_freed_memory, pick_device, pick_precision
+from rankscope.core.runtime import autocast, pick_device, pick_precision
 
 
 def build(preset: str, method: str, args, device):
@@ -130,8 +130,6 @@ def main() -> None:
     device = pick_device(args.device)
     args.presets = args.presets or ["mini", "pico-tiny"] + (["pico-small"] if device.type == "cuda" else [])
     precision = pick_precision(device, args.precision)
-    if device.type == "cpu" and precision == "bf16":
-        keep_freed_memory()  # as `rankscope train` does (bench/allocator.py)
     mem_kind = "peak allocated" if device.type == "cuda" else "params+grads+optimiser state"
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"precision {precision}{', compiled' if args.compile else ''}, batch {args.batch} x seq {args.seq}, {args.steps} timed steps (median); memory = {mem_kind}")

@@ -35,13 +35,6 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    try:  # as `rankscope train` does for bf16 on a CPU since issue 27's ninth round (bench/allocator.py); older checkouts can't
-        from rankscope.core.runtime import keep_freed_memory
-
-        if args.precision == "bf16":
-            keep_freed_memory()
-    except ImportError:
-        pass
     import rankscope.model
     from rankscope.config import PRESETS, ModelConfig, TrainConfig
     from rankscope.model import Decoder

@@ -10,11 +10,8 @@ what is fastest for a given model: runs long enough to repay it time both candid
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import os
 import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -109,30 +106,3 @@ def mfu(tokens_per_s: float, per_token: float, peak: float, world_size: int = 1)
     """Model FLOPs utilisation: the model FLOP/s achieved over all ranks' peak (rankscope.core.runtime.peak_flops)."""
     return tokens_per_s * per_token / (peak * world_size)
 
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
-TRIM_THRESHOLD = 1 << 30
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Tune glibc's malloc for a training process: blocks up to 32 MiB come from the heap (not a fresh
-    mmap each), and freed memory up to 1 GiB stays in the heap instead of going back to the kernel. A step
-    frees and re-allocates the same activation-sized buffers every time; glibc as it comes often hands them
-    back, and the next step takes a page fault on every 4 KiB page again (8,000-13,000 per bf16 step at
-    pico-tiny-body, where mixed-precision casts make more, shorter-lived buffers). The Trainer calls it for
-    bf16 on a CPU only: there it took ReLoRA d0.1 steps to 0.90x and 0.96x and full-rank steps to 0.88x and
-    1.01x in two runs of bench/allocator.py; in fp32 (few faults either way) steps were 0.98-1.09x, no gain.
-    Peak RSS unchanged (within 2%). The same as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set before
-    start. Off with RANKSCOPE_MALLOC=default; a no-op where malloc is not glibc's. Once per process; True if applied."""
-    if os.environ.get("RANKSCOPE_MALLOC", "keep") == "default" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: leave their allocator alone
-            return False
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    except (OSError, AttributeError):
-        return False

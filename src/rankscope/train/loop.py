@@ -31,7 +31,7 @@ from rankscope.train.loggers import MetricsLog, TokenRate
 from rankscope.core.preemption import Preempted, StopOnSignal
 from rankscope.core.progress import Progress
 from rankscope.store.run_dir import lock_run_dir
-from rankscope.core.runtime import autocast, keep_freed_memory, pick_precision
+from rankscope.core.runtime import autocast, pick_precision
 
 
 @dataclass
@@ -117,8 +117,6 @@ class Trainer:
             self.settings, compiled = run_setup.choose_settings(self.cfg, self.model, self.device, self.dist,
                                                                 self.previous_settings, self.run_dir, self.log)
             self.precision = self.settings["precision"]
-            if self.device.type == "cpu" and self.precision == "bf16":
-                keep_freed_memory()  # paid in bf16 on a CPU only (its docstring; bench/allocator.py)
         self.wrap_parallel(compiled)
 
     def wrap_parallel(self, compiled: nn.Module | None = None) -> None:
