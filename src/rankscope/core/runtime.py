@@ -105,4 +105,3 @@ def flops_per_token(n_params: int, vocab_size: int, d_model: int, n_layers: int,
 def mfu(tokens_per_s: float, per_token: float, peak: float, world_size: int = 1) -> float:
     """Model FLOPs utilisation: the model FLOP/s achieved over all ranks' peak (rankscope.core.runtime.peak_flops)."""
     return tokens_per_s * per_token / (peak * world_size)
-

@@ -9,7 +9,7 @@
 //   layout: the elements come in blocks of 256; block b, lane l (0-15) at level k (0, 1, 2 for u2, u1, u0) is the
 //   counter (16 b + l as 64 bits, low word first, then k, 0); byte j (bits 8 j to 8 j + 7) of its output word w
 //   is that level's byte of element 256 b + 64 w + 16 j + l. Levels 1 and 2 are computed only for blocks where
-//   some element is still undecided (about 63% and 0.4% of blocks at any threshold).
+//   some element is still undecided (about 63% and 0.4% of blocks at thresholds below 2^24).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>

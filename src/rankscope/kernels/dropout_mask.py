@@ -10,7 +10,7 @@ The distribution is `torch.rand(shape) >= p`'s (fp32) exactly: element e is kept
 >= ceil(float32(p) 2^24), independently for every element. The uniform's three bytes come from three Philox
 streams and are compared most significant first, stopping at the first byte that differs from the threshold's:
 one byte decides 255 elements in 256, so a 32-bit word serves four elements (the layout: dropout_mask.cpp).
-That made a 2048 x 384 mask 0.74x the time of one 24-bit word per element (bench/results/dropout_mask_dec03c.txt).
+That made a mask 0.78-0.80x the time of one 24-bit word per element (bench/results/dropout_mask_dec03c.txt).
 tests/integration/test_dropout_mask.py checks the generator against Random123's published known-answer vectors
 and the whole mask against a numpy reimplementation of the layout that compares all 24 bits, at thresholds
 with ties on one, two and three bytes.
