@@ -32,18 +32,16 @@ import torch
 from rankscope.adapters.paths import keep_mask
 from rankscope.config import PRESETS
 
-import relora_vs_full  # bench/, beside this file
+import lora_paths  # bench/, beside this file
+import relora_vs_full
 
 
 def adapted_shapes(preset: str) -> list[tuple[str, int, int]]:
-    """(name, in, out) of each adapted linear of one block."""
-    p = PRESETS[preset]
-    d, f, hd = p["d_model"], p["ffn_dim"], p["d_model"] // p["n_heads"]
-    kv = p["n_kv_heads"] * hd
-    return [("wq", d, d), ("wk", d, kv), ("wv", d, kv), ("wo", d, d), ("w1", d, f), ("w3", d, f), ("w2", f, d)]
+    """(name, in, out) of each adapted linear of one block (bench/lora_paths.py's shapes, one row per linear)."""
+    return [(name, i, o) for names, (i, o) in lora_paths.shapes(preset).items() for name in names.split(", ")]
 
 
-def best_us(fn, reps: int) -> float:
+def mean_us(fn, reps: int) -> float:
     fn()
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -95,7 +93,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name, f in fns.items():
                     for k, fn in f.items():
-                        best[name, k] = min(best[name, k], best_us(fn, args.reps))
+                        best[name, k] = min(best[name, k], mean_us(fn, args.reps))
             # whole steps, interleaved, in the same run
             bargs = SimpleNamespace(seq=args.seq, dropout=args.dropout, compile=False)
             vocab = PRESETS[preset]["vocab_size"]

@@ -72,15 +72,14 @@ static void fill_mask(S* out, int64_t n, uint64_t seed, uint32_t threshold, S sc
       u32x16 any = {};
       for (uint32_t level = 0; level < 3; ++level) {
         if (level > 0) {  // a later byte only where an element is still undecided
-          u32x16 fold = any;
           uint32_t undecided = 0;
-          for (int l = 0; l < 16; ++l) undecided |= fold[l];
+          for (int l = 0; l < 16; ++l) undecided |= any[l];
           if (!undecided) break;
           any = u32x16{};
         }
         u32x16 words[4];
         block_words((uint64_t)b, level, k0, k1, words);
-        const uint32_t last = level == 2;  // the last byte: equal means kept (U >= threshold)
+        const bool last = level == 2;  // the last byte: equal means kept (U >= threshold)
         for (int g = 0; g < 16; ++g) {
           const u32x16 byte = (words[g >> 2] >> (8 * (g & 3))) & 0xffu;
           const u32x16 above = (u32x16)(byte > t[level]), equal = (u32x16)(byte == t[level]);
